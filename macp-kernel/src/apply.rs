@@ -1,0 +1,338 @@
+//! Applying records: the single place where kernel state changes.
+//!
+//! Live processing builds a record and applies it here; recovery applies the
+//! records read back from storage here too. Every check a record must pass
+//! that depends only on the record and the state (sequence continuity,
+//! session state, mode rules, policy) runs in both cases, so a record that
+//! would not apply again is detected as corruption instead of being trusted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use macp_wire::storage::{record::Fact, Record, SessionStarted};
+use macp_wire::v1::{session_lifecycle_event::EventType, Envelope, SessionStartPayload, SessionState};
+use prost::Message as _;
+
+use crate::error::{ErrorCode, KResult, KernelError};
+use crate::io::Broadcast;
+use crate::kernel::{not_open, Applied, Kernel};
+use crate::mode::{Message, SessionView};
+use crate::policy::BoundPolicy;
+use crate::session::Session;
+use crate::validate;
+
+fn corrupt(msg: impl Into<String>) -> KernelError {
+    KernelError::new(ErrorCode::InternalError, msg)
+}
+
+impl Kernel {
+    /// Applies one record. Live processing and recovery both come through
+    /// here; an `Err` leaves the kernel unchanged. During recovery an `Err`
+    /// means the log disagrees with the rules it was written under.
+    pub fn apply_record(&mut self, record: &Record) -> KResult<Applied> {
+        let fact = record.fact.as_ref().ok_or_else(|| corrupt("record has no fact"))?;
+        let at = record.at_unix_ms;
+        if record.session_id.is_empty() {
+            return self.apply_registry(record.seq, at, fact);
+        }
+        if let Fact::Started(st) = fact {
+            return self.apply_started(record, st);
+        }
+        let sid = record.session_id.as_str();
+        let s = self
+            .sessions
+            .get(sid)
+            .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
+        if record.seq != s.seq + 1 {
+            return Err(corrupt(format!("session {sid}: record seq {} does not follow {}", record.seq, s.seq)));
+        }
+        let applied = match fact {
+            Fact::Started(_) => unreachable!("handled above"),
+            Fact::Accepted(env) => self.apply_accepted(record.seq, at, env)?,
+            Fact::Expired(_) => self.apply_expired(sid, at)?,
+            Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled)?,
+            Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended)?,
+            Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open)?,
+            _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
+        };
+        self.refresh_timer(sid);
+        Ok(applied)
+    }
+
+    fn apply_started(&mut self, record: &Record, st: &SessionStarted) -> KResult<Applied> {
+        let env = st.envelope.as_ref().ok_or_else(|| corrupt("SessionStarted without envelope"))?;
+        if record.seq != 1 || env.session_id != record.session_id {
+            return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
+        }
+        if self.sessions.contains_key(&record.session_id) {
+            return Err(KernelError::new(
+                ErrorCode::SessionAlreadyExists,
+                format!("session {} already exists", record.session_id),
+            ));
+        }
+        let p = SessionStartPayload::decode(env.payload.as_slice())
+            .map_err(|e| KernelError::invalid(format!("SessionStart payload does not decode: {e}")))?;
+        let policy = BoundPolicy::from_descriptor(st.policy.clone().unwrap_or_default())?;
+        let mode = self.modes.resolve(&st.canonical_mode).map(|(_, e)| e.mode.clone()).ok_or_else(|| {
+            KernelError::new(ErrorCode::ModeNotSupported, format!("mode '{}' is not registered", st.canonical_mode))
+        })?;
+        let view = SessionView {
+            session_id: &env.session_id,
+            mode: &st.canonical_mode,
+            initiator: &env.sender,
+            participants: &p.participants,
+            mode_version: &p.mode_version,
+            configuration_version: &p.configuration_version,
+            policy: &policy,
+        };
+        let mode_state = mode.start(view)?;
+        let mut session = Session {
+            id: env.session_id.clone(),
+            mode: st.canonical_mode.clone(),
+            mode_version: p.mode_version.clone(),
+            configuration_version: p.configuration_version.clone(),
+            policy,
+            initiator: env.sender.clone(),
+            participants: p.participants.clone(),
+            context_id: p.context_id.clone(),
+            extension_keys: p.extensions.keys().cloned().collect(),
+            started_at_ms: record.at_unix_ms,
+            deadline_ms: st.deadline_unix_ms,
+            max_suspend_ms: st.max_suspend_ms,
+            state: SessionState::Open,
+            suspended_at_ms: None,
+            suspended_total_ms: 0,
+            seq: 1,
+            seen: BTreeSet::new(),
+            activity: BTreeMap::new(),
+            resolution: None,
+            initiator_only_commitment: mode.initiator_only_commitment(),
+            mode_state,
+            timer_at: None,
+        };
+        session.touch(&env.sender, &env.message_id, record.at_unix_ms);
+        *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
+        let metadata = session.metadata();
+        self.sessions.insert(record.session_id.clone(), session);
+        self.refresh_timer(&record.session_id);
+        Ok(vec![
+            Broadcast::SessionEnvelope {
+                session_id: record.session_id.clone(),
+                seq: 1,
+                envelope: Arc::new(env.clone()),
+            },
+            Broadcast::Lifecycle {
+                event: EventType::Created,
+                session: Box::new(metadata),
+                observed_at_unix_ms: record.at_unix_ms,
+            },
+        ])
+    }
+
+    fn apply_accepted(&mut self, seq: u64, at: i64, env: &Envelope) -> KResult<Applied> {
+        let s =
+            self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("accepted record for a missing session"))?;
+        if s.state != SessionState::Open {
+            return Err(not_open(s));
+        }
+        if at > s.deadline_ms {
+            return Err(KernelError::new(ErrorCode::SessionNotOpen, format!("session {} is past its TTL", s.id)));
+        }
+        if s.seen.contains(&env.message_id) {
+            return Err(corrupt(format!("session {}: message {} accepted twice", s.id, env.message_id)));
+        }
+        let runtime_emitted = env.sender == self.config.runtime_id;
+        let Session {
+            id,
+            mode,
+            initiator,
+            participants,
+            mode_version,
+            configuration_version,
+            policy,
+            mode_state,
+            initiator_only_commitment,
+            ..
+        } = s;
+        let view =
+            SessionView { session_id: id, mode, initiator, participants, mode_version, configuration_version, policy };
+        let msg = Message {
+            session: view,
+            sender: &env.sender,
+            message_type: &env.message_type,
+            message_id: &env.message_id,
+            payload: &env.payload,
+            accepted_at_ms: at,
+            runtime_emitted,
+        };
+        let resolved = if env.message_type == "Commitment" {
+            let permitted = if *initiator_only_commitment {
+                env.sender == *initiator
+            } else {
+                policy.authority.permits(&env.sender, initiator, participants)
+            };
+            if !permitted {
+                return Err(KernelError::forbidden(format!(
+                    "{} does not hold commitment authority in session {}",
+                    env.sender, id
+                )));
+            }
+            let c = validate::commitment_fields(&env.payload, mode_version, configuration_version, policy.id())?;
+            mode_state.commit(&msg, &c)?;
+            true
+        } else {
+            mode_state.accept(&msg)?;
+            false
+        };
+        s.seq = seq;
+        s.touch(&env.sender, &env.message_id, at);
+        let mut out = vec![Broadcast::SessionEnvelope {
+            session_id: env.session_id.clone(),
+            seq,
+            envelope: Arc::new(env.clone()),
+        }];
+        if resolved {
+            s.state = SessionState::Resolved;
+            s.resolution = Some(env.payload.clone());
+            let initiator = s.initiator.clone();
+            let metadata = s.metadata();
+            self.release_live(&initiator);
+            out.push(Broadcast::Lifecycle {
+                event: EventType::Resolved,
+                session: Box::new(metadata),
+                observed_at_unix_ms: at,
+            });
+        }
+        Ok(out)
+    }
+
+    fn apply_expired(&mut self, sid: &str, at: i64) -> KResult<Applied> {
+        let s = self.sessions.get_mut(sid).ok_or_else(|| corrupt("expiry for a missing session"))?;
+        let due = match s.state {
+            SessionState::Open => at > s.deadline_ms,
+            SessionState::Suspended => s.suspend_cap_deadline().is_some_and(|d| at > d),
+            _ => false,
+        };
+        if !due {
+            return Err(corrupt(format!("session {sid}: expiry at {at} before its deadline or from a terminal state")));
+        }
+        if let Some(since) = s.suspended_at_ms.take() {
+            s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
+        }
+        s.seq += 1;
+        s.state = SessionState::Expired;
+        let initiator = s.initiator.clone();
+        let metadata = s.metadata();
+        self.release_live(&initiator);
+        Ok(vec![Broadcast::Lifecycle {
+            event: EventType::Expired,
+            session: Box::new(metadata),
+            observed_at_unix_ms: at,
+        }])
+    }
+
+    fn apply_control(&mut self, seq: u64, at: i64, env: &Envelope, to: SessionState) -> KResult<Applied> {
+        let s =
+            self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("control record for a missing session"))?;
+        let event = match to {
+            SessionState::Cancelled => {
+                if !s.is_live() {
+                    return Err(not_open(s));
+                }
+                if let Some(since) = s.suspended_at_ms.take() {
+                    s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
+                }
+                EventType::Cancelled
+            }
+            SessionState::Suspended => {
+                if s.state != SessionState::Open || at > s.deadline_ms {
+                    return Err(not_open(s));
+                }
+                s.suspended_at_ms = Some(at);
+                EventType::Suspended
+            }
+            _ => {
+                let since = match (s.state, s.suspended_at_ms) {
+                    (SessionState::Suspended, Some(since)) => since,
+                    _ => return Err(not_open(s)),
+                };
+                let paused = at.saturating_sub(since);
+                if s.suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
+                    return Err(not_open(s));
+                }
+                s.suspended_total_ms += paused;
+                s.deadline_ms = s.deadline_ms.saturating_add(paused);
+                s.suspended_at_ms = None;
+                EventType::Resumed
+            }
+        };
+        s.seq = seq;
+        s.state = to;
+        let initiator = s.initiator.clone();
+        let metadata = s.metadata();
+        if to == SessionState::Cancelled {
+            self.release_live(&initiator);
+        }
+        Ok(vec![
+            Broadcast::SessionEnvelope { session_id: env.session_id.clone(), seq, envelope: Arc::new(env.clone()) },
+            Broadcast::Lifecycle { event, session: Box::new(metadata), observed_at_unix_ms: at },
+        ])
+    }
+
+    fn release_live(&mut self, initiator: &str) {
+        if let Some(n) = self.live_by_initiator.get_mut(initiator) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.live_by_initiator.remove(initiator);
+            }
+        }
+    }
+
+    fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact) -> KResult<Applied> {
+        if seq != self.registry_seq + 1 {
+            return Err(corrupt(format!("registry record seq {seq} does not follow {}", self.registry_seq)));
+        }
+        let b = match fact {
+            Fact::PolicyRegistered(d) => {
+                let rules = self
+                    .policies
+                    .check_register(d)
+                    .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
+                let checker = if d.mode == "*" { "macp.mode.decision.v1" } else { d.mode.as_str() };
+                if let Some((_, entry)) = self.modes.resolve(checker) {
+                    entry
+                        .mode
+                        .validate_rules(&rules, d.schema_version)
+                        .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
+                }
+                let mut d = d.clone();
+                d.registered_at_unix_ms = at;
+                self.policies.insert(d);
+                Broadcast::PoliciesChanged
+            }
+            Fact::PolicyUnregistered(id) => {
+                self.policies.check_unregister(id).map_err(KernelError::invalid)?;
+                self.policies.remove(id);
+                Broadcast::PoliciesChanged
+            }
+            Fact::ExtModeRegistered(d) => {
+                self.modes.check_register(d).map_err(KernelError::invalid)?;
+                self.modes.register(d.clone());
+                Broadcast::ModesChanged
+            }
+            Fact::ExtModeUnregistered(m) => {
+                self.modes.check_unregister(m).map_err(KernelError::invalid)?;
+                self.modes.unregister(m);
+                Broadcast::ModesChanged
+            }
+            Fact::ModePromoted(p) => {
+                let target = self.modes.check_promote(&p.mode, &p.promoted_mode_name).map_err(KernelError::invalid)?;
+                self.modes.promote(&p.mode, &target);
+                Broadcast::ModesChanged
+            }
+            _ => return Err(corrupt("session fact on a registry record")),
+        };
+        self.registry_seq = seq;
+        Ok(vec![b])
+    }
+}

@@ -1,0 +1,232 @@
+//! Governance policies (RFC-MACP-0012): the registry and the rules every mode
+//! shares.
+//!
+//! A policy is resolved once, at SessionStart, and frozen on the session as a
+//! [`BoundPolicy`]; later registry changes never reach a running session.
+//! Mode-specific rules (voting, thresholds, …) are parsed and evaluated by the
+//! modes themselves from [`BoundPolicy::rules`]; the shared
+//! `commitment.authority` rule is evaluated by the kernel.
+
+use std::collections::BTreeMap;
+
+use macp_wire::v1::PolicyDescriptor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorCode, KResult, KernelError};
+
+/// The reserved, always-registered default policy id.
+pub const DEFAULT_POLICY_ID: &str = "policy.default";
+
+/// Rule schema versions this runtime evaluates.
+pub const SUPPORTED_SCHEMA_VERSIONS: [u32; 2] = [1, 2];
+
+/// Who may send the resolving Commitment (`commitment.authority`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CommitmentAuthority {
+    /// Only the session initiator (the default).
+    #[default]
+    InitiatorOnly,
+    /// The initiator or any declared participant.
+    AnyParticipant,
+    /// Exactly these agent ids.
+    DesignatedRole(Vec<String>),
+}
+
+impl CommitmentAuthority {
+    /// Whether `sender` holds commitment authority in a session.
+    pub fn permits(&self, sender: &str, initiator: &str, participants: &[String]) -> bool {
+        match self {
+            CommitmentAuthority::InitiatorOnly => sender == initiator,
+            CommitmentAuthority::AnyParticipant => sender == initiator || participants.iter().any(|p| p == sender),
+            CommitmentAuthority::DesignatedRole(roles) => roles.iter().any(|r| r == sender),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct CommitmentSection {
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    designated_roles: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct SharedRules {
+    #[serde(default)]
+    commitment: Option<CommitmentSection>,
+}
+
+/// Parses the shared `commitment` section of a rules object.
+pub fn parse_authority(rules: &serde_json::Value) -> Result<CommitmentAuthority, String> {
+    let shared: SharedRules =
+        serde_json::from_value(rules.clone()).map_err(|e| format!("rules.commitment is malformed: {e}"))?;
+    let Some(c) = shared.commitment else { return Ok(CommitmentAuthority::InitiatorOnly) };
+    match c.authority.as_deref().unwrap_or("initiator_only") {
+        "initiator_only" => Ok(CommitmentAuthority::InitiatorOnly),
+        "any_participant" => Ok(CommitmentAuthority::AnyParticipant),
+        "designated_role" => {
+            if c.designated_roles.is_empty() || c.designated_roles.iter().any(|r| r.trim().is_empty()) {
+                Err("commitment.authority 'designated_role' needs a non-empty designated_roles list".into())
+            } else {
+                Ok(CommitmentAuthority::DesignatedRole(c.designated_roles))
+            }
+        }
+        other => Err(format!(
+            "commitment.authority '{other}' is not one of initiator_only, any_participant, designated_role"
+        )),
+    }
+}
+
+/// A policy resolved at SessionStart and frozen for the session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoundPolicy {
+    /// The descriptor as it was when bound (recorded with the SessionStart).
+    pub descriptor: PolicyDescriptor,
+    /// `descriptor.rules` parsed.
+    pub rules: serde_json::Value,
+    /// The shared commitment-authority rule.
+    pub authority: CommitmentAuthority,
+}
+
+impl BoundPolicy {
+    /// Parses a descriptor that was validated at registration (or recorded
+    /// with a SessionStart).
+    pub fn from_descriptor(descriptor: PolicyDescriptor) -> KResult<Self> {
+        let rules =
+            parse_rules_json(&descriptor.rules).map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
+        let authority = parse_authority(&rules).map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
+        Ok(BoundPolicy { descriptor, rules, authority })
+    }
+
+    /// The bound policy id.
+    pub fn id(&self) -> &str {
+        &self.descriptor.policy_id
+    }
+
+    /// The rule schema version the rules are evaluated under.
+    pub fn schema_version(&self) -> u32 {
+        self.descriptor.schema_version
+    }
+}
+
+/// Parses a `rules` string: empty means `{}`; anything else must be a JSON
+/// object (the spec says reject, where the latest reference runtime silently
+/// turns bad JSON into `{}`).
+pub fn parse_rules_json(rules: &str) -> Result<serde_json::Value, String> {
+    if rules.trim().is_empty() {
+        return Ok(serde_json::Value::Object(Default::default()));
+    }
+    let v: serde_json::Value = serde_json::from_str(rules).map_err(|e| format!("rules are not valid JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("rules must be a JSON object".into());
+    }
+    Ok(v)
+}
+
+/// The policy registry.
+#[derive(Clone, Debug)]
+pub struct PolicyRegistry {
+    policies: BTreeMap<String, PolicyDescriptor>,
+}
+
+impl Default for PolicyRegistry {
+    fn default() -> Self {
+        let mut policies = BTreeMap::new();
+        policies.insert(DEFAULT_POLICY_ID.to_string(), default_policy());
+        PolicyRegistry { policies }
+    }
+}
+
+/// `policy.default`: mode `*`, schema version 1, no rules — the initiator
+/// decides and `outcome_positive` is taken at face value.
+pub fn default_policy() -> PolicyDescriptor {
+    PolicyDescriptor {
+        policy_id: DEFAULT_POLICY_ID.to_string(),
+        mode: "*".to_string(),
+        description: "Default policy: initiator-only commitment, no voting rules.".to_string(),
+        rules: "{}".to_string(),
+        schema_version: 1,
+        registered_at_unix_ms: 0,
+    }
+}
+
+impl PolicyRegistry {
+    /// Looks a policy up by id.
+    pub fn get(&self, id: &str) -> Option<&PolicyDescriptor> {
+        self.policies.get(id)
+    }
+
+    /// Policies for ListPolicies: all of them for an empty filter, else those
+    /// of `mode` plus the mode-agnostic (`*`) ones; sorted by id.
+    pub fn list(&self, mode: &str) -> Vec<PolicyDescriptor> {
+        self.policies.values().filter(|p| mode.is_empty() || p.mode == mode || p.mode == "*").cloned().collect()
+    }
+
+    /// Every policy (snapshots).
+    pub fn all(&self) -> impl Iterator<Item = &PolicyDescriptor> {
+        self.policies.values()
+    }
+
+    /// Shared RegisterPolicy checks; the mode's rule schema is checked by the
+    /// caller through [`crate::mode::Mode::validate_rules`].
+    pub fn check_register(&self, d: &PolicyDescriptor) -> Result<serde_json::Value, String> {
+        if d.policy_id.trim().is_empty() {
+            return Err("policy_id must not be empty".into());
+        }
+        if d.policy_id == DEFAULT_POLICY_ID {
+            return Err("policy.default is reserved and cannot be registered".into());
+        }
+        if self.policies.contains_key(&d.policy_id) {
+            return Err(format!(
+                "policy '{}' is already registered; policy ids are never reused, register a new id",
+                d.policy_id
+            ));
+        }
+        if d.mode.trim().is_empty() {
+            return Err("mode must be a mode id or '*'".into());
+        }
+        if !SUPPORTED_SCHEMA_VERSIONS.contains(&d.schema_version) {
+            return Err(format!("schema_version {} is not supported (supported: 1, 2)", d.schema_version));
+        }
+        let rules = parse_rules_json(&d.rules)?;
+        parse_authority(&rules)?;
+        Ok(rules)
+    }
+
+    /// Adds a checked policy.
+    pub fn insert(&mut self, d: PolicyDescriptor) {
+        self.policies.insert(d.policy_id.clone(), d);
+    }
+
+    /// Checks an UnregisterPolicy request.
+    pub fn check_unregister(&self, id: &str) -> Result<(), String> {
+        if id == DEFAULT_POLICY_ID {
+            return Err("policy.default is reserved and cannot be unregistered".into());
+        }
+        if !self.policies.contains_key(id) {
+            return Err(format!("policy '{id}' is not registered"));
+        }
+        Ok(())
+    }
+
+    /// Removes a policy; sessions bound to it keep their frozen copy.
+    pub fn remove(&mut self, id: &str) {
+        self.policies.remove(id);
+    }
+
+    /// Resolves `policy_version` at SessionStart for a session of `mode`.
+    pub fn resolve(&self, policy_version: &str, mode: &str) -> KResult<BoundPolicy> {
+        let id = if policy_version.is_empty() { DEFAULT_POLICY_ID } else { policy_version };
+        let d = self.policies.get(id).ok_or_else(|| {
+            KernelError::new(ErrorCode::UnknownPolicyVersion, format!("policy '{id}' is not registered"))
+        })?;
+        if d.mode != "*" && d.mode != mode {
+            return Err(KernelError::new(
+                ErrorCode::InvalidPolicyDefinition,
+                format!("policy '{id}' is bound to mode {}, not {mode}", d.mode),
+            ));
+        }
+        BoundPolicy::from_descriptor(d.clone())
+    }
+}

@@ -1,0 +1,163 @@
+//! Checkpoints: the whole kernel state as deterministic bytes.
+//!
+//! Storage writes a checkpoint so recovery replays only the log after it.
+//! The same bytes double as the kernel's fingerprint: two kernels with equal
+//! snapshots are in the same state, which is how replay equivalence is
+//! tested. The format is postcard over plain structs; protobuf messages
+//! inside are kept as their protobuf encoding.
+
+use std::collections::BTreeMap;
+
+use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionState};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+use crate::config::KernelConfig;
+use crate::kernel::Kernel;
+use crate::policy::BoundPolicy;
+use crate::session::{Activity, Session};
+
+/// Bumped whenever the layout below changes.
+const SNAPSHOT_FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct KernelSnap {
+    format: u32,
+    registry_seq: u64,
+    policies: Vec<Vec<u8>>,
+    dynamic_modes: Vec<(Vec<u8>, bool)>,
+    sessions: Vec<SessionSnap>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SessionSnap {
+    id: String,
+    mode: String,
+    mode_version: String,
+    configuration_version: String,
+    policy: Vec<u8>,
+    initiator: String,
+    participants: Vec<String>,
+    context_id: String,
+    extension_keys: Vec<String>,
+    started_at_ms: i64,
+    deadline_ms: i64,
+    max_suspend_ms: i64,
+    state: i32,
+    suspended_at_ms: Option<i64>,
+    suspended_total_ms: i64,
+    seq: u64,
+    seen: Vec<String>,
+    activity: Vec<(String, i64, u32)>,
+    resolution: Option<Vec<u8>>,
+    initiator_only_commitment: bool,
+    mode_state: Vec<u8>,
+}
+
+/// Why a checkpoint could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The bytes are not a snapshot of a known format.
+    #[error("checkpoint does not decode: {0}")]
+    Decode(String),
+    /// Written by a newer macp-rs.
+    #[error("checkpoint format {0} is newer than this runtime understands ({SNAPSHOT_FORMAT})")]
+    NewerFormat(u32),
+}
+
+impl Kernel {
+    /// The whole state as deterministic bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let snap = KernelSnap {
+            format: SNAPSHOT_FORMAT,
+            registry_seq: self.registry_seq,
+            policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
+            dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
+            sessions: self.sessions.values().map(session_snap).collect(),
+        };
+        postcard::to_stdvec(&snap).unwrap_or_default()
+    }
+
+    /// Rebuilds a kernel from [`Kernel::snapshot`] bytes.
+    pub fn restore(config: KernelConfig, bytes: &[u8]) -> Result<Kernel, SnapshotError> {
+        let snap: KernelSnap = postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if snap.format > SNAPSHOT_FORMAT {
+            return Err(SnapshotError::NewerFormat(snap.format));
+        }
+        let dec = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
+        let mut k = Kernel::new(config);
+        k.registry_seq = snap.registry_seq;
+        for p in snap.policies {
+            k.policies.insert(PolicyDescriptor::decode(p.as_slice()).map_err(dec)?);
+        }
+        for (d, st) in snap.dynamic_modes {
+            k.modes.restore_dynamic(ModeDescriptor::decode(d.as_slice()).map_err(dec)?, st);
+        }
+        for s in snap.sessions {
+            let policy = BoundPolicy::from_descriptor(PolicyDescriptor::decode(s.policy.as_slice()).map_err(dec)?)
+                .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            let mode_state = k.modes.for_restore(&s.mode).restore(&s.mode_state).map_err(SnapshotError::Decode)?;
+            let state = SessionState::try_from(s.state).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            let session = Session {
+                id: s.id.clone(),
+                mode: s.mode,
+                mode_version: s.mode_version,
+                configuration_version: s.configuration_version,
+                policy,
+                initiator: s.initiator,
+                participants: s.participants,
+                context_id: s.context_id,
+                extension_keys: s.extension_keys,
+                started_at_ms: s.started_at_ms,
+                deadline_ms: s.deadline_ms,
+                max_suspend_ms: s.max_suspend_ms,
+                state,
+                suspended_at_ms: s.suspended_at_ms,
+                suspended_total_ms: s.suspended_total_ms,
+                seq: s.seq,
+                seen: s.seen.into_iter().collect(),
+                activity: s
+                    .activity
+                    .into_iter()
+                    .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
+                    .collect::<BTreeMap<_, _>>(),
+                resolution: s.resolution,
+                initiator_only_commitment: s.initiator_only_commitment,
+                mode_state,
+                timer_at: None,
+            };
+            if session.is_live() {
+                *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
+            }
+            k.sessions.insert(s.id.clone(), session);
+            k.refresh_timer(&s.id);
+        }
+        Ok(k)
+    }
+}
+
+fn session_snap(s: &Session) -> SessionSnap {
+    SessionSnap {
+        id: s.id.clone(),
+        mode: s.mode.clone(),
+        mode_version: s.mode_version.clone(),
+        configuration_version: s.configuration_version.clone(),
+        policy: s.policy.descriptor.encode_to_vec(),
+        initiator: s.initiator.clone(),
+        participants: s.participants.clone(),
+        context_id: s.context_id.clone(),
+        extension_keys: s.extension_keys.clone(),
+        started_at_ms: s.started_at_ms,
+        deadline_ms: s.deadline_ms,
+        max_suspend_ms: s.max_suspend_ms,
+        state: s.state as i32,
+        suspended_at_ms: s.suspended_at_ms,
+        suspended_total_ms: s.suspended_total_ms,
+        seq: s.seq,
+        seen: s.seen.iter().cloned().collect(),
+        activity: s.activity.iter().map(|(w, a)| (w.clone(), a.last_message_at_unix_ms, a.message_count)).collect(),
+        resolution: s.resolution.clone(),
+        initiator_only_commitment: s.initiator_only_commitment,
+        mode_state: s.mode_state.snapshot(),
+    }
+}

@@ -1,0 +1,156 @@
+//! Shared builders for kernel tests: a harness that drives one kernel with a
+//! manual clock and builds envelopes for the default session of DIGEST §9
+//! (initiator `I`, participants `[I, A, B]`, ttl 60 000, `1.0.0`, `cfg-1`).
+#![allow(dead_code)]
+
+use macp_kernel::macp_wire::v1::{Ack, CommitmentPayload, Envelope, SessionStartPayload, SessionState};
+use macp_kernel::macp_wire::Message;
+use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+
+pub const T0: i64 = 1_700_000_000_000;
+pub const DECISION: &str = "macp.mode.decision.v1";
+
+/// A kernel plus a clock and a request counter.
+pub struct H {
+    pub k: Kernel,
+    pub now: i64,
+    next_req: u64,
+    counter: u64,
+    /// Every effect ever produced, in order.
+    pub log: Vec<Effect>,
+}
+
+impl H {
+    pub fn new() -> Self {
+        Self::with(KernelConfig::default())
+    }
+
+    pub fn with(cfg: KernelConfig) -> Self {
+        H { k: Kernel::new(cfg), now: T0, next_req: 0, counter: 0, log: Vec::new() }
+    }
+
+    /// A fresh strict-format session id (deterministic UUIDv4 shape).
+    pub fn sid(&mut self) -> String {
+        self.counter += 1;
+        format!("00000000-0000-4000-8000-{:012x}", self.counter)
+    }
+
+    /// A fresh message id.
+    pub fn mid(&mut self) -> String {
+        self.counter += 1;
+        format!("m{}", self.counter)
+    }
+
+    pub fn run(&mut self, input: Input) -> Vec<Effect> {
+        let e = self.k.handle(self.now, input);
+        self.log.extend(e.iter().cloned());
+        e
+    }
+
+    /// Sends an envelope as `who` (full grants) and returns the Ack.
+    pub fn send_as(&mut self, identity: Identity, envelope: Envelope) -> Ack {
+        self.next_req += 1;
+        let request = self.next_req;
+        let effects = self.run(Input::Envelope { request, identity, envelope });
+        ack_of(&effects, request)
+    }
+
+    pub fn send(&mut self, who: &str, envelope: Envelope) -> Ack {
+        self.send_as(Identity::new(who), envelope)
+    }
+
+    pub fn control(&mut self, who: &str, op: macp_kernel::ControlOp, sid: &str) -> Ack {
+        self.next_req += 1;
+        let request = self.next_req;
+        let effects = self.run(Input::Control {
+            request,
+            identity: Identity::new(who),
+            op,
+            session_id: sid.to_string(),
+            reason: "test".into(),
+        });
+        ack_of(&effects, request)
+    }
+
+    pub fn tick(&mut self) -> Vec<Effect> {
+        self.run(Input::Tick)
+    }
+
+    /// Starts the default decision session; returns its id.
+    pub fn start_default(&mut self) -> String {
+        let sid = self.sid();
+        let env = start_env(&sid, DECISION, "I", &default_start());
+        let ack = self.send("I", env);
+        assert!(ack.ok, "default start rejected: {:?}", ack.error);
+        sid
+    }
+
+    /// Sends a session message of the default session's mode.
+    pub fn msg(&mut self, who: &str, sid: &str, message_type: &str, payload: Vec<u8>) -> Ack {
+        let mid = self.mid();
+        self.send(who, env(sid, DECISION, message_type, &mid, who, payload))
+    }
+
+    pub fn state(&self, sid: &str) -> SessionState {
+        self.k.session(sid).expect("session").state
+    }
+}
+
+pub fn ack_of(effects: &[Effect], request: u64) -> Ack {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { request: r, reply: Reply::Ack(a) } if *r == request => Some(a.clone()),
+            _ => None,
+        })
+        .expect("a reply for the request")
+}
+
+pub fn code(ack: &Ack) -> &str {
+    ack.error.as_ref().map(|e| e.code.as_str()).unwrap_or("")
+}
+
+pub fn default_start() -> SessionStartPayload {
+    SessionStartPayload {
+        intent: "test".into(),
+        participants: vec!["I".into(), "A".into(), "B".into()],
+        mode_version: "1.0.0".into(),
+        configuration_version: "cfg-1".into(),
+        policy_version: String::new(),
+        ttl_ms: 60_000,
+        ..Default::default()
+    }
+}
+
+pub fn env(sid: &str, mode: &str, message_type: &str, mid: &str, sender: &str, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        macp_version: "1.0".into(),
+        mode: mode.into(),
+        message_type: message_type.into(),
+        message_id: mid.into(),
+        session_id: sid.into(),
+        sender: sender.into(),
+        timestamp_unix_ms: 0,
+        payload,
+    }
+}
+
+pub fn start_env(sid: &str, mode: &str, sender: &str, p: &SessionStartPayload) -> Envelope {
+    let mut e = env(sid, mode, "SessionStart", &format!("start-{sid}"), sender, p.encode_to_vec());
+    e.timestamp_unix_ms = T0;
+    e
+}
+
+pub fn commitment(action: &str, positive: bool) -> CommitmentPayload {
+    CommitmentPayload {
+        commitment_id: "c1".into(),
+        action: action.into(),
+        authority_scope: "test".into(),
+        reason: "because".into(),
+        mode_version: "1.0.0".into(),
+        policy_version: String::new(),
+        configuration_version: "cfg-1".into(),
+        outcome_positive: positive,
+        supersedes: None,
+    }
+}

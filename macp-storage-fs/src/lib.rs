@@ -1,0 +1,1 @@
+//! Filesystem storage (skeleton; filled by the storage issue).
