@@ -37,6 +37,9 @@ pub struct Kernel {
     pub(crate) live_by_initiator: BTreeMap<String, u32>,
     /// Sequence number of the last registry record.
     pub(crate) registry_seq: u64,
+    /// Sessions that recovery could not rebuild (storage corruption left a
+    /// gap in their history). They are refused, never silently restarted.
+    pub(crate) quarantined: BTreeSet<String>,
 }
 
 /// What a successful [`Kernel::apply_record`] asks observers to hear.
@@ -53,7 +56,42 @@ impl Kernel {
             timers: BTreeSet::new(),
             live_by_initiator: BTreeMap::new(),
             registry_seq: 0,
+            quarantined: BTreeSet::new(),
         }
+    }
+
+    /// Takes a session out of service after storage corruption: its state is
+    /// dropped and every later message or SessionStart for its id gets
+    /// INTERNAL_ERROR, so the damaged history is never extended or replaced.
+    /// Called by recovery, which also reports the session to the operator.
+    pub fn quarantine_session(&mut self, session_id: &str) {
+        if let Some(s) = self.sessions.remove(session_id) {
+            if let Some(t) = s.timer_at {
+                self.timers.remove(&(t, session_id.to_string()));
+            }
+            if s.is_live() {
+                if let Some(n) = self.live_by_initiator.get_mut(&s.initiator) {
+                    *n = n.saturating_sub(1);
+                }
+                self.live_by_initiator.retain(|_, n| *n > 0);
+            }
+        }
+        self.quarantined.insert(session_id.to_string());
+    }
+
+    /// Sessions taken out of service by [`Kernel::quarantine_session`].
+    pub fn quarantined(&self) -> &BTreeSet<String> {
+        &self.quarantined
+    }
+
+    fn check_quarantine(&self, session_id: &str) -> KResult<()> {
+        if self.quarantined.contains(session_id) {
+            return Err(KernelError::new(
+                ErrorCode::InternalError,
+                format!("session {session_id} is quarantined: its stored history is damaged (see the recovery report)"),
+            ));
+        }
+        Ok(())
     }
 
     /// The configuration the kernel was built with.
@@ -181,8 +219,14 @@ impl Kernel {
                 broadcasts.push(Broadcast::Signal { envelope: Arc::new(env.clone()) });
                 Ok((SessionState::Open, false))
             }
-            "SessionStart" => self.admit_start(now, identity, env, out, broadcasts),
-            _ => self.admit_session_message(now, env, out, broadcasts),
+            "SessionStart" => {
+                self.check_quarantine(&env.session_id)?;
+                self.admit_start(now, identity, env, out, broadcasts)
+            }
+            _ => {
+                self.check_quarantine(&env.session_id)?;
+                self.admit_session_message(now, env, out, broadcasts)
+            }
         }
     }
 

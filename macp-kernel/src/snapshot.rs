@@ -27,6 +27,7 @@ struct KernelSnap {
     policies: Vec<Vec<u8>>,
     dynamic_modes: Vec<(Vec<u8>, bool)>,
     sessions: Vec<SessionSnap>,
+    quarantined: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -74,6 +75,7 @@ impl Kernel {
             policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
             dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
             sessions: self.sessions.values().map(session_snap).collect(),
+            quarantined: self.quarantined.iter().cloned().collect(),
         };
         postcard::to_stdvec(&snap).unwrap_or_default()
     }
@@ -87,6 +89,7 @@ impl Kernel {
         let dec = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
         let mut k = Kernel::new(config);
         k.registry_seq = snap.registry_seq;
+        k.quarantined = snap.quarantined.into_iter().collect();
         for p in snap.policies {
             k.policies.insert(PolicyDescriptor::decode(p.as_slice()).map_err(dec)?);
         }
