@@ -268,6 +268,14 @@ impl Kernel {
                 self.config.max_start_skew_ms
             )));
         }
+        let base = if env.timestamp_unix_ms != 0 { env.timestamp_unix_ms } else { now };
+        let deadline = base.saturating_add(p.ttl_ms);
+        if deadline < now {
+            return Err(KernelError::invalid(format!(
+                "SessionStart timestamp_unix_ms + ttl_ms is already {} ms in the past",
+                now - deadline
+            )));
+        }
         let policy = self.policies.resolve(&p.policy_version, &canonical)?;
         if let Some(max) = identity.grants.max_open_sessions {
             let live = self.live_by_initiator.get(&identity.sender).copied().unwrap_or(0);
@@ -278,7 +286,6 @@ impl Kernel {
                 ));
             }
         }
-        let base = if env.timestamp_unix_ms != 0 { env.timestamp_unix_ms } else { now };
         let max_suspend_ms = if p.max_suspend_ms == 0 { self.config.default_max_suspend_ms } else { p.max_suspend_ms };
         let record = Record {
             session_id: env.session_id.clone(),
@@ -288,7 +295,7 @@ impl Kernel {
                 envelope: Some(env.clone()),
                 policy: Some(policy.descriptor),
                 max_suspend_ms,
-                deadline_unix_ms: base.saturating_add(p.ttl_ms),
+                deadline_unix_ms: deadline,
                 canonical_mode: canonical,
             })),
         };

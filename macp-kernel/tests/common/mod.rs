@@ -136,9 +136,8 @@ pub fn env(sid: &str, mode: &str, message_type: &str, mid: &str, sender: &str, p
 }
 
 pub fn start_env(sid: &str, mode: &str, sender: &str, p: &SessionStartPayload) -> Envelope {
-    let mut e = env(sid, mode, "SessionStart", &format!("start-{sid}"), sender, p.encode_to_vec());
-    e.timestamp_unix_ms = T0;
-    e
+    // Timestamp 0: the deadline is counted from acceptance time.
+    env(sid, mode, "SessionStart", &format!("start-{sid}"), sender, p.encode_to_vec())
 }
 
 pub fn commitment(action: &str, positive: bool) -> CommitmentPayload {
