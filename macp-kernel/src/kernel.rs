@@ -679,10 +679,17 @@ impl Kernel {
         self.sessions.len()
     }
 
-    /// ListSessions, paged in session-id order. `page_token` is the opaque
+    /// ListSessions, paged in session-id order, limited to sessions the
+    /// caller may read (initiator, participant, or any for observers), so a
+    /// listing never reveals other tenants' sessions. `page_token` is the opaque
     /// token of the previous page (empty for the first); a malformed token
     /// is INVALID_ENVELOPE (the adapter maps it to INVALID_ARGUMENT).
-    pub fn list_sessions(&self, page_size: i32, page_token: &str) -> KResult<(Vec<SessionMetadata>, String)> {
+    pub fn list_sessions(
+        &self,
+        identity: &Identity,
+        page_size: i32,
+        page_token: &str,
+    ) -> KResult<(Vec<SessionMetadata>, String)> {
         const DEFAULT: usize = 100;
         const MAX: usize = 1000;
         let size = if page_size <= 0 { DEFAULT } else { (page_size as usize).min(MAX) };
@@ -700,7 +707,11 @@ impl Kernel {
                 Box::new(self.sessions.range::<String, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)))
             }
         };
-        let page: Vec<&Session> = iter.take(size + 1).map(|(_, s)| s).collect();
+        let page: Vec<&Session> = iter
+            .map(|(_, s)| s)
+            .filter(|s| identity.grants.is_observer || s.can_read(&identity.sender))
+            .take(size + 1)
+            .collect();
         let more = page.len() > size;
         let items: Vec<SessionMetadata> = page.iter().take(size).map(|s| s.metadata()).collect();
         let next = if more {

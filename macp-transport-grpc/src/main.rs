@@ -1,5 +1,30 @@
-//! `macp-runtime`: the gRPC server (skeleton; filled by the server issue).
-fn main() {
-    eprintln!("macp-runtime: the gRPC server is not built yet (see issue 5)");
-    std::process::exit(2);
+//! `macp-runtime`: the MACP gRPC server.
+use clap::Parser;
+use macp_transport_grpc::config::Config;
+use macp_transport_grpc::server::{serve, shutdown_signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cfg = match Config::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("macp-runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(cfg.bind_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("macp-runtime: cannot listen on {}: {e}", cfg.bind_addr);
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = serve(cfg, listener, shutdown_signal()).await {
+        eprintln!("macp-runtime: {e}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,29 @@
+//! # macp-transport-grpc
+//!
+//! The tonic adapter around the macp-rs kernel, and the `macp-runtime`
+//! server binary.
+//!
+//! Request path: tonic handler → authentication ([`auth`]) → rate limits
+//! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
+//! task, which owns the kernel, batches commands, group-commits their records
+//! through a [`driver::Journal`], then releases replies and, last,
+//! broadcasts ([`hub`]). Back-pressure: the command channel is bounded, each
+//! stream subscriber has a bounded queue and is closed with an explicit error
+//! when it falls behind. Shutdown: on SIGINT/SIGTERM tonic stops accepting,
+//! in-flight requests finish, the driver drains, syncs and checkpoints.
+
+pub mod auth;
+pub mod config;
+pub mod driver;
+mod fs_journal;
+pub mod hub;
+pub mod journal;
+pub mod limits;
+pub mod server;
+pub mod service;
+
+/// Generated `MACPRuntimeService` server and client.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/macp.v1.rs"));
+}

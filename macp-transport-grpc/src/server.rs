@@ -1,0 +1,150 @@
+//! Assembles and runs the server: storage, kernel, driver task, tonic
+//! service with TLS, health and reflection, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use macp_kernel::{Kernel, KernelConfig, SessionIdPolicy};
+use tokio::net::TcpListener;
+use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
+use tracing::info;
+
+use crate::auth::{parse_tokens, Authenticator};
+use crate::config::Config;
+use crate::driver::{Driver, Journal};
+use crate::hub::Hub;
+use crate::journal::MemoryJournal;
+use crate::limits::RateLimits;
+use crate::pb::macp_runtime_service_server::MacpRuntimeServiceServer;
+use crate::service::{Runtime, Watch};
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Storage could not be opened or recovered.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The listener or TLS setup failed.
+    #[error("transport: {0}")]
+    Transport(String),
+}
+
+/// The kernel configuration implied by the server configuration.
+pub fn kernel_config(cfg: &Config) -> KernelConfig {
+    KernelConfig {
+        session_id_policy: if cfg.session_id_policy == "lax" { SessionIdPolicy::Lax } else { SessionIdPolicy::Strict },
+        max_payload_bytes: cfg.max_payload_bytes,
+        ..KernelConfig::default()
+    }
+}
+
+fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
+    let mut entries = Vec::new();
+    if let Some(json) = &cfg.auth_tokens_json {
+        entries.extend(parse_tokens(json).map_err(StartError::Config)?);
+    }
+    if let Some(path) = &cfg.auth_tokens_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Config(format!("cannot read MACP_AUTH_TOKENS_FILE {}: {e}", path.display())))?;
+        entries.extend(parse_tokens(&text).map_err(StartError::Config)?);
+    }
+    Ok(Authenticator::new(entries, cfg.allow_dev_sender_header))
+}
+
+/// Opens the journal and recovers the kernel from it.
+pub fn open_storage(cfg: &Config, kcfg: &KernelConfig) -> Result<(Kernel, Box<dyn Journal>), StartError> {
+    if cfg.memory_only {
+        return Ok((Kernel::new(kcfg.clone()), Box::new(MemoryJournal::default())));
+    }
+    crate::fs_journal::open(&cfg.data_dir, kcfg).map_err(StartError::Storage)
+}
+
+/// Runs the server on an already-bound listener until `shutdown` resolves.
+/// Returns after the driver has synced and checkpointed.
+pub async fn serve(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let kcfg = kernel_config(&cfg);
+    let auth = load_auth(&cfg)?;
+    let (kernel, journal) = open_storage(&cfg, &kcfg)?;
+    let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
+    info!(
+        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}; storage: {}; {} session(s) recovered",
+        if cfg.tls() { "on" } else { "OFF (plaintext)" },
+        auth.token_count(),
+        if auth.dev() { " + dev identities" } else { "" },
+        if cfg.memory_only {
+            "memory only (nothing survives a restart)".to_string()
+        } else {
+            cfg.data_dir.display().to_string()
+        },
+        kernel.session_count(),
+    );
+    let hub = Hub::default();
+    let watch =
+        Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
+    let (driver, tx) = Driver::new(kernel, journal, hub, cfg.checkpoint_every);
+    let driver_task = tokio::spawn(driver.run());
+    let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
+    let runtime = Runtime::new(tx, auth, limits, watch, kcfg);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<MacpRuntimeServiceServer<Runtime>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(macp_wire::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Transport(e.to_string()))?;
+
+    let mut builder = Server::builder()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .concurrency_limit_per_connection(cfg.max_concurrent_requests)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true);
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) {
+        let cert = std::fs::read(cert).map_err(|e| StartError::Config(format!("cannot read TLS certificate: {e}")))?;
+        let key = std::fs::read(key).map_err(|e| StartError::Config(format!("cannot read TLS key: {e}")))?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
+            .map_err(|e| StartError::Transport(format!("TLS setup: {e}")))?;
+    }
+    let service = MacpRuntimeServiceServer::new(runtime)
+        .max_decoding_message_size(cfg.max_grpc_message_bytes)
+        .max_encoding_message_size(cfg.max_grpc_message_bytes);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| StartError::Transport(e.to_string()))?;
+    info!("stopped accepting; draining");
+    // All service clones (and their command senders) are dropped with the
+    // server, so the driver drains, syncs, checkpoints and returns.
+    let _ = driver_task.await;
+    info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    info!("shutdown signal received");
+}
