@@ -265,7 +265,8 @@ pub fn registry_reply(effects: &[Effect], request: u64) -> Result<String, macp_k
 }
 
 /// Asserts that `expected` is a subset of `actual` (objects: every key of
-/// `expected` present and matching; anything else: equal), the way the
+/// `expected` present and matching; arrays: same length, element-wise
+/// subsets; anything else: equal), the way the
 /// conformance vectors compare `expected_mode_state`.
 pub fn assert_subset(actual: &serde_json::Value, expected: &serde_json::Value) {
     fn walk(a: &serde_json::Value, e: &serde_json::Value, path: &str) {
@@ -274,6 +275,12 @@ pub fn assert_subset(actual: &serde_json::Value, expected: &serde_json::Value) {
                 for (k, ev) in e {
                     let av = a.get(k).unwrap_or_else(|| panic!("{path}.{k} is missing"));
                     walk(av, ev, &format!("{path}.{k}"));
+                }
+            }
+            (serde_json::Value::Array(a), serde_json::Value::Array(e)) => {
+                assert_eq!(a.len(), e.len(), "length mismatch at {path}");
+                for (i, (av, ev)) in a.iter().zip(e).enumerate() {
+                    walk(av, ev, &format!("{path}[{i}]"));
                 }
             }
             _ => assert_eq!(a, e, "mismatch at {path}"),
