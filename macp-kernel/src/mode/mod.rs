@@ -17,7 +17,9 @@ use macp_wire::v1::{CommitmentPayload, ModeDescriptor};
 use crate::error::{KResult, KernelError};
 use crate::policy::BoundPolicy;
 
+mod decision;
 mod passthrough;
+mod proposal;
 mod registry;
 pub mod util;
 
@@ -143,7 +145,7 @@ pub trait ModeState: Send + Debug {
 /// the built-in `ext.multi_round.v1` extension.
 pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
     // (mode, standards_track)
-    vec![]
+    vec![(std::sync::Arc::new(decision::DecisionMode), true), (std::sync::Arc::new(proposal::ProposalMode), true)]
 }
 
 /// Helper for modes: reject a message type the mode does not define.

@@ -153,3 +153,137 @@ pub fn commitment(action: &str, positive: bool) -> CommitmentPayload {
         supersedes: None,
     }
 }
+
+// ----- additions for the mode tests (decision, proposal, …) -----------------
+
+pub const PROPOSAL: &str = "macp.mode.proposal.v1";
+
+/// A SessionStart payload with the default versions and ttl, for any
+/// participant list and policy.
+pub fn start_payload(participants: &[&str], policy_version: &str) -> SessionStartPayload {
+    SessionStartPayload {
+        participants: participants.iter().map(|p| p.to_string()).collect(),
+        policy_version: policy_version.into(),
+        ..default_start()
+    }
+}
+
+impl H {
+    /// Starts a session of `mode` and returns its id with the Ack (not
+    /// asserted, so tests can check rejections).
+    pub fn start_session(&mut self, mode: &str, initiator: &str, participants: &[&str], policy: &str) -> (String, Ack) {
+        let sid = self.sid();
+        let ack = self.send(initiator, start_env(&sid, mode, initiator, &start_payload(participants, policy)));
+        (sid, ack)
+    }
+
+    /// Like [`H::start_session`], asserting success.
+    pub fn start_ok(&mut self, mode: &str, initiator: &str, participants: &[&str], policy: &str) -> String {
+        let (sid, ack) = self.start_session(mode, initiator, participants, policy);
+        assert!(ack.ok, "start rejected: {:?}", ack.error);
+        sid
+    }
+
+    /// Sends a session message of `mode` with a fresh message id.
+    pub fn msg_in(&mut self, mode: &str, who: &str, sid: &str, message_type: &str, payload: Vec<u8>) -> Ack {
+        let mid = self.mid();
+        self.send(who, env(sid, mode, message_type, &mid, who, payload))
+    }
+
+    /// Sends a Commitment of `mode`.
+    pub fn commit_in(&mut self, mode: &str, who: &str, sid: &str, c: &CommitmentPayload) -> Ack {
+        self.msg_in(mode, who, sid, "Commitment", c.encode_to_vec())
+    }
+
+    /// RegisterPolicy as an admin; `rules` is JSON text.
+    pub fn register_policy(
+        &mut self,
+        id: &str,
+        mode: &str,
+        schema_version: u32,
+        rules: &str,
+    ) -> Result<String, macp_kernel::KernelError> {
+        let descriptor = macp_kernel::macp_wire::v1::PolicyDescriptor {
+            policy_id: id.into(),
+            mode: mode.into(),
+            description: "test policy".into(),
+            rules: rules.into(),
+            schema_version,
+            registered_at_unix_ms: 0,
+        };
+        self.next_req += 1;
+        let request = self.next_req;
+        let effects = self.run(Input::RegisterPolicy { request, identity: Identity::new("admin"), descriptor });
+        registry_reply(&effects, request)
+    }
+
+    /// UnregisterPolicy as an admin.
+    pub fn unregister_policy(&mut self, id: &str) -> Result<String, macp_kernel::KernelError> {
+        self.next_req += 1;
+        let request = self.next_req;
+        let effects =
+            self.run(Input::UnregisterPolicy { request, identity: Identity::new("admin"), policy_id: id.into() });
+        registry_reply(&effects, request)
+    }
+
+    /// Every record the kernel asked to persist, in order.
+    pub fn records(&self) -> Vec<macp_kernel::macp_wire::storage::Record> {
+        self.log
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Replays [`H::records`] into a fresh kernel and checks that its
+    /// snapshot equals this kernel's byte for byte.
+    pub fn assert_replay_equal(&self) {
+        let mut fresh = Kernel::new(KernelConfig::default());
+        for r in self.records() {
+            fresh.apply_record(&r).unwrap_or_else(|e| panic!("record seq {} does not replay: {e}", r.seq));
+        }
+        assert!(fresh.snapshot() == self.k.snapshot(), "replayed kernel differs from the live one");
+    }
+
+    /// The mode projection of a session.
+    pub fn projection(&self, sid: &str) -> serde_json::Value {
+        self.k.mode_projection(sid).expect("session")
+    }
+}
+
+pub fn registry_reply(effects: &[Effect], request: u64) -> Result<String, macp_kernel::KernelError> {
+    effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Reply { request: r, reply: Reply::Registry(res) } if *r == request => Some(res.clone()),
+            _ => None,
+        })
+        .expect("a registry reply for the request")
+}
+
+/// Asserts that `expected` is a subset of `actual` (objects: every key of
+/// `expected` present and matching; arrays: same length, element-wise
+/// subsets; anything else: equal), the way the
+/// conformance vectors compare `expected_mode_state`.
+pub fn assert_subset(actual: &serde_json::Value, expected: &serde_json::Value) {
+    fn walk(a: &serde_json::Value, e: &serde_json::Value, path: &str) {
+        match (a, e) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(e)) => {
+                for (k, ev) in e {
+                    let av = a.get(k).unwrap_or_else(|| panic!("{path}.{k} is missing"));
+                    walk(av, ev, &format!("{path}.{k}"));
+                }
+            }
+            (serde_json::Value::Array(a), serde_json::Value::Array(e)) => {
+                assert_eq!(a.len(), e.len(), "length mismatch at {path}");
+                for (i, (av, ev)) in a.iter().zip(e).enumerate() {
+                    walk(av, ev, &format!("{path}[{i}]"));
+                }
+            }
+            _ => assert_eq!(a, e, "mismatch at {path}"),
+        }
+    }
+    walk(actual, expected, "$")
+}
