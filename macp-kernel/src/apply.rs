@@ -298,11 +298,19 @@ impl Kernel {
                     .policies
                     .check_register(d)
                     .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
-                let checker = if d.mode == "*" { "macp.mode.decision.v1" } else { d.mode.as_str() };
-                if let Some((_, entry)) = self.modes.resolve(checker) {
-                    entry
-                        .mode
-                        .validate_rules(&rules, d.schema_version)
+                // A mode-agnostic policy can bind to a session of any mode,
+                // so it must satisfy every registered mode's rule schema.
+                let checkers: Vec<_> = if d.mode == "*" {
+                    self.modes
+                        .all_ids()
+                        .into_iter()
+                        .filter_map(|m| self.modes.resolve(&m).map(|(_, e)| e.mode.clone()))
+                        .collect()
+                } else {
+                    self.modes.resolve(&d.mode).map(|(_, e)| e.mode.clone()).into_iter().collect()
+                };
+                for mode in checkers {
+                    mode.validate_rules(&rules, d.schema_version)
                         .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
                 }
                 let mut d = d.clone();
