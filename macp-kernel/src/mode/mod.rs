@@ -19,6 +19,7 @@ use crate::policy::BoundPolicy;
 
 mod passthrough;
 mod registry;
+mod task;
 pub mod util;
 
 pub use registry::{ModeEntry, ModeRegistry, MULTI_ROUND_ALIAS};
@@ -143,7 +144,7 @@ pub trait ModeState: Send + Debug {
 /// the built-in `ext.multi_round.v1` extension.
 pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
     // (mode, standards_track)
-    vec![]
+    vec![(std::sync::Arc::new(task::TaskMode), true)]
 }
 
 /// Helper for modes: reject a message type the mode does not define.
