@@ -485,7 +485,7 @@ fn payload(kind: &str, task: &str, assignee: &str, output: bool) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn prop_task_sessions_stay_consistent(

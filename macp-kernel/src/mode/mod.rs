@@ -17,6 +17,7 @@ use macp_wire::v1::{CommitmentPayload, ModeDescriptor};
 use crate::error::{KResult, KernelError};
 use crate::policy::BoundPolicy;
 
+mod handoff;
 mod passthrough;
 mod registry;
 mod task;
@@ -144,7 +145,7 @@ pub trait ModeState: Send + Debug {
 /// the built-in `ext.multi_round.v1` extension.
 pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
     // (mode, standards_track)
-    vec![(std::sync::Arc::new(task::TaskMode), true)]
+    vec![(std::sync::Arc::new(task::TaskMode), true), (std::sync::Arc::new(handoff::HandoffMode), true)]
 }
 
 /// Helper for modes: reject a message type the mode does not define.
