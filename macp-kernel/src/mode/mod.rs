@@ -19,6 +19,7 @@ use crate::policy::BoundPolicy;
 
 mod handoff;
 mod passthrough;
+mod quorum;
 mod registry;
 mod task;
 pub mod util;
@@ -145,7 +146,11 @@ pub trait ModeState: Send + Debug {
 /// the built-in `ext.multi_round.v1` extension.
 pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
     // (mode, standards_track)
-    vec![(std::sync::Arc::new(task::TaskMode), true), (std::sync::Arc::new(handoff::HandoffMode), true)]
+    vec![
+        (std::sync::Arc::new(task::TaskMode), true),
+        (std::sync::Arc::new(handoff::HandoffMode), true),
+        (std::sync::Arc::new(quorum::QuorumMode), true),
+    ]
 }
 
 /// Helper for modes: reject a message type the mode does not define.
