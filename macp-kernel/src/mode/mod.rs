@@ -18,6 +18,7 @@ use crate::error::{KResult, KernelError};
 use crate::policy::BoundPolicy;
 
 mod handoff;
+mod multi_round;
 mod passthrough;
 mod quorum;
 mod registry;
@@ -150,6 +151,7 @@ pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
         (std::sync::Arc::new(task::TaskMode), true),
         (std::sync::Arc::new(handoff::HandoffMode), true),
         (std::sync::Arc::new(quorum::QuorumMode), true),
+        (std::sync::Arc::new(multi_round::MultiRoundMode), false),
     ]
 }
 
