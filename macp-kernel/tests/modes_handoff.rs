@@ -12,7 +12,7 @@ use macp_kernel::macp_wire::modes::handoff::{
 use macp_kernel::macp_wire::storage::record::Fact;
 use macp_kernel::macp_wire::v1::{Ack, Envelope, SessionState};
 use macp_kernel::macp_wire::Message;
-use macp_kernel::Effect;
+use macp_kernel::{ControlOp, Effect};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -348,6 +348,27 @@ fn implicit_accept_applies_at_commit_time_when_no_tick_came() {
 }
 
 #[test]
+fn implicit_accept_waits_while_suspended_and_fires_after_resume() {
+    let mut h = H::new();
+    implicit_policy(&mut h, "policy.handoff.implicit", 1_000);
+    let sid = start(&mut h, "policy.handoff.implicit");
+    ok(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "A")));
+    h.now += 100;
+    ok(&h.control("I", ControlOp::Suspend, &sid));
+    h.now += 5_000;
+    assert!(persisted_envelopes(&h.tick()).is_empty(), "a suspended session emits nothing");
+    assert_eq!(disposition(&h, &sid, "h1"), "Offered");
+    ok(&h.control("I", ControlOp::Resume, &sid));
+    // The offer is overdue on the acceptance clock, so the next tick fires.
+    assert!(h.k.next_deadline().is_some_and(|d| d <= h.now));
+    let fired = persisted_envelopes(&h.tick());
+    assert_eq!(fired.len(), 1);
+    assert_eq!(disposition(&h, &sid, "h1"), "Accepted");
+    ok(&h.commit_mode("I", &sid, HANDOFF, "handoff.accepted", true));
+    h.assert_replay_matches();
+}
+
+#[test]
 fn no_timer_without_implicit_accept_policy() {
     let mut h = H::new();
     let sid = start(&mut h, "");
@@ -480,7 +501,7 @@ proptest! {
         let mut offers: BTreeMap<String, (i64, bool)> = BTreeMap::new();
         // Most runs start with an offer so that deep states are hit.
         if prefix {
-            prop_assert!(h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "A")).ok);
+            prop_assert!(h.send_mode_checked("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "A")).ok);
             offers.insert("h1".into(), (h.now, false));
         }
         for s in steps {
@@ -498,7 +519,7 @@ proptest! {
                         "HandoffDecline" => decline(id, other),
                         _ => Vec::new(),
                     };
-                    let a = h.send_mode(&who, &sid, HANDOFF, kind, payload);
+                    let a = h.send_mode_checked(&who, &sid, HANDOFF, kind, payload);
                     prop_assert!(!(resolved && a.ok), "accepted after RESOLVED");
                     prop_assert!(!(a.ok && imp && kind == "HandoffAccept"), "client implicit accept accepted");
                     if a.ok {
@@ -517,13 +538,13 @@ proptest! {
                     }
                 }
                 Step::Garbage(si, ki) => {
-                    let a = h.send_mode(SENDERS[si], &sid, HANDOFF, KINDS[ki], vec![0xff, 0x01, 0x02]);
+                    let a = h.send_mode_checked(SENDERS[si], &sid, HANDOFF, KINDS[ki], vec![0xff, 0x01, 0x02]);
                     prop_assert!(!a.ok, "garbage accepted");
                 }
                 Step::Commit(pick, positive) => {
                     let who = sender(&h, &sid, pick, "Commitment");
                     let action = if positive { "handoff.accepted" } else { "handoff.declined" };
-                    let a = h.commit_mode(&who, &sid, HANDOFF, action, positive);
+                    let a = h.commit_mode_checked(&who, &sid, HANDOFF, action, positive);
                     prop_assert!(!(resolved && a.ok), "commitment accepted after RESOLVED");
                     if a.ok {
                         prop_assert_eq!(who.as_str(), "I");

@@ -273,7 +273,7 @@ proptest! {
                     let (who, value) = (SENDERS[si], VALUES[vi]);
                     let payload = if as_json { json_value(value) } else { proto_value(value) };
                     let was_converged = converged(&latest);
-                    let a = h.send_mode(who, &sid, MR, KINDS[ki], payload);
+                    let a = h.send_mode_checked(who, &sid, MR, KINDS[ki], payload);
                     prop_assert!(!(resolved && a.ok), "accepted after RESOLVED");
                     if a.ok {
                         prop_assert!(!was_converged, "contribution accepted after convergence");
@@ -282,12 +282,12 @@ proptest! {
                     }
                 }
                 Step::Garbage(si) => {
-                    let a = h.send_mode(SENDERS[si], &sid, MR, "Contribute", vec![0xff, 0x01, 0x02]);
+                    let a = h.send_mode_checked(SENDERS[si], &sid, MR, "Contribute", vec![0xff, 0x01, 0x02]);
                     prop_assert!(!a.ok, "garbage accepted");
                 }
                 Step::Commit(si) => {
                     let who = ["I", "I", "I", "A"][si];
-                    let a = h.commit_mode(who, &sid, MR, "multi_round.converged", true);
+                    let a = h.commit_mode_checked(who, &sid, MR, "multi_round.converged", true);
                     prop_assert!(!(resolved && a.ok), "commitment accepted after RESOLVED");
                     if a.ok {
                         prop_assert_eq!(who, "I");

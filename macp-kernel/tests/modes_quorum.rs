@@ -357,7 +357,7 @@ proptest! {
         let mut ballots: BTreeMap<String, &str> = BTreeMap::new();
         // Most runs start with a valid request so that deep states are hit.
         if prefix > 0 {
-            prop_assert!(h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", prefix)).ok);
+            prop_assert!(h.send_mode_checked("C", &sid, QUORUM, "ApprovalRequest", request("r1", prefix)).ok);
             required = Some(prefix);
         }
         for s in steps {
@@ -370,7 +370,7 @@ proptest! {
                         "Bogus" => Vec::new(),
                         _ => ballot(kind, id),
                     };
-                    let a = h.send_mode(who, &sid, QUORUM, kind, payload);
+                    let a = h.send_mode_checked(who, &sid, QUORUM, kind, payload);
                     prop_assert!(!(resolved && a.ok), "accepted after RESOLVED");
                     if a.ok {
                         if kind == "ApprovalRequest" {
@@ -384,13 +384,13 @@ proptest! {
                     }
                 }
                 Step::Garbage(si, ki) => {
-                    let a = h.send_mode(SENDERS[si], &sid, QUORUM, KINDS[ki], vec![0xff, 0x01, 0x02]);
+                    let a = h.send_mode_checked(SENDERS[si], &sid, QUORUM, KINDS[ki], vec![0xff, 0x01, 0x02]);
                     prop_assert!(!a.ok, "garbage accepted");
                 }
                 Step::Commit(si, positive) => {
                     let who = ["C", "C", "C", "A"][si];
                     let action = if positive { "quorum.approved" } else { "quorum.rejected" };
-                    let a = h.commit_mode(who, &sid, QUORUM, action, positive);
+                    let a = h.commit_mode_checked(who, &sid, QUORUM, action, positive);
                     prop_assert!(!(resolved && a.ok), "commitment accepted after RESOLVED");
                     if a.ok {
                         prop_assert_eq!(who, "C");

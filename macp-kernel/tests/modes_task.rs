@@ -508,7 +508,7 @@ proptest! {
         // Most runs start from a valid request so that deep states are hit.
         if prefix > 0 {
             let assignee = ["", "", "A", "B"][prefix];
-            prop_assert!(h.send_mode("I", &sid, TASK, "TaskRequest", request("t1", assignee)).ok);
+            prop_assert!(h.send_mode_checked("I", &sid, TASK, "TaskRequest", request("t1", assignee)).ok);
         }
         for s in steps {
             match s {
@@ -523,7 +523,7 @@ proptest! {
                     } else {
                         ["", "", who.as_str(), "A"][ai].to_string()
                     };
-                    let a = h.send_mode(&who, &sid, TASK, kind, payload(kind, task, &assignee, o));
+                    let a = h.send_mode_checked(&who, &sid, TASK, kind, payload(kind, task, &assignee, o));
                     prop_assert!(!(resolved && a.ok), "accepted after RESOLVED");
                     if a.ok && (kind == "TaskComplete" || kind == "TaskFail") {
                         prop_assert!(report.is_none(), "a second terminal report was accepted");
@@ -531,13 +531,13 @@ proptest! {
                     }
                 }
                 Step::Garbage(si, ki) => {
-                    let a = h.send_mode(SENDERS[si], &sid, TASK, KINDS[ki], vec![0xff, 0x01, 0x02]);
+                    let a = h.send_mode_checked(SENDERS[si], &sid, TASK, KINDS[ki], vec![0xff, 0x01, 0x02]);
                     prop_assert!(!a.ok, "garbage accepted");
                 }
                 Step::Commit(pick, positive) => {
                     let who = sender(&h, &sid, pick, "Commitment", 0);
                     let action = if positive { "task.completed" } else { "task.failed" };
-                    let a = h.commit_mode(&who, &sid, TASK, action, positive);
+                    let a = h.commit_mode_checked(&who, &sid, TASK, action, positive);
                     prop_assert!(!(resolved && a.ok), "commitment accepted after RESOLVED");
                     if a.ok {
                         prop_assert_eq!(who.as_str(), "I");

@@ -255,3 +255,32 @@ impl H {
         self.k.mode_projection(sid).expect("session")
     }
 }
+
+impl H {
+    /// [`H::send_mode`] that also checks the rejection contract: a rejected
+    /// message leaves the whole kernel byte-for-byte unchanged, except for
+    /// SESSION_NOT_OPEN, which may be the message that noticed TTL expiry.
+    pub fn send_mode_checked(&mut self, who: &str, sid: &str, mode: &str, message_type: &str, payload: Vec<u8>) -> Ack {
+        let before = self.k.snapshot();
+        let ack = self.send_mode(who, sid, mode, message_type, payload);
+        if !ack.ok && code(&ack) != "SESSION_NOT_OPEN" {
+            assert!(
+                self.k.snapshot() == before,
+                "rejected {message_type} from {who} changed the kernel: {:?}",
+                ack.error
+            );
+        }
+        ack
+    }
+
+    /// [`H::commit_mode`] with the same rejection check as
+    /// [`H::send_mode_checked`].
+    pub fn commit_mode_checked(&mut self, who: &str, sid: &str, mode: &str, action: &str, positive: bool) -> Ack {
+        let before = self.k.snapshot();
+        let ack = self.commit_mode(who, sid, mode, action, positive);
+        if !ack.ok && code(&ack) != "SESSION_NOT_OPEN" {
+            assert!(self.k.snapshot() == before, "rejected Commitment from {who} changed the kernel: {:?}", ack.error);
+        }
+        ack
+    }
+}
