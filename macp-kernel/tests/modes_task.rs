@@ -416,6 +416,17 @@ fn policy_rules_are_type_checked_at_registration() {
 }
 
 #[test]
+fn policy_wildcard_rules_are_checked_at_start() {
+    // A `*` policy is checked against the Decision schema when registered;
+    // the task sections are checked when a task session binds it.
+    let mut h = H::new();
+    match h.register_policy("policy.star.bad", "*", json!({"completion": {"require_output": "yes"}})) {
+        Err(e) => assert_eq!(e.code.as_str(), "INVALID_POLICY_DEFINITION"),
+        Ok(_) => rejected(&h.try_start(TASK, "I", &["I", "A"], "policy.star.bad").1, "INVALID_POLICY_DEFINITION"),
+    }
+}
+
+#[test]
 fn descriptor_is_listed_as_standards_track() {
     let h = H::new();
     let d = h.k.modes().standards_track().into_iter().find(|d| d.mode == TASK).expect("task listed");

@@ -238,8 +238,9 @@ impl H {
             .collect()
     }
 
-    /// Replays every persisted record into a fresh default kernel and checks
-    /// that it reaches byte-for-byte the same snapshot.
+    /// Replays every persisted record into a fresh default kernel, and
+    /// restores a checkpoint of the live one, and checks that both reach
+    /// byte-for-byte the same snapshot and the same timers.
     pub fn assert_replay_matches(&self) {
         let mut fresh = Kernel::new(KernelConfig::default());
         for r in self.persisted() {
@@ -247,7 +248,14 @@ impl H {
                 panic!("replay of record {r:?} failed: {e}");
             }
         }
-        assert!(fresh.snapshot() == self.k.snapshot(), "replayed kernel differs from the live one");
+        let live = self.k.snapshot();
+        assert!(fresh.snapshot() == live, "replayed kernel differs from the live one");
+        assert_eq!(fresh.next_deadline(), self.k.next_deadline(), "replayed kernel has other timers");
+        // A checkpoint of the live kernel restores to the same state too
+        // (exercises every mode's snapshot/restore pair).
+        let restored = Kernel::restore(KernelConfig::default(), &live).expect("checkpoint restores");
+        assert!(restored.snapshot() == live, "restored checkpoint differs from the live kernel");
+        assert_eq!(restored.next_deadline(), self.k.next_deadline(), "restored kernel has other timers");
     }
 
     /// The mode projection of a session.
