@@ -53,7 +53,7 @@ fn vector_multi_round_happy_path() {
     assert_eq!(h.state(&sid), SessionState::Open, "convergence alone must not resolve");
     ok(&h.commit_mode(COORD, &sid, MR, "multi_round.converged", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    let p = h.projection(&sid);
+    let p = h.mode_state(&sid);
     assert_eq!(p["phase"], "Committed");
     assert_eq!(p["resolution"]["converged_value"], "option_a");
     assert_eq!(p["resolution"]["round"], 3);
@@ -70,7 +70,7 @@ fn vector_multi_round_reject_paths() {
     ok(&h.send_mode("agent://bob", &sid, MR, "Contribute", json_value("option_a")));
     rejected(&h.commit_mode("agent://alice", &sid, MR, "multi_round.converged", true), "FORBIDDEN");
     assert_eq!(h.state(&sid), SessionState::Open);
-    assert_eq!(h.projection(&sid)["converged"], true);
+    assert_eq!(h.mode_state(&sid)["converged"], true);
 }
 
 // ----- convergence -------------------------------------------------------------
@@ -81,9 +81,9 @@ fn convergence_excludes_the_initiator() {
     let sid = start(&mut h);
     ok(&h.send_mode("I", &sid, MR, "Contribute", proto_value("z")));
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
-    assert_eq!(h.projection(&sid)["converged"], false);
+    assert_eq!(h.mode_state(&sid)["converged"], false);
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("x")));
-    let p = h.projection(&sid);
+    let p = h.mode_state(&sid);
     assert_eq!(p["converged"], true, "the initiator's differing value does not block convergence");
     assert_eq!(p["converged_value"], "x");
     assert_eq!(p["contributions"]["I"], "z");
@@ -121,11 +121,11 @@ fn rounds_count_changed_values_only() {
     let sid = h.start_mode(MR, "I", &["I", "A", "B", "C"], "");
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
-    assert_eq!(h.projection(&sid)["round"], 1, "restating a value is not a new round");
+    assert_eq!(h.mode_state(&sid)["round"], 1, "restating a value is not a new round");
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("y")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("y")));
-    assert_eq!(h.projection(&sid)["round"], 3);
-    assert_eq!(h.projection(&sid)["contributions"]["A"], "y");
+    assert_eq!(h.mode_state(&sid)["round"], 3);
+    assert_eq!(h.mode_state(&sid)["contributions"]["A"], "y");
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn no_contribution_after_convergence() {
     rejected(&h.send_mode("A", &sid, MR, "Contribute", proto_value("y")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, MR, "Contribute", proto_value("x")), "INVALID_ENVELOPE");
-    assert_eq!(h.projection(&sid)["phase"], "Converged");
+    assert_eq!(h.mode_state(&sid)["phase"], "Converged");
 }
 
 // ----- payloads, authority, start ------------------------------------------
@@ -150,12 +150,12 @@ fn contribute_payload_forms() {
     rejected(&h.send_mode("A", &sid, MR, "Contribute", vec![0xff, 0xff]), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", json_value("")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", br#"{"val": "x"}"#.to_vec()), "INVALID_ENVELOPE");
-    assert_eq!(h.projection(&sid)["round"], 0);
+    assert_eq!(h.mode_state(&sid)["round"], 0);
     // JSON and protobuf carry the same value.
     ok(&h.send_mode("A", &sid, MR, "Contribute", json_value("same")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("same")));
     ok(&h.send_mode("C", &sid, MR, "Contribute", br#"{"value": "same", "note": 1}"#.to_vec()));
-    assert_eq!(h.projection(&sid)["converged_value"], "same");
+    assert_eq!(h.mode_state(&sid)["converged_value"], "same");
     h.assert_replay_matches();
 }
 
@@ -171,7 +171,7 @@ fn contribute_only_from_participants_and_other_types_invalid() {
 #[test]
 fn commitment_only_from_initiator_whatever_the_policy() {
     let mut h = H::new();
-    h.register_policy("policy.mr.any", MR, json!({"commitment": {"authority": "any_participant"}})).unwrap();
+    h.register_rules("policy.mr.any", MR, json!({"commitment": {"authority": "any_participant"}})).unwrap();
     let sid = h.start_mode(MR, "I", &["I", "A", "B"], "policy.mr.any");
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("x")));
@@ -189,7 +189,7 @@ fn start_needs_a_participant_other_than_the_initiator() {
 #[test]
 fn any_rules_object_is_accepted() {
     let mut h = H::new();
-    h.register_policy("policy.mr.free", MR, json!({"anything": [1, 2, 3], "nested": {"x": true}})).unwrap();
+    h.register_rules("policy.mr.free", MR, json!({"anything": [1, 2, 3], "nested": {"x": true}})).unwrap();
     h.start_mode(MR, "I", &["I", "A"], "policy.mr.free");
 }
 
@@ -303,7 +303,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={}", h.projection(&sid)["phase"]);
+            eprintln!("STAT resolved={resolved} phase={}", h.mode_state(&sid)["phase"]);
         }
         h.assert_replay_matches();
     }

@@ -72,10 +72,10 @@ fn vector_quorum_happy_path() {
     ok(&h.send_mode("agent://alice", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("agent://bob", &sid, QUORUM, "Approve", approve("r1")));
     assert_eq!(h.state(&sid), SessionState::Open, "reaching the threshold must not resolve (row 43)");
-    assert_eq!(h.projection(&sid)["eligible"], true);
+    assert_eq!(h.mode_state(&sid)["eligible"], true);
     ok(&h.commit_mode(COORD, &sid, QUORUM, "quorum.approved", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.projection(&sid)["phase"], "Committed");
+    assert_eq!(h.mode_state(&sid)["phase"], "Committed");
     h.assert_replay_matches();
 }
 
@@ -98,11 +98,11 @@ fn row_96_approval_request_only_from_initiator_and_at_most_one() {
     let sid = start(&mut h, "");
     rejected(&h.send_mode("A", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "FORBIDDEN");
     rejected(&h.send_mode("X", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "FORBIDDEN");
-    assert_eq!(h.projection(&sid)["phase"], "AwaitingRequest");
+    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingRequest");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 2)));
     rejected(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r2", 2)), "INVALID_ENVELOPE");
     rejected(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "INVALID_ENVELOPE");
-    assert_eq!(h.projection(&sid)["request"]["request_id"], "r1");
+    assert_eq!(h.mode_state(&sid)["request"]["request_id"], "r1");
 }
 
 #[test]
@@ -124,8 +124,8 @@ fn row_98_one_ballot_per_participant() {
     rejected(&h.send_mode("A", &sid, QUORUM, "Abstain", abstain("r1")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Reject", reject("r1")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")), "INVALID_ENVELOPE");
-    assert_eq!(h.projection(&sid)["tally"]["approvals"], 1);
-    assert_eq!(h.projection(&sid)["ballots"]["A"]["ballot"], "Approve");
+    assert_eq!(h.mode_state(&sid)["tally"]["approvals"], 1);
+    assert_eq!(h.mode_state(&sid)["ballots"]["A"]["ballot"], "Approve");
 }
 
 #[test]
@@ -164,7 +164,7 @@ fn row_100_unreachable_threshold_allows_rejected_commit() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false), "INVALID_ENVELOPE");
     ok(&h.send_mode("B", &sid, QUORUM, "Abstain", abstain("r1")));
     // 0 + 2 < 3: unreachable; abstaining only took B out of the pool.
-    assert_eq!(h.projection(&sid)["tally"]["unreachable"], true);
+    assert_eq!(h.mode_state(&sid)["tally"]["unreachable"], true);
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
     h.assert_replay_matches();
@@ -185,7 +185,7 @@ fn negative_outcome_quorum_rejected_with_initiator_not_a_participant() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", true), "INVALID_ENVELOPE");
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.projection(&sid)["commitment"]["action"], "quorum.rejected");
+    assert_eq!(h.mode_state(&sid)["commitment"]["action"], "quorum.rejected");
     h.assert_replay_matches();
 }
 
@@ -198,7 +198,7 @@ fn outsiders_cannot_vote() {
     rejected(&h.send_mode("X", &sid, QUORUM, "Approve", vec![0xff]), "FORBIDDEN");
     rejected(&h.send_mode("A", &sid, QUORUM, "Approve", vec![0xff, 0xff]), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Vote", approve("r1")), "INVALID_ENVELOPE");
-    assert_eq!(h.projection(&sid)["tally"]["remaining"], 4);
+    assert_eq!(h.mode_state(&sid)["tally"]["remaining"], 4);
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn no_direction_check_without_threshold_policy() {
 #[test]
 fn policy_threshold_n_of_m_replaces_required_approvals() {
     let mut h = H::new();
-    h.register_policy("policy.quorum.three", QUORUM, json!({"threshold": {"type": "n_of_m", "value": 3}})).unwrap();
+    h.register_rules("policy.quorum.three", QUORUM, json!({"threshold": {"type": "n_of_m", "value": 3}})).unwrap();
     let sid = start(&mut h, "policy.quorum.three");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
     ok(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")));
@@ -224,14 +224,14 @@ fn policy_threshold_n_of_m_replaces_required_approvals() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true), "INVALID_ENVELOPE");
     ok(&h.send_mode("B", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("D", &sid, QUORUM, "Approve", approve("r1")));
-    assert_eq!(h.projection(&sid)["tally"]["required"], 3);
+    assert_eq!(h.mode_state(&sid)["tally"]["required"], 3);
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true));
 }
 
 #[test]
 fn policy_threshold_gates_positive_commit_but_not_negative() {
     let mut h = H::new();
-    h.register_policy("policy.quorum.three", QUORUM, json!({"threshold": {"type": "n_of_m", "value": 3}})).unwrap();
+    h.register_rules("policy.quorum.three", QUORUM, json!({"threshold": {"type": "n_of_m", "value": 3}})).unwrap();
     let sid = start(&mut h, "policy.quorum.three");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 2)));
     ok(&h.send_mode("A", &sid, QUORUM, "Reject", reject("r1")));
@@ -247,26 +247,26 @@ fn policy_threshold_gates_positive_commit_but_not_negative() {
 fn policy_threshold_percentage_rounds_up() {
     let mut h = H::new();
     // 50 % of 4 participants = 2; 60 % of 4 = 2.4, rounded up to 3.
-    h.register_policy("policy.quorum.p60", QUORUM, json!({"threshold": {"type": "percentage", "value": 60}})).unwrap();
+    h.register_rules("policy.quorum.p60", QUORUM, json!({"threshold": {"type": "percentage", "value": 60}})).unwrap();
     let sid = start(&mut h, "policy.quorum.p60");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
-    assert_eq!(h.projection(&sid)["tally"]["required"], 3);
+    assert_eq!(h.mode_state(&sid)["tally"]["required"], 3);
     ok(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("B", &sid, QUORUM, "Approve", approve("r1")));
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true), "INVALID_ENVELOPE");
     ok(&h.send_mode("C", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true));
 
-    h.register_policy("policy.quorum.p50", QUORUM, json!({"threshold": {"type": "percentage", "value": 50}})).unwrap();
+    h.register_rules("policy.quorum.p50", QUORUM, json!({"threshold": {"type": "percentage", "value": 50}})).unwrap();
     let sid = start(&mut h, "policy.quorum.p50");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 4)));
-    assert_eq!(h.projection(&sid)["tally"]["required"], 2);
+    assert_eq!(h.mode_state(&sid)["tally"]["required"], 2);
 }
 
 #[test]
 fn policy_threshold_zero_keeps_required_approvals() {
     let mut h = H::new();
-    h.register_policy("policy.quorum.zero", QUORUM, json!({"threshold": {"type": "weighted", "value": 0}})).unwrap();
+    h.register_rules("policy.quorum.zero", QUORUM, json!({"threshold": {"type": "weighted", "value": 0}})).unwrap();
     let sid = start(&mut h, "policy.quorum.zero");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
     ok(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")));
@@ -286,10 +286,10 @@ fn policy_rules_are_type_checked_at_registration() {
         json!({"abstention": {"interpretation": "veto"}}),
         json!({"abstention": []}),
     ] {
-        let e = h.register_policy("policy.quorum.bad", QUORUM, bad.clone()).unwrap_err();
+        let e = h.register_rules("policy.quorum.bad", QUORUM, bad.clone()).unwrap_err();
         assert_eq!(e.code.as_str(), "INVALID_POLICY_DEFINITION", "{bad}: {e}");
     }
-    h.register_policy(
+    h.register_rules(
         "policy.quorum.good",
         QUORUM,
         json!({
@@ -347,7 +347,7 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..40),
     ) {
         let mut h = H::new();
-        h.register_policy("policy.quorum.prop", QUORUM, json!({"threshold": {"type": "n_of_m", "value": threshold}}))
+        h.register_rules("policy.quorum.prop", QUORUM, json!({"threshold": {"type": "n_of_m", "value": threshold}}))
             .unwrap();
         let participants: &[&str] = if coordinator_listed { &["C", "A", "B", "D", "E"] } else { &["A", "B", "D", "E"] };
         let sid = h.start_mode(QUORUM, "C", participants, "policy.quorum.prop");
@@ -415,7 +415,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={}", h.projection(&sid)["phase"]);
+            eprintln!("STAT resolved={resolved} phase={}", h.mode_state(&sid)["phase"]);
         }
         h.assert_replay_matches();
     }

@@ -198,7 +198,7 @@ impl H {
     }
 
     /// Registers a policy for `mode` with `rules` (schema version 1).
-    pub fn register_policy(
+    pub fn register_rules(
         &mut self,
         policy_id: &str,
         mode: &str,
@@ -259,7 +259,7 @@ impl H {
     }
 
     /// The mode projection of a session.
-    pub fn projection(&self, sid: &str) -> serde_json::Value {
+    pub fn mode_state(&self, sid: &str) -> serde_json::Value {
         self.k.mode_projection(sid).expect("session")
     }
 }
