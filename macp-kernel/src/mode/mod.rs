@@ -18,9 +18,13 @@ use crate::error::{KResult, KernelError};
 use crate::policy::BoundPolicy;
 
 mod decision;
+mod handoff;
+mod multi_round;
 mod passthrough;
 mod proposal;
+mod quorum;
 mod registry;
+mod task;
 pub mod util;
 
 pub use registry::{ModeEntry, ModeRegistry, MULTI_ROUND_ALIAS};
@@ -145,7 +149,14 @@ pub trait ModeState: Send + Debug {
 /// the built-in `ext.multi_round.v1` extension.
 pub fn builtin_modes() -> Vec<(std::sync::Arc<dyn Mode>, bool)> {
     // (mode, standards_track)
-    vec![(std::sync::Arc::new(decision::DecisionMode), true), (std::sync::Arc::new(proposal::ProposalMode), true)]
+    vec![
+        (std::sync::Arc::new(decision::DecisionMode), true),
+        (std::sync::Arc::new(proposal::ProposalMode), true),
+        (std::sync::Arc::new(task::TaskMode), true),
+        (std::sync::Arc::new(handoff::HandoffMode), true),
+        (std::sync::Arc::new(quorum::QuorumMode), true),
+        (std::sync::Arc::new(multi_round::MultiRoundMode), false),
+    ]
 }
 
 /// Helper for modes: reject a message type the mode does not define.

@@ -287,3 +287,141 @@ pub fn assert_subset(actual: &serde_json::Value, expected: &serde_json::Value) {
     }
     walk(actual, expected, "$")
 }
+
+// ----- helpers for the non-decision modes (task, handoff, quorum, multi_round)
+
+impl H {
+    /// Sends a SessionStart for `mode` from `initiator` with `participants`
+    /// and `policy_version`; returns the new session id and the Ack.
+    pub fn try_start(
+        &mut self,
+        mode: &str,
+        initiator: &str,
+        participants: &[&str],
+        policy_version: &str,
+    ) -> (String, Ack) {
+        let sid = self.sid();
+        let mut p = default_start();
+        p.participants = participants.iter().map(|s| s.to_string()).collect();
+        p.policy_version = policy_version.to_string();
+        let mut e = start_env(&sid, mode, initiator, &p);
+        e.timestamp_unix_ms = self.now;
+        let ack = self.send(initiator, e);
+        (sid, ack)
+    }
+
+    /// Like [`H::try_start`] but asserts the start was accepted.
+    pub fn start_mode(&mut self, mode: &str, initiator: &str, participants: &[&str], policy_version: &str) -> String {
+        let (sid, ack) = self.try_start(mode, initiator, participants, policy_version);
+        assert!(ack.ok, "start of {mode} rejected: {:?}", ack.error);
+        sid
+    }
+
+    /// Sends a session message of `mode` as `who` with a fresh message id.
+    pub fn send_mode(&mut self, who: &str, sid: &str, mode: &str, message_type: &str, payload: Vec<u8>) -> Ack {
+        let mid = self.mid();
+        self.send(who, env(sid, mode, message_type, &mid, who, payload))
+    }
+
+    /// Sends a Commitment with `action`/`outcome_positive` as `who`.
+    pub fn commit_mode(&mut self, who: &str, sid: &str, mode: &str, action: &str, positive: bool) -> Ack {
+        let mut c = commitment(action, positive);
+        c.commitment_id = self.mid();
+        self.send_mode(who, sid, mode, "Commitment", c.encode_to_vec())
+    }
+
+    /// Registers a policy for `mode` with `rules` (schema version 1).
+    pub fn register_rules(
+        &mut self,
+        policy_id: &str,
+        mode: &str,
+        rules: serde_json::Value,
+    ) -> Result<String, macp_kernel::KernelError> {
+        self.next_req += 1;
+        let request = self.next_req;
+        let effects = self.run(Input::RegisterPolicy {
+            request,
+            identity: Identity::new("admin"),
+            descriptor: macp_kernel::macp_wire::v1::PolicyDescriptor {
+                policy_id: policy_id.into(),
+                mode: mode.into(),
+                description: "test policy".into(),
+                rules: rules.to_string(),
+                schema_version: 1,
+                registered_at_unix_ms: 0,
+            },
+        });
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Reply { request: r, reply: Reply::Registry(res) } if *r == request => Some(res.clone()),
+                _ => None,
+            })
+            .expect("a registry reply")
+    }
+
+    /// Every record the kernel asked the driver to persist, in order.
+    pub fn persisted(&self) -> Vec<macp_kernel::macp_wire::storage::Record> {
+        self.log
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Persist(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Replays every persisted record into a fresh default kernel, and
+    /// restores a checkpoint of the live one, and checks that both reach
+    /// byte-for-byte the same snapshot and the same timers.
+    pub fn assert_replay_matches(&self) {
+        let mut fresh = Kernel::new(KernelConfig::default());
+        for r in self.persisted() {
+            if let Err(e) = fresh.apply_record(&r) {
+                panic!("replay of record {r:?} failed: {e}");
+            }
+        }
+        let live = self.k.snapshot();
+        assert!(fresh.snapshot() == live, "replayed kernel differs from the live one");
+        assert_eq!(fresh.next_deadline(), self.k.next_deadline(), "replayed kernel has other timers");
+        // A checkpoint of the live kernel restores to the same state too
+        // (exercises every mode's snapshot/restore pair).
+        let restored = Kernel::restore(KernelConfig::default(), &live).expect("checkpoint restores");
+        assert!(restored.snapshot() == live, "restored checkpoint differs from the live kernel");
+        assert_eq!(restored.next_deadline(), self.k.next_deadline(), "restored kernel has other timers");
+    }
+
+    /// The mode projection of a session.
+    pub fn mode_state(&self, sid: &str) -> serde_json::Value {
+        self.k.mode_projection(sid).expect("session")
+    }
+}
+
+impl H {
+    /// [`H::send_mode`] that also checks the rejection contract: a rejected
+    /// message leaves the whole kernel byte-for-byte unchanged, except for
+    /// SESSION_NOT_OPEN, which may be the message that noticed TTL expiry.
+    pub fn send_mode_checked(&mut self, who: &str, sid: &str, mode: &str, message_type: &str, payload: Vec<u8>) -> Ack {
+        let before = self.k.snapshot();
+        let ack = self.send_mode(who, sid, mode, message_type, payload);
+        if !ack.ok && code(&ack) != "SESSION_NOT_OPEN" {
+            assert!(
+                self.k.snapshot() == before,
+                "rejected {message_type} from {who} changed the kernel: {:?}",
+                ack.error
+            );
+        }
+        ack
+    }
+
+    /// [`H::commit_mode`] with the same rejection check as
+    /// [`H::send_mode_checked`].
+    pub fn commit_mode_checked(&mut self, who: &str, sid: &str, mode: &str, action: &str, positive: bool) -> Ack {
+        let before = self.k.snapshot();
+        let ack = self.commit_mode(who, sid, mode, action, positive);
+        if !ack.ok && code(&ack) != "SESSION_NOT_OPEN" {
+            assert!(self.k.snapshot() == before, "rejected Commitment from {who} changed the kernel: {:?}", ack.error);
+        }
+        ack
+    }
+}

@@ -1,0 +1,198 @@
+//! Test harness: an in-process server on a free loopback port, and clients
+//! that authenticate as dev agents or with bearer tokens.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use macp_transport_grpc::config::Config;
+use macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
+use macp_wire::v1::{Ack, CommitmentPayload, Envelope, SendRequest, SessionStartPayload};
+use macp_wire::Message;
+use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+pub const DECISION: &str = "macp.mode.decision.v1";
+
+/// A running server; dropping it shuts the server down.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts a server with `--dev --memory-only` plus `extra` flags.
+    pub async fn start(extra: &[&str]) -> Server {
+        let mut args = vec!["macp-runtime", "--dev", "--memory-only", "--bind-addr", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::start_with(Config::parse_from(args).resolve().expect("config")).await
+    }
+
+    /// Starts a server with a full configuration.
+    pub async fn start_with(cfg: Config) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            macp_transport_grpc::server::serve(cfg, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server");
+        });
+        Server { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Stops the server and waits for its shutdown to complete.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    /// A client authenticating as dev agent `who` (`x-macp-agent-id`).
+    pub async fn client(&self, who: &str) -> Client {
+        MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::Agent(who.to_string()))
+    }
+
+    /// A client sending `Authorization: Bearer <token>`.
+    pub async fn bearer(&self, token: &str) -> Client {
+        MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::Bearer(token.to_string()))
+    }
+
+    /// A client with no credentials.
+    pub async fn anonymous(&self) -> Client {
+        MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::None)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+#[derive(Clone)]
+pub enum Auth {
+    Agent(String),
+    Bearer(String),
+    None,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        match self {
+            Auth::Agent(a) => {
+                req.metadata_mut().insert("x-macp-agent-id", MetadataValue::try_from(a.as_str()).unwrap());
+            }
+            Auth::Bearer(t) => {
+                req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t}")).unwrap());
+            }
+            Auth::None => {}
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = MacpRuntimeServiceClient<InterceptedService<Channel, Auth>>;
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+pub fn sid() -> String {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+pub fn mid() -> String {
+    format!("m{}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+pub fn env(sid: &str, mode: &str, message_type: &str, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        macp_version: "1.0".into(),
+        mode: mode.into(),
+        message_type: message_type.into(),
+        message_id: mid(),
+        session_id: sid.into(),
+        sender: String::new(),
+        timestamp_unix_ms: 0,
+        payload,
+    }
+}
+
+pub fn start_payload(participants: &[&str]) -> SessionStartPayload {
+    SessionStartPayload {
+        intent: "test".into(),
+        participants: participants.iter().map(|s| s.to_string()).collect(),
+        mode_version: "1.0.0".into(),
+        configuration_version: "cfg-1".into(),
+        ttl_ms: 60_000,
+        ..Default::default()
+    }
+}
+
+pub fn start_env(sid: &str, participants: &[&str]) -> Envelope {
+    env(sid, DECISION, "SessionStart", start_payload(participants).encode_to_vec())
+}
+
+pub async fn send(c: &mut Client, e: Envelope) -> Ack {
+    c.send(SendRequest { envelope: Some(e) })
+        .await
+        .expect("Send never fails at the transport level")
+        .into_inner()
+        .ack
+        .unwrap()
+}
+
+pub fn code(a: &Ack) -> &str {
+    a.error.as_ref().map(|e| e.code.as_str()).unwrap_or("")
+}
+
+pub fn proposal(id: &str) -> Vec<u8> {
+    macp_wire::modes::decision::ProposalPayload {
+        proposal_id: id.into(),
+        option: "deploy".into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+pub fn vote(id: &str, v: &str) -> Vec<u8> {
+    macp_wire::modes::decision::VotePayload { proposal_id: id.into(), vote: v.into(), reason: String::new() }
+        .encode_to_vec()
+}
+
+pub fn commitment() -> Vec<u8> {
+    CommitmentPayload {
+        commitment_id: "c1".into(),
+        action: "decision.selected".into(),
+        authority_scope: "test".into(),
+        reason: "because".into(),
+        mode_version: "1.0.0".into(),
+        configuration_version: "cfg-1".into(),
+        outcome_positive: true,
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Starts a decision session I/A/B as `I`; returns its id.
+pub async fn start_session(i: &mut Client) -> String {
+    let s = sid();
+    let ack = send(i, start_env(&s, &["I", "A", "B"])).await;
+    assert!(ack.ok, "{:?}", ack.error);
+    s
+}
