@@ -185,7 +185,13 @@ impl Kernel {
             false
         };
         s.seq = seq;
-        s.touch(&env.sender, &env.message_id, at);
+        if runtime_emitted {
+            // Dedup slot only: the runtime is not a participant, so it gets
+            // no activity entry.
+            s.seen.insert(env.message_id.clone());
+        } else {
+            s.touch(&env.sender, &env.message_id, at);
+        }
         let mut out = vec![Broadcast::SessionEnvelope {
             session_id: env.session_id.clone(),
             seq,

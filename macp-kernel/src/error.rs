@@ -112,7 +112,7 @@ impl KernelError {
     /// asks for, so clients can show every unmet rule at once.
     pub fn policy_denied(reasons: Vec<String>) -> Self {
         let details = serde_json::to_vec(&serde_json::json!({ "reasons": reasons })).unwrap_or_default();
-        Self::new(ErrorCode::PolicyDenied, format!("governance policy denied the commitment: {}", reasons.join("; ")))
+        Self::new(ErrorCode::PolicyDenied, format!("governance policy denied this message: {}", reasons.join("; ")))
             .with_details(details)
     }
 }

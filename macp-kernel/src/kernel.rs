@@ -193,6 +193,20 @@ impl Kernel {
                 "envelope sender does not match the authenticated identity",
             ));
         }
+        if identity.sender == self.config.runtime_id {
+            return Err(KernelError::forbidden(format!(
+                "'{}' is the runtime's own identity; no client may act as it",
+                self.config.runtime_id
+            )));
+        }
+        if env.message_id.starts_with(&self.config.runtime_id)
+            && env.message_id[self.config.runtime_id.len()..].starts_with(':')
+        {
+            return Err(KernelError::invalid(format!(
+                "message ids starting with '{}:' are reserved for runtime-emitted messages",
+                self.config.runtime_id
+            )));
+        }
         if env.message_type == "SessionStart" && !identity.grants.can_start_sessions {
             return Err(KernelError::forbidden(format!("{} may not start sessions", identity.sender)));
         }
@@ -336,6 +350,11 @@ impl Kernel {
                 format!("session {} expired before this message arrived", env.session_id),
             ));
         }
+        // Timers that fell due before this message (e.g. an implicit handoff
+        // accept) enter the history first, as if the tick had come in time.
+        if self.sessions[&env.session_id].mode_state.next_deadline().is_some_and(|d| d <= now) {
+            self.fire_mode_timers(now, &env.session_id, out, broadcasts);
+        }
         let s = &self.sessions[&env.session_id];
         if s.state != SessionState::Open {
             return Err(not_open(s));
@@ -430,6 +449,9 @@ impl Kernel {
             .get(sid)
             .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
         let who = identity.sender.as_str();
+        if who == self.config.runtime_id {
+            return Err(KernelError::forbidden("no client may act as the runtime's own identity"));
+        }
         let delegated = !s.initiator_only_commitment && s.policy.authority.permits(who, &s.initiator, &s.participants);
         if who != s.initiator && !delegated {
             return Err(KernelError::forbidden(format!(

@@ -794,3 +794,14 @@ fn registry_records_replay_and_reserved_namespace() {
     }
     assert_eq!(k.snapshot(), h.k.snapshot());
 }
+
+#[test]
+fn runtime_identity_and_reserved_ids_are_not_for_clients() {
+    let mut h = H::new();
+    let sid = h.sid();
+    assert_eq!(code(&h.send("macp-runtime", start_env(&sid, DECISION, "", &default_start()))), "FORBIDDEN");
+    let sid = h.start_default();
+    let ack = h.send("A", env(&sid, DECISION, "Proposal", "macp-runtime:x", "A", proposal("p1")));
+    assert_eq!(code(&ack), "INVALID_ENVELOPE");
+    assert_eq!(code(&h.control("macp-runtime", ControlOp::Cancel, &sid)), "FORBIDDEN");
+}
