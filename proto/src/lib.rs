@@ -95,3 +95,6 @@ pub use generated::macp_rs::storage::v1 as storage;
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/macp_descriptor.bin"));
 
 pub use prost::Message;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
