@@ -210,19 +210,20 @@ fn inline(code: ErrorCode, msg: impl Into<String>, env: Option<&Envelope>) -> St
     })
 }
 
+/// Frames of a StreamSession response; `None` ends the response stream even
+/// while the request side is still open (the session reached a terminal
+/// state, so nothing more will ever be streamed).
+type Frame = Option<Result<StreamSessionResponse, Status>>;
+
 /// Forwards a session feed to a stream: replayed history first (if any),
-/// then live items newer than `skip_upto`. Ends the stream with
-/// RESOURCE_EXHAUSTED if the hub dropped the feed for falling behind.
-async fn forward(
-    out: mpsc::Sender<Result<StreamSessionResponse, Status>>,
-    mut feed: SessionFeed,
-    replay: Vec<Sequenced>,
-    skip_upto: u64,
-) {
+/// then live items newer than `skip_upto`. When the feed ends because the
+/// session is terminal, the stream ends; when the hub dropped the feed for
+/// falling behind, the stream ends with RESOURCE_EXHAUSTED.
+async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Sequenced>, skip_upto: u64) {
     let mut last = skip_upto;
     for item in replay {
         last = item.seq;
-        if out.send(Ok(envelope_frame(&item.envelope))).await.is_err() {
+        if out.send(Some(Ok(envelope_frame(&item.envelope)))).await.is_err() {
             return;
         }
     }
@@ -231,17 +232,18 @@ async fn forward(
             continue;
         }
         last = item.seq;
-        if out.send(Ok(envelope_frame(&item.envelope))).await.is_err() {
+        if out.send(Some(Ok(envelope_frame(&item.envelope)))).await.is_err() {
             return;
         }
     }
     if feed.overflowed.load(std::sync::atomic::Ordering::Acquire) {
         let _ = out
-            .send(Err(Status::resource_exhausted(format!(
+            .send(Some(Err(Status::resource_exhausted(format!(
                 "subscriber fell behind the live stream; resubscribe with after_sequence={last}"
-            ))))
+            )))))
             .await;
     }
+    let _ = out.send(None).await;
 }
 
 #[tonic::async_trait]
@@ -290,7 +292,7 @@ impl MacpRuntimeService for Runtime {
     ) -> Result<Response<Self::StreamSessionStream>, Status> {
         let identity = self.identity(&req)?;
         let mut inbound = req.into_inner();
-        let (out, rx) = mpsc::channel::<Result<StreamSessionResponse, Status>>(64);
+        let (out, rx) = mpsc::channel::<Frame>(64);
         let rt = self.clone();
         tokio::spawn(async move {
             let mut bound: Option<String> = None;
@@ -299,26 +301,26 @@ impl MacpRuntimeService for Runtime {
                 match (frame.envelope, has_sub) {
                     (Some(_), true) => {
                         let _ = out
-                            .send(Err(Status::invalid_argument(
+                            .send(Some(Err(Status::invalid_argument(
                                 "a StreamSessionRequest sets either envelope or subscribe_session_id, not both",
-                            )))
+                            ))))
                             .await;
                         return;
                     }
                     (None, false) => {
                         let _ = out
-                            .send(Ok(inline(
+                            .send(Some(Ok(inline(
                                 ErrorCode::InvalidEnvelope,
                                 "empty StreamSessionRequest: set envelope or subscribe_session_id",
                                 None,
-                            )))
+                            ))))
                             .await;
                     }
                     (None, true) => {
                         let sid = frame.subscribe_session_id;
                         if bound.as_ref().is_some_and(|b| *b != sid) {
                             let _ = out
-                                .send(Err(Status::invalid_argument("this stream is bound to another session")))
+                                .send(Some(Err(Status::invalid_argument("this stream is bound to another session"))))
                                 .await;
                             return;
                         }
@@ -330,7 +332,7 @@ impl MacpRuntimeService for Runtime {
                         let sub: Subscription = match rx.await {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
-                                let _ = out.send(Err(status_of(e))).await;
+                                let _ = out.send(Some(Err(status_of(e)))).await;
                                 return;
                             }
                             Err(_) => return,
@@ -340,7 +342,9 @@ impl MacpRuntimeService for Runtime {
                             Ok(h) => h,
                             Err(e) => {
                                 let _ = out
-                                    .send(Err(Status::failed_precondition(format!("history is unavailable: {e}"))))
+                                    .send(Some(Err(Status::failed_precondition(format!(
+                                        "history is unavailable: {e}"
+                                    )))))
                                     .await;
                                 return;
                             }
@@ -351,25 +355,25 @@ impl MacpRuntimeService for Runtime {
                     (Some(env), false) => {
                         if env.session_id.is_empty() || env.mode.is_empty() {
                             let _ = out
-                                .send(Ok(inline(
+                                .send(Some(Ok(inline(
                                     ErrorCode::InvalidEnvelope,
                                     "stream envelopes are session-scoped: session_id and mode are required (send Signals with Send)",
                                     Some(&env),
-                                )))
+                                ))))
                                 .await;
                             continue;
                         }
                         if let Some(b) = &bound {
                             if *b != env.session_id {
                                 let _ = out
-                                    .send(Ok(inline(
+                                    .send(Some(Ok(inline(
                                         ErrorCode::InvalidEnvelope,
                                         format!(
                                             "this stream is bound to session {b}; open another stream for {}",
                                             env.session_id
                                         ),
                                         Some(&env),
-                                    )))
+                                    ))))
                                     .await;
                                 continue;
                             }
@@ -385,7 +389,7 @@ impl MacpRuntimeService for Runtime {
                         }
                         if !ack.ok {
                             if let Some(e) = ack.error {
-                                if out.send(Ok(error_frame(e))).await.is_err() {
+                                if out.send(Some(Ok(error_frame(e)))).await.is_err() {
                                     return;
                                 }
                             }
@@ -394,7 +398,8 @@ impl MacpRuntimeService for Runtime {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let frames = ReceiverStream::new(rx).take_while(|f| f.is_some()).filter_map(|f| f);
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<GetSessionResponse>, Status> {

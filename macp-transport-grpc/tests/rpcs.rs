@@ -147,7 +147,7 @@ async fn row_107_stream_echoes_accepted_envelopes_in_order() {
     let bad = env(&s, DECISION, "Vote", vote("p9", "APPROVE"));
     tx.send(StreamSessionRequest { envelope: Some(bad), ..Default::default() }).await.unwrap();
     match next(&mut out).await.response {
-        Some(stream_session_response::Response::Error(e)) => assert_eq!(e.code, "FORBIDDEN"),
+        Some(stream_session_response::Response::Error(e)) => assert_eq!(e.code, "INVALID_ENVELOPE"),
         other => panic!("expected an error frame, got {other:?}"),
     }
     // Another participant's accepted message reaches this stream too.
@@ -166,18 +166,23 @@ async fn row_108_stream_bound_to_one_session() {
     let mut i = srv.client("I").await;
     let s1 = start_session(&mut i).await;
     let s2 = start_session(&mut i).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut out = i.stream_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    tx.send(StreamSessionRequest {
-        envelope: Some(env(&s1, DECISION, "Proposal", proposal("p1"))),
+    // An outsider's envelope is rejected inline and binds nothing.
+    let mut z = srv.client("Z").await;
+    let (ztx, zrx) = tokio::sync::mpsc::channel(8);
+    let mut zout = z.stream_session(tokio_stream::wrappers::ReceiverStream::new(zrx)).await.unwrap().into_inner();
+    ztx.send(StreamSessionRequest {
+        envelope: Some(env(&s1, DECISION, "Proposal", proposal("p0"))),
         ..Default::default()
     })
     .await
     .unwrap();
-    assert!(
-        matches!(next(&mut out).await.response, Some(stream_session_response::Response::Error(_))),
-        "I is not a listed participant"
-    );
+    match next(&mut zout).await.response {
+        Some(stream_session_response::Response::Error(e)) => assert_eq!(e.code, "FORBIDDEN"),
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    let mut b = srv.client("B").await;
+    assert!(send(&mut b, env(&s1, DECISION, "Proposal", proposal("p9"))).await.ok);
+    nothing_within(&mut zout, 100).await;
     let mut a = srv.client("A").await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let mut out = a.stream_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
