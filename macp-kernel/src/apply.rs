@@ -109,6 +109,7 @@ impl Kernel {
             initiator_only_commitment: mode.initiator_only_commitment(),
             mode_state,
             timer_at: None,
+            mode_timer_floor: i64::MIN,
         };
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;

@@ -659,6 +659,11 @@ impl Kernel {
             // dropping it keeps the kernel live and the history consistent.
             let _ = self.commit_record(record, out, broadcasts);
         }
+        if let Some(s) = self.sessions.get_mut(sid) {
+            if s.mode_state.next_deadline().is_some_and(|d| d <= now) {
+                s.mode_timer_floor = now;
+            }
+        }
         self.refresh_timer(sid);
     }
 
