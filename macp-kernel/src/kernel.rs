@@ -378,7 +378,7 @@ impl Kernel {
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<()> {
-        let applied = self.apply_record(&record)?;
+        let applied = self.apply(&record, true)?;
         out.push(Effect::Persist(record));
         broadcasts.extend(applied);
         Ok(())
@@ -670,10 +670,14 @@ impl Kernel {
     /// Re-indexes a session's timer after any change.
     pub(crate) fn refresh_timer(&mut self, sid: &str) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        let next = s.next_timer();
+        if next == s.timer_at {
+            return; // the common case: an accepted message moves no deadline
+        }
         if let Some(old) = s.timer_at.take() {
             self.timers.remove(&(old, sid.to_string()));
         }
-        if let Some(t) = s.next_timer() {
+        if let Some(t) = next {
             s.timer_at = Some(t);
             self.timers.insert((t, sid.to_string()));
         }

@@ -151,7 +151,12 @@ impl Session {
     /// Records an accepted message from `sender`.
     pub fn touch(&mut self, sender: &str, message_id: &str, at: i64) {
         self.seen.insert(message_id.to_string());
-        let a = self.activity.entry(sender.to_string()).or_default();
+        // Look up before inserting: the sender is almost always known, and
+        // `entry` would allocate the key every time.
+        let a = match self.activity.get_mut(sender) {
+            Some(a) => a,
+            None => self.activity.entry(sender.to_string()).or_default(),
+        };
         a.last_message_at_unix_ms = at;
         a.message_count = a.message_count.saturating_add(1);
     }
