@@ -397,7 +397,12 @@ impl<V: Vfs> FsStorage<V> {
                             let end = start.saturating_add(h.len as usize).min(bytes.len());
                             (DamageKind::BadChecksum, bytes.get(start..end).and_then(frame::salvage_session))
                         }
-                        _ => (DamageKind::BadFrame, None),
+                        // The header is gone but the payload may be whole:
+                        // a session record starts with its session id.
+                        _ => {
+                            let hint = bytes.get(at + FRAME_HEADER_LEN..to).and_then(frame::salvage_session);
+                            (DamageKind::BadFrame, hint)
+                        }
                     };
                     visit(LoadEvent::Damage(Damage {
                         segment: n,
