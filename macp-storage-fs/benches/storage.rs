@@ -1,1 +1,207 @@
-fn main() {}
+//! Storage benchmarks (a plain binary: `harness = false`, no extra crates).
+//!
+//! ```text
+//! cargo bench -p macp-storage-fs --bench storage                 # all
+//! cargo bench -p macp-storage-fs --bench storage -- append       # group commit
+//! cargo bench -p macp-storage-fs --bench storage -- recovery     # 1,000,000 records
+//! cargo bench -p macp-storage-fs --bench storage -- restart      # 100,000 sessions
+//! ```
+//!
+//! Files go under `$MACP_BENCH_DIR` (default: the system temp dir), which
+//! must be a real disk for the fdatasync numbers to mean anything.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gen, TempDir};
+use macp_kernel::macp_wire::storage::Record;
+use macp_kernel::macp_wire::Message as _;
+use macp_kernel::KernelConfig;
+use macp_storage_fs::{recover, FsConfig, FsStorage, Storage};
+
+/// `sessions` sessions of `notes` Notes each (plus start and Commitment),
+/// sessions interleaved in rounds as concurrent traffic would be.
+fn traffic(sessions: usize, notes: usize, payload: usize) -> (Gen, Vec<Record>) {
+    let mut g = Gen::new(42);
+    let sids: Vec<String> = (0..sessions).map(|_| g.start(86_400_000)).collect();
+    for round in 0..notes {
+        for sid in &sids {
+            g.note(sid, if round % 2 == 0 { "I" } else { "A" }, payload);
+        }
+    }
+    for sid in &sids {
+        g.commit(sid);
+    }
+    let records = std::mem::take(&mut g.records);
+    (g, records)
+}
+
+fn avg_bytes(records: &[Record]) -> usize {
+    records.iter().map(|r| r.encoded_len()).sum::<usize>() / records.len().max(1)
+}
+
+fn write_log(dir: &std::path::Path, records: &[Record], checkpoint_at: Option<(usize, Vec<u8>)>) {
+    let mut st = FsStorage::open(dir, FsConfig::default()).expect("open");
+    recover(&mut st, KernelConfig::default()).expect("fresh");
+    let mut done = 0;
+    for chunk in records.chunks(4096) {
+        st.append(chunk).expect("append");
+        done += chunk.len();
+        st.sync().expect("sync");
+        if let Some((at, snap)) = &checkpoint_at {
+            if *at == done {
+                st.checkpoint(snap).expect("checkpoint");
+            }
+        }
+    }
+}
+
+struct Timed {
+    secs: f64,
+    covered: u64,
+    replayed: u64,
+    sessions: usize,
+    peak_rss_mb: u64,
+}
+
+/// Opens and recovers `dir` in a fresh child process, as a restart would:
+/// the benchmark's own heap (after generating millions of records) would
+/// otherwise slow the allocator down and distort the numbers.
+fn timed_recovery(dir: &std::path::Path) -> Timed {
+    let exe = std::env::current_exe().expect("own path");
+    let out = std::process::Command::new(exe).arg("child-recover").arg(dir).output().expect("spawn child");
+    assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<&str> = text.split_whitespace().collect();
+    Timed {
+        secs: f[0].parse().expect("secs"),
+        covered: f[1].parse().expect("covered"),
+        replayed: f[2].parse().expect("replayed"),
+        sessions: f[3].parse().expect("sessions"),
+        peak_rss_mb: f[4].parse().expect("rss"),
+    }
+}
+
+fn child_recover(dir: &str) {
+    let t = Instant::now();
+    let mut st = FsStorage::open(dir, FsConfig::default()).expect("open");
+    let rec = recover(&mut st, KernelConfig::default()).expect("recover");
+    let took = t.elapsed();
+    assert!(rec.report.is_clean(), "{}", rec.report);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "{} {} {} {} {}",
+        took.as_secs_f64(),
+        rec.report.covered,
+        rec.report.replayed,
+        rec.kernel.session_count(),
+        rss_kb / 1024
+    );
+    // Exit without tearing down millions of allocations.
+    std::process::exit(0);
+}
+
+fn append_bench() {
+    println!("## append with group commit (append a batch, then one fdatasync)");
+    let (_, records) = traffic(2_000, 15, 128);
+    println!("record size: {} bytes encoded (+16 frame header)", avg_bytes(&records));
+    for batch in [1usize, 16, 256] {
+        let dir = TempDir::new("bench-append");
+        let mut st = FsStorage::open(dir.path(), FsConfig::default()).expect("open");
+        recover(&mut st, KernelConfig::default()).expect("fresh");
+        let budget = Duration::from_secs(3);
+        let t = Instant::now();
+        let mut n = 0usize;
+        let mut syncs = 0usize;
+        let mut worst = Duration::ZERO;
+        for chunk in records.chunks(batch) {
+            let s = Instant::now();
+            let ticket = st.append(chunk).expect("append");
+            let durable = st.sync().expect("sync");
+            assert!(ticket <= durable);
+            worst = worst.max(s.elapsed());
+            n += chunk.len();
+            syncs += 1;
+            if t.elapsed() > budget {
+                break;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "batch {batch:>3}: {:>9.0} records/s, {:>6.0} syncs/s, {:>7.1} us/batch mean, {:>7.1} us worst ({n} records, {syncs} syncs)",
+            n as f64 / secs,
+            syncs as f64 / secs,
+            secs * 1e6 / syncs as f64,
+            worst.as_secs_f64() * 1e6,
+        );
+    }
+}
+
+fn recovery_bench() {
+    println!("## recovery of 1,000,000 records (no checkpoint: everything replays through the kernel)");
+    let t = Instant::now();
+    let (_, records) = traffic(50_000, 18, 64);
+    assert_eq!(records.len(), 1_000_001);
+    let records = &records[..1_000_000];
+    println!("generated {} records ({} bytes avg) in {:.1?}", records.len(), avg_bytes(records), t.elapsed());
+    let dir = TempDir::new("bench-recovery");
+    let t = Instant::now();
+    write_log(dir.path(), records, None);
+    println!("wrote the log in {:.1?}", t.elapsed());
+    for run in 1..=3 {
+        let t = timed_recovery(dir.path());
+        println!(
+            "run {run}: recovered {} records, {} sessions in {:.3} s (peak RSS {} MB)",
+            t.replayed, t.sessions, t.secs, t.peak_rss_mb
+        );
+    }
+}
+
+fn restart_bench() {
+    println!("## restart with 100,000 sessions on disk");
+    let (_, records) = traffic(100_000, 3, 64);
+    println!("{} records ({} bytes avg)", records.len(), avg_bytes(&records));
+    let (no_ck, with_ck) = (TempDir::new("bench-restart"), TempDir::new("bench-restart-ck"));
+    write_log(no_ck.path(), &records, None);
+    // Checkpoint at a chunk boundary 8,192 records before the end, so a
+    // realistic tail replays after it.
+    let at = (records.len() / 4096 - 2) * 4096;
+    let snap = common::replay(&records[..at]).snapshot();
+    println!("checkpoint after {at} records: {} bytes", snap.len());
+    write_log(with_ck.path(), &records, Some((at, snap)));
+    for (name, dir) in [("no checkpoint", &no_ck), ("checkpoint + tail", &with_ck)] {
+        for run in 1..=3 {
+            let t = timed_recovery(dir.path());
+            println!(
+                "{name}, run {run}: {} sessions ({} covered + {} replayed records) in {:.3} s (peak RSS {} MB)",
+                t.sessions, t.covered, t.replayed, t.secs, t.peak_rss_mb
+            );
+        }
+    }
+}
+
+fn main() {
+    let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if which.first().map(String::as_str) == Some("child-recover") {
+        child_recover(which.get(1).expect("dir"));
+        return;
+    }
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if want("append") {
+        append_bench();
+    }
+    if want("recovery") {
+        recovery_bench();
+    }
+    if want("restart") {
+        restart_bench();
+    }
+}
