@@ -58,6 +58,24 @@ fn write_log(dir: &std::path::Path, records: &[Record], checkpoint_at: Option<(u
     }
 }
 
+/// Recoveries per measurement; the machine is shared, so min and median
+/// are reported.
+const RUNS: usize = 5;
+
+fn summary(what: &str, times: &mut [f64]) {
+    times.sort_by(f64::total_cmp);
+    println!("=> {what}: min {:.3} s, median {:.3} s", times[0], times[times.len() / 2]);
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 struct Timed {
     secs: f64,
     covered: u64,
@@ -156,13 +174,16 @@ fn recovery_bench() {
     let t = Instant::now();
     write_log(dir.path(), records, None);
     println!("wrote the log in {:.1?}", t.elapsed());
-    for run in 1..=3 {
+    let mut times = Vec::new();
+    for run in 1..=RUNS {
         let t = timed_recovery(dir.path());
         println!(
             "run {run}: recovered {} records, {} sessions in {:.3} s (peak RSS {} MB)",
             t.replayed, t.sessions, t.secs, t.peak_rss_mb
         );
+        times.push(t.secs);
     }
+    summary("recovery of 1,000,000 records", &mut times);
 }
 
 fn restart_bench() {
@@ -178,13 +199,16 @@ fn restart_bench() {
     println!("checkpoint after {at} records: {} bytes", snap.len());
     write_log(with_ck.path(), &records, Some((at, snap)));
     for (name, dir) in [("no checkpoint", &no_ck), ("checkpoint + tail", &with_ck)] {
-        for run in 1..=3 {
+        let mut times = Vec::new();
+        for run in 1..=RUNS {
             let t = timed_recovery(dir.path());
             println!(
                 "{name}, run {run}: {} sessions ({} covered + {} replayed records) in {:.3} s (peak RSS {} MB)",
                 t.sessions, t.covered, t.replayed, t.secs, t.peak_rss_mb
             );
+            times.push(t.secs);
         }
+        summary(&format!("restart, {name}"), &mut times);
     }
 }
 
@@ -195,6 +219,7 @@ fn main() {
         return;
     }
     let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    println!("load average at start: {}", load_average());
     if want("append") {
         append_bench();
     }

@@ -15,6 +15,8 @@
 //!
 //! Everything here takes arbitrary bytes and returns errors, never panics.
 
+use std::ops::Range;
+
 /// Bytes at the start of every segment file.
 pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"MACPSEG1";
 /// Segment header: magic + segment number (u64 LE).
@@ -152,9 +154,12 @@ pub(crate) fn find_next_header(bytes: &[u8], from: usize, segment: u64, base: u6
 /// A record's identity read straight from its protobuf bytes (field 1
 /// `session_id`, field 2 `seq`) without decoding the rest: recovery indexes
 /// every record this way, and salvages the session of a damaged frame.
-pub(crate) fn peek_identity(payload: &[u8]) -> Option<(&str, u64)> {
+///
+/// Returns where the session id lies in `payload` (checked to be UTF-8;
+/// empty for registry records) and the sequence number.
+pub(crate) fn peek_identity(payload: &[u8]) -> Option<(Range<usize>, u64)> {
     let mut i = 0usize;
-    let mut sid: &str = "";
+    let mut sid = 0..0;
     let mut seq = 0u64;
     while i < payload.len() {
         let (tag, n) = varint(payload.get(i..)?)?;
@@ -175,7 +180,8 @@ pub(crate) fn peek_identity(payload: &[u8]) -> Option<(&str, u64)> {
                 let end = i.checked_add(usize::try_from(len).ok()?)?;
                 let body = payload.get(i..end)?;
                 if field == 1 {
-                    sid = std::str::from_utf8(body).ok()?;
+                    std::str::from_utf8(body).ok()?;
+                    sid = i..end;
                 }
                 i = end;
             }
@@ -241,7 +247,8 @@ mod tests {
         // The same bytes at another offset or segment are not a frame.
         assert!(read_frame(&buf, 16, 3, 17, 1 << 20).is_err());
         assert!(read_frame(&buf, 16, 4, 16, 1 << 20).is_err());
-        assert_eq!(peek_identity(p), Some(("s1", 7)));
+        let (sid, seq) = peek_identity(p).expect("identity");
+        assert_eq!((&p[sid], seq), (&b"s1"[..], 7));
         assert_eq!(salvage_session(p).as_deref(), Some("s1"));
     }
 

@@ -7,7 +7,10 @@
 //! truncating a crash-torn tail and reporting any other damage.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 
 use macp_wire::storage::Record;
 use prost::Message as _;
@@ -90,8 +93,11 @@ pub struct FsStorage<V: Vfs = RealFs> {
     durable: LogPos,
     /// A segment was created since the WAL directory was last synced.
     dir_dirty: bool,
-    index: HashMap<Box<str>, Vec<Loc>>,
+    index: Index,
 }
+
+/// Session id → where each of its records sits, in log order.
+type Index = HashMap<Box<str>, Vec<Loc>>;
 
 impl<V: Vfs> std::fmt::Debug for FsStorage<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,117 +352,6 @@ impl<V: Vfs> FsStorage<V> {
         Ok(())
     }
 
-    /// Scans one segment: emits its records, indexes them, reports damage.
-    /// Returns the end of its valid data and, for the last segment, a torn
-    /// tail to cut.
-    fn scan_segment(
-        &mut self,
-        n: u64,
-        bytes: &[u8],
-        is_last: bool,
-        ck: Option<LogPos>,
-        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
-    ) -> Result<(u64, Option<u64>), StorageError> {
-        let max = self.cfg.max_record_bytes;
-        let mut at = if frame::segment_header_ok(bytes, n) {
-            SEGMENT_HEADER_LEN as usize
-        } else {
-            match frame::find_next_header(bytes, 0, n, 0, max) {
-                None if is_last => return Ok((0, Some(0))),
-                next => {
-                    let to = next.unwrap_or(bytes.len());
-                    visit(LoadEvent::Damage(Damage {
-                        segment: n,
-                        offset: 0,
-                        len: to as u64,
-                        kind: DamageKind::BadSegmentHeader,
-                        session_hint: None,
-                    }))?;
-                    to
-                }
-            }
-        };
-        let mut valid_end = at as u64;
-        while at < bytes.len() {
-            let off = at as u64;
-            match frame::read_frame(bytes, at, n, off, max) {
-                Ok((payload, next)) => {
-                    self.on_frame(LogPos::new(n, off), payload, ck, visit)?;
-                    at = next;
-                    valid_end = next as u64;
-                }
-                Err((kind, header)) => {
-                    let next = frame::find_next_header(bytes, at + 1, n, 0, max);
-                    if next.is_none() && is_last {
-                        return Ok((valid_end, Some(off)));
-                    }
-                    let to = next.unwrap_or(bytes.len());
-                    let (kind, hint) = match (kind, header) {
-                        (FrameError::BadPayload, Some(h)) => {
-                            let start = at + FRAME_HEADER_LEN;
-                            let end = start.saturating_add(h.len as usize).min(bytes.len());
-                            (DamageKind::BadChecksum, bytes.get(start..end).and_then(frame::salvage_session))
-                        }
-                        // The header is gone but the payload may be whole:
-                        // a session record starts with its session id.
-                        _ => {
-                            let hint = bytes.get(at + FRAME_HEADER_LEN..to).and_then(frame::salvage_session);
-                            (DamageKind::BadFrame, hint)
-                        }
-                    };
-                    visit(LoadEvent::Damage(Damage {
-                        segment: n,
-                        offset: off,
-                        len: (to - at) as u64,
-                        kind,
-                        session_hint: hint,
-                    }))?;
-                    at = to;
-                }
-            }
-        }
-        Ok((valid_end, None))
-    }
-
-    fn on_frame(
-        &mut self,
-        pos: LogPos,
-        payload: &[u8],
-        ck: Option<LogPos>,
-        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
-    ) -> Result<(), StorageError> {
-        let undecodable = |why: String| {
-            LoadEvent::Damage(Damage {
-                segment: pos.segment,
-                offset: pos.offset,
-                len: (FRAME_HEADER_LEN + payload.len()) as u64,
-                kind: DamageKind::Undecodable(why),
-                session_hint: None,
-            })
-        };
-        let Some((sid, seq)) = frame::peek_identity(payload) else {
-            return visit(undecodable("payload is not a protobuf record".into()));
-        };
-        if ck.is_some_and(|c| pos < c) {
-            visit(LoadEvent::Covered { pos, session_id: sid, seq })?;
-        } else {
-            match Record::decode(payload) {
-                Ok(record) => visit(LoadEvent::Record { pos, record })?,
-                Err(e) => return visit(undecodable(e.to_string())),
-            }
-        }
-        if !sid.is_empty() {
-            let loc = Loc { seq, segment: pos.segment, offset: pos.offset };
-            match self.index.get_mut(sid) {
-                Some(v) => v.push(loc),
-                None => {
-                    self.index.insert(sid.into(), vec![loc]);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Reads the checkpoint file: `Ok(None)` if there is none, `Err(reason)`
     /// if it is unreadable; the outer error is an I/O failure.
     fn read_checkpoint(&self) -> Result<CheckpointRead, StorageError> {
@@ -495,6 +390,237 @@ impl<V: Vfs> FsStorage<V> {
     }
 }
 
+/// Where a segment's valid data ends, as the reader found it.
+struct SegmentEnd {
+    segment: u64,
+    valid_end: u64,
+    torn: Option<u64>,
+    file_len: u64,
+}
+
+/// The replaying side of [`Storage::load`]: hands the checkpoint, then
+/// every finding, to the visitor in log order.
+fn replay_findings(
+    checkpoint: Option<(LogPos, Vec<u8>)>,
+    rx: &Receiver<Result<Chunk, StorageError>>,
+    ends: &mut Vec<SegmentEnd>,
+    visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    if let Some((pos, snapshot)) = checkpoint {
+        visit(LoadEvent::Checkpoint { pos, snapshot: &snapshot })?;
+    }
+    for chunk in rx.iter() {
+        let chunk = chunk?;
+        for f in chunk.found {
+            match f {
+                Found::Frame { pos, sid, seq, record } => match record {
+                    None => {
+                        let session_id =
+                            chunk.bytes.get(sid).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
+                        visit(LoadEvent::Covered { pos, session_id, seq })?;
+                    }
+                    Some(Ok(record)) => visit(LoadEvent::Record { pos, record })?,
+                    Some(Err(why)) => visit(undecodable(pos, 0, why))?,
+                },
+                Found::NotARecord { pos, len } => {
+                    visit(undecodable(pos, len, "payload is not a protobuf record".into()))?
+                }
+                Found::Damage(d) => visit(LoadEvent::Damage(d))?,
+                Found::End { segment, valid_end, torn, file_len } => {
+                    ends.push(SegmentEnd { segment, valid_end, torn, file_len })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn undecodable(pos: LogPos, len: u64, why: String) -> LoadEvent<'static> {
+    LoadEvent::Damage(Damage {
+        segment: pos.segment,
+        offset: pos.offset,
+        len,
+        kind: DamageKind::Undecodable(why),
+        session_hint: None,
+    })
+}
+
+/// One thing the reader found, in log order.
+// Nearly every finding is a frame; boxing the record would cost an
+// allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Found {
+    /// A frame whose checksums hold. `record` is decoded only for frames
+    /// after the checkpoint (`Some(Err)` if that failed).
+    Frame { pos: LogPos, sid: Range<usize>, seq: u64, record: Option<Result<Record, String>> },
+    /// A frame whose checksums hold but whose payload is not a record.
+    NotARecord { pos: LogPos, len: u64 },
+    /// Damaged bytes.
+    Damage(Damage),
+    /// A segment was fully scanned.
+    End { segment: u64, valid_end: u64, torn: Option<u64>, file_len: u64 },
+}
+
+/// A batch of findings over one segment's bytes.
+struct Chunk {
+    bytes: Arc<Vec<u8>>,
+    found: Vec<Found>,
+}
+
+/// Findings per chunk: bounds the decoded records held in flight.
+const CHUNK_ITEMS: usize = 8192;
+/// Chunks the reader may run ahead of the replay.
+const CHANNEL_DEPTH: usize = 4;
+
+/// What the reader thread works from.
+struct ReadPlan<'a, V> {
+    vfs: &'a V,
+    wal: &'a Path,
+    segments: &'a [u64],
+    checkpoint: Option<LogPos>,
+    max_record: u32,
+}
+
+/// The reader thread: reads, checks and decodes every segment in order,
+/// sending findings to the replaying thread and building the history
+/// index on the way. Runs concurrently with the checkpoint restore and the
+/// kernel replay, which dominate recovery time.
+fn read_segments<V: Vfs>(plan: ReadPlan<'_, V>, tx: SyncSender<Result<Chunk, StorageError>>) -> Index {
+    let mut index: Index = HashMap::new();
+    let mut expected = 1u64;
+    let last = plan.segments.last().copied();
+    for &n in plan.segments {
+        let mut found = Vec::new();
+        if n > expected {
+            found.push(Found::Damage(Damage {
+                segment: expected,
+                offset: 0,
+                len: n - expected,
+                kind: DamageKind::MissingSegment,
+                session_hint: None,
+            }));
+        }
+        expected = n.saturating_add(1);
+        let path = plan.wal.join(segment_name(n));
+        let mut buf = Vec::new();
+        if let Err(e) = read_all(plan.vfs, &path, &mut buf) {
+            let _ = tx.send(Err(e));
+            return index;
+        }
+        let bytes = Arc::new(buf);
+        let mut sink = |f: Found| -> bool {
+            found.push(f);
+            if found.len() >= CHUNK_ITEMS {
+                let chunk = Chunk { bytes: bytes.clone(), found: std::mem::take(&mut found) };
+                return tx.send(Ok(chunk)).is_ok();
+            }
+            true
+        };
+        if !scan_segment(&plan, n, &bytes, Some(n) == last, &mut index, &mut sink) {
+            return index;
+        }
+        if tx.send(Ok(Chunk { bytes: bytes.clone(), found })).is_err() {
+            return index;
+        }
+    }
+    index
+}
+
+/// Scans one segment into findings. Returns `false` if the receiver is gone.
+fn scan_segment<V: Vfs>(
+    plan: &ReadPlan<'_, V>,
+    n: u64,
+    bytes: &[u8],
+    is_last: bool,
+    index: &mut Index,
+    sink: &mut dyn FnMut(Found) -> bool,
+) -> bool {
+    let max = plan.max_record;
+    let file_len = bytes.len() as u64;
+    let mut at = if frame::segment_header_ok(bytes, n) {
+        SEGMENT_HEADER_LEN as usize
+    } else {
+        match frame::find_next_header(bytes, 0, n, 0, max) {
+            None if is_last => return sink(Found::End { segment: n, valid_end: 0, torn: Some(0), file_len }),
+            next => {
+                let to = next.unwrap_or(bytes.len());
+                let d = Damage {
+                    segment: n,
+                    offset: 0,
+                    len: to as u64,
+                    kind: DamageKind::BadSegmentHeader,
+                    session_hint: None,
+                };
+                if !sink(Found::Damage(d)) {
+                    return false;
+                }
+                to
+            }
+        }
+    };
+    let mut valid_end = at as u64;
+    while at < bytes.len() {
+        let off = at as u64;
+        let pos = LogPos::new(n, off);
+        match frame::read_frame(bytes, at, n, off, max) {
+            Ok((payload, next)) => {
+                let f = match frame::peek_identity(payload) {
+                    None => Found::NotARecord { pos, len: (next - at) as u64 },
+                    Some((range, seq)) => {
+                        let sid = std::str::from_utf8(&payload[range.clone()]).unwrap_or_default();
+                        if !sid.is_empty() {
+                            let loc = Loc { seq, segment: n, offset: off };
+                            match index.get_mut(sid) {
+                                Some(v) => v.push(loc),
+                                None => {
+                                    index.insert(sid.into(), vec![loc]);
+                                }
+                            }
+                        }
+                        let covered = plan.checkpoint.is_some_and(|c| pos < c);
+                        let record = (!covered).then(|| Record::decode(payload).map_err(|e| e.to_string()));
+                        // The id is passed as a range of `bytes`, so the
+                        // replaying thread borrows it instead of copying it.
+                        let base = at + FRAME_HEADER_LEN;
+                        Found::Frame { pos, sid: base + range.start..base + range.end, seq, record }
+                    }
+                };
+                if !sink(f) {
+                    return false;
+                }
+                at = next;
+                valid_end = next as u64;
+            }
+            Err((kind, header)) => {
+                let next = frame::find_next_header(bytes, at + 1, n, 0, max);
+                if next.is_none() && is_last {
+                    return sink(Found::End { segment: n, valid_end, torn: Some(off), file_len });
+                }
+                let to = next.unwrap_or(bytes.len());
+                let (kind, hint) = match (kind, header) {
+                    (FrameError::BadPayload, Some(h)) => {
+                        let start = at + FRAME_HEADER_LEN;
+                        let end = start.saturating_add(h.len as usize).min(bytes.len());
+                        (DamageKind::BadChecksum, bytes.get(start..end).and_then(frame::salvage_session))
+                    }
+                    // The header is gone but the payload may be whole:
+                    // a session record starts with its session id.
+                    _ => {
+                        let hint = bytes.get(at + FRAME_HEADER_LEN..to).and_then(frame::salvage_session);
+                        (DamageKind::BadFrame, hint)
+                    }
+                };
+                let d = Damage { segment: n, offset: off, len: (to - at) as u64, kind, session_hint: hint };
+                if !sink(Found::Damage(d)) {
+                    return false;
+                }
+                at = to;
+            }
+        }
+    }
+    sink(Found::End { segment: n, valid_end, torn: None, file_len })
+}
+
 fn check_format(dir: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let bad = |reason: String| StorageError::NotADataDir { path: dir.to_path_buf(), reason };
     let text = std::str::from_utf8(bytes).map_err(|_| bad(format!("{FORMAT_FILE} is not text")))?;
@@ -525,12 +651,8 @@ impl<V: Vfs> Storage for FsStorage<V> {
         let mut segs: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         segs.sort_unstable();
 
-        let ck = match self.read_checkpoint()? {
-            Ok(Some((pos, snapshot))) => {
-                visit(LoadEvent::Checkpoint { pos, snapshot: &snapshot })?;
-                Some(pos)
-            }
-            Ok(None) => None,
+        let ck_data = match self.read_checkpoint()? {
+            Ok(found) => found,
             Err(reason) => {
                 // Without a checkpoint the whole log must replay, which only
                 // works while it still starts at segment 1.
@@ -547,39 +669,47 @@ impl<V: Vfs> Storage for FsStorage<V> {
                 None
             }
         };
+        let ck_pos = ck_data.as_ref().map(|(pos, _)| *pos);
 
         let mut summary = LoadSummary::default();
-        let mut expected = 1u64;
         let mut tail = LogPos::default();
-        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        let plan = ReadPlan {
+            vfs: &self.vfs,
+            wal: &self.wal,
+            segments: &segs,
+            checkpoint: ck_pos,
+            max_record: self.cfg.max_record_bytes,
+        };
+        let (replayed, index) = std::thread::scope(|scope| {
+            let (tx, rx) = sync_channel(CHANNEL_DEPTH);
+            let reader = scope.spawn(move || read_segments(plan, tx));
+            let replayed = replay_findings(ck_data, &rx, &mut ends, visit);
+            drop(rx);
+            let index = match reader.join() {
+                Ok(index) => index,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            (replayed, index)
+        });
+        replayed?;
+        self.index = index;
         let last = segs.last().copied();
-        for &n in &segs {
-            if n > expected {
-                visit(LoadEvent::Damage(Damage {
-                    segment: expected,
-                    offset: 0,
-                    len: n - expected,
-                    kind: DamageKind::MissingSegment,
-                    session_hint: None,
-                }))?;
-            }
-            expected = n.saturating_add(1);
-            let path = self.segment_path(n);
+        for end in ends {
+            let path = self.segment_path(end.segment);
             let file = self.vfs.open(&path, false).map_err(|e| StorageError::io("open", &path, e))?;
-            read_all(&self.vfs, &path, &mut buf)?;
-            let is_last = Some(n) == last;
-            let (valid_end, torn) = self.scan_segment(n, &buf, is_last, ck, visit)?;
-            if let Some(cut) = torn {
-                let dropped = buf.len() as u64 - cut;
+            if let Some(cut) = end.torn {
+                let dropped = end.file_len - cut;
                 if dropped > 0 {
                     file.set_len(cut).map_err(|e| StorageError::io("truncate", &path, e))?;
                     file.sync_data().map_err(|e| StorageError::io("fdatasync", &path, e))?;
-                    summary.torn_tail = Some(TornTail { segment: n, offset: cut, dropped_bytes: dropped });
+                    summary.torn_tail = Some(TornTail { segment: end.segment, offset: cut, dropped_bytes: dropped });
                 }
             }
-            self.segments.insert(n, file);
-            tail = LogPos::new(n, valid_end);
+            self.segments.insert(end.segment, file);
+            tail = LogPos::new(end.segment, end.valid_end);
         }
+        let ck = ck_pos;
         if let Some(c) = ck {
             if tail < c {
                 visit(LoadEvent::Damage(Damage {

@@ -30,8 +30,9 @@ pub trait VfsFile {
     fn sync_all(&self) -> io::Result<()>;
 }
 
-/// The directory-level calls.
-pub trait Vfs {
+/// The directory-level calls. `Sync` because recovery reads segments on a
+/// helper thread while the caller's thread replays.
+pub trait Vfs: Sync {
     /// Its open files.
     type File: VfsFile;
     /// Held while the data directory is owned; released on drop.
