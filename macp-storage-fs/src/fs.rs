@@ -33,6 +33,10 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_TAG: &str = "macp-rs-data";
 const CHECKPOINT_MAGIC: &[u8; 8] = b"MACPCKP1";
 const CHECKPOINT_HEADER_LEN: usize = 40;
+/// Frames longer than this are not believed when reading, whatever the
+/// append limit is now: a sanity bound on a length that already passed
+/// its header checksum.
+const MAX_FRAME_READ: u32 = 1 << 30;
 
 /// Tuning of the filesystem backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,9 +46,9 @@ pub struct FsConfig {
     /// ones finer-grained retirement. A record larger than this still gets
     /// written, alone in its segment.
     pub segment_bytes: u64,
-    /// Largest encoded record accepted. Frames claiming more are treated
-    /// as damage on load, so this also bounds what garbage can make
-    /// recovery allocate.
+    /// Largest encoded record [`Storage::append`] accepts (the kernel's
+    /// payload limit keeps real records far below it). Reading is not bound
+    /// by it, so lowering it never turns existing records into damage.
     pub max_record_bytes: u32,
     /// Encoded frames are buffered in memory until a sync; past this many
     /// bytes they are written early (not synced) to bound memory.
@@ -377,7 +381,7 @@ impl<V: Vfs> FsStorage<V> {
         let path = || self.segment_path(loc.segment);
         let mut head = [0u8; FRAME_HEADER_LEN];
         file.read_exact_at(&mut head, loc.offset).map_err(|e| StorageError::io("read", path(), e))?;
-        let h = frame::parse_header(&head, 0, loc.segment, loc.offset, self.cfg.max_record_bytes)
+        let h = frame::parse_header(&head, 0, loc.segment, loc.offset, MAX_FRAME_READ)
             .ok_or_else(|| damaged("frame header does not verify".into()))?;
         buf.clear();
         buf.resize(h.len as usize, 0);
@@ -478,7 +482,6 @@ struct ReadPlan<'a, V> {
     wal: &'a Path,
     segments: &'a [u64],
     checkpoint: Option<LogPos>,
-    max_record: u32,
 }
 
 /// The reader thread: reads, checks and decodes every segment in order,
@@ -535,7 +538,7 @@ fn scan_segment<V: Vfs>(
     index: &mut Index,
     sink: &mut dyn FnMut(Found) -> bool,
 ) -> bool {
-    let max = plan.max_record;
+    let max = MAX_FRAME_READ;
     let file_len = bytes.len() as u64;
     let mut at = if frame::segment_header_ok(bytes, n) {
         SEGMENT_HEADER_LEN as usize
@@ -674,13 +677,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
         let mut summary = LoadSummary::default();
         let mut tail = LogPos::default();
         let mut ends = Vec::new();
-        let plan = ReadPlan {
-            vfs: &self.vfs,
-            wal: &self.wal,
-            segments: &segs,
-            checkpoint: ck_pos,
-            max_record: self.cfg.max_record_bytes,
-        };
+        let plan = ReadPlan { vfs: &self.vfs, wal: &self.wal, segments: &segs, checkpoint: ck_pos };
         let (replayed, index) = std::thread::scope(|scope| {
             let (tx, rx) = sync_channel(CHANNEL_DEPTH);
             let reader = scope.spawn(move || read_segments(plan, tx));

@@ -144,6 +144,8 @@ struct SimState {
     locks: BTreeMap<PathBuf, u64>,
     next_lock: u64,
     ops: u64,
+    data_syncs: u64,
+    dir_syncs: u64,
     fail_at: Option<u64>,
     failed: bool,
 }
@@ -236,6 +238,13 @@ impl SimFs {
     /// Mutating operations performed so far.
     pub fn ops(&self) -> u64 {
         self.lock().ops
+    }
+
+    /// `(file syncs, directory syncs)` performed so far, to check that group
+    /// commit really issues one sync per batch.
+    pub fn sync_counts(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.data_syncs, st.dir_syncs)
     }
 
     /// Whether an injected fault has fired.
@@ -385,6 +394,7 @@ impl VfsFile for SimFile {
     fn sync_data(&self) -> io::Result<()> {
         self.fs.op()?;
         let mut st = self.fs.lock();
+        st.data_syncs += 1;
         let node = &mut st.inodes[self.ino];
         node.durable = node.data.clone();
         Ok(())
@@ -453,6 +463,7 @@ impl Vfs for SimFs {
         self.op()?;
         let mut st = self.lock();
         let st = &mut *st;
+        st.dir_syncs += 1;
         st.durable_names.retain(|p, _| parent_of(p) != dir);
         for (p, &i) in &st.names {
             if parent_of(p) == dir {

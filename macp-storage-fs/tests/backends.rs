@@ -160,3 +160,46 @@ fn oversized_record_poisons_the_backend() {
     assert!(matches!(st.sync(), Err(StorageError::Poisoned)));
     assert!(matches!(st.history("x", 0), Err(StorageError::Poisoned)));
 }
+
+#[test]
+fn group_commit_issues_one_fdatasync_per_batch() {
+    use macp_storage_fs::SimFs;
+    let fs = SimFs::new();
+    let mut st = FsStorage::open_with(fs.clone(), "/d", FsConfig::default()).unwrap();
+    recover(&mut st, KernelConfig::default()).unwrap();
+    let records = workload(9, 300);
+    let before = fs.sync_counts();
+    // A driver drains its queue: many appends (one per kernel step)...
+    let tickets: Vec<_> = records.chunks(1).map(|r| st.append(r).unwrap()).collect();
+    // ...then one sync covers them all.
+    let durable = st.sync().unwrap();
+    assert!(tickets.iter().all(|t| *t <= durable));
+    let after = fs.sync_counts();
+    assert_eq!(after.0 - before.0, 1, "exactly one fdatasync for the batch");
+    assert_eq!(after.1, before.1, "no directory sync without a new segment");
+    // An idle sync costs nothing.
+    st.sync().unwrap();
+    assert_eq!(fs.sync_counts(), after);
+}
+
+#[test]
+fn backends_can_move_to_a_driver_task() {
+    fn send<T: Send>() {}
+    send::<FsStorage>();
+    send::<MemoryStorage>();
+    send::<Box<dyn Storage + Send>>();
+}
+
+#[test]
+fn lowering_the_append_limit_does_not_turn_old_records_into_damage() {
+    let dir = TempDir::new("limit");
+    let records = workload(4, 30);
+    let mut st = fresh(dir.path());
+    st.append(&records).unwrap();
+    st.sync().unwrap();
+    drop(st);
+    let mut st = FsStorage::open(dir.path(), FsConfig { max_record_bytes: 16, ..FsConfig::default() }).unwrap();
+    let rec = recover(&mut st, KernelConfig::default()).unwrap();
+    assert!(rec.report.is_clean(), "{}", rec.report);
+    assert_eq!(rec.kernel.snapshot(), replay(&records).snapshot());
+}
