@@ -78,6 +78,8 @@ fn load_average() -> String {
 
 struct Timed {
     secs: f64,
+    /// CPU seconds of the whole child (both threads), open to exit.
+    cpu: f64,
     covered: u64,
     replayed: u64,
     sessions: usize,
@@ -95,11 +97,49 @@ fn timed_recovery(dir: &std::path::Path) -> Timed {
     let f: Vec<&str> = text.split_whitespace().collect();
     Timed {
         secs: f[0].parse().expect("secs"),
-        covered: f[1].parse().expect("covered"),
-        replayed: f[2].parse().expect("replayed"),
-        sessions: f[3].parse().expect("sessions"),
-        peak_rss_mb: f[4].parse().expect("rss"),
+        cpu: f[1].parse().expect("cpu"),
+        covered: f[2].parse().expect("covered"),
+        replayed: f[3].parse().expect("replayed"),
+        sessions: f[4].parse().expect("sessions"),
+        peak_rss_mb: f[5].parse().expect("rss"),
     }
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of those, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<i64> = rest.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    f.get(10).zip(f.get(11)).map_or(0.0, |(u, s)| (u + s) as f64 / 100.0)
+}
+
+/// How much of recovery is the kernel itself: decode everything first,
+/// then time only `Kernel::apply_record` over the records.
+fn child_apply(dir: &str) {
+    use macp_storage_fs::LoadEvent;
+    let mut st = FsStorage::open(dir, FsConfig::default()).expect("open");
+    let mut records = Vec::new();
+    st.load(&mut |e| {
+        if let LoadEvent::Record { record, .. } = e {
+            records.push(record);
+        }
+        Ok(())
+    })
+    .expect("load");
+    let (t, cpu) = (Instant::now(), cpu_secs());
+    let mut k = macp_kernel::Kernel::new(KernelConfig::default());
+    for r in &records {
+        k.apply_record(r).expect("applies");
+    }
+    println!(
+        "kernel apply_record alone: {} records in {:.3} s wall, {:.2} s CPU",
+        records.len(),
+        t.elapsed().as_secs_f64(),
+        cpu_secs() - cpu
+    );
+    std::process::exit(0);
 }
 
 fn child_recover(dir: &str) {
@@ -116,8 +156,9 @@ fn child_recover(dir: &str) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     println!(
-        "{} {} {} {} {}",
+        "{} {} {} {} {} {}",
         took.as_secs_f64(),
+        cpu_secs(),
         rec.report.covered,
         rec.report.replayed,
         rec.kernel.session_count(),
@@ -178,12 +219,21 @@ fn recovery_bench() {
     for run in 1..=RUNS {
         let t = timed_recovery(dir.path());
         println!(
-            "run {run}: recovered {} records, {} sessions in {:.3} s (peak RSS {} MB)",
-            t.replayed, t.sessions, t.secs, t.peak_rss_mb
+            "run {run}: recovered {} records, {} sessions in {:.3} s ({:.2} s CPU, peak RSS {} MB)",
+            t.replayed, t.sessions, t.secs, t.cpu, t.peak_rss_mb
         );
         times.push(t.secs);
     }
     summary("recovery of 1,000,000 records", &mut times);
+    let exe = std::env::current_exe().expect("own path");
+    let out = std::process::Command::new(exe).arg("child-apply").arg(dir.path()).output().expect("spawn child");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// A chunk boundary 8,192 records before the end, so a realistic tail
+/// replays after the checkpoint.
+fn restart_checkpoint_at(n: usize) -> usize {
+    (n / 4096 - 2) * 4096
 }
 
 fn restart_bench() {
@@ -192,9 +242,7 @@ fn restart_bench() {
     println!("{} records ({} bytes avg)", records.len(), avg_bytes(&records));
     let (no_ck, with_ck) = (TempDir::new("bench-restart"), TempDir::new("bench-restart-ck"));
     write_log(no_ck.path(), &records, None);
-    // Checkpoint at a chunk boundary 8,192 records before the end, so a
-    // realistic tail replays after it.
-    let at = (records.len() / 4096 - 2) * 4096;
+    let at = restart_checkpoint_at(records.len());
     let snap = common::replay(&records[..at]).snapshot();
     println!("checkpoint after {at} records: {} bytes", snap.len());
     write_log(with_ck.path(), &records, Some((at, snap)));
@@ -203,8 +251,8 @@ fn restart_bench() {
         for run in 1..=RUNS {
             let t = timed_recovery(dir.path());
             println!(
-                "{name}, run {run}: {} sessions ({} covered + {} replayed records) in {:.3} s (peak RSS {} MB)",
-                t.sessions, t.covered, t.replayed, t.secs, t.peak_rss_mb
+                "{name}, run {run}: {} sessions ({} covered + {} replayed records) in {:.3} s ({:.2} s CPU, peak RSS {} MB)",
+                t.sessions, t.covered, t.replayed, t.secs, t.cpu, t.peak_rss_mb
             );
             times.push(t.secs);
         }
@@ -214,6 +262,25 @@ fn restart_bench() {
 
 fn main() {
     let which: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if which.first().map(String::as_str) == Some("prepare-recovery") {
+        // Leaves a 1M-record log in the given directory, for profiling
+        // `child-recover` / `child-apply` by hand.
+        let (_, records) = traffic(50_000, 18, 64);
+        write_log(std::path::Path::new(which.get(1).expect("dir")), &records[..1_000_000], None);
+        return;
+    }
+    if which.first().map(String::as_str) == Some("prepare-restart") {
+        // Leaves the 100k-session log with a checkpoint in the given directory.
+        let (_, records) = traffic(100_000, 3, 64);
+        let at = restart_checkpoint_at(records.len());
+        let snap = common::replay(&records[..at]).snapshot();
+        write_log(std::path::Path::new(which.get(1).expect("dir")), &records, Some((at, snap)));
+        return;
+    }
+    if which.first().map(String::as_str) == Some("child-apply") {
+        child_apply(which.get(1).expect("dir"));
+        return;
+    }
     if which.first().map(String::as_str) == Some("child-recover") {
         child_recover(which.get(1).expect("dir"));
         return;

@@ -423,7 +423,7 @@ fn replay_findings(
                             chunk.bytes.get(sid).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
                         visit(LoadEvent::Covered { pos, session_id, seq })?;
                     }
-                    Some(Ok(record)) => visit(LoadEvent::Record { pos, record })?,
+                    Some(Ok(record)) => visit(LoadEvent::Record { pos, record: *record })?,
                     Some(Err(why)) => visit(undecodable(pos, 0, why))?,
                 },
                 Found::NotARecord { pos, len } => {
@@ -450,13 +450,12 @@ fn undecodable(pos: LogPos, len: u64, why: String) -> LoadEvent<'static> {
 }
 
 /// One thing the reader found, in log order.
-// Nearly every finding is a frame; boxing the record would cost an
-// allocation per record for nothing.
-#[allow(clippy::large_enum_variant)]
 enum Found {
     /// A frame whose checksums hold. `record` is decoded only for frames
-    /// after the checkpoint (`Some(Err)` if that failed).
-    Frame { pos: LogPos, sid: Range<usize>, seq: u64, record: Option<Result<Record, String>> },
+    /// after the checkpoint (`Some(Err)` if that failed). Boxed so covered
+    /// frames stay small and the reader can run far ahead during the
+    /// checkpoint restore.
+    Frame { pos: LogPos, sid: Range<usize>, seq: u64, record: Option<Result<Box<Record>, String>> },
     /// A frame whose checksums hold but whose payload is not a record.
     NotARecord { pos: LogPos, len: u64 },
     /// Damaged bytes.
@@ -471,10 +470,12 @@ struct Chunk {
     found: Vec<Found>,
 }
 
-/// Findings per chunk: bounds the decoded records held in flight.
+/// Findings per chunk.
 const CHUNK_ITEMS: usize = 8192;
-/// Chunks the reader may run ahead of the replay.
-const CHANNEL_DEPTH: usize = 4;
+/// Chunks the reader may run ahead of the replay: enough to scan a large
+/// covered prefix while the caller restores the checkpoint, while bounding
+/// the decoded records in flight (at most 256k).
+const CHANNEL_DEPTH: usize = 32;
 
 /// What the reader thread works from.
 struct ReadPlan<'a, V> {
@@ -581,7 +582,8 @@ fn scan_segment<V: Vfs>(
                             }
                         }
                         let covered = plan.checkpoint.is_some_and(|c| pos < c);
-                        let record = (!covered).then(|| Record::decode(payload).map_err(|e| e.to_string()));
+                        let record =
+                            (!covered).then(|| Record::decode(payload).map(Box::new).map_err(|e| e.to_string()));
                         // The id is passed as a range of `bytes`, so the
                         // replaying thread borrows it instead of copying it.
                         let base = at + FRAME_HEADER_LEN;
