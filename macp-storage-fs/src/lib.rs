@@ -82,7 +82,11 @@
 //! through the kernel. Records the checkpoint covers are read only far
 //! enough to check that every session's stored history is gapless, and to
 //! build an in-memory index session → (segment, offset) so
-//! [`Storage::history`] reads bytes on demand for passive subscribers.
+//! [`Storage::history`] reads bytes on demand for passive subscribers
+//! (about 24 bytes of memory per record, no record kept in memory).
+//! Segments are read, checksummed and decoded on a helper thread while the
+//! caller's thread restores the checkpoint and applies records, with a
+//! bounded hand-over so memory stays bounded.
 //!
 //! - A damaged tail of the **last** segment (bytes after which no valid frame
 //!   follows) is a crash mid-write: it is truncated and reported as
@@ -116,11 +120,12 @@
 //!
 //! Segments are never deleted: passive subscribers may ask for any
 //! session's history, terminal sessions included, and the kernel keeps every
-//! session. Checkpoints make restarts replay only the tail; the covered part
-//! of the log is scanned for the history index (checksums and two protobuf
-//! fields only), which is fast but does grow with the log. Retiring or
-//! compacting segments is not implemented yet (no compaction unless it is
-//! configured, and there is no setting for it).
+//! session, so every record is needed by some possible reader. Checkpoints
+//! make restarts replay only the tail; the covered part of the log is still
+//! scanned for the history index (checksums and two protobuf fields per
+//! record), which is cheap but grows with the log. There is no compaction and
+//! no retirement yet; both need a retention rule (the kernel forgetting
+//! sessions, or an archive format for their history) that does not exist.
 //!
 //! ## Platform
 //!
