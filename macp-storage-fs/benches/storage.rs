@@ -172,6 +172,23 @@ fn append_bench() {
     println!("## append with group commit (append a batch, then one fdatasync)");
     let (_, records) = traffic(2_000, 15, 128);
     println!("record size: {} bytes encoded (+16 frame header)", avg_bytes(&records));
+    {
+        // The CPU side alone (encode, checksum, index; no write, no sync).
+        let dir = TempDir::new("bench-append-cpu");
+        let mut st = FsStorage::open(dir.path(), FsConfig::default()).expect("open");
+        recover(&mut st, KernelConfig::default()).expect("fresh");
+        let t = Instant::now();
+        for r in &records {
+            st.append(std::slice::from_ref(r)).expect("append");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "append without sync: {:.0} records/s ({:.2} us per record, {} records)",
+            records.len() as f64 / secs,
+            secs * 1e6 / records.len() as f64,
+            records.len()
+        );
+    }
     for batch in [1usize, 16, 256] {
         let dir = TempDir::new("bench-append");
         let mut st = FsStorage::open(dir.path(), FsConfig::default()).expect("open");

@@ -126,18 +126,20 @@ impl Replay {
 
     /// Checks that `seq` continues the session's stored history.
     fn track(&mut self, pos: LogPos, sid: &str, seq: u64) -> bool {
-        let last = self.history.get(sid).copied().unwrap_or(0);
-        if seq != last + 1 {
-            self.quarantine(sid, format!("stored history jumps from seq {last} to {seq} at {pos}"));
-            return false;
-        }
-        match self.history.get_mut(sid) {
-            Some(v) => *v = seq,
-            None => {
-                self.history.insert(sid.to_string(), seq);
+        let last = match self.history.get_mut(sid) {
+            Some(last) if *last + 1 == seq => {
+                *last = seq;
+                return true;
             }
-        }
-        true
+            Some(last) => *last,
+            None if seq == 1 => {
+                self.history.insert(sid.to_string(), 1);
+                return true;
+            }
+            None => 0,
+        };
+        self.quarantine(sid, format!("stored history jumps from seq {last} to {seq} at {pos}"));
+        false
     }
 
     fn event(&mut self, ev: LoadEvent<'_>) -> Result<(), StorageError> {
