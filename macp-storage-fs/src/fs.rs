@@ -42,9 +42,9 @@ const MAX_FRAME_READ: u32 = 1 << 30;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsConfig {
     /// A segment is closed and a new one started once the next frame would
-    /// take it past this size. Bigger segments mean fewer files; smaller
-    /// ones finer-grained retirement. A record larger than this still gets
-    /// written, alone in its segment.
+    /// take it past this size. Bigger segments mean fewer files; recovery
+    /// reads a segment whole, so this also sizes its read buffer. A record
+    /// larger than this still gets written, alone in its segment.
     pub segment_bytes: u64,
     /// Largest encoded record [`Storage::append`] accepts (the kernel's
     /// payload limit keeps real records far below it). Reading is not bound
@@ -417,17 +417,21 @@ fn replay_findings(
         let chunk = chunk?;
         for f in chunk.found {
             match f {
-                Found::Frame { pos, sid, seq, record } => match record {
-                    None => {
-                        let session_id =
-                            chunk.bytes.get(sid).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
-                        visit(LoadEvent::Covered { pos, session_id, seq })?;
+                Found::Frame { pos, sid, seq, record } => {
+                    let session_id = chunk.bytes.get(sid).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default();
+                    match record {
+                        None => visit(LoadEvent::Covered { pos, session_id, seq })?,
+                        Some(Ok(record)) => visit(LoadEvent::Record { pos, record: *record })?,
+                        // Its identity is readable even if the rest is not:
+                        // name the session so recovery quarantines it.
+                        Some(Err(why)) => {
+                            let hint = (!session_id.is_empty()).then(|| session_id.to_string());
+                            visit(undecodable(pos, 0, why, hint))?
+                        }
                     }
-                    Some(Ok(record)) => visit(LoadEvent::Record { pos, record: *record })?,
-                    Some(Err(why)) => visit(undecodable(pos, 0, why))?,
-                },
+                }
                 Found::NotARecord { pos, len } => {
-                    visit(undecodable(pos, len, "payload is not a protobuf record".into()))?
+                    visit(undecodable(pos, len, "payload is not a protobuf record".into(), None))?
                 }
                 Found::Damage(d) => visit(LoadEvent::Damage(d))?,
                 Found::End { segment, valid_end, torn, file_len } => {
@@ -439,13 +443,13 @@ fn replay_findings(
     Ok(())
 }
 
-fn undecodable(pos: LogPos, len: u64, why: String) -> LoadEvent<'static> {
+fn undecodable(pos: LogPos, len: u64, why: String, session_hint: Option<String>) -> LoadEvent<'static> {
     LoadEvent::Damage(Damage {
         segment: pos.segment,
         offset: pos.offset,
         len,
         kind: DamageKind::Undecodable(why),
-        session_hint: None,
+        session_hint,
     })
 }
 

@@ -173,6 +173,62 @@ fn damage_under_a_checkpoint_still_quarantines() {
     assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
 }
 
+/// Re-frames `payload` in place at `off` of segment `seg` with valid
+/// checksums (the layout documented in the crate docs).
+fn reframe(bytes: &mut [u8], seg: u64, off: usize, payload_range: std::ops::Range<usize>) {
+    let payload_crc = crc32c::crc32c(&bytes[payload_range.clone()]);
+    bytes[off + 8..off + 12].copy_from_slice(&payload_crc.to_le_bytes());
+    let mut pos = Vec::new();
+    pos.extend_from_slice(&seg.to_le_bytes());
+    pos.extend_from_slice(&(off as u64).to_le_bytes());
+    let hc = crc32c::crc32c_append(crc32c::crc32c(&pos), &bytes[off..off + 12]);
+    bytes[off + 12..off + 16].copy_from_slice(&hc.to_le_bytes());
+}
+
+#[test]
+fn checksummed_but_undecodable_record_names_its_session() {
+    // A record whose frame verifies but whose protobuf does not decode (a
+    // bug, or damage before checksumming): its session is still named.
+    let records = interleaved();
+    let dir = TempDir::new("undecodable");
+    write_log(dir.path(), &records, FsConfig::default(), None);
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let all = frames(&bytes);
+    // The last record of some session: no later gap could reveal it.
+    let (off, range, victim) = all
+        .iter()
+        .rev()
+        .find(|(_, _, r)| {
+            r.fact.as_ref().is_some_and(|f| matches!(f, macp_kernel::macp_wire::storage::record::Fact::Accepted(_)))
+        })
+        .cloned()
+        .unwrap();
+    // Make the envelope's message id invalid UTF-8: structurally still
+    // protobuf, so only a full decode notices.
+    let mid = message_id_of(&victim);
+    let at = bytes[range.clone()].windows(mid.len()).position(|w| w == mid.as_bytes()).unwrap() + range.start;
+    for b in &mut bytes[at..at + mid.len()] {
+        *b = 0xff;
+    }
+    reframe(&mut bytes, 1, off, range);
+    std::fs::write(&seg, &bytes).unwrap();
+    let (_st, rec) = reopen(dir.path(), FsConfig::default());
+    let r = &rec.report;
+    assert_eq!(r.damage.len(), 1, "{r}");
+    assert!(matches!(r.damage[0].kind, DamageKind::Undecodable(_)), "{r}");
+    assert_eq!(r.damage[0].offset, off as u64);
+    assert_eq!(r.quarantined.keys().collect::<Vec<_>>(), vec![&victim.session_id], "{r}");
+    assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
+}
+
+fn message_id_of(r: &Record) -> String {
+    match &r.fact {
+        Some(macp_kernel::macp_wire::storage::record::Fact::Accepted(env)) => env.message_id.clone(),
+        _ => unreachable!("an accepted-envelope record"),
+    }
+}
+
 #[test]
 fn truncated_earlier_segment_is_damage_not_a_torn_tail() {
     let records = interleaved();
