@@ -2,7 +2,9 @@
 //! that fails (and "loses power") at every write and sync boundary in turn.
 //! After each crash the image keeps the synced bytes plus a random, possibly
 //! torn, prefix of the unsynced ones, and recovery must give back exactly a
-//! prefix of what was appended that includes everything acknowledged.
+//! prefix of what was appended that includes everything acknowledged. A
+//! third image per crash point also crashes during the recovery (torn-tail
+//! truncation, segment creation) before recovering again.
 
 mod common;
 
@@ -164,8 +166,17 @@ fn crash_at_every_write_and_sync_boundary() {
             fs.fail_at(crash_at);
             let out = drive(&fs, &p, &snaps);
             assert_eq!(out.failed, crash_at < total, "seed {seed} crash {crash_at}");
-            for variant in 0..2u64 {
-                let image = fs.crash_image(seed.wrapping_mul(1_000_003) ^ (crash_at << 8) ^ variant);
+            for variant in 0..3u64 {
+                let mut image = fs.crash_image(seed.wrapping_mul(1_000_003) ^ (crash_at << 8) ^ variant);
+                if variant == 2 {
+                    // Crash again, during recovery itself (while it truncates
+                    // the torn tail or starts a segment), then recover.
+                    image.fail_at((seed ^ crash_at) % 6);
+                    if let Ok(mut st) = FsStorage::open_with(image.clone(), DIR, cfg()) {
+                        let _ = recover(&mut st, KernelConfig::default());
+                    }
+                    image = image.crash_image(seed ^ crash_at ^ 0x5eed);
+                }
                 let what = format!("seed {seed} crash at op {crash_at}/{total} image {variant}");
                 let (m, torn) = check_recovery(image.clone(), &p, &snaps, &out, &what);
                 torn_tails += u64::from(torn);
