@@ -222,7 +222,6 @@ impl<V: Vfs> FsStorage<V> {
             let mut buf = Vec::new();
             read_all(&vfs, &dir.join(FORMAT_FILE), &mut buf)?;
             check_format(&dir, &buf)?;
-            vfs.create_dir_all(&wal).map_err(|e| StorageError::io("mkdir", &wal, e))?;
         } else {
             let foreign: Vec<&String> =
                 names.iter().filter(|n| *n != LOCK_FILE && *n != &format!("{FORMAT_FILE}.tmp")).collect();
@@ -232,9 +231,14 @@ impl<V: Vfs> FsStorage<V> {
                     reason: format!("no {FORMAT_FILE} marker but it contains {foreign:?}"),
                 });
             }
-            vfs.create_dir_all(&wal).map_err(|e| StorageError::io("mkdir", &wal, e))?;
+            // The marker goes first: a crash before it leaves nothing but
+            // the lock and a temporary file, which the next open accepts.
             let marker = format!("{FORMAT_TAG} {FORMAT_VERSION}\n");
             write_atomic(&vfs, &dir, FORMAT_FILE, marker.as_bytes())?;
+        }
+        if !vfs.exists(&wal).map_err(|e| StorageError::io("stat", &wal, e))? {
+            vfs.create_dir_all(&wal).map_err(|e| StorageError::io("mkdir", &wal, e))?;
+            vfs.sync_dir(&dir).map_err(|e| StorageError::io("fsync", &dir, e))?;
         }
         Ok(FsStorage {
             vfs,

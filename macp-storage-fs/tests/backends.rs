@@ -203,3 +203,14 @@ fn lowering_the_append_limit_does_not_turn_old_records_into_damage() {
     assert!(rec.report.is_clean(), "{}", rec.report);
     assert_eq!(rec.kernel.snapshot(), replay(&records).snapshot());
 }
+
+#[test]
+fn a_crash_during_first_initialisation_does_not_brick_the_directory() {
+    // Killed after the temporary marker was written but before the rename.
+    let dir = TempDir::new("half-init");
+    std::fs::write(dir.path().join(LOCK_FILE), "").unwrap();
+    std::fs::write(dir.path().join(format!("{FORMAT_FILE}.tmp")), "macp-rs-da").unwrap();
+    let st = fresh(dir.path());
+    drop(st);
+    assert_eq!(std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(), "macp-rs-data 1\n");
+}
