@@ -49,7 +49,8 @@ pub enum DamageKind {
     BadChecksum,
     /// A frame whose checksum holds but whose payload is not a record.
     Undecodable(String),
-    /// A segment file is missing from the middle of the log.
+    /// Segment files are missing from the middle of the log: `segment` is
+    /// the first missing one and `len` counts them.
     MissingSegment,
     /// A segment file does not start with a valid segment header.
     BadSegmentHeader,
@@ -67,7 +68,8 @@ pub struct Damage {
     pub segment: u64,
     /// Byte offset where the damage starts.
     pub offset: u64,
-    /// How many bytes were skipped (0 when unknown or not applicable).
+    /// How many bytes were skipped (0 when unknown or not applicable;
+    /// a segment count for [`DamageKind::MissingSegment`]).
     pub len: u64,
     /// What is wrong.
     pub kind: DamageKind,
