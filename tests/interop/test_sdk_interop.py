@@ -35,6 +35,7 @@ from macp_sdk import (
     QuorumSession,
     TaskProjection,
     TaskSession,
+    macp_error_code,
 )
 
 OPEN = envelope_pb2.SESSION_STATE_OPEN
@@ -299,17 +300,20 @@ def test_rejections_surface_as_sdk_errors(agent, subscribe):
         mallory.send(spoofed)
     assert e.value.failure.code == "UNAUTHENTICATED"
     # Reading the session is refused to outsiders, unknown sessions are NOT_FOUND.
+    # The registry code rides in `macp-error-code` metadata.
     with pytest.raises(grpc.RpcError) as e:
         mallory.get_session(s.session_id)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert macp_error_code(e.value) == "FORBIDDEN"
     with pytest.raises(grpc.RpcError) as e:
         coord.get_session(DecisionSession(coord).session_id)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert macp_error_code(e.value) == "SESSION_NOT_FOUND"
     # Subscribing to a session you may not read fails the stream.
     denied = subscribe(mallory, s.session_id)
     with pytest.raises(MacpTransportError) as e:
         denied.until_end()
-    assert e.value.code == "PERMISSION_DENIED"
+    assert (e.value.code, e.value.macp_code) == ("PERMISSION_DENIED", "FORBIDDEN")
 
     # Rejected envelopes never reach the stream; the session is still usable.
     t.add(a.vote("p1", "APPROVE"), "Vote", "alice")
@@ -360,7 +364,7 @@ def test_cancel(agent, subscribe):
     # Only the initiator may cancel.
     with pytest.raises(MacpTransportError) as e:
         TaskSession(worker, session_id=s.session_id).cancel(reason="not mine")
-    assert e.value.code == "PERMISSION_DENIED"
+    assert (e.value.code, e.value.macp_code) == ("PERMISSION_DENIED", "FORBIDDEN")
 
     ack = s.cancel(reason="priorities changed")
     assert ack.ok and ack.session_state == CANCELLED
@@ -413,7 +417,7 @@ def test_subscribe_before_start(agent, subscribe):
     early = subscribe(worker, s.session_id)
     with pytest.raises(MacpTransportError) as e:
         early.until_end()
-    assert e.value.code == "NOT_FOUND"
+    assert (e.value.code, e.value.macp_code) == ("NOT_FOUND", "SESSION_NOT_FOUND")
 
     adapter = GrpcTransportAdapter(
         worker, s.session_id, subscribe_retry=RetryPolicy(max_retries=50, backoff_base=0.05, backoff_max=0.2)
