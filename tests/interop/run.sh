@@ -7,7 +7,10 @@
 # Creates (or reuses) a virtualenv in target/interop-venv with the pinned SDK
 # and pytest, builds the server (debug), then runs tests/interop/ against a
 # fresh `macp-runtime --dev` on a free loopback port, once with
-# --memory-only and once with a data directory in a temporary directory.
+# --memory-only and once with a data directory in a temporary directory (the
+# "fs" pass; while macp-transport-grpc/src/fs_journal.rs is still a stub it
+# only exercises the data-dir configuration, and it covers the filesystem
+# journal as soon as that is wired in).
 # Needs only the Rust toolchain, python3 (with venv) and network access to
 # PyPI the first time. Exits non-zero if anything fails.
 #

@@ -5,7 +5,9 @@ One complete session per standards-track mode, each agent on its own
 helpers. Every session has a passive subscriber attached live (right after
 SessionStart) and one attached after resolution; both must see exactly the
 accepted history, in order, ending with the Commitment, after which the
-runtime ends the stream. Plus: discovery, error paths and cancellation.
+runtime ends the stream. Plus: discovery, error paths, cancellation,
+suspend/resume, the asyncio client, the bidirectional stream, governance
+policies and the SDK's agent framework.
 """
 
 from __future__ import annotations
@@ -340,11 +342,13 @@ def build_vote(session: DecisionSession, proposal_id: str) -> envelope_pb2.Envel
 
 
 def test_duplicate_send_is_idempotent(agent):
+    from macp_sdk import build_envelope, build_session_start_payload, new_session_id
+
     coord = agent("coordinator")
-    s = DecisionSession(coord)
-    env = s._start_envelope(  # the exact envelope `start` would send
-        intent="x", participants=["coordinator"], ttl_ms=TTL_MS, context_id="", extensions=None,
-        roots=None, max_suspend_ms=0, sender=None, auth=None,
+    payload = build_session_start_payload(intent="x", participants=["coordinator"], ttl_ms=TTL_MS)
+    env = build_envelope(
+        mode=MODE_DECISION, message_type="SessionStart", session_id=new_session_id(), sender="coordinator",
+        payload=payload.SerializeToString(),
     )
     first = coord.send(env)
     again = coord.send(env)
@@ -583,3 +587,81 @@ def test_governance_policy(agent, subscribe):
 def test_policy_schema_version_3(agent):
     reg = agent("coordinator").register_policy(_majority_policy(schema_version=None))
     assert reg.ok, reg.error
+
+
+def test_agent_framework(agent):
+    """The SDK's agent loop (macp_sdk.agent.Participant): three agents in
+    threads, each following the session over its own subscribe stream and
+    reacting to it, drive a decision to a Commitment."""
+    import threading
+    import uuid
+
+    from macp_sdk.agent import (
+        CommitmentResult,
+        EvaluationResult,
+        InitiatorConfig,
+        Participant,
+        commitment_handler,
+        evaluation_handler,
+        function_committer,
+        function_evaluator,
+        majority_voter,
+        voting_handler,
+    )
+
+    session_id = str(uuid.uuid4())
+    participants = ["coordinator", "alice", "bob"]
+
+    def participant(name: str, **kwargs) -> Participant:
+        return Participant(
+            participant_id=name, session_id=session_id, mode=MODE_DECISION, client=agent(name),
+            participants=participants, **kwargs,
+        )
+
+    coordinator = participant(
+        "coordinator",
+        initiator_config=InitiatorConfig(
+            intent="ship it?", participants=participants, ttl_ms=TTL_MS,
+            kickoff_message_type="Proposal", kickoff_payload={"proposal_id": "p1", "option": "ship"},
+        ),
+    )
+    coordinator.on("Vote", commitment_handler(function_committer(
+        lambda p: p.vote_totals().get("p1", 0) >= 2,
+        lambda p: CommitmentResult(action="decision.selected", authority_scope="release", reason="2 approvals"),
+    )))
+    alice, bob = participant("alice"), participant("bob")
+    alice.on("Proposal", evaluation_handler(function_evaluator(
+        lambda proposal, info: EvaluationResult(recommendation="APPROVE", confidence=0.8, reason="looks fine"),
+    )))
+    for p in (alice, bob):
+        p.on("Evaluation", voting_handler(majority_voter()))
+
+    results: dict[str, object] = {}
+    failures: list[BaseException] = []
+    for p in (coordinator, alice, bob):
+        p.on_terminal(lambda result, name=p.participant_id: results.__setitem__(name, result))
+
+    def run(p: Participant) -> None:
+        try:
+            p.run()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(p,), daemon=True) for p in (coordinator, alice, bob)]
+    for th in threads:  # the coordinator first; the others retry NOT_FOUND until SessionStart lands
+        th.start()
+    for th in threads:
+        th.join(timeout=3 * TIMEOUT_S)
+    for p in (coordinator, alice, bob):
+        p.stop()
+    assert failures == []
+    assert not any(th.is_alive() for th in threads), "an agent loop did not finish"
+    assert sorted(results) == sorted(participants)
+    for result in results.values():
+        assert result.state == "Committed"
+        assert result.commitment.action == "decision.selected"
+    md = agent("bob").get_session(session_id).metadata
+    assert md.state == RESOLVED
+    assert {a.participant_id: a.message_count for a in md.participant_activity} == {
+        "coordinator": 3, "alice": 2, "bob": 1,
+    }
