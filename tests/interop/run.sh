@@ -46,9 +46,16 @@ else
     log "creating $VENV with macp-sdk-python==$SDK_VERSION"
     rm -rf "$VENV"
     mkdir -p "$TARGET_DIR"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-        "macp-sdk-python==$SDK_VERSION" "pytest>=7"
+    pip_args=(install --quiet --disable-pip-version-check --no-input "macp-sdk-python==$SDK_VERSION" "pytest>=7")
+    if "$PYTHON" -m venv "$VENV"; then
+        "$VENV/bin/python" -m pip "${pip_args[@]}"
+    else
+        # Debian-style python3 without ensurepip (no python3-venv package):
+        # a venv without pip, filled by the system pip.
+        rm -rf "$VENV"
+        "$PYTHON" -m venv --without-pip "$VENV"
+        "$PYTHON" -m pip --python "$VENV/bin/python" "${pip_args[@]}"
+    fi
     venv_ok || { echo "interop: the venv does not have macp-sdk-python $SDK_VERSION" >&2; exit 1; }
 fi
 
