@@ -104,8 +104,7 @@ pub async fn serve(
     let mut builder = Server::builder()
         .max_concurrent_streams(cfg.max_concurrent_streams)
         .concurrency_limit_per_connection(cfg.max_concurrent_requests)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .tcp_nodelay(true);
+        .http2_keepalive_interval(Some(Duration::from_secs(30)));
     if let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) {
         let cert = std::fs::read(cert).map_err(|e| StartError::Config(format!("cannot read TLS certificate: {e}")))?;
         let key = std::fs::read(key).map_err(|e| StartError::Config(format!("cannot read TLS key: {e}")))?;
@@ -116,7 +115,9 @@ pub async fn serve(
     let service = MacpRuntimeServiceServer::new(runtime)
         .max_decoding_message_size(cfg.max_grpc_message_bytes)
         .max_encoding_message_size(cfg.max_grpc_message_bytes);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay does not apply to a caller-supplied listener:
+    // set it here, or small replies wait ~40 ms for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
         .add_service(health)
         .add_service(reflection)

@@ -256,7 +256,16 @@ async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Se
             return;
         }
     }
-    while let Some(item) = feed.rx.recv().await {
+    loop {
+        // Leave as soon as the client goes away, not at the next broadcast:
+        // an idle session would otherwise keep this task and its hub slot.
+        let item = tokio::select! {
+            item = feed.rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            _ = out.closed() => return,
+        };
         if item.seq <= last {
             continue;
         }
