@@ -92,6 +92,9 @@ pub enum Command {
     },
     /// Write a checkpoint now (tests, shutdown).
     Checkpoint,
+    /// Finish the current batch, sync, checkpoint and stop, even if some
+    /// handler (a long-lived stream) still holds a sender.
+    Shutdown,
 }
 
 /// The kernel clock: wall-clock milliseconds. The kernel never reads a clock
@@ -135,6 +138,7 @@ struct Batch {
     subscribes: Vec<(SubscribeReply, Result<Subscription, KernelError>)>,
     queries: Vec<QueryFn>,
     checkpoint: bool,
+    stop: bool,
 }
 
 impl Driver {
@@ -190,7 +194,9 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            self.run_batch(cmds);
+            if !self.run_batch(cmds) {
+                break;
+            }
         }
         if let Err(e) = self.journal.sync() {
             error!("final sync failed: {e}");
@@ -200,7 +206,8 @@ impl Driver {
         }
     }
 
-    fn run_batch(&mut self, cmds: Vec<Command>) {
+    /// Runs one batch; false once a shutdown was requested.
+    fn run_batch(&mut self, cmds: Vec<Command>) -> bool {
         let mut b = Batch {
             records: Vec::new(),
             replies: Vec::new(),
@@ -209,6 +216,7 @@ impl Driver {
             subscribes: Vec::new(),
             queries: Vec::new(),
             checkpoint: false,
+            stop: false,
         };
         let now = now_ms();
         if self.kernel.next_deadline().is_some_and(|d| d <= now) {
@@ -246,9 +254,12 @@ impl Driver {
                     b.subscribes.push((reply, r));
                 }
                 Command::Checkpoint => b.checkpoint = true,
+                Command::Shutdown => b.stop = true,
             }
         }
+        let stop = b.stop;
         self.finish(b);
+        !stop
     }
 
     fn feed_for(&mut self, sid: &str) -> SessionFeed {

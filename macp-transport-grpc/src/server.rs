@@ -92,6 +92,7 @@ pub async fn serve(
     let (driver, tx) = Driver::new(kernel, journal, hub, cfg.checkpoint_every);
     let driver_task = tokio::spawn(driver.run());
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
+    let driver_tx = tx.clone();
     let runtime = Runtime::new(tx, auth, limits, watch, kcfg);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -118,20 +119,38 @@ pub async fn serve(
     // The builder's tcp_nodelay does not apply to a caller-supplied listener:
     // set it here, or small replies wait ~40 ms for Nagle's algorithm.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    builder
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    };
+    let server = builder
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| StartError::Transport(e.to_string()))?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(server);
+    // Graceful shutdown waits for open connections; an idle client that
+    // never closes would hold us forever, so give them a bounded grace.
+    let grace = async {
+        match fired_rx.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = &mut server => r.map_err(|e| StartError::Transport(e.to_string()))?,
+        _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown signal; closing them"),
+    }
     info!("stopped accepting; draining");
-    // All service clones (and their command senders) are dropped with the
-    // server, so the driver drains, syncs, checkpoints and returns.
+    let _ = driver_tx.send(crate::driver::Command::Shutdown).await;
     let _ = driver_task.await;
     info!("shutdown complete");
     Ok(())
 }
+
+/// How long in-flight connections get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

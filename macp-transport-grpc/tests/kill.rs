@@ -157,3 +157,30 @@ fn sigkill_mid_load_loses_nothing_acknowledged() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = std::env::temp_dir().join(format!("macp-term-{}-{}", std::process::id(), sid()));
+    let port = free_port();
+    let mut child = spawn(&dir, port);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let s = rt.block_on(async {
+        let mut i = connect(port, "I").await;
+        start_session(&mut i).await
+    });
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill(1)");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+    // What was acknowledged is there after the restart.
+    let port2 = free_port();
+    let mut child = spawn(&dir, port2);
+    rt.block_on(async {
+        let mut i = connect(port2, "I").await;
+        let md = i.get_session(GetSessionRequest { session_id: s }).await.unwrap().into_inner().metadata.unwrap();
+        assert_eq!(md.state, SessionState::Open as i32);
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -575,3 +575,26 @@ async fn roots_and_unimplemented_rpcs() {
     );
     assert_eq!(c.get_receipt_keys(GetReceiptKeysRequest {}).await.unwrap_err().code(), Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let srv = Server::start(&[]).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "macp.v1.MACPRuntimeService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut refl = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(srv.channel().await);
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut out = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = next(&mut out).await;
+    let names = format!("{:?}", resp.message_response);
+    assert!(names.contains("macp.v1.MACPRuntimeService"), "{names}");
+}
