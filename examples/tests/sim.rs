@@ -2,7 +2,7 @@
 //! pass every invariant, a seed must reproduce exactly, and — so that a pass
 //! means something — storage backends with planted bugs must be caught.
 //!
-//! The large run is documented in `examples/README-sim.md`:
+//! The large run is documented in `examples/SIMULATION.md`:
 //! `cargo run --release -p macp-examples --bin macp-sim -- --seeds 0..10000`.
 
 use macp_examples::sim::rng::Rng;

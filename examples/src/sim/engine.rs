@@ -78,8 +78,20 @@ impl Client {
 }
 
 enum Packet {
-    ToServer { at: i64, request: u64, client: usize, item: usize },
-    ToClient { at: i64, client: usize, item: usize },
+    ToServer {
+        at: i64,
+        request: u64,
+        client: usize,
+        item: usize,
+    },
+    /// A reply; `retry` when the client will send the item again (it was
+    /// refused because the session was not ready for it yet).
+    ToClient {
+        at: i64,
+        client: usize,
+        item: usize,
+        retry: bool,
+    },
 }
 
 impl Packet {
@@ -288,8 +300,13 @@ impl<'c> Sim<'c> {
         }
         let p = self.packets.swap_remove(due[self.rng.index(due.len())]);
         match p {
-            Packet::ToClient { client, item, .. } => {
-                self.clients[client].states[item] = ItemState::Done;
+            Packet::ToClient { client, item, retry, .. } => {
+                let state = &mut self.clients[client].states[item];
+                *state = match (*state, retry) {
+                    // Try again after the usual timeout.
+                    (ItemState::InFlight { attempts, .. }, true) => ItemState::InFlight { since: self.now, attempts },
+                    _ => ItemState::Done,
+                };
             }
             Packet::ToServer { request, client, item, .. } => {
                 if self.node.kernel.is_none() {
@@ -408,8 +425,15 @@ impl<'c> Sim<'c> {
                 self.stats.replies_lost += 1;
                 continue;
             }
+            // A message refused as out of order (its predecessors were
+            // reordered behind it: a ballot before its request, a Commitment
+            // before its ballots) is tried again a little later, a few
+            // times, as a patient client would.
+            let retry = matches!(&h.reply, Reply::Ack(a)
+                if !a.ok && a.error.as_ref().is_some_and(|e| e.code == "INVALID_ENVELOPE"))
+                && matches!(self.clients[h.client].states[h.item], ItemState::InFlight { attempts, .. } if attempts < 4);
             let at = self.now + self.rng.range(0, 30);
-            self.packets.push(Packet::ToClient { at, client: h.client, item: h.item });
+            self.packets.push(Packet::ToClient { at, client: h.client, item: h.item, retry });
         }
         for b in std::mem::take(&mut self.node.broadcasts) {
             self.oracle.on_broadcast(&b)?;
@@ -473,7 +497,12 @@ impl<'c> Sim<'c> {
         self.oracle.finish(kernel)?;
         for m in kernel.all_sessions() {
             match SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified) {
-                SessionState::Resolved => self.stats.resolved += 1,
+                SessionState::Resolved => {
+                    self.stats.resolved += 1;
+                    if let Some(i) = workload::MODES.iter().position(|x| *x == m.mode) {
+                        self.stats.resolved_per_mode[i] += 1;
+                    }
+                }
                 SessionState::Expired => self.stats.expired += 1,
                 SessionState::Cancelled => self.stats.cancelled += 1,
                 _ => self.stats.live += 1,

@@ -162,6 +162,8 @@ pub struct Stats {
     pub per_mode: [u64; 6],
     /// Sessions RESOLVED at the end.
     pub resolved: u64,
+    /// Sessions RESOLVED at the end, per mode.
+    pub resolved_per_mode: [u64; 6],
     /// Sessions EXPIRED at the end.
     pub expired: u64,
     /// Sessions CANCELLED at the end.
@@ -212,6 +214,9 @@ impl AddAssign<&Stats> for Stats {
             *a += b;
         }
         self.resolved += o.resolved;
+        for (a, b) in self.resolved_per_mode.iter_mut().zip(o.resolved_per_mode) {
+            *a += b;
+        }
         self.expired += o.expired;
         self.cancelled += o.cancelled;
         self.live += o.live;
@@ -240,10 +245,10 @@ impl fmt::Display for Stats {
         writeln!(f, "seeds {}  steps {}  sessions {}", self.seeds, self.steps, self.sessions)?;
         let modes: Vec<String> = workload::MODES
             .iter()
-            .zip(self.per_mode)
-            .map(|(m, n)| format!("{}={n}", m.rsplit('.').nth(1).unwrap_or(m)))
+            .zip(self.per_mode.iter().zip(self.resolved_per_mode))
+            .map(|(m, (n, r))| format!("{}={n} ({r} resolved)", m.rsplit('.').nth(1).unwrap_or(m)))
             .collect();
-        writeln!(f, "  per mode: {}", modes.join(" "))?;
+        writeln!(f, "  sessions per mode: {}", modes.join(" "))?;
         writeln!(
             f,
             "  final states: resolved {}  expired {}  cancelled {}  open/suspended {}",

@@ -423,6 +423,15 @@ fn quorum_course(b: &mut Builder<'_>, lead: &str, workers: &[String]) {
         }
     }
     let positive = approvals >= required;
+    if !positive {
+        // The coordinator is a participant too: its ballot makes the
+        // missing approvals unreachable, so the negative outcome is decided.
+        b.send(
+            lead,
+            "Reject",
+            quorum::RejectPayload { request_id: "r1".into(), reason: "short".into() }.encode_to_vec(),
+        );
+    }
     b.commit(lead, if positive { "quorum.approved" } else { "quorum.rejected" }, positive);
 }
 
