@@ -29,14 +29,21 @@ impl Kernel {
     /// Applies one record. Live processing and recovery both come through
     /// here; an `Err` leaves the kernel unchanged. During recovery an `Err`
     /// means the log disagrees with the rules it was written under.
+    /// Recovery uses this; it returns no broadcasts (nobody is listening to
+    /// history being rebuilt, and building them would double replay cost).
     pub fn apply_record(&mut self, record: &Record) -> KResult<Applied> {
+        self.apply(record, false)
+    }
+
+    /// Applies a record; `emit` says whether to build the broadcasts.
+    pub(crate) fn apply(&mut self, record: &Record, emit: bool) -> KResult<Applied> {
         let fact = record.fact.as_ref().ok_or_else(|| corrupt("record has no fact"))?;
         let at = record.at_unix_ms;
         if record.session_id.is_empty() {
             return self.apply_registry(record.seq, at, fact);
         }
         if let Fact::Started(st) = fact {
-            return self.apply_started(record, st);
+            return self.apply_started(record, st, emit);
         }
         let sid = record.session_id.as_str();
         let s = self
@@ -48,18 +55,18 @@ impl Kernel {
         }
         let applied = match fact {
             Fact::Started(_) => unreachable!("handled above"),
-            Fact::Accepted(env) => self.apply_accepted(record.seq, at, env)?,
-            Fact::Expired(_) => self.apply_expired(sid, at)?,
-            Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled)?,
-            Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended)?,
-            Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open)?,
+            Fact::Accepted(env) => self.apply_accepted(record.seq, at, env, emit)?,
+            Fact::Expired(_) => self.apply_expired(sid, at, emit)?,
+            Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled, emit)?,
+            Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended, emit)?,
+            Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit)?,
             _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
         };
         self.refresh_timer(sid);
         Ok(applied)
     }
 
-    fn apply_started(&mut self, record: &Record, st: &SessionStarted) -> KResult<Applied> {
+    fn apply_started(&mut self, record: &Record, st: &SessionStarted, emit: bool) -> KResult<Applied> {
         let env = st.envelope.as_ref().ok_or_else(|| corrupt("SessionStarted without envelope"))?;
         if record.seq != 1 || env.session_id != record.session_id {
             return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
@@ -109,12 +116,14 @@ impl Kernel {
             initiator_only_commitment: mode.initiator_only_commitment(),
             mode_state,
             timer_at: None,
+            mode_timer_floor: i64::MIN,
         };
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
-        let metadata = session.metadata();
+        let metadata = emit.then(|| session.metadata());
         self.sessions.insert(record.session_id.clone(), session);
         self.refresh_timer(&record.session_id);
+        let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope {
                 session_id: record.session_id.clone(),
@@ -129,7 +138,7 @@ impl Kernel {
         ])
     }
 
-    fn apply_accepted(&mut self, seq: u64, at: i64, env: &Envelope) -> KResult<Applied> {
+    fn apply_accepted(&mut self, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Applied> {
         let s =
             self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("accepted record for a missing session"))?;
         if s.state != SessionState::Open {
@@ -192,27 +201,32 @@ impl Kernel {
         } else {
             s.touch(&env.sender, &env.message_id, at);
         }
-        let mut out = vec![Broadcast::SessionEnvelope {
-            session_id: env.session_id.clone(),
-            seq,
-            envelope: Arc::new(env.clone()),
-        }];
+        let mut out = Vec::new();
+        if emit {
+            out.push(Broadcast::SessionEnvelope {
+                session_id: env.session_id.clone(),
+                seq,
+                envelope: Arc::new(env.clone()),
+            });
+        }
         if resolved {
             s.state = SessionState::Resolved;
             s.resolution = Some(env.payload.clone());
             let initiator = s.initiator.clone();
-            let metadata = s.metadata();
+            let metadata = emit.then(|| s.metadata());
             self.release_live(&initiator);
-            out.push(Broadcast::Lifecycle {
-                event: EventType::Resolved,
-                session: Box::new(metadata),
-                observed_at_unix_ms: at,
-            });
+            if let Some(metadata) = metadata {
+                out.push(Broadcast::Lifecycle {
+                    event: EventType::Resolved,
+                    session: Box::new(metadata),
+                    observed_at_unix_ms: at,
+                });
+            }
         }
         Ok(out)
     }
 
-    fn apply_expired(&mut self, sid: &str, at: i64) -> KResult<Applied> {
+    fn apply_expired(&mut self, sid: &str, at: i64, emit: bool) -> KResult<Applied> {
         let s = self.sessions.get_mut(sid).ok_or_else(|| corrupt("expiry for a missing session"))?;
         let due = match s.state {
             SessionState::Open => at > s.deadline_ms,
@@ -228,16 +242,15 @@ impl Kernel {
         s.seq += 1;
         s.state = SessionState::Expired;
         let initiator = s.initiator.clone();
-        let metadata = s.metadata();
+        let metadata = emit.then(|| s.metadata());
         self.release_live(&initiator);
-        Ok(vec![Broadcast::Lifecycle {
-            event: EventType::Expired,
-            session: Box::new(metadata),
-            observed_at_unix_ms: at,
-        }])
+        Ok(metadata
+            .map(|m| Broadcast::Lifecycle { event: EventType::Expired, session: Box::new(m), observed_at_unix_ms: at })
+            .into_iter()
+            .collect())
     }
 
-    fn apply_control(&mut self, seq: u64, at: i64, env: &Envelope, to: SessionState) -> KResult<Applied> {
+    fn apply_control(&mut self, seq: u64, at: i64, env: &Envelope, to: SessionState, emit: bool) -> KResult<Applied> {
         let s =
             self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("control record for a missing session"))?;
         let event = match to {
@@ -275,10 +288,11 @@ impl Kernel {
         s.seq = seq;
         s.state = to;
         let initiator = s.initiator.clone();
-        let metadata = s.metadata();
+        let metadata = emit.then(|| s.metadata());
         if to == SessionState::Cancelled {
             self.release_live(&initiator);
         }
+        let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope { session_id: env.session_id.clone(), seq, envelope: Arc::new(env.clone()) },
             Broadcast::Lifecycle { event, session: Box::new(metadata), observed_at_unix_ms: at },

@@ -378,7 +378,7 @@ impl Kernel {
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<()> {
-        let applied = self.apply_record(&record)?;
+        let applied = self.apply(&record, true)?;
         out.push(Effect::Persist(record));
         broadcasts.extend(applied);
         Ok(())
@@ -659,16 +659,25 @@ impl Kernel {
             // dropping it keeps the kernel live and the history consistent.
             let _ = self.commit_record(record, out, broadcasts);
         }
+        if let Some(s) = self.sessions.get_mut(sid) {
+            if s.mode_state.next_deadline().is_some_and(|d| d <= now) {
+                s.mode_timer_floor = now;
+            }
+        }
         self.refresh_timer(sid);
     }
 
     /// Re-indexes a session's timer after any change.
     pub(crate) fn refresh_timer(&mut self, sid: &str) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        let next = s.next_timer();
+        if next == s.timer_at {
+            return; // the common case: an accepted message moves no deadline
+        }
         if let Some(old) = s.timer_at.take() {
             self.timers.remove(&(old, sid.to_string()));
         }
-        if let Some(t) = s.next_timer() {
+        if let Some(t) = next {
             s.timer_at = Some(t);
             self.timers.insert((t, sid.to_string()));
         }

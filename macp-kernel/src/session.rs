@@ -63,6 +63,10 @@ pub struct Session {
     pub mode_state: Box<dyn ModeState>,
     /// The due time under which the session is indexed in the timer set.
     pub timer_at: Option<i64>,
+    /// Mode deadlines at or before this time are ignored: they fired and the
+    /// mode still reports them (a mode bug), and re-firing would spin the
+    /// driver. Not part of the state proper (never persisted).
+    pub mode_timer_floor: i64,
 }
 
 impl Session {
@@ -107,7 +111,7 @@ impl Session {
         match self.state {
             SessionState::Open => {
                 let ttl = self.deadline_ms.saturating_add(1);
-                Some(match self.mode_state.next_deadline() {
+                Some(match self.mode_state.next_deadline().filter(|m| *m > self.mode_timer_floor) {
                     Some(m) => m.min(ttl),
                     None => ttl,
                 })
@@ -147,7 +151,12 @@ impl Session {
     /// Records an accepted message from `sender`.
     pub fn touch(&mut self, sender: &str, message_id: &str, at: i64) {
         self.seen.insert(message_id.to_string());
-        let a = self.activity.entry(sender.to_string()).or_default();
+        // Look up before inserting: the sender is almost always known, and
+        // `entry` would allocate the key every time.
+        let a = match self.activity.get_mut(sender) {
+            Some(a) => a,
+            None => self.activity.entry(sender.to_string()).or_default(),
+        };
         a.last_message_at_unix_ms = at;
         a.message_count = a.message_count.saturating_add(1);
     }

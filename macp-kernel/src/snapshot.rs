@@ -128,6 +128,7 @@ impl Kernel {
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
                 timer_at: None,
+                mode_timer_floor: i64::MIN,
             };
             if session.is_live() {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;

@@ -135,7 +135,11 @@ impl Authenticator {
                 return Ok(dev_identity(b));
             }
         }
-        Err(Status::unauthenticated("missing or invalid credentials"))
+        Err(crate::service::macp_status(
+            tonic::Code::Unauthenticated,
+            macp_kernel::ErrorCode::Unauthenticated,
+            "missing or invalid credentials",
+        ))
     }
 }
 

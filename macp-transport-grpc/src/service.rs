@@ -13,7 +13,8 @@ use macp_wire::v1::*;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Authenticator;
 use crate::driver::{Binding, Command, Subscription};
@@ -123,13 +124,21 @@ impl Runtime {
     async fn control(&self, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
         let identity = self.identity(&req)?;
         if !self.limits.check(&identity.sender, Budget::Message) {
-            return Err(Status::resource_exhausted("RATE_LIMITED: per-minute message limit exceeded"));
+            return Err(macp_status(
+                Code::ResourceExhausted,
+                ErrorCode::RateLimited,
+                "RATE_LIMITED: per-minute message limit exceeded",
+            ));
         }
         let (session_id, reason) = req.into_inner();
         match self.submit(Input::Control { request: 0, identity, op, session_id, reason }).await? {
             Reply::Ack(a) => match a.error.as_ref().map(|e| e.code.as_str()) {
-                Some("SESSION_NOT_FOUND") => Err(Status::not_found(a.error.unwrap().message)),
-                Some("FORBIDDEN") => Err(Status::permission_denied(a.error.unwrap().message)),
+                Some("SESSION_NOT_FOUND") => {
+                    Err(macp_status(Code::NotFound, ErrorCode::SessionNotFound, a.error.unwrap().message))
+                }
+                Some("FORBIDDEN") => {
+                    Err(macp_status(Code::PermissionDenied, ErrorCode::Forbidden, a.error.unwrap().message))
+                }
                 _ => Ok(a),
             },
             Reply::Registry(_) => Err(Status::internal("unexpected reply")),
@@ -138,7 +147,9 @@ impl Runtime {
 
     async fn registry(&self, input: Input) -> Result<Result<String, KernelError>, Status> {
         match self.submit(input).await? {
-            Reply::Registry(Err(e)) if e.code == ErrorCode::Forbidden => Err(Status::permission_denied(e.message)),
+            Reply::Registry(Err(e)) if e.code == ErrorCode::Forbidden => {
+                Err(macp_status(Code::PermissionDenied, ErrorCode::Forbidden, e.message))
+            }
             Reply::Registry(r) => Ok(r),
             Reply::Ack(_) => Err(Status::internal("unexpected reply")),
         }
@@ -153,21 +164,39 @@ fn registry_error(e: KernelError) -> String {
     format!("{}: {}", e.code, e.message)
 }
 
+/// Metadata key that names the MACP registry code of an error status.
+///
+/// Several registry codes share one gRPC status (NOT_FOUND is an unknown
+/// session or an unknown policy; RESOURCE_EXHAUSTED is a rate limit or a
+/// lagging stream), so clients branch on this key rather than on the status:
+/// `macp-sdk-python` reads it into `MacpTransportError.macp_code` and
+/// `macp_error_code()`, and without it reports `None`.
+pub const ERROR_CODE_KEY: &str = "macp-error-code";
+
+/// A gRPC status that also carries its registry code under [`ERROR_CODE_KEY`]
+/// (sent as a trailer, or in the headers of a trailers-only response).
+pub fn macp_status(status: Code, code: ErrorCode, message: impl Into<String>) -> Status {
+    let mut md = MetadataMap::new();
+    md.insert(ERROR_CODE_KEY, MetadataValue::from_static(code.as_str()));
+    Status::with_metadata(status, message.into(), md)
+}
+
 /// Maps a kernel error to a gRPC status for RPCs that have no Ack.
 pub fn status_of(e: KernelError) -> Status {
     let msg = format!("{}: {}", e.code, e.message);
-    match e.code {
-        ErrorCode::SessionNotFound => Status::not_found(msg),
-        ErrorCode::Forbidden => Status::permission_denied(msg),
-        ErrorCode::Unauthenticated => Status::unauthenticated(msg),
-        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited => Status::resource_exhausted(msg),
-        ErrorCode::InternalError => Status::internal(msg),
+    let status = match e.code {
+        ErrorCode::SessionNotFound => Code::NotFound,
+        ErrorCode::Forbidden => Code::PermissionDenied,
+        ErrorCode::Unauthenticated => Code::Unauthenticated,
+        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited => Code::ResourceExhausted,
+        ErrorCode::InternalError => Code::Internal,
         ErrorCode::InvalidEnvelope | ErrorCode::InvalidSessionId | ErrorCode::InvalidPolicyDefinition => {
-            Status::invalid_argument(msg)
+            Code::InvalidArgument
         }
-        ErrorCode::SessionAlreadyExists => Status::already_exists(msg),
-        _ => Status::failed_precondition(msg),
-    }
+        ErrorCode::SessionAlreadyExists => Code::AlreadyExists,
+        _ => Code::FailedPrecondition,
+    };
+    macp_status(status, e.code, msg)
 }
 
 fn capabilities() -> Capabilities {
@@ -254,11 +283,15 @@ impl MacpRuntimeService for Runtime {
             return Err(Status::invalid_argument("supported_protocol_versions must list at least one version"));
         }
         if !r.supported_protocol_versions.iter().any(|v| v == macp_kernel::config::PROTOCOL_VERSION) {
-            return Err(Status::failed_precondition(format!(
-                "UNSUPPORTED_PROTOCOL_VERSION: this runtime speaks {}; the client offered {:?}",
-                macp_kernel::config::PROTOCOL_VERSION,
-                r.supported_protocol_versions
-            )));
+            return Err(macp_status(
+                Code::FailedPrecondition,
+                ErrorCode::UnsupportedProtocolVersion,
+                format!(
+                    "UNSUPPORTED_PROTOCOL_VERSION: this runtime speaks {}; the client offered {:?}",
+                    macp_kernel::config::PROTOCOL_VERSION,
+                    r.supported_protocol_versions
+                ),
+            ));
         }
         let supported_modes = self.query(|k| k.modes().all_ids()).await?;
         Ok(Response::new(InitializeResponse {

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Interop test: the real macp-sdk-python client (from PyPI, unchanged) against
+# the macp-runtime server built from this tree.
+#
+#   bash tests/interop/run.sh
+#
+# Creates (or reuses) a virtualenv in target/interop-venv with the pinned SDK
+# and pytest, builds the server (debug), then runs tests/interop/ against a
+# fresh `macp-runtime --dev` on a free loopback port, once with
+# --memory-only and once with a data directory in a temporary directory (the
+# "fs" pass; while macp-transport-grpc/src/fs_journal.rs is still a stub it
+# only exercises the data-dir configuration, and it covers the filesystem
+# journal as soon as that is wired in).
+# Needs only the Rust toolchain, python3 (with venv) and network access to
+# PyPI the first time. Exits non-zero if anything fails.
+#
+# Environment: PYTHON (default python3), MACP_INTEROP_BACKENDS (default
+# "memory fs"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default 10),
+# extra pytest arguments are passed through ("$@").
+set -euo pipefail
+
+SDK_VERSION=0.22.0
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+VENV="$TARGET_DIR/interop-venv"
+PYTHON="${PYTHON:-python3}"
+BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs}"
+
+log() { printf '== interop: %s\n' "$*"; }
+
+# ---- Python side: a venv with exactly the pinned SDK ------------------------
+venv_ok() {
+    [ -x "$VENV/bin/python" ] &&
+        "$VENV/bin/python" - "$SDK_VERSION" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import version
+import pytest  # noqa: F401
+sys.exit(0 if version("macp-sdk-python") == sys.argv[1] else 1)
+EOF
+}
+if venv_ok; then
+    log "reusing $VENV (macp-sdk-python $SDK_VERSION)"
+else
+    log "creating $VENV with macp-sdk-python==$SDK_VERSION"
+    rm -rf "$VENV"
+    mkdir -p "$TARGET_DIR"
+    pip_args=(install --quiet --disable-pip-version-check --no-input "macp-sdk-python==$SDK_VERSION" "pytest>=7")
+    if "$PYTHON" -m venv "$VENV"; then
+        "$VENV/bin/python" -m pip "${pip_args[@]}"
+    else
+        # Debian-style python3 without ensurepip (no python3-venv package):
+        # a venv without pip, filled by the system pip.
+        rm -rf "$VENV"
+        "$PYTHON" -m venv --without-pip "$VENV"
+        "$PYTHON" -m pip --python "$VENV/bin/python" "${pip_args[@]}"
+    fi
+    venv_ok || { echo "interop: the venv does not have macp-sdk-python $SDK_VERSION" >&2; exit 1; }
+fi
+
+# ---- Rust side: the server binary -------------------------------------------
+log "building macp-runtime"
+cargo build --quiet -p macp-transport-grpc --bin macp-runtime
+BIN="$TARGET_DIR/debug/macp-runtime"
+[ -x "$BIN" ] || { echo "interop: $BIN was not built" >&2; exit 1; }
+
+# ---- One server per backend ---------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/macp-interop.XXXXXX")"
+SERVER_PID=""
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        # Graceful shutdown drains and checkpoints; don't wait forever.
+        for _ in $(seq 1 50); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+cleanup() {
+    stop_server
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() {
+    "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_server <log> <storage flags...>: sets SERVER_PID and PORT once the
+# server accepts connections (retries on a port lost to a race).
+start_server() {
+    local logf="$1"
+    shift
+    for _attempt in 1 2 3; do
+        PORT="$(free_port)"
+        RUST_LOG="${RUST_LOG:-info}" "$BIN" --dev --bind-addr "127.0.0.1:$PORT" "$@" >"$logf" 2>&1 &
+        SERVER_PID=$!
+        for _ in $(seq 1 300); do
+            if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+                break
+            fi
+            if "$VENV/bin/python" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.5).close()' "$PORT" 2>/dev/null; then
+                return 0
+            fi
+            sleep 0.1
+        done
+        if kill -0 "$SERVER_PID" 2>/dev/null; then
+            echo "interop: macp-runtime did not listen on 127.0.0.1:$PORT within 30 s" >&2
+            cat "$logf" >&2
+            stop_server
+            return 1
+        fi
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+        if ! grep -q "cannot listen" "$logf"; then
+            echo "interop: macp-runtime exited during startup:" >&2
+            cat "$logf" >&2
+            return 1
+        fi
+    done
+    echo "interop: no free port after 3 attempts" >&2
+    return 1
+}
+
+failed=0
+for backend in $BACKENDS; do
+    case "$backend" in
+        memory) flags=(--memory-only) ;;
+        fs) mkdir -p "$WORK/data"; flags=(--data-dir "$WORK/data") ;;
+        *) echo "interop: unknown backend '$backend' (memory, fs)" >&2; exit 2 ;;
+    esac
+    logf="$WORK/server-$backend.log"
+    start_server "$logf" "${flags[@]}"
+    log "backend $backend: macp-runtime pid $SERVER_PID on 127.0.0.1:$PORT; macp-sdk-python $SDK_VERSION"
+    start=$(date +%s)
+    if MACP_INTEROP_TARGET="127.0.0.1:$PORT" PYTHONDONTWRITEBYTECODE=1 \
+        "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfExX "$ROOT/tests/interop" "$@"; then
+        log "backend $backend: passed in $(($(date +%s) - start)) s"
+    else
+        failed=1
+        log "backend $backend: FAILED; server log follows"
+        tail -n 50 "$logf" >&2
+    fi
+    stop_server
+done
+exit "$failed"
