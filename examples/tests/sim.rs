@@ -7,7 +7,7 @@
 
 use macp_examples::sim::rng::Rng;
 use macp_examples::sim::storage::SimStorage;
-use macp_examples::sim::{run_range, run_seed, run_seed_on, SimConfig};
+use macp_examples::sim::{run_range, run_seed, run_seed_on, Backend, SimConfig};
 use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::{Kernel, KernelConfig};
 
@@ -29,6 +29,18 @@ fn seeds_0_to_200_pass_every_invariant() {
     assert!(stats.checkpoints > 100 && stats.timer_records > 50, "{stats}");
     assert!(stats.duplicates > 1_000 && stats.net_duplicates > 100 && stats.retries > 1_000, "{stats}");
     assert!(stats.clock_steps_back > 10, "{stats}");
+}
+
+/// The same workload and faults on the real storage crate: its WAL on its
+/// fault-injecting simulated file system, power cuts as its crash images,
+/// recovery by its own `recover`.
+#[test]
+fn seeds_0_to_100_pass_on_macp_storage_fs() {
+    let cfg = SimConfig { backend: Backend::Fs, ..SimConfig::default() };
+    let stats = run_range(0..100, &cfg).unwrap_or_else(|f| panic!("{f}"));
+    eprintln!("{stats}");
+    assert!(stats.crashes > 50 && stats.storage_faults > 10 && stats.checkpoints > 50, "{stats}");
+    assert!(stats.resolved * 2 > stats.sessions, "{stats}");
 }
 
 /// A seed is a complete reproduction: the same seed gives the same run.

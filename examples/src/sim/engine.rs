@@ -28,6 +28,9 @@ const MAX_ATTEMPTS: u32 = 12;
 pub fn run_seed(seed: u64, config: &SimConfig) -> Result<Stats, Failure> {
     run_seed_on(seed, config, |rng| match config.backend {
         Backend::Model => Box::new(ModelDisk::new(config.faults, rng)),
+        Backend::Fs => {
+            Box::new(super::fsdisk::FsDisk::new(config.faults, rng).expect("a fresh simulated data directory opens"))
+        }
     })
 }
 

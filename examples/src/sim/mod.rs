@@ -21,6 +21,7 @@
 //! ```
 
 mod engine;
+pub mod fsdisk;
 pub mod oracle;
 pub mod rng;
 pub mod storage;
@@ -38,6 +39,9 @@ pub enum Backend {
     /// [`storage::ModelDisk`]: the in-memory model of a group-committed log.
     #[default]
     Model,
+    /// [`fsdisk::FsDisk`]: `macp-storage-fs`'s write-ahead log on its
+    /// fault-injecting simulated file system.
+    Fs,
 }
 
 impl Backend {
@@ -45,6 +49,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Model => "model",
+            Backend::Fs => "fs",
         }
     }
 
@@ -52,6 +57,7 @@ impl Backend {
     pub fn parse(s: &str) -> Option<Backend> {
         match s {
             "model" => Some(Backend::Model),
+            "fs" => Some(Backend::Fs),
             _ => None,
         }
     }
