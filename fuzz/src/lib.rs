@@ -17,6 +17,8 @@
 //! * [`config`]: the configuration-parsing entry points of the
 //!   `config_parse` target;
 //! * [`storage`]: the storage-decoding checks of the `storage_decode` target;
+//! * [`wal`]: the damaged-data-directory recovery checks of the `wal_recover`
+//!   target (`macp-storage-fs`);
 //! * [`seeds`]: the seed corpus, derived from the conformance vectors.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -28,3 +30,4 @@ pub mod frames;
 pub mod ops;
 pub mod seeds;
 pub mod storage;
+pub mod wal;

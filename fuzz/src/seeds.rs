@@ -51,6 +51,7 @@ pub fn all() -> Corpus {
     c.insert("envelope_kernel", envelope_kernel());
     c.insert("storage_decode", storage_decode());
     c.insert("config_parse", config_parse());
+    c.insert("wal_recover", wal_recover());
     // `kernel_ops` reads `arbitrary`'s encoding, which has no inverse; it
     // reaches the vectors through its `Op::Vector` operation instead.
     c.insert("kernel_ops", BTreeMap::new());
@@ -174,5 +175,25 @@ pub fn config_parse() -> BTreeMap<String, Vec<u8>> {
         r#"{"assignment":{"allow_reassignment_on_reject":true},"completion":{"require_output":true}}"#,
     );
     add("rules-proposal", 2 | (1 << 2), r#"{"acceptance":{"criterion":"counterparty"}}"#);
+    out
+}
+
+/// Damage to the data directory built from the vectors' records (see
+/// [`crate::wal`]): none, a flipped byte in a segment header, a frame header
+/// and a payload, a torn tail, a replaced segment and a garbage checkpoint.
+pub fn wal_recover() -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut add = |name: &str, bytes: Vec<u8>| {
+        out.insert(name.to_string(), bytes);
+    };
+    add("untouched", vec![0, 0, 0, 0]);
+    add("segment-header-byte", vec![0, 1, 9, 0, 0xff]);
+    add("first-frame-header", vec![0, 0, 18, 0, 0x00]);
+    add("first-frame-payload", vec![0, 0, 40, 0, 0x55, 0xaa]);
+    add("last-segment-middle", vec![0, 0xff, 0, 4, 0x01]);
+    add("torn-tail", vec![2, 0xff, 0, 3, 1, 2, 3]);
+    add("segment-cut", vec![2, 1, 100, 0]);
+    add("segment-replaced", vec![1, 2, 0, 0, b'M', b'A', b'C', b'P']);
+    add("checkpoint-garbage", vec![3, 1, 2, 3, 4]);
     out
 }
