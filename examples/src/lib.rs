@@ -26,6 +26,8 @@ pub mod fuzz;
 pub mod ids;
 pub mod modes;
 pub mod rng;
+/// The deterministic simulator (`macp-sim`): clients, network, crashes and storage faults around the real kernel.
+pub mod sim;
 pub mod transcript;
 pub mod watch;
 

@@ -63,6 +63,16 @@ pub fn parse_tokens(json: &str) -> Result<Vec<TokenEntry>, String> {
         if e.token.is_empty() || e.sender.is_empty() {
             return Err("every token entry needs a non-empty 'token' and 'sender'".into());
         }
+        // A token reaches `authenticate` through a header value read with
+        // `to_str()` and trimmed, so only printable ASCII without
+        // surrounding spaces can ever match: anything else would be a
+        // configured credential that silently never works.
+        if !e.token.bytes().all(|b| (0x20..=0x7e).contains(&b)) || e.token.trim() != e.token {
+            return Err(format!(
+                "token for sender '{}' can never authenticate: tokens must be printable ASCII without leading or trailing spaces",
+                e.sender
+            ));
+        }
         if !seen.insert(e.token.as_str()) {
             return Err(format!("token for sender '{}' is listed twice", e.sender));
         }
@@ -162,6 +172,28 @@ mod tests {
         assert!(parse_tokens("{").is_err());
         assert!(parse_tokens(r#"[{"token":"","sender":"a"}]"#).is_err());
         assert!(parse_tokens(r#"[{"token":"t","sender":"a"},{"token":"t","sender":"b"}]"#).is_err());
+    }
+
+    /// Found by the `config_parse` fuzz target: a token with a character an
+    /// HTTP header value cannot carry as text (here U+FFFD), or with
+    /// surrounding spaces, was accepted from the token file but could never
+    /// authenticate. Such a file is now refused at startup, naming the
+    /// sender, and every accepted token authenticates.
+    #[test]
+    fn tokens_that_no_request_can_present_are_refused() {
+        for bad in ["\u{fffd}t`1", "caf\u{e9}", " padded", "padded ", "tab\\t", "del\u{7f}"] {
+            let json = format!(r#"[{{"token":"{bad}","sender":"a"}}]"#);
+            let err = parse_tokens(&json).expect_err(&json);
+            assert!(err.contains("sender 'a' can never authenticate"), "{err}");
+        }
+        let ok = parse_tokens(r#"[{"token":"a b~!","sender":"a"}]"#).unwrap();
+        let auth = Authenticator::new(ok, false);
+        let mut md = MetadataMap::new();
+        md.insert("authorization", "Bearer a b~!".parse().unwrap());
+        assert_eq!(auth.authenticate(&md).unwrap().sender, "a");
+        let mut md = MetadataMap::new();
+        md.insert("x-macp-token", "a b~!".parse().unwrap());
+        assert_eq!(auth.authenticate(&md).unwrap().sender, "a");
     }
 
     #[test]
