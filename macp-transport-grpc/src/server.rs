@@ -94,6 +94,16 @@ pub async fn serve(
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
     let driver_tx = tx.clone();
     let runtime = Runtime::new(tx, auth, limits, watch, kcfg);
+    // Forget senders whose budgets refilled, so the limiter's memory stays
+    // bounded by the senders active in the last minute.
+    let limits = runtime.limits();
+    let pruner = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            limits.prune();
+        }
+    });
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<MacpRuntimeServiceServer<Runtime>>().await;
@@ -143,6 +153,7 @@ pub async fn serve(
         _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown signal; closing them"),
     }
     info!("stopped accepting; draining");
+    pruner.abort();
     let _ = driver_tx.send(crate::driver::Command::Shutdown).await;
     let _ = driver_task.await;
     info!("shutdown complete");

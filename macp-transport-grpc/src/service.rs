@@ -57,6 +57,11 @@ impl Runtime {
         Runtime { tx, auth: Arc::new(auth), limits: Arc::new(limits), watch, kernel_config: Arc::new(kernel_config) }
     }
 
+    /// The rate limiters, so the server can prune them periodically.
+    pub fn limits(&self) -> Arc<RateLimits> {
+        self.limits.clone()
+    }
+
     fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
         self.auth.authenticate(req.metadata())
     }
