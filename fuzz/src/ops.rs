@@ -699,6 +699,9 @@ pub struct Interpreter {
 }
 
 /// What an op asks the driver to do.
+// A transient value, moved once per op: boxing the input would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     /// Run this input.
     Input(Input),
