@@ -4,18 +4,28 @@
 //! ```sh
 //! cargo run --release -p macp-examples --bin macp-bench -- \
 //!     --workload decision --concurrency 16 --duration 10s --warmup 2s
+//! # open 100,000 sessions and leave them open (for RSS and restart measurements)
+//! macp-bench --workload open-sessions --sessions 100000 --concurrency 64
+//! # wait until a (re)starting server answers and has recovered two sessions
+//! macp-bench probe --timeout 600s --expect-session <id> --expect-session <id>
 //! ```
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-use macp_examples::bench::{parse_duration, run, BenchConfig, Workload};
+use clap::{Parser, Subcommand, ValueEnum};
+use macp_examples::bench::{open_sessions, parse_duration, probe, run, BenchConfig, OpenConfig, ProbeConfig, Workload};
 use macp_examples::client::{AuthMode, DEFAULT_ADDR};
 
 #[derive(Parser)]
-#[command(name = "macp-bench", about = "Closed-loop load generator for a local MACP runtime (loopback only)")]
+#[command(
+    name = "macp-bench",
+    about = "Closed-loop load generator for a local MACP runtime (loopback only)",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Runtime address; must resolve to loopback.
     #[arg(long, env = "MACP_ADDR", default_value = DEFAULT_ADDR)]
     addr: String,
@@ -25,23 +35,107 @@ struct Args {
     /// HTTP/2 connections the workers share.
     #[arg(long, default_value_t = 1)]
     connections: usize,
-    /// Measured time (e.g. 10s, 500ms, 1m).
+    /// Measured time (e.g. 10s, 500ms, 1m). Not used by open-sessions.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     duration: Duration,
-    /// Unmeasured warm-up before it.
+    /// Unmeasured warm-up before it. Not used by open-sessions.
     #[arg(long, value_parser = parse_duration, default_value = "2s")]
     warmup: Duration,
     /// How dev identities are sent.
     #[arg(long, value_enum, default_value_t = AuthMode::AgentHeader)]
     auth: AuthMode,
     /// What each worker sends.
-    #[arg(long, value_enum, default_value_t = Workload::Decision)]
-    workload: Workload,
+    #[arg(long, value_enum, default_value_t = CliWorkload::Decision)]
+    workload: CliWorkload,
+    /// open-sessions: how many sessions to open (and leave open, TTL 1 h).
+    #[arg(long, default_value_t = 100_000)]
+    sessions: u64,
+}
+
+/// The workloads of `--workload`: the timed ones of `bench::run`, plus
+/// `open-sessions`, which is count-bound (`bench::open_sessions`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CliWorkload {
+    /// A full decision session per worker iteration (5 Sends).
+    Decision,
+    /// Ambient Signals.
+    Signals,
+    /// SessionStart only.
+    Starts,
+    /// Open exactly --sessions sessions and leave them open; prints the ids of
+    /// the first and the last one for `probe --expect-session`.
+    OpenSessions,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Wait until a server answers (and has recovered given sessions); print how long that took.
+    ///
+    /// Retries connect + Initialize (+ GetSession of each --expect-session, as
+    /// its initiator, which must be OPEN) until all succeed, and prints the
+    /// time since the probe started. Started together with a server, that is
+    /// the server's time to ready, recovery included. Exits non-zero if the
+    /// server was not ready within --timeout.
+    Probe {
+        /// Runtime address; must resolve to loopback.
+        #[arg(long, env = "MACP_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// Give up after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        timeout: Duration,
+        /// How dev identities are sent.
+        #[arg(long, value_enum, default_value_t = AuthMode::AgentHeader)]
+        auth: AuthMode,
+        /// A session opened by `--workload open-sessions` that must have been
+        /// recovered (repeatable).
+        #[arg(long = "expect-session")]
+        expect_sessions: Vec<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let a = Args::parse();
+    let printed = match a.command {
+        Some(Command::Probe { addr, timeout, auth, expect_sessions }) => {
+            probe(ProbeConfig { addr, timeout, auth, expect_sessions }).await.map(|r| {
+                print!("{}", r.table());
+                println!("{}", r.json());
+                r.ready
+            })
+        }
+        None => match a.workload {
+            CliWorkload::OpenSessions => open_sessions(OpenConfig {
+                addr: a.addr,
+                sessions: a.sessions,
+                concurrency: a.concurrency,
+                connections: a.connections,
+                auth: a.auth,
+            })
+            .await
+            .map(|r| {
+                print!("{}", r.table());
+                println!("{}", r.json());
+                r.opened == r.config.sessions
+            }),
+            CliWorkload::Decision => run_timed(a, Workload::Decision).await,
+            CliWorkload::Signals => run_timed(a, Workload::Signals).await,
+            CliWorkload::Starts => run_timed(a, Workload::Starts).await,
+        },
+    };
+    match printed {
+        Ok(true) => ExitCode::SUCCESS,
+        // The report is printed; it says what fell short.
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("macp-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a timed workload (`bench::run`) and prints its report.
+async fn run_timed(a: Args, workload: Workload) -> macp_examples::Result<bool> {
     let cfg = BenchConfig {
         addr: a.addr,
         concurrency: a.concurrency,
@@ -49,17 +143,10 @@ async fn main() -> ExitCode {
         duration: a.duration,
         warmup: a.warmup,
         auth: a.auth,
-        workload: a.workload,
+        workload,
     };
-    match run(cfg).await {
-        Ok(r) => {
-            print!("{}", r.table());
-            println!("{}", r.json());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("macp-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let r = run(cfg).await?;
+    print!("{}", r.table());
+    println!("{}", r.json());
+    Ok(true)
 }
