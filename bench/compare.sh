@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of two MACP runtimes on this machine, in one run:
+# ours (macp-rs) and the reference runtime (multiagentcoordinationprotocol/
+# macp-runtime). Both are driven by the same load generator (macp-bench) with
+# the same flags; a fresh server (and a fresh data directory) for every item.
+#
+# Usage: bench/compare.sh [OURS_BINARY] [REFERENCE_BINARY]
+#   defaults: target/release/macp-runtime
+#             /work/ref/macp-runtime/target/release/macp-runtime
+#
+# Items (run in this order; for each item ours first, then the reference):
+#   decision-mem-c1 decision-mem-c16 decision-mem-c64     decision, memory-only
+#   decision-file-c1 decision-file-c16 decision-file-c64  decision, file-backed
+#   signals-mem-c16                                       ambient Signals, memory-only
+#   sessions-file   open $SESSIONS sessions file-backed, read RSS, stop the server
+#                   (SIGTERM, SIGKILL after $STOP_TIMEOUT s), restart it on the same
+#                   data dir and time it until those sessions are readable again
+#   sessions-mem    open $SESSIONS sessions memory-only, read RSS
+#
+# Environment (all optional):
+#   DURATION=10s WARMUP=2s     measured time and warm-up of the timed items
+#   SESSIONS=100000            sessions opened by the sessions-* items
+#   OPEN_CONCURRENCY=64        workers opening them
+#   ONLY="a b"  SKIP="a b"     item-name prefixes to run / leave out
+#                              (e.g. ONLY=decision-file, SKIP="sessions-mem")
+#   SERVERS="ours ref"         which servers to run
+#   PORT_OURS=50071 PORT_REF=50072
+#   RESTART_TIMEOUT=600s       how long a restart may take before it counts as failed
+#   STOP_TIMEOUT=60            seconds between SIGTERM and SIGKILL
+#   WORKDIR=<mktemp -d>        data dirs and server logs (data dirs are deleted
+#                              after each item unless KEEP_DATA=1)
+#   RESULTS=$WORKDIR/results.jsonl   raw JSON lines, one per measurement
+#   BENCH=target/release/macp-bench
+#   OURS_ENV="" REF_ENV=""     extra VAR=value settings for one server's
+#                              environment (e.g. REF_ENV="RUST_LOG=warn")
+#
+# Authentication: both servers run in their dev mode and the load generator
+# sends `Authorization: Bearer <agent-id>` (--auth bearer), the only dev
+# identity the reference accepts. Rate limits: both servers keep their default
+# per-sender limits (60 SessionStarts and 600 messages per minute); macp-bench
+# uses fresh agent ids for every session and moves Signals to a new sender
+# every 500, so no sender comes near a limit. (The reference cannot switch its
+# limiter off: a limit of 0 refuses everything.)
+#
+# Output: each measurement's raw JSON line is appended to $RESULTS, and the
+# markdown tables are printed at the end (and can be rebuilt from a results
+# file with `bench/compare.sh --table FILE`).
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+table() {
+    local results=$1
+    echo
+    echo "| workload | concurrency | storage | ours ops/s | ours p50 / p99 µs | reference ops/s | reference p50 / p99 µs | ours / reference |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|"
+    jq -rs '
+      def cell($r): if $r == null then ["—", "—"]
+        else [ ($r.ops_per_s | round | tostring) + (if $r.errors > 0 then " (\($r.errors) errors)" else "" end),
+               "\($r.latency_us.p50) / \($r.latency_us.p99)" ] end;
+      map(select(.kind == "load")) as $l
+      | reduce ($l[] | .item) as $i ([]; if any(.[]; . == $i) then . else . + [$i] end)
+      | .[] as $item
+      | ($l | map(select(.item == $item and .server == "ours")) | last | .result) as $o
+      | ($l | map(select(.item == $item and .server == "ref")) | last | .result) as $r
+      | ($l | map(select(.item == $item)) | first) as $any
+      | "| \($any.result.workload) | \($any.result.concurrency) | \($any.storage) | \(cell($o)[0]) | \(cell($o)[1]) | \(cell($r)[0]) | \(cell($r)[1]) | "
+        + (if $o != null and $r != null and $r.ops_per_s > 0
+           then ((($o.ops_per_s / $r.ops_per_s) * 10 | round) / 10 | tostring) + "×" else "—" end) + " |"
+    ' "$results"
+    echo
+    echo "| $(jq -rs 'map(select(.kind=="open")) | first | .result.requested // "N"' "$results") open sessions | storage | ours | reference | ours / reference |"
+    echo "|---|---|---:|---:|---:|"
+    jq -rs '
+      def get($s; $item; $k): map(select(.server == $s and .item == $item and .kind == $k)) | last;
+      def row($name; $item; $k; f; $unit):
+        (get("ours"; $item; $k) | if . == null then null else f end) as $o
+        | (get("ref"; $item; $k) | if . == null then null else f end) as $r
+        | select($o != null or $r != null)
+        | "| \($name) | \($item | sub("sessions-"; "")) | \($o // "—")\(if $o != null then $unit else "" end) | \($r // "—")\(if $r != null then $unit else "" end) | "
+          + (if $o != null and $r != null and $r != 0 then ((($o / $r) * 100 | round) / 100 | tostring) + "×" else "—" end) + " |";
+      . as $all
+      | ["sessions-file", "sessions-mem"][] as $item
+      | ($all | row("sessions opened per second"; $item; "open"; .result.sessions_per_s | round; "")),
+        ($all | row("RSS after opening (MB)"; $item; "rss"; (.rss_kb / 1024 | round); "")),
+        ($all | row("data directory (MB)"; $item; "disk"; (.bytes / 1048576 | round); "")),
+        ($all | row("stop after SIGTERM (s)"; $item; "stop"; .stop_s; "")),
+        ($all | row("restart until sessions readable (s)"; $item; "restart"; (if .result.ready then .result.ready_s else null end); "")),
+        ($all | row("RSS after restart (MB)"; $item; "rss-restart"; (.rss_kb / 1024 | round); ""))
+    ' "$results"
+}
+
+if [[ ${1:-} == --table ]]; then
+    table "${2:?usage: bench/compare.sh --table RESULTS.jsonl}"
+    exit 0
+fi
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+
+OURS=$(realpath "${1:-$ROOT/target/release/macp-runtime}")
+REF=$(realpath "${2:-/work/ref/macp-runtime/target/release/macp-runtime}")
+BENCH=$(realpath "${BENCH:-$ROOT/target/release/macp-bench}")
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+SESSIONS=${SESSIONS:-100000}
+OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-64}
+ONLY=${ONLY:-}
+SKIP=${SKIP:-}
+SERVERS=${SERVERS:-ours ref}
+PORT_OURS=${PORT_OURS:-50071}
+PORT_REF=${PORT_REF:-50072}
+RESTART_TIMEOUT=${RESTART_TIMEOUT:-600s}
+STOP_TIMEOUT=${STOP_TIMEOUT:-60}
+WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/macp-compare.XXXXXX")}
+RESULTS=${RESULTS:-$WORKDIR/results.jsonl}
+KEEP_DATA=${KEEP_DATA:-0}
+OURS_ENV=${OURS_ENV:-}
+REF_ENV=${REF_ENV:-}
+
+for bin in "$OURS" "$REF" "$BENCH"; do
+    [[ -x $bin ]] || { echo "compare.sh: $bin is not an executable" >&2; exit 2; }
+done
+command -v jq >/dev/null || { echo "compare.sh: needs jq" >&2; exit 2; }
+mkdir -p "$WORKDIR/logs" "$(dirname "$RESULTS")"
+# No inherited MACP_* setting may change either server (or macp-bench's --addr).
+for v in $(compgen -e | grep '^MACP_' || true); do unset "$v"; done
+
+SERVER_PID=
+cleanup() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 50); do alive "$SERVER_PID" || break; sleep 0.1; done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    if [[ $KEEP_DATA != 1 ]]; then rm -rf "$WORKDIR"/data-*; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Running and not a zombie.
+alive() {
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ $st != Z* ]]
+}
+
+now() { date +%s.%N; }
+secs_since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f", a - b }'; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+wanted() {
+    local item=$1 p
+    for p in $SKIP; do [[ $item == "$p"* ]] && return 1; done
+    [[ -z $ONLY ]] && return 0
+    for p in $ONLY; do [[ $item == "$p"* ]] && return 0; done
+    return 1
+}
+
+port_of() { if [[ $1 == ours ]]; then echo "$PORT_OURS"; else echo "$PORT_REF"; fi; }
+
+# The command line that starts server $1 with storage $2 (memory|file) and data dir $3.
+server_cmd() {
+    local server=$1 storage=$2 dir=$3 port
+    port=$(port_of "$server")
+    if [[ $server == ours ]]; then
+        local prefix=
+        [[ -n $OURS_ENV ]] && prefix="env $OURS_ENV "
+        if [[ $storage == memory ]]; then
+            echo "$prefix$OURS --dev --memory-only --bind-addr 127.0.0.1:$port"
+        else
+            echo "$prefix$OURS --dev --data-dir $dir --bind-addr 127.0.0.1:$port"
+        fi
+    else
+        local extra=
+        [[ -n $REF_ENV ]] && extra="$REF_ENV "
+        if [[ $storage == memory ]]; then
+            echo "env MACP_ALLOW_INSECURE=1 MACP_MEMORY_ONLY=1 MACP_BIND_ADDR=127.0.0.1:$port $extra$REF"
+        else
+            echo "env MACP_ALLOW_INSECURE=1 MACP_DATA_DIR=$dir MACP_BIND_ADDR=127.0.0.1:$port $extra$REF"
+        fi
+    fi
+}
+
+# Starts a server in the background (cwd $WORKDIR, so a default data dir can
+# never land in the repository); sets SERVER_PID and SERVER_LOG.
+start_server() {
+    local cmd=$1 log=$2 port=$3
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "compare.sh: port $port is already in use" >&2
+        exit 1
+    fi
+    SERVER_LOG=$log
+    # shellcheck disable=SC2086 # the command is a word list by construction
+    (cd "$WORKDIR" && exec $cmd) >>"$log" 2>&1 &
+    SERVER_PID=$!
+}
+
+# Waits (up to 60 s) until the fresh server answers Initialize.
+wait_ready() {
+    local port=$1
+    if ! "$BENCH" probe --addr "127.0.0.1:$port" --timeout 60s --auth bearer >/dev/null; then
+        echo "compare.sh: server did not come up; log $SERVER_LOG:" >&2
+        tail -20 "$SERVER_LOG" >&2
+        exit 1
+    fi
+}
+
+# SIGTERM, SIGKILL after STOP_TIMEOUT s; sets STOP_S (seconds until the
+# process was gone) and STOP_SIG (the last signal sent).
+stop_server() {
+    local pid=$SERVER_PID t0 i
+    t0=$(now)
+    STOP_SIG=TERM
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < STOP_TIMEOUT * 20; i++)); do alive "$pid" || break; sleep 0.05; done
+    if alive "$pid"; then
+        STOP_SIG=KILL
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    SERVER_PID=
+    STOP_S=$(secs_since "$t0")
+}
+
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# Appends one result line: common fields plus the given jq object.
+record() {
+    local server=$1 item=$2 storage=$3 kind=$4 extra=$5
+    jq -nc --arg server "$server" --arg item "$item" --arg storage "$storage" --arg kind "$kind" \
+        --arg load "$(loadavg)" --arg at "$(date -u +%FT%TZ)" --argjson extra "$extra" \
+        '{server: $server, item: $item, storage: $storage, kind: $kind, at: $at, loadavg: $load} + $extra' \
+        >>"$RESULTS"
+}
+
+last_json() { grep '^{' | tail -1; }
+
+# A timed macp-bench run against a fresh server.
+load_item() {
+    local server=$1 item=$2 storage=$3 workload=$4 conc=$5 port dir cmd bench_cmd out
+    port=$(port_of "$server")
+    dir="$WORKDIR/data-$server-$item"
+    rm -rf "$dir"
+    cmd=$(server_cmd "$server" "$storage" "$dir")
+    bench_cmd="$BENCH --addr 127.0.0.1:$port --auth bearer --workload $workload --concurrency $conc --duration $DURATION --warmup $WARMUP"
+    echo "== $item [$server]: $bench_cmd"
+    start_server "$cmd" "$WORKDIR/logs/$server-$item.log" "$port"
+    wait_ready "$port"
+    out=$($bench_cmd) || { echo "$out"; echo "compare.sh: macp-bench failed" >&2; exit 1; }
+    echo "$out" | grep -v '^{'
+    stop_server
+    record "$server" "$item" "$storage" load "$(jq -nc --arg cmd "$cmd" --arg bench "$bench_cmd" \
+        --argjson r "$(echo "$out" | last_json)" '{server_cmd: $cmd, cmd: $bench, result: $r}')"
+    rm -rf "$dir"
+}
+
+# Open $SESSIONS sessions; RSS; for file storage also stop + timed restart.
+sessions_item() {
+    local server=$1 item=$2 storage=$3 port dir cmd open_cmd out checks rss probe_cmd expect=()
+    port=$(port_of "$server")
+    dir="$WORKDIR/data-$server-$item"
+    rm -rf "$dir"
+    cmd=$(server_cmd "$server" "$storage" "$dir")
+    open_cmd="$BENCH --addr 127.0.0.1:$port --auth bearer --workload open-sessions --sessions $SESSIONS --concurrency $OPEN_CONCURRENCY"
+    echo "== $item [$server]: $open_cmd"
+    start_server "$cmd" "$WORKDIR/logs/$server-$item.log" "$port"
+    wait_ready "$port"
+    out=$($open_cmd) || { echo "$out"; echo "compare.sh: opening sessions failed" >&2; exit 1; }
+    echo "$out" | grep -v '^{'
+    record "$server" "$item" "$storage" open "$(jq -nc --arg cmd "$cmd" --arg bench "$open_cmd" \
+        --argjson r "$(echo "$out" | last_json)" '{server_cmd: $cmd, cmd: $bench, result: $r}')"
+    sleep 2 # let allocations settle after the last Ack
+    rss=$(rss_kb "$SERVER_PID")
+    echo "   RSS with $SESSIONS open sessions: $((rss / 1024)) MB"
+    record "$server" "$item" "$storage" rss "$(jq -nc --argjson kb "$rss" --argjson n "$SESSIONS" \
+        '{after: "open", rss_kb: $kb, sessions: $n, how: "VmRSS from /proc/PID/status, 2 s after the last Ack"}')"
+    stop_server
+    if [[ $storage == memory ]]; then
+        return
+    fi
+    echo "   stopped after $STOP_S s (SIG$STOP_SIG)"
+    record "$server" "$item" "$storage" stop "$(jq -nc --argjson s "$STOP_S" --arg sig "$STOP_SIG" '{stop_s: $s, signal: $sig}')"
+    record "$server" "$item" "$storage" disk "$(jq -nc --argjson b "$(du -sb "$dir" | cut -f1)" '{bytes: $b}')"
+    checks=$(echo "$out" | last_json | jq -r '.check_sessions[]')
+    for s in $checks; do expect+=(--expect-session "$s"); done
+    probe_cmd="$BENCH probe --addr 127.0.0.1:$port --auth bearer --timeout $RESTART_TIMEOUT ${expect[*]}"
+    echo "   restart: $probe_cmd"
+    start_server "$cmd" "$WORKDIR/logs/$server-$item-restart.log" "$port"
+    out=$($probe_cmd) || true
+    echo "   $(echo "$out" | grep -v '^{')"
+    record "$server" "$item" "$storage" restart "$(jq -nc --arg cmd "$cmd" --arg probe "$probe_cmd" \
+        --argjson r "$(echo "$out" | last_json)" '{server_cmd: $cmd, cmd: $probe, result: $r}')"
+    if alive "$SERVER_PID"; then
+        rss=$(rss_kb "$SERVER_PID")
+        record "$server" "$item" "$storage" rss-restart "$(jq -nc --argjson kb "$rss" '{rss_kb: $kb}')"
+    fi
+    stop_server
+    [[ $KEEP_DATA == 1 ]] || rm -rf "$dir"
+}
+
+echo "ours:      $OURS"
+echo "reference: $REF"
+echo "bench:     $BENCH"
+echo "results:   $RESULTS   (logs in $WORKDIR/logs)"
+echo "load average at start: $(loadavg)"
+record meta run - start "$(jq -nc --arg ours "$OURS" --arg ref "$REF" --arg d "$DURATION" --arg w "$WARMUP" \
+    --argjson n "$SESSIONS" --arg head "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --arg oe "$OURS_ENV" --arg re "$REF_ENV" \
+    '{ours: $ours, ref: $ref, duration: $d, warmup: $w, sessions: $n, ours_commit: $head, ours_env: $oe, ref_env: $re}')"
+
+for storage in memory file; do
+    short=mem
+    [[ $storage == file ]] && short=file
+    for c in 1 16 64; do
+        item="decision-$short-c$c"
+        wanted "$item" || continue
+        for s in $SERVERS; do load_item "$s" "$item" "$storage" decision "$c"; done
+    done
+done
+if wanted signals-mem-c16; then
+    for s in $SERVERS; do load_item "$s" signals-mem-c16 memory signals 16; done
+fi
+for storage in file memory; do
+    short=mem
+    [[ $storage == file ]] && short=file
+    wanted "sessions-$short" || continue
+    for s in $SERVERS; do sessions_item "$s" "sessions-$short" "$storage"; done
+done
+
+echo "load average at end: $(loadavg)"
+table "$RESULTS"
+echo "raw results: $RESULTS"
