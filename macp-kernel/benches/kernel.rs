@@ -11,6 +11,9 @@
 //!
 //! Run: `cargo bench -p macp-kernel --bench kernel` (add `-- step/decision`
 //! to filter). Not run by `cargo test`.
+//!
+//! The bench uses mimalloc, the allocator the `macp-runtime` binary uses, so
+//! it measures the kernel as the server runs it.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -21,6 +24,9 @@ use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::v1::{CommitmentPayload, Envelope, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
 use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Sessions per iteration: enough that session lookups see a populated map.
 const SESSIONS: usize = 100;
@@ -243,7 +249,7 @@ fn inputs(s: &Script) -> Vec<Input> {
     let mut out = Vec::new();
     let mut request = 0;
     for i in 0..SESSIONS {
-        let sid = format!("00000000-0000-4000-8000-{i:012x}");
+        let sid = uuid4(i as u64 * 2);
         let all = std::iter::once((s.initiator, "SessionStart", start.clone()))
             .chain(s.messages.iter().cloned())
             .chain(std::iter::once((s.initiator, "Commitment", commit.clone())));
@@ -252,11 +258,33 @@ fn inputs(s: &Script) -> Vec<Input> {
             out.push(Input::Envelope {
                 request,
                 identity: Identity::new(who),
-                envelope: envelope(&sid, s.mode, ty, format!("m{i}-{j}"), who, payload),
+                envelope: envelope(&sid, s.mode, ty, uuid4(((i * 16 + j) as u64) * 2 + 1), who, payload),
             });
         }
     }
     out
+}
+
+/// A UUIDv4-shaped id derived from `n` (splitmix64), as real clients send:
+/// the Python SDK uses random UUIDv4 session and message ids, so ids differ
+/// in their first bytes, unlike a counter with a long common prefix.
+fn uuid4(n: u64) -> String {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (mix(n), mix(n ^ 0x5555_5555_5555_5555));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        8 + (b >> 62),
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
 }
 
 /// Runs `inputs` through a fresh kernel, checks every envelope was accepted

@@ -15,11 +15,22 @@ use prost::Message as _;
 
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
-use crate::kernel::{not_open, Applied, Kernel};
+use crate::kernel::{not_open, reindex_timer, Applied, Kernel};
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
 use crate::session::Session;
 use crate::validate;
+
+/// What live admission of a SessionStart already worked out, handed to
+/// [`Kernel::apply_start_record`] so the payload is not decoded twice and the
+/// policy not looked up twice. Recovery has none and derives both from the
+/// record.
+pub(crate) struct Prepared {
+    /// The decoded, validated SessionStartPayload.
+    pub payload: SessionStartPayload,
+    /// The resolved registry policy (equal to the record's descriptor).
+    pub policy: Arc<BoundPolicy>,
+}
 
 fn corrupt(msg: impl Into<String>) -> KernelError {
     KernelError::new(ErrorCode::InternalError, msg)
@@ -43,9 +54,13 @@ impl Kernel {
             return self.apply_registry(record.seq, at, fact);
         }
         if let Fact::Started(st) = fact {
-            return self.apply_started(record, st, emit);
+            return self.apply_started(record, st, emit, None);
         }
         let sid = record.session_id.as_str();
+        if let Fact::Accepted(env) = fact {
+            // The hot path: one session lookup for checks, state and timer.
+            return self.apply_accepted(sid, record.seq, at, env, emit);
+        }
         let s = self
             .sessions
             .get(sid)
@@ -55,7 +70,7 @@ impl Kernel {
         }
         let applied = match fact {
             Fact::Started(_) => unreachable!("handled above"),
-            Fact::Accepted(env) => self.apply_accepted(record.seq, at, env, emit)?,
+            Fact::Accepted(_) => unreachable!("handled above"),
             Fact::Expired(_) => self.apply_expired(sid, at, emit)?,
             Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled, emit)?,
             Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended, emit)?,
@@ -66,7 +81,26 @@ impl Kernel {
         Ok(applied)
     }
 
-    fn apply_started(&mut self, record: &Record, st: &SessionStarted, emit: bool) -> KResult<Applied> {
+    /// Applies a SessionStart record built by live admission.
+    pub(crate) fn apply_start_record(
+        &mut self,
+        record: &Record,
+        emit: bool,
+        prepared: Option<Prepared>,
+    ) -> KResult<Applied> {
+        match &record.fact {
+            Some(Fact::Started(st)) => self.apply_started(record, st, emit, prepared),
+            _ => Err(corrupt("not a SessionStart record")),
+        }
+    }
+
+    fn apply_started(
+        &mut self,
+        record: &Record,
+        st: &SessionStarted,
+        emit: bool,
+        prepared: Option<Prepared>,
+    ) -> KResult<Applied> {
         let env = st.envelope.as_ref().ok_or_else(|| corrupt("SessionStarted without envelope"))?;
         if record.seq != 1 || env.session_id != record.session_id {
             return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
@@ -77,9 +111,18 @@ impl Kernel {
                 format!("session {} already exists", record.session_id),
             ));
         }
-        let p = SessionStartPayload::decode(env.payload.as_slice())
-            .map_err(|e| KernelError::invalid(format!("SessionStart payload does not decode: {e}")))?;
-        let policy = BoundPolicy::from_descriptor(st.policy.clone().unwrap_or_default())?;
+        let (p, policy) = match prepared {
+            Some(Prepared { payload, policy }) => (payload, policy),
+            None => {
+                let p = SessionStartPayload::decode(env.payload.as_slice())
+                    .map_err(|e| KernelError::invalid(format!("SessionStart payload does not decode: {e}")))?;
+                let policy = match &st.policy {
+                    Some(d) => self.policies.bind(d)?,
+                    None => self.policies.bind(&Default::default())?,
+                };
+                (p, policy)
+            }
+        };
         let mode = self.modes.resolve(&st.canonical_mode).map(|(_, e)| e.mode.clone()).ok_or_else(|| {
             KernelError::new(ErrorCode::ModeNotSupported, format!("mode '{}' is not registered", st.canonical_mode))
         })?;
@@ -96,13 +139,13 @@ impl Kernel {
         let mut session = Session {
             id: env.session_id.clone(),
             mode: st.canonical_mode.clone(),
-            mode_version: p.mode_version.clone(),
-            configuration_version: p.configuration_version.clone(),
+            extension_keys: p.extensions.into_keys().collect(),
+            mode_version: p.mode_version,
+            configuration_version: p.configuration_version,
             policy,
             initiator: env.sender.clone(),
-            participants: p.participants.clone(),
-            context_id: p.context_id.clone(),
-            extension_keys: p.extensions.keys().cloned().collect(),
+            participants: p.participants,
+            context_id: p.context_id,
             started_at_ms: record.at_unix_ms,
             deadline_ms: st.deadline_unix_ms,
             max_suspend_ms: st.max_suspend_ms,
@@ -125,11 +168,7 @@ impl Kernel {
         self.refresh_timer(&record.session_id);
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
-            Broadcast::SessionEnvelope {
-                session_id: record.session_id.clone(),
-                seq: 1,
-                envelope: Arc::new(env.clone()),
-            },
+            Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) },
             Broadcast::Lifecycle {
                 event: EventType::Created,
                 session: Box::new(metadata),
@@ -138,9 +177,17 @@ impl Kernel {
         ])
     }
 
-    fn apply_accepted(&mut self, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Applied> {
-        let s =
-            self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("accepted record for a missing session"))?;
+    fn apply_accepted(&mut self, sid: &str, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Applied> {
+        let s = self
+            .sessions
+            .get_mut(sid)
+            .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
+        if seq != s.seq + 1 {
+            return Err(corrupt(format!("session {sid}: record seq {seq} does not follow {}", s.seq)));
+        }
+        if env.session_id != sid {
+            return Err(corrupt(format!("session {sid}: record carries an envelope of session {}", env.session_id)));
+        }
         if s.state != SessionState::Open {
             return Err(not_open(s));
         }
@@ -203,25 +250,24 @@ impl Kernel {
         }
         let mut out = Vec::new();
         if emit {
-            out.push(Broadcast::SessionEnvelope {
-                session_id: env.session_id.clone(),
-                seq,
-                envelope: Arc::new(env.clone()),
-            });
+            out.push(Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) });
         }
-        if resolved {
-            s.state = SessionState::Resolved;
-            s.resolution = Some(env.payload.clone());
-            let initiator = s.initiator.clone();
-            let metadata = emit.then(|| s.metadata());
-            self.release_live(&initiator);
-            if let Some(metadata) = metadata {
-                out.push(Broadcast::Lifecycle {
-                    event: EventType::Resolved,
-                    session: Box::new(metadata),
-                    observed_at_unix_ms: at,
-                });
-            }
+        if !resolved {
+            reindex_timer(&mut self.timers, s);
+            return Ok(out);
+        }
+        s.state = SessionState::Resolved;
+        s.resolution = Some(env.payload.clone());
+        reindex_timer(&mut self.timers, s);
+        let initiator = s.initiator.clone();
+        let metadata = emit.then(|| s.metadata());
+        self.release_live(&initiator);
+        if let Some(metadata) = metadata {
+            out.push(Broadcast::Lifecycle {
+                event: EventType::Resolved,
+                session: Box::new(metadata),
+                observed_at_unix_ms: at,
+            });
         }
         Ok(out)
     }
@@ -294,7 +340,7 @@ impl Kernel {
         }
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
-            Broadcast::SessionEnvelope { session_id: env.session_id.clone(), seq, envelope: Arc::new(env.clone()) },
+            Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) },
             Broadcast::Lifecycle { event, session: Box::new(metadata), observed_at_unix_ms: at },
         ])
     }
@@ -335,7 +381,7 @@ impl Kernel {
                 }
                 let mut d = d.clone();
                 d.registered_at_unix_ms = at;
-                self.policies.insert(d);
+                self.policies.insert(d)?;
                 Broadcast::PoliciesChanged
             }
             Fact::PolicyUnregistered(id) => {

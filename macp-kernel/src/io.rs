@@ -178,11 +178,10 @@ pub enum Reply {
 pub enum Broadcast {
     /// An envelope entered a session's accepted history at `seq`.
     SessionEnvelope {
-        /// The session.
-        session_id: String,
         /// Its 1-based position in the session's history.
         seq: u64,
-        /// The accepted (canonical) envelope.
+        /// The accepted (canonical) envelope; its `session_id` says which
+        /// session's subscribers hear it.
         envelope: Arc<Envelope>,
     },
     /// A session changed state (WatchSessions).

@@ -16,6 +16,7 @@ use macp_wire::v1::{
 };
 use prost::Message as _;
 
+use crate::apply::Prepared;
 use crate::config::{KernelConfig, PROTOCOL_VERSION};
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::{Broadcast, ControlOp, Effect, Identity, Input, Reply, RequestId};
@@ -148,27 +149,23 @@ impl Kernel {
 
     // ----- envelopes -------------------------------------------------------
 
-    fn on_envelope(
-        &mut self,
-        now: i64,
-        request: RequestId,
-        identity: &Identity,
-        mut env: Envelope,
-        out: &mut Vec<Effect>,
-    ) {
+    fn on_envelope(&mut self, now: i64, request: RequestId, identity: &Identity, env: Envelope, out: &mut Vec<Effect>) {
         let mut broadcasts = Vec::new();
-        let result = self.admit_envelope(now, identity, &mut env, out, &mut broadcasts);
+        // The envelope moves into the record; the Ack keeps its own ids.
+        let message_id = env.message_id.clone();
+        let session_id = env.session_id.clone();
+        let result = self.admit_envelope(now, identity, env, out, &mut broadcasts);
         let ack = match result {
             Ok((state, duplicate)) => Ack {
                 ok: true,
                 duplicate,
-                message_id: env.message_id.clone(),
-                session_id: env.session_id.clone(),
+                message_id,
+                session_id,
                 accepted_at_unix_ms: now,
                 session_state: state as i32,
                 error: None,
             },
-            Err(e) => error_ack(now, &env.session_id, &env.message_id, e),
+            Err(e) => error_ack(now, &session_id, &message_id, e),
         };
         out.push(Effect::Reply { request, reply: Reply::Ack(ack) });
         out.extend(broadcasts.into_iter().map(Effect::Broadcast));
@@ -180,11 +177,11 @@ impl Kernel {
         &mut self,
         now: i64,
         identity: &Identity,
-        env: &mut Envelope,
+        mut env: Envelope,
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<(SessionState, bool)> {
-        validate::envelope_shape(env, &self.config)?;
+        validate::envelope_shape(&env, &self.config)?;
         if env.sender.is_empty() {
             env.sender = identity.sender.clone();
         } else if env.sender != identity.sender {
@@ -222,7 +219,7 @@ impl Kernel {
                         return Err(KernelError::invalid("Signal payload needs a non-empty signal_type"));
                     }
                 }
-                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env.clone()) });
+                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env) });
                 Ok((SessionState::Open, false))
             }
             "Progress" => {
@@ -230,7 +227,7 @@ impl Kernel {
                     ProgressPayload::decode(env.payload.as_slice())
                         .map_err(|e| KernelError::invalid(format!("Progress payload does not decode: {e}")))?;
                 }
-                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env.clone()) });
+                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env) });
                 Ok((SessionState::Open, false))
             }
             "SessionStart" => {
@@ -248,7 +245,7 @@ impl Kernel {
         &mut self,
         now: i64,
         identity: &Identity,
-        env: &Envelope,
+        env: Envelope,
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<(SessionState, bool)> {
@@ -267,7 +264,7 @@ impl Kernel {
         })?;
         let canonical = canonical.to_string();
         let descriptor_version = entry.descriptor.mode_version.clone();
-        let fields = validate::start_payload(env, &self.config)?;
+        let fields = validate::start_payload(&env, &self.config)?;
         let p = &fields.payload;
         if p.mode_version != descriptor_version {
             return Err(KernelError::new(
@@ -306,21 +303,24 @@ impl Kernel {
             seq: 1,
             at_unix_ms: now,
             fact: Some(Fact::Started(SessionStarted {
-                envelope: Some(env.clone()),
-                policy: Some(policy.descriptor),
+                envelope: Some(env),
+                policy: Some(policy.descriptor.clone()),
                 max_suspend_ms,
                 deadline_unix_ms: deadline,
                 canonical_mode: canonical,
             })),
         };
-        self.commit_record(record, out, broadcasts)?;
+        let prepared = Prepared { payload: fields.payload, policy };
+        let applied = self.apply_start_record(&record, true, Some(prepared))?;
+        out.push(Effect::Persist(record));
+        broadcasts.extend(applied);
         Ok((SessionState::Open, false))
     }
 
     fn admit_session_message(
         &mut self,
         now: i64,
-        env: &Envelope,
+        env: Envelope,
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<(SessionState, bool)> {
@@ -344,44 +344,55 @@ impl Kernel {
                 env.message_type.trim_start_matches("Session")
             )));
         }
-        if self.expire_if_due(now, &env.session_id, out, broadcasts) {
-            return Err(KernelError::new(
-                ErrorCode::SessionNotOpen,
-                format!("session {} expired before this message arrived", env.session_id),
-            ));
+        // One lookup serves the common case; expiry and due mode timers
+        // (rare) look the session up again after they changed it.
+        let expiry_due = match s.state {
+            SessionState::Open => now > s.deadline_ms,
+            SessionState::Suspended => s.suspend_cap_deadline().is_some_and(|d| now > d),
+            _ => false,
+        };
+        let timer_due = s.mode_state.next_deadline().is_some_and(|d| d <= now);
+        let mut s = s;
+        if expiry_due || timer_due {
+            if self.expire_if_due(now, &env.session_id, out, broadcasts) {
+                return Err(KernelError::new(
+                    ErrorCode::SessionNotOpen,
+                    format!("session {} expired before this message arrived", env.session_id),
+                ));
+            }
+            // Timers that fell due before this message (e.g. an implicit
+            // handoff accept) enter the history first, as if the tick had
+            // come in time.
+            if timer_due {
+                self.fire_mode_timers(now, &env.session_id, out, broadcasts);
+            }
+            s = &self.sessions[&env.session_id];
         }
-        // Timers that fell due before this message (e.g. an implicit handoff
-        // accept) enter the history first, as if the tick had come in time.
-        if self.sessions[&env.session_id].mode_state.next_deadline().is_some_and(|d| d <= now) {
-            self.fire_mode_timers(now, &env.session_id, out, broadcasts);
-        }
-        let s = &self.sessions[&env.session_id];
         if s.state != SessionState::Open {
             return Err(not_open(s));
         }
-        let record = Record {
-            session_id: env.session_id.clone(),
-            seq: s.seq + 1,
-            at_unix_ms: now,
-            fact: Some(Fact::Accepted(env.clone())),
-        };
-        self.commit_record(record, out, broadcasts)?;
-        Ok((self.sessions[&env.session_id].state, false))
+        let seq = s.seq + 1;
+        let session_id = env.session_id.clone();
+        let record = Record { session_id, seq, at_unix_ms: now, fact: Some(Fact::Accepted(env)) };
+        let state = self.commit_record(record, out, broadcasts)?;
+        Ok((state, false))
     }
 
     /// Applies a freshly built record and, if it applies, emits it for
     /// persistence. The record is persisted only when it applied, so a
-    /// rejected message leaves neither state nor log behind.
+    /// rejected message leaves neither state nor log behind. Returns the
+    /// session's state afterwards (`Open` for registry records).
     pub(crate) fn commit_record(
         &mut self,
         record: Record,
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
-    ) -> KResult<()> {
+    ) -> KResult<SessionState> {
         let applied = self.apply(&record, true)?;
+        let state = self.sessions.get(&record.session_id).map_or(SessionState::Open, |s| s.state);
         out.push(Effect::Persist(record));
         broadcasts.extend(applied);
-        Ok(())
+        Ok(state)
     }
 
     /// Expires the session if its TTL (OPEN) or suspension cap (SUSPENDED)
@@ -669,17 +680,8 @@ impl Kernel {
 
     /// Re-indexes a session's timer after any change.
     pub(crate) fn refresh_timer(&mut self, sid: &str) {
-        let Some(s) = self.sessions.get_mut(sid) else { return };
-        let next = s.next_timer();
-        if next == s.timer_at {
-            return; // the common case: an accepted message moves no deadline
-        }
-        if let Some(old) = s.timer_at.take() {
-            self.timers.remove(&(old, sid.to_string()));
-        }
-        if let Some(t) = next {
-            s.timer_at = Some(t);
-            self.timers.insert((t, sid.to_string()));
+        if let Some(s) = self.sessions.get_mut(sid) {
+            reindex_timer(&mut self.timers, s);
         }
     }
 
@@ -793,6 +795,22 @@ fn decode_token(t: &str) -> Option<String> {
 }
 
 /// SESSION_NOT_OPEN with the state in the message.
+/// Moves `s` to the right place in the timer index after a change; a free
+/// function so callers already holding `&mut Session` need no second lookup.
+pub(crate) fn reindex_timer(timers: &mut BTreeSet<(i64, String)>, s: &mut Session) {
+    let next = s.next_timer();
+    if next == s.timer_at {
+        return; // the common case: an accepted message moves no deadline
+    }
+    if let Some(old) = s.timer_at.take() {
+        timers.remove(&(old, s.id.clone()));
+    }
+    if let Some(t) = next {
+        s.timer_at = Some(t);
+        timers.insert((t, s.id.clone()));
+    }
+}
+
 pub(crate) fn not_open(s: &Session) -> KernelError {
     KernelError::new(
         ErrorCode::SessionNotOpen,

@@ -8,6 +8,7 @@
 //! `commitment.authority` rule is evaluated by the kernel.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use macp_wire::v1::PolicyDescriptor;
 use serde::{Deserialize, Serialize};
@@ -125,15 +126,21 @@ pub fn parse_rules_json(rules: &str) -> Result<serde_json::Value, String> {
 }
 
 /// The policy registry.
+///
+/// Entries are parsed once, at registration, and shared (`Arc`) with every
+/// session bound to them: binding a policy is then a reference-count bump
+/// instead of a JSON parse and a copy per session, which matters for both
+/// SessionStart throughput and the memory of many open sessions.
 #[derive(Clone, Debug)]
 pub struct PolicyRegistry {
-    policies: BTreeMap<String, PolicyDescriptor>,
+    policies: BTreeMap<String, Arc<BoundPolicy>>,
 }
 
 impl Default for PolicyRegistry {
     fn default() -> Self {
+        let default = BoundPolicy::from_descriptor(default_policy()).expect("the default policy parses");
         let mut policies = BTreeMap::new();
-        policies.insert(DEFAULT_POLICY_ID.to_string(), default_policy());
+        policies.insert(DEFAULT_POLICY_ID.to_string(), Arc::new(default));
         PolicyRegistry { policies }
     }
 }
@@ -154,18 +161,23 @@ pub fn default_policy() -> PolicyDescriptor {
 impl PolicyRegistry {
     /// Looks a policy up by id.
     pub fn get(&self, id: &str) -> Option<&PolicyDescriptor> {
-        self.policies.get(id)
+        self.policies.get(id).map(|p| &p.descriptor)
     }
 
     /// Policies for ListPolicies: all of them for an empty filter, else those
     /// of `mode` plus the mode-agnostic (`*`) ones; sorted by id.
     pub fn list(&self, mode: &str) -> Vec<PolicyDescriptor> {
-        self.policies.values().filter(|p| mode.is_empty() || p.mode == mode || p.mode == "*").cloned().collect()
+        self.policies
+            .values()
+            .map(|p| &p.descriptor)
+            .filter(|p| mode.is_empty() || p.mode == mode || p.mode == "*")
+            .cloned()
+            .collect()
     }
 
     /// Every policy (snapshots).
     pub fn all(&self) -> impl Iterator<Item = &PolicyDescriptor> {
-        self.policies.values()
+        self.policies.values().map(|p| &p.descriptor)
     }
 
     /// Shared RegisterPolicy checks; the mode's rule schema is checked by the
@@ -194,9 +206,23 @@ impl PolicyRegistry {
         Ok(rules)
     }
 
-    /// Adds a checked policy.
-    pub fn insert(&mut self, d: PolicyDescriptor) {
-        self.policies.insert(d.policy_id.clone(), d);
+    /// Adds a policy whose rules [`PolicyRegistry::check_register`] accepted
+    /// (or that a checkpoint recorded); fails only if the rules do not parse.
+    pub fn insert(&mut self, d: PolicyDescriptor) -> KResult<()> {
+        let id = d.policy_id.clone();
+        self.policies.insert(id, Arc::new(BoundPolicy::from_descriptor(d)?));
+        Ok(())
+    }
+
+    /// The frozen policy for a descriptor recorded with a SessionStart: the
+    /// registry's shared entry when it is still the same descriptor (the
+    /// normal case, live and in recovery), otherwise a fresh parse (the
+    /// policy was unregistered since, or the session came from a checkpoint).
+    pub fn bind(&self, d: &PolicyDescriptor) -> KResult<Arc<BoundPolicy>> {
+        match self.policies.get(&d.policy_id) {
+            Some(p) if p.descriptor == *d => Ok(Arc::clone(p)),
+            _ => Ok(Arc::new(BoundPolicy::from_descriptor(d.clone())?)),
+        }
     }
 
     /// Checks an UnregisterPolicy request.
@@ -216,17 +242,17 @@ impl PolicyRegistry {
     }
 
     /// Resolves `policy_version` at SessionStart for a session of `mode`.
-    pub fn resolve(&self, policy_version: &str, mode: &str) -> KResult<BoundPolicy> {
+    pub fn resolve(&self, policy_version: &str, mode: &str) -> KResult<Arc<BoundPolicy>> {
         let id = if policy_version.is_empty() { DEFAULT_POLICY_ID } else { policy_version };
-        let d = self.policies.get(id).ok_or_else(|| {
+        let p = self.policies.get(id).ok_or_else(|| {
             KernelError::new(ErrorCode::UnknownPolicyVersion, format!("policy '{id}' is not registered"))
         })?;
-        if d.mode != "*" && d.mode != mode {
+        if p.descriptor.mode != "*" && p.descriptor.mode != mode {
             return Err(KernelError::new(
                 ErrorCode::InvalidPolicyDefinition,
-                format!("policy '{id}' is bound to mode {}, not {mode}", d.mode),
+                format!("policy '{id}' is bound to mode {}, not {mode}", p.descriptor.mode),
             ));
         }
-        BoundPolicy::from_descriptor(d.clone())
+        Ok(Arc::clone(p))
     }
 }

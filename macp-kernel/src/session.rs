@@ -1,6 +1,7 @@
 //! One session's state as the kernel keeps it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
 
@@ -27,8 +28,8 @@ pub struct Session {
     pub mode_version: String,
     /// Bound configuration version.
     pub configuration_version: String,
-    /// The frozen policy.
-    pub policy: BoundPolicy,
+    /// The frozen policy, shared with the registry entry it was bound from.
+    pub policy: Arc<BoundPolicy>,
     /// Sender of the SessionStart.
     pub initiator: String,
     /// Declared participants, as given.

@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::KernelConfig;
 use crate::kernel::Kernel;
-use crate::policy::BoundPolicy;
 use crate::session::{Activity, Session};
 
 /// Bumped whenever the layout below changes.
@@ -91,13 +90,17 @@ impl Kernel {
         k.registry_seq = snap.registry_seq;
         k.quarantined = snap.quarantined.into_iter().collect();
         for p in snap.policies {
-            k.policies.insert(PolicyDescriptor::decode(p.as_slice()).map_err(dec)?);
+            k.policies
+                .insert(PolicyDescriptor::decode(p.as_slice()).map_err(dec)?)
+                .map_err(|e| SnapshotError::Decode(e.to_string()))?;
         }
         for (d, st) in snap.dynamic_modes {
             k.modes.restore_dynamic(ModeDescriptor::decode(d.as_slice()).map_err(dec)?, st);
         }
         for s in snap.sessions {
-            let policy = BoundPolicy::from_descriptor(PolicyDescriptor::decode(s.policy.as_slice()).map_err(dec)?)
+            let policy = k
+                .policies
+                .bind(&PolicyDescriptor::decode(s.policy.as_slice()).map_err(dec)?)
                 .map_err(|e| SnapshotError::Decode(e.to_string()))?;
             let mode_state = k.modes.for_restore(&s.mode).restore(&s.mode_state).map_err(SnapshotError::Decode)?;
             let state = SessionState::try_from(s.state).map_err(|e| SnapshotError::Decode(e.to_string()))?;

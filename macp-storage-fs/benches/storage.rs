@@ -1,4 +1,4 @@
-//! Storage benchmarks (a plain binary: `harness = false`, no extra crates).
+//! Storage benchmarks (a plain binary: `harness = false`; mimalloc as in the server).
 //!
 //! ```text
 //! cargo bench -p macp-storage-fs --bench storage                 # all
@@ -20,6 +20,10 @@ use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::Message as _;
 use macp_kernel::KernelConfig;
 use macp_storage_fs::{recover, FsConfig, FsStorage, Storage};
+
+/// The allocator the `macp-runtime` binary uses.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// `sessions` sessions of `notes` Notes each (plus start and Commitment),
 /// sessions interleaved in rounds as concurrent traffic would be.

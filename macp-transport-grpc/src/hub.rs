@@ -100,8 +100,9 @@ impl Hub {
     /// Delivers one broadcast.
     pub fn dispatch(&mut self, b: Broadcast) {
         match b {
-            Broadcast::SessionEnvelope { session_id, seq, envelope } => {
-                if let Some(subs) = self.sessions.get_mut(&session_id) {
+            Broadcast::SessionEnvelope { seq, envelope } => {
+                let session_id = envelope.session_id.as_str();
+                if let Some(subs) = self.sessions.get_mut(session_id) {
                     subs.retain(|s| match s.tx.try_send(Sequenced { seq, envelope: envelope.clone() }) {
                         Ok(()) => true,
                         Err(mpsc::error::TrySendError::Full(_)) => {
@@ -111,7 +112,7 @@ impl Hub {
                         Err(mpsc::error::TrySendError::Closed(_)) => false,
                     });
                     if subs.is_empty() {
-                        self.sessions.remove(&session_id);
+                        self.sessions.remove(session_id);
                     }
                 }
             }

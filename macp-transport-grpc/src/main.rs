@@ -4,6 +4,12 @@ use macp_transport_grpc::config::Config;
 use macp_transport_grpc::server::{serve, shutdown_signal};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: every request allocates many small,
+/// short-lived strings and buffers, and the allocator was the largest single
+/// cost in the kernel's profile (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
