@@ -6,7 +6,6 @@
 //! session state, mode rules, policy) runs in both cases, so a record that
 //! would not apply again is detected as corruption instead of being trusted.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use macp_wire::storage::{record::Fact, Record, SessionStarted};
@@ -18,7 +17,7 @@ use crate::io::Broadcast;
 use crate::kernel::{not_open, reindex_timer, Applied, Kernel};
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
-use crate::session::Session;
+use crate::session::{SeenIds, Session};
 use crate::validate;
 
 /// What live admission of a SessionStart already worked out, handed to
@@ -153,8 +152,8 @@ impl Kernel {
             suspended_at_ms: None,
             suspended_total_ms: 0,
             seq: 1,
-            seen: BTreeSet::new(),
-            activity: BTreeMap::new(),
+            seen: SeenIds::default(),
+            activity: Vec::new(),
             resolution: None,
             initiator_only_commitment: mode.initiator_only_commitment(),
             mode_state,
@@ -164,7 +163,7 @@ impl Kernel {
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
         let metadata = emit.then(|| session.metadata());
-        self.sessions.insert(record.session_id.clone(), session);
+        self.sessions.insert(record.session_id.clone(), Box::new(session));
         self.refresh_timer(&record.session_id);
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
@@ -209,7 +208,7 @@ impl Kernel {
             mode_state,
             initiator_only_commitment,
             ..
-        } = s;
+        } = &mut **s;
         let view =
             SessionView { session_id: id, mode, initiator, participants, mode_version, configuration_version, policy };
         let msg = Message {
@@ -244,7 +243,7 @@ impl Kernel {
         if runtime_emitted {
             // Dedup slot only: the runtime is not a participant, so it gets
             // no activity entry.
-            s.seen.insert(env.message_id.clone());
+            s.seen.insert(&env.message_id);
         } else {
             s.touch(&env.sender, &env.message_id, at);
         }

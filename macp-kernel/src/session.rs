@@ -1,6 +1,6 @@
 //! One session's state as the kernel keeps it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
@@ -15,6 +15,99 @@ pub struct Activity {
     pub last_message_at_unix_ms: i64,
     /// How many of its messages were accepted.
     pub message_count: u32,
+}
+
+/// Message ids a session has accepted (duplicate detection).
+///
+/// Most sessions see a handful of messages, and a `BTreeSet` allocates a
+/// whole 11-slot node for its first entry; a sorted `Vec` holds them in
+/// about a tenth of the space. Past [`SeenIds::SMALL`] entries the ids move to
+/// a `BTreeSet`, so long sessions keep logarithmic inserts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SeenIds {
+    /// Up to [`SeenIds::SMALL`] ids, sorted.
+    Small(Vec<String>),
+    /// More.
+    Large(BTreeSet<String>),
+}
+
+impl Default for SeenIds {
+    fn default() -> Self {
+        SeenIds::Small(Vec::new())
+    }
+}
+
+impl SeenIds {
+    /// The size at which the sorted vector becomes a B-tree.
+    pub const SMALL: usize = 32;
+
+    /// Whether `id` was accepted.
+    pub fn contains(&self, id: &str) -> bool {
+        match self {
+            SeenIds::Small(v) => v.binary_search_by(|x| x.as_str().cmp(id)).is_ok(),
+            SeenIds::Large(set) => set.contains(id),
+        }
+    }
+
+    /// Records `id`; returns whether it was new.
+    pub fn insert(&mut self, id: &str) -> bool {
+        match self {
+            SeenIds::Small(v) => match v.binary_search_by(|x| x.as_str().cmp(id)) {
+                Ok(_) => false,
+                Err(at) if v.len() < Self::SMALL => {
+                    // Exact growth: most sessions stay at a few ids, and
+                    // doubling would reserve room for four from the start.
+                    v.reserve_exact(1);
+                    v.insert(at, id.to_string());
+                    true
+                }
+                Err(_) => {
+                    let mut set: BTreeSet<String> = std::mem::take(v).into_iter().collect();
+                    set.insert(id.to_string());
+                    *self = SeenIds::Large(set);
+                    true
+                }
+            },
+            SeenIds::Large(set) => {
+                if set.contains(id) {
+                    false
+                } else {
+                    set.insert(id.to_string())
+                }
+            }
+        }
+    }
+
+    /// The ids in sorted order (checkpoints).
+    pub fn iter(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self {
+            SeenIds::Small(v) => Box::new(v.iter().map(String::as_str)),
+            SeenIds::Large(set) => Box::new(set.iter().map(String::as_str)),
+        }
+    }
+
+    /// How many ids.
+    pub fn len(&self) -> usize {
+        match self {
+            SeenIds::Small(v) => v.len(),
+            SeenIds::Large(set) => set.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FromIterator<String> for SeenIds {
+    fn from_iter<I: IntoIterator<Item = String>>(iter: I) -> Self {
+        let mut seen = SeenIds::default();
+        for id in iter {
+            seen.insert(&id);
+        }
+        seen
+    }
 }
 
 /// A session.
@@ -53,9 +146,11 @@ pub struct Session {
     /// Sequence number of the last record (1-based; SessionStart is 1).
     pub seq: u64,
     /// Accepted message ids (dedup).
-    pub seen: BTreeSet<String>,
-    /// Activity per sender.
-    pub activity: BTreeMap<String, Activity>,
+    pub seen: SeenIds,
+    /// Activity per sender, sorted by sender. A vector, not a map: senders
+    /// are the initiator and declared participants (a bounded, usually tiny
+    /// set), and a B-tree's first node would cost ten times the space.
+    pub activity: Vec<(String, Activity)>,
     /// Payload bytes of the resolving Commitment.
     pub resolution: Option<Vec<u8>>,
     /// Only the initiator may commit (mode-fixed authority).
@@ -151,14 +246,42 @@ impl Session {
 
     /// Records an accepted message from `sender`.
     pub fn touch(&mut self, sender: &str, message_id: &str, at: i64) {
-        self.seen.insert(message_id.to_string());
-        // Look up before inserting: the sender is almost always known, and
-        // `entry` would allocate the key every time.
-        let a = match self.activity.get_mut(sender) {
-            Some(a) => a,
-            None => self.activity.entry(sender.to_string()).or_default(),
+        self.seen.insert(message_id);
+        let i = match self.activity.binary_search_by(|(w, _)| w.as_str().cmp(sender)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.activity.reserve_exact(1); // bounded by the participants
+                self.activity.insert(i, (sender.to_string(), Activity::default()));
+                i
+            }
         };
+        let a = &mut self.activity[i].1;
         a.last_message_at_unix_ms = at;
         a.message_count = a.message_count.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// SeenIds answers exactly like a BTreeSet, across the switch from
+        /// the sorted vector to the B-tree.
+        #[test]
+        fn seen_ids_behave_like_a_set(ids in proptest::collection::vec(0u16..200, 0..120)) {
+            let mut seen = SeenIds::default();
+            let mut model = BTreeSet::new();
+            for id in ids {
+                let id = format!("m-{id}");
+                prop_assert_eq!(seen.contains(&id), model.contains(&id));
+                prop_assert_eq!(seen.insert(&id), model.insert(id.clone()));
+                prop_assert!(seen.contains(&id));
+                prop_assert_eq!(seen.len(), model.len());
+            }
+            prop_assert_eq!(seen.iter().collect::<Vec<_>>(), model.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(matches!(seen, SeenIds::Large(_)), model.len() > SeenIds::SMALL);
+        }
     }
 }

@@ -73,7 +73,7 @@ impl Kernel {
             registry_seq: self.registry_seq,
             policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
             dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
-            sessions: self.sessions.values().map(session_snap).collect(),
+            sessions: self.sessions.values().map(|s| session_snap(s)).collect(),
             quarantined: self.quarantined.iter().cloned().collect(),
         };
         postcard::to_stdvec(&snap).unwrap_or_default()
@@ -126,7 +126,9 @@ impl Kernel {
                     .activity
                     .into_iter()
                     .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
-                    .collect::<BTreeMap<_, _>>(),
+                    .collect::<BTreeMap<_, _>>()
+                    .into_iter()
+                    .collect(),
                 resolution: s.resolution,
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
@@ -136,7 +138,7 @@ impl Kernel {
             if session.is_live() {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
             }
-            k.sessions.insert(s.id.clone(), session);
+            k.sessions.insert(s.id.clone(), Box::new(session));
             k.refresh_timer(&s.id);
         }
         Ok(k)
@@ -161,7 +163,7 @@ fn session_snap(s: &Session) -> SessionSnap {
         suspended_at_ms: s.suspended_at_ms,
         suspended_total_ms: s.suspended_total_ms,
         seq: s.seq,
-        seen: s.seen.iter().cloned().collect(),
+        seen: s.seen.iter().map(str::to_string).collect(),
         activity: s.activity.iter().map(|(w, a)| (w.clone(), a.last_message_at_unix_ms, a.message_count)).collect(),
         resolution: s.resolution.clone(),
         initiator_only_commitment: s.initiator_only_commitment,

@@ -1,0 +1,114 @@
+//! Memory per open session: how much resident memory the kernel needs to
+//! hold `N` open decision sessions (the "100,000 open sessions in ≤ 100 MB"
+//! target is for the whole server; this isolates the kernel's share).
+//!
+//! Each session is opened with a SessionStart like the Python SDK's (UUIDv4
+//! session and message ids, an initiator plus two participants, a one-hour
+//! TTL); the RSS growth is reported, then again after one Proposal in each
+//! session (mode state, a second dedup and activity entry). Inputs are
+//! generated one at a time and the effects dropped, so the resident-set
+//! growth is the kernel's state (plus allocator slack).
+//!
+//! Run: `cargo bench -p macp-kernel --bench memory` (optionally
+//! `-- 100000` for the session count). Linux only (reads /proc/self/status).
+
+use macp_kernel::macp_wire::modes::decision;
+use macp_kernel::macp_wire::v1::{Envelope, SessionStartPayload};
+use macp_kernel::macp_wire::Message;
+use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+
+/// The allocator the `macp-runtime` binary uses.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const NOW: i64 = 1_700_000_000_000;
+const MODE: &str = "macp.mode.decision.v1";
+
+/// Resident set size in bytes, from /proc/self/status.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A UUIDv4-shaped id derived from `n` (splitmix64), like the SDK's uuid4().
+fn uuid4(n: u64) -> String {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (mix(n), mix(n ^ 0x5555_5555_5555_5555));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        8 + (b >> 62),
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn envelope(sid: &str, ty: &str, mid: String, sender: &str, payload: Vec<u8>) -> Envelope {
+    Envelope {
+        macp_version: "1.0".into(),
+        mode: MODE.into(),
+        message_type: ty.into(),
+        message_id: mid,
+        session_id: sid.into(),
+        sender: sender.into(),
+        timestamp_unix_ms: 0,
+        payload,
+    }
+}
+
+fn send(k: &mut Kernel, who: &str, env: Envelope) {
+    let effects = k.handle(NOW, Input::Envelope { request: 0, identity: Identity::new(who), envelope: env });
+    for e in effects {
+        if let Effect::Reply { reply: Reply::Ack(a), .. } = e {
+            assert!(a.ok, "refused: {:?}", a.error);
+        }
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
+    let proposal =
+        decision::ProposalPayload { proposal_id: "p1".into(), option: "ship it".into(), ..Default::default() }
+            .encode_to_vec();
+    let mut k = Kernel::new(KernelConfig::default());
+    let before = rss_bytes();
+    let sid = |i: u64| uuid4(3 * i);
+    let who = |i: u64, role: &str| format!("agent-{i}-{role}");
+    for i in 0..n {
+        let initiator = who(i, "coordinator");
+        let start = SessionStartPayload {
+            intent: "choose a deployment plan".into(),
+            participants: vec![who(i, "a"), who(i, "b")],
+            mode_version: "1.0.0".into(),
+            configuration_version: "cfg-1".into(),
+            ttl_ms: 3_600_000,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        send(&mut k, &initiator, envelope(&sid(i), "SessionStart", uuid4(3 * i + 1), &initiator, start));
+    }
+    report(n, "open decision sessions (SessionStart only)", before, rss_bytes());
+    for i in 0..n {
+        let a = who(i, "a");
+        send(&mut k, &a, envelope(&sid(i), "Proposal", uuid4(3 * i + 2), &a, proposal.clone()));
+    }
+    report(n, "  ... after one Proposal in each", before, rss_bytes());
+    println!("(size_of::<Session>() = {} bytes)", std::mem::size_of::<macp_kernel::session::Session>());
+    assert_eq!(k.session_count() as u64, n);
+}
+
+fn report(n: u64, what: &str, before: u64, after: u64) {
+    let grew = after.saturating_sub(before);
+    println!("{n} {what}: RSS +{:.1} MB, {} bytes per session", grew as f64 / 1e6, grew / n.max(1));
+}
