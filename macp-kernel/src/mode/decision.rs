@@ -39,33 +39,21 @@ use crate::policy::{BoundPolicy, SUPPORTED_SCHEMA_VERSIONS};
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.decision.v1";
 
-/// The only mode version this implementation speaks.
-const MODE_VERSION: &str = "1.0.0";
-
 /// The Decision mode itself (stateless; sessions hold [`DecisionState`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct DecisionMode;
 
 impl Mode for DecisionMode {
     fn descriptor(&self) -> ModeDescriptor {
-        ModeDescriptor {
-            mode: MODE_ID.to_string(),
-            mode_version: MODE_VERSION.to_string(),
-            title: "Decision".to_string(),
+        util::builtin_descriptor(util::BuiltinDescriptor {
+            mode: MODE_ID,
+            title: "Decision",
             description: "Declared participants propose options, evaluate, object and vote; an authorized \
-                          Commitment selects or declines an outcome under the bound governance policy."
-                .to_string(),
-            determinism_class: "semantic-deterministic".to_string(),
-            participant_model: "declared".to_string(),
-            message_types: ["SessionStart", "Proposal", "Evaluation", "Objection", "Vote", "Commitment"]
-                .map(String::from)
-                .to_vec(),
-            terminal_message_types: vec!["Commitment".to_string()],
-            schema_uris: BTreeMap::from([(
-                "protobuf".to_string(),
-                "buf.build/multiagentcoordinationprotocol/macp".to_string(),
-            )]),
-        }
+                          Commitment selects or declines an outcome under the bound governance policy.",
+            determinism_class: "semantic-deterministic",
+            participant_model: "declared",
+            message_types: &["SessionStart", "Proposal", "Evaluation", "Objection", "Vote", "Commitment"],
+        })
     }
 
     fn validate_rules(&self, rules: &serde_json::Value, _schema_version: u32) -> Result<(), String> {

@@ -137,31 +137,22 @@ struct HandoffState {
 }
 
 fn descriptor() -> ModeDescriptor {
-    ModeDescriptor {
-        mode: MODE_ID.into(),
-        mode_version: "1.0.0".into(),
-        title: "Handoff".into(),
+    util::builtin_descriptor(util::BuiltinDescriptor {
+        mode: MODE_ID,
+        title: "Handoff",
         description: "Transfers responsibility from the current owner (the initiator) to one declared participant \
-                      through offers that the target accepts or declines; the owner commits the outcome."
-            .into(),
-        determinism_class: "context-frozen".into(),
-        participant_model: "delegated".into(),
-        message_types: [
+                      through offers that the target accepts or declines; the owner commits the outcome.",
+        determinism_class: "context-frozen",
+        participant_model: "delegated",
+        message_types: &[
             "SessionStart",
             "HandoffOffer",
             "HandoffContext",
             "HandoffAccept",
             "HandoffDecline",
             "Commitment",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
-        terminal_message_types: vec!["Commitment".into()],
-        schema_uris: [("protobuf".to_string(), "buf.build/multiagentcoordinationprotocol/macp".to_string())]
-            .into_iter()
-            .collect(),
-    }
+        ],
+    })
 }
 
 impl Mode for HandoffMode {

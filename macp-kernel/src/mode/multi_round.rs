@@ -61,21 +61,15 @@ struct MultiRoundState {
 }
 
 fn descriptor() -> ModeDescriptor {
-    ModeDescriptor {
-        mode: MODE_ID.into(),
-        mode_version: "1.0.0".into(),
-        title: "Multi-round convergence".into(),
+    util::builtin_descriptor(util::BuiltinDescriptor {
+        mode: MODE_ID,
+        title: "Multi-round convergence",
         description: "Participants contribute values over rounds until all of them (the initiator excepted) hold \
-                      the same value; the initiator then commits the converged value."
-            .into(),
-        determinism_class: "semantic-deterministic".into(),
-        participant_model: "peer".into(),
-        message_types: ["SessionStart", "Contribute", "Commitment"].into_iter().map(String::from).collect(),
-        terminal_message_types: vec!["Commitment".into()],
-        schema_uris: [("protobuf".to_string(), "buf.build/multiagentcoordinationprotocol/macp".to_string())]
-            .into_iter()
-            .collect(),
-    }
+                      the same value; the initiator then commits the converged value.",
+        determinism_class: "semantic-deterministic",
+        participant_model: "peer",
+        message_types: &["SessionStart", "Contribute", "Commitment"],
+    })
 }
 
 impl Mode for MultiRoundMode {

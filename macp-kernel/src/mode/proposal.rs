@@ -37,26 +37,21 @@ use crate::policy::BoundPolicy;
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.proposal.v1";
 
-/// The only mode version this implementation speaks.
-const MODE_VERSION: &str = "1.0.0";
-
 /// The Proposal mode itself (stateless; sessions hold [`ProposalState`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProposalMode;
 
 impl Mode for ProposalMode {
     fn descriptor(&self) -> ModeDescriptor {
-        ModeDescriptor {
-            mode: MODE_ID.to_string(),
-            mode_version: MODE_VERSION.to_string(),
-            title: "Proposal".to_string(),
+        util::builtin_descriptor(util::BuiltinDescriptor {
+            mode: MODE_ID,
+            title: "Proposal",
             description: "Peers exchange proposals and counter-proposals until the required parties accept \
                           the same live proposal or a terminal rejection is recorded; an authorized Commitment \
-                          binds the outcome."
-                .to_string(),
-            determinism_class: "semantic-deterministic".to_string(),
-            participant_model: "peer".to_string(),
-            message_types: [
+                          binds the outcome.",
+            determinism_class: "semantic-deterministic",
+            participant_model: "peer",
+            message_types: &[
                 "SessionStart",
                 "Proposal",
                 "CounterProposal",
@@ -64,15 +59,8 @@ impl Mode for ProposalMode {
                 "Reject",
                 "Withdraw",
                 "Commitment",
-            ]
-            .map(String::from)
-            .to_vec(),
-            terminal_message_types: vec!["Commitment".to_string()],
-            schema_uris: BTreeMap::from([(
-                "protobuf".to_string(),
-                "buf.build/multiagentcoordinationprotocol/macp".to_string(),
-            )]),
-        }
+            ],
+        })
     }
 
     fn validate_rules(&self, rules: &serde_json::Value, _schema_version: u32) -> Result<(), String> {

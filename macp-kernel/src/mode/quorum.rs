@@ -168,24 +168,15 @@ struct QuorumState {
 }
 
 fn descriptor() -> ModeDescriptor {
-    ModeDescriptor {
-        mode: MODE_ID.into(),
-        mode_version: "1.0.0".into(),
-        title: "Quorum".into(),
+    util::builtin_descriptor(util::BuiltinDescriptor {
+        mode: MODE_ID,
+        title: "Quorum",
         description: "Collects one Approve, Reject or Abstain ballot per participant on a single approval request; \
-                      the coordinator commits once the required approvals are reached or can no longer be."
-            .into(),
-        determinism_class: "semantic-deterministic".into(),
-        participant_model: "quorum".into(),
-        message_types: ["SessionStart", "ApprovalRequest", "Approve", "Reject", "Abstain", "Commitment"]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        terminal_message_types: vec!["Commitment".into()],
-        schema_uris: [("protobuf".to_string(), "buf.build/multiagentcoordinationprotocol/macp".to_string())]
-            .into_iter()
-            .collect(),
-    }
+                      the coordinator commits once the required approvals are reached or can no longer be.",
+        determinism_class: "semantic-deterministic",
+        participant_model: "quorum",
+        message_types: &["SessionStart", "ApprovalRequest", "Approve", "Reject", "Abstain", "Commitment"],
+    })
 }
 
 impl Mode for QuorumMode {

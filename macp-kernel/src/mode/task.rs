@@ -135,16 +135,14 @@ struct TaskState {
 }
 
 fn descriptor() -> ModeDescriptor {
-    ModeDescriptor {
-        mode: MODE_ID.into(),
-        mode_version: "1.0.0".into(),
-        title: "Task".into(),
+    util::builtin_descriptor(util::BuiltinDescriptor {
+        mode: MODE_ID,
+        title: "Task",
         description: "Delegates one task from an orchestrator to one participant, which accepts it, reports \
-                      progress and completes or fails it; the orchestrator commits the outcome."
-            .into(),
-        determinism_class: "structural-only".into(),
-        participant_model: "orchestrated".into(),
-        message_types: [
+                      progress and completes or fails it; the orchestrator commits the outcome.",
+        determinism_class: "structural-only",
+        participant_model: "orchestrated",
+        message_types: &[
             "SessionStart",
             "TaskRequest",
             "TaskAccept",
@@ -153,15 +151,8 @@ fn descriptor() -> ModeDescriptor {
             "TaskComplete",
             "TaskFail",
             "Commitment",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
-        terminal_message_types: vec!["Commitment".into()],
-        schema_uris: [("protobuf".to_string(), "buf.build/multiagentcoordinationprotocol/macp".to_string())]
-            .into_iter()
-            .collect(),
-    }
+        ],
+    })
 }
 
 impl Mode for TaskMode {

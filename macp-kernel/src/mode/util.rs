@@ -34,3 +34,42 @@ pub fn require(field: &str, value: &str, what: &str) -> KResult<()> {
         Ok(())
     }
 }
+
+/// What differs between the built-in modes' descriptors.
+pub struct BuiltinDescriptor<'a> {
+    /// Mode id.
+    pub mode: &'a str,
+    /// Human title.
+    pub title: &'a str,
+    /// One-paragraph description.
+    pub description: &'a str,
+    /// RFC determinism class.
+    pub determinism_class: &'a str,
+    /// RFC participant model.
+    pub participant_model: &'a str,
+    /// Every message type, SessionStart and Commitment included, in order.
+    pub message_types: &'a [&'a str],
+}
+
+/// The descriptor of a built-in mode. Built-ins share their version
+/// (1.0.0), their single terminal message type (Commitment) and their
+/// schema source (the MACP protobuf module), so those are fixed here and a
+/// mode states only what is its own.
+pub fn builtin_descriptor(d: BuiltinDescriptor<'_>) -> macp_wire::v1::ModeDescriptor {
+    macp_wire::v1::ModeDescriptor {
+        mode: d.mode.to_string(),
+        mode_version: BUILTIN_MODE_VERSION.to_string(),
+        title: d.title.to_string(),
+        description: d.description.to_string(),
+        determinism_class: d.determinism_class.to_string(),
+        participant_model: d.participant_model.to_string(),
+        message_types: d.message_types.iter().map(|t| t.to_string()).collect(),
+        terminal_message_types: vec!["Commitment".to_string()],
+        schema_uris: [("protobuf".to_string(), "buf.build/multiagentcoordinationprotocol/macp".to_string())]
+            .into_iter()
+            .collect(),
+    }
+}
+
+/// The version every built-in mode implements.
+pub const BUILTIN_MODE_VERSION: &str = "1.0.0";
