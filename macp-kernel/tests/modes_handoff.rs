@@ -61,7 +61,7 @@ fn rejected(a: &Ack, expected: &str) {
 }
 
 fn disposition(h: &H, sid: &str, id: &str) -> String {
-    h.mode_state(sid)["offers"][id]["disposition"].as_str().unwrap_or("").to_string()
+    h.projection(sid)["offers"][id]["disposition"].as_str().unwrap_or("").to_string()
 }
 
 /// Accepted envelopes among `effects` (from Persist records).
@@ -93,7 +93,7 @@ fn vector_handoff_happy_path() {
     assert_eq!(h.state(&sid), SessionState::Open, "HandoffAccept alone must not resolve (row 43)");
     ok(&h.commit_mode("agent://owner", &sid, HANDOFF, "handoff.accepted", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.mode_state(&sid)["phase"], "Committed");
+    assert_eq!(h.projection(&sid)["phase"], "Committed");
     h.assert_replay_matches();
 }
 
@@ -121,7 +121,7 @@ fn row_89_offer_only_from_owner() {
     let sid = start(&mut h, "");
     rejected(&h.send_mode("A", &sid, HANDOFF, "HandoffOffer", offer("h1", "B")), "FORBIDDEN");
     rejected(&h.send_mode("X", &sid, HANDOFF, "HandoffOffer", offer("h1", "B")), "FORBIDDEN");
-    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingOffer");
+    assert_eq!(h.projection(&sid)["phase"], "AwaitingOffer");
     ok(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "B")));
 }
 
@@ -170,7 +170,7 @@ fn row_92_offer_after_accept_rejected() {
     ok(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "A")));
     ok(&h.send_mode("A", &sid, HANDOFF, "HandoffAccept", accept("h1", "A")));
     rejected(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h2", "B")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["offers"].as_object().unwrap().len(), 1);
+    assert_eq!(h.projection(&sid)["offers"].as_object().unwrap().len(), 1);
 }
 
 #[test]
@@ -215,7 +215,7 @@ fn row_95_late_context_accepted() {
     ok(&h.send_mode("I", &sid, HANDOFF, "HandoffContext", context("h1")));
     ok(&h.send_mode("A", &sid, HANDOFF, "HandoffDecline", decline("h1", "A")));
     ok(&h.send_mode("I", &sid, HANDOFF, "HandoffContext", context("h1")));
-    assert_eq!(h.mode_state(&sid)["contexts"]["h1"].as_array().unwrap().len(), 2);
+    assert_eq!(h.projection(&sid)["contexts"]["h1"].as_array().unwrap().len(), 2);
     // Context comes only from the offer's author.
     rejected(&h.send_mode("A", &sid, HANDOFF, "HandoffContext", context("h1")), "FORBIDDEN");
     rejected(&h.send_mode("X", &sid, HANDOFF, "HandoffContext", context("h1")), "FORBIDDEN");
@@ -232,7 +232,7 @@ fn negative_outcome_handoff_declined() {
     rejected(&h.commit_mode("I", &sid, HANDOFF, "handoff.declined", true), "INVALID_ENVELOPE");
     ok(&h.commit_mode("I", &sid, HANDOFF, "handoff.declined", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["offers"]["h1"]["declined_by"], "A");
     assert_eq!(p["commitment"]["outcome_positive"], false);
     h.assert_replay_matches();
@@ -256,7 +256,7 @@ fn offer_validation() {
     rejected(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", offer("h1", "I")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, HANDOFF, "HandoffOffer", vec![0xff, 0xff]), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, HANDOFF, "Proposal", Vec::new()), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingOffer");
+    assert_eq!(h.projection(&sid)["phase"], "AwaitingOffer");
 }
 
 #[test]
@@ -296,7 +296,7 @@ fn implicit_accept_fires_on_tick_and_enables_commitment() {
     assert_eq!(p.accepted_by, "A");
     assert_eq!(p.handoff_id, "h1");
 
-    let proj = h.mode_state(&sid);
+    let proj = h.projection(&sid);
     assert_eq!(proj["offers"]["h1"]["disposition"], "Accepted");
     assert_eq!(proj["offers"]["h1"]["implicit"], true);
     assert_eq!(proj["offers"]["h1"]["accepted_by"], "A");
@@ -341,7 +341,7 @@ fn implicit_accept_applies_at_commit_time_when_no_tick_came() {
     rejected(&h.commit_mode("I", &sid, HANDOFF, "handoff.accepted", true), "INVALID_ENVELOPE");
     h.now += 1;
     ok(&h.commit_mode("I", &sid, HANDOFF, "handoff.accepted", true));
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["offers"]["h1"]["disposition"], "Accepted");
     assert_eq!(p["offers"]["h1"]["implicit"], true);
     h.assert_replay_matches();
@@ -467,7 +467,7 @@ fn sender(h: &H, sid: &str, pick: usize, kind: &str) -> String {
     }
     match kind {
         "HandoffAccept" | "HandoffDecline" => {
-            let p = h.mode_state(sid);
+            let p = h.projection(sid);
             p["offers"]
                 .as_object()
                 .and_then(|m| m.values().find(|o| o["disposition"] == "Offered"))
@@ -574,7 +574,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={} state={:?}", h.mode_state(&sid)["phase"], h.state(&sid));
+            eprintln!("STAT resolved={resolved} phase={} state={:?}", h.projection(&sid)["phase"], h.state(&sid));
         }
         h.assert_replay_matches();
     }

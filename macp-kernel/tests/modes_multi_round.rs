@@ -53,7 +53,7 @@ fn vector_multi_round_happy_path() {
     assert_eq!(h.state(&sid), SessionState::Open, "convergence alone must not resolve");
     ok(&h.commit_mode(COORD, &sid, MR, "multi_round.converged", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["phase"], "Committed");
     assert_eq!(p["resolution"]["converged_value"], "option_a");
     assert_eq!(p["resolution"]["round"], 3);
@@ -70,7 +70,7 @@ fn vector_multi_round_reject_paths() {
     ok(&h.send_mode("agent://bob", &sid, MR, "Contribute", json_value("option_a")));
     rejected(&h.commit_mode("agent://alice", &sid, MR, "multi_round.converged", true), "FORBIDDEN");
     assert_eq!(h.state(&sid), SessionState::Open);
-    assert_eq!(h.mode_state(&sid)["converged"], true);
+    assert_eq!(h.projection(&sid)["converged"], true);
 }
 
 // ----- convergence -------------------------------------------------------------
@@ -81,9 +81,9 @@ fn convergence_excludes_the_initiator() {
     let sid = start(&mut h);
     ok(&h.send_mode("I", &sid, MR, "Contribute", proto_value("z")));
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
-    assert_eq!(h.mode_state(&sid)["converged"], false);
+    assert_eq!(h.projection(&sid)["converged"], false);
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("x")));
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["converged"], true, "the initiator's differing value does not block convergence");
     assert_eq!(p["converged_value"], "x");
     assert_eq!(p["contributions"]["I"], "z");
@@ -121,11 +121,11 @@ fn rounds_count_changed_values_only() {
     let sid = h.start_mode(MR, "I", &["I", "A", "B", "C"], "");
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")));
-    assert_eq!(h.mode_state(&sid)["round"], 1, "restating a value is not a new round");
+    assert_eq!(h.projection(&sid)["round"], 1, "restating a value is not a new round");
     ok(&h.send_mode("A", &sid, MR, "Contribute", proto_value("y")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("y")));
-    assert_eq!(h.mode_state(&sid)["round"], 3);
-    assert_eq!(h.mode_state(&sid)["contributions"]["A"], "y");
+    assert_eq!(h.projection(&sid)["round"], 3);
+    assert_eq!(h.projection(&sid)["contributions"]["A"], "y");
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn no_contribution_after_convergence() {
     rejected(&h.send_mode("A", &sid, MR, "Contribute", proto_value("y")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", proto_value("x")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, MR, "Contribute", proto_value("x")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["phase"], "Converged");
+    assert_eq!(h.projection(&sid)["phase"], "Converged");
 }
 
 // ----- payloads, authority, start ------------------------------------------
@@ -150,12 +150,12 @@ fn contribute_payload_forms() {
     rejected(&h.send_mode("A", &sid, MR, "Contribute", vec![0xff, 0xff]), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", json_value("")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, MR, "Contribute", br#"{"val": "x"}"#.to_vec()), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["round"], 0);
+    assert_eq!(h.projection(&sid)["round"], 0);
     // JSON and protobuf carry the same value.
     ok(&h.send_mode("A", &sid, MR, "Contribute", json_value("same")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", proto_value("same")));
     ok(&h.send_mode("C", &sid, MR, "Contribute", br#"{"value": "same", "note": 1}"#.to_vec()));
-    assert_eq!(h.mode_state(&sid)["converged_value"], "same");
+    assert_eq!(h.projection(&sid)["converged_value"], "same");
     h.assert_replay_matches();
 }
 
@@ -303,7 +303,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={}", h.mode_state(&sid)["phase"]);
+            eprintln!("STAT resolved={resolved} phase={}", h.projection(&sid)["phase"]);
         }
         h.assert_replay_matches();
     }

@@ -72,10 +72,10 @@ fn vector_quorum_happy_path() {
     ok(&h.send_mode("agent://alice", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("agent://bob", &sid, QUORUM, "Approve", approve("r1")));
     assert_eq!(h.state(&sid), SessionState::Open, "reaching the threshold must not resolve (row 43)");
-    assert_eq!(h.mode_state(&sid)["eligible"], true);
+    assert_eq!(h.projection(&sid)["eligible"], true);
     ok(&h.commit_mode(COORD, &sid, QUORUM, "quorum.approved", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.mode_state(&sid)["phase"], "Committed");
+    assert_eq!(h.projection(&sid)["phase"], "Committed");
     h.assert_replay_matches();
 }
 
@@ -98,11 +98,11 @@ fn row_96_approval_request_only_from_initiator_and_at_most_one() {
     let sid = start(&mut h, "");
     rejected(&h.send_mode("A", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "FORBIDDEN");
     rejected(&h.send_mode("X", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "FORBIDDEN");
-    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingRequest");
+    assert_eq!(h.projection(&sid)["phase"], "AwaitingRequest");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 2)));
     rejected(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r2", 2)), "INVALID_ENVELOPE");
     rejected(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 2)), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["request"]["request_id"], "r1");
+    assert_eq!(h.projection(&sid)["request"]["request_id"], "r1");
 }
 
 #[test]
@@ -124,8 +124,8 @@ fn row_98_one_ballot_per_participant() {
     rejected(&h.send_mode("A", &sid, QUORUM, "Abstain", abstain("r1")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Reject", reject("r1")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["tally"]["approvals"], 1);
-    assert_eq!(h.mode_state(&sid)["ballots"]["A"]["ballot"], "Approve");
+    assert_eq!(h.projection(&sid)["tally"]["approvals"], 1);
+    assert_eq!(h.projection(&sid)["ballots"]["A"]["ballot"], "Approve");
 }
 
 #[test]
@@ -164,7 +164,7 @@ fn row_100_unreachable_threshold_allows_rejected_commit() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false), "INVALID_ENVELOPE");
     ok(&h.send_mode("B", &sid, QUORUM, "Abstain", abstain("r1")));
     // 0 + 2 < 3: unreachable; abstaining only took B out of the pool.
-    assert_eq!(h.mode_state(&sid)["tally"]["unreachable"], true);
+    assert_eq!(h.projection(&sid)["tally"]["unreachable"], true);
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
     h.assert_replay_matches();
@@ -185,7 +185,7 @@ fn negative_outcome_quorum_rejected_with_initiator_not_a_participant() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", true), "INVALID_ENVELOPE");
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.rejected", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.mode_state(&sid)["commitment"]["action"], "quorum.rejected");
+    assert_eq!(h.projection(&sid)["commitment"]["action"], "quorum.rejected");
     h.assert_replay_matches();
 }
 
@@ -198,7 +198,7 @@ fn outsiders_cannot_vote() {
     rejected(&h.send_mode("X", &sid, QUORUM, "Approve", vec![0xff]), "FORBIDDEN");
     rejected(&h.send_mode("A", &sid, QUORUM, "Approve", vec![0xff, 0xff]), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, QUORUM, "Vote", approve("r1")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["tally"]["remaining"], 4);
+    assert_eq!(h.projection(&sid)["tally"]["remaining"], 4);
 }
 
 #[test]
@@ -224,7 +224,7 @@ fn policy_threshold_n_of_m_replaces_required_approvals() {
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true), "INVALID_ENVELOPE");
     ok(&h.send_mode("B", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("D", &sid, QUORUM, "Approve", approve("r1")));
-    assert_eq!(h.mode_state(&sid)["tally"]["required"], 3);
+    assert_eq!(h.projection(&sid)["tally"]["required"], 3);
     ok(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true));
 }
 
@@ -250,7 +250,7 @@ fn policy_threshold_percentage_rounds_up() {
     h.register_rules("policy.quorum.p60", QUORUM, json!({"threshold": {"type": "percentage", "value": 60}})).unwrap();
     let sid = start(&mut h, "policy.quorum.p60");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
-    assert_eq!(h.mode_state(&sid)["tally"]["required"], 3);
+    assert_eq!(h.projection(&sid)["tally"]["required"], 3);
     ok(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")));
     ok(&h.send_mode("B", &sid, QUORUM, "Approve", approve("r1")));
     rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true), "INVALID_ENVELOPE");
@@ -260,7 +260,7 @@ fn policy_threshold_percentage_rounds_up() {
     h.register_rules("policy.quorum.p50", QUORUM, json!({"threshold": {"type": "percentage", "value": 50}})).unwrap();
     let sid = start(&mut h, "policy.quorum.p50");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 4)));
-    assert_eq!(h.mode_state(&sid)["tally"]["required"], 2);
+    assert_eq!(h.projection(&sid)["tally"]["required"], 2);
 }
 
 #[test]
@@ -415,7 +415,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={}", h.mode_state(&sid)["phase"]);
+            eprintln!("STAT resolved={resolved} phase={}", h.projection(&sid)["phase"]);
         }
         h.assert_replay_matches();
     }

@@ -99,7 +99,7 @@ fn vector_task_happy_path() {
     assert_eq!(h.state(&sid), SessionState::Open, "TaskComplete alone must not resolve (row 43)");
     ok(&h.commit_mode("agent://planner", &sid, TASK, "task.completed", true));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    assert_eq!(h.mode_state(&sid)["phase"], "Committed");
+    assert_eq!(h.projection(&sid)["phase"], "Committed");
     h.assert_replay_matches();
 }
 
@@ -114,7 +114,7 @@ fn vector_task_reject_paths() {
         "INVALID_ENVELOPE",
     );
     assert_eq!(h.state(&sid), SessionState::Open);
-    assert_eq!(h.mode_state(&sid)["task"]["task_id"], "t1");
+    assert_eq!(h.projection(&sid)["task"]["task_id"], "t1");
 }
 
 // ----- checklist rows 82–88 -----------------------------------------------
@@ -125,7 +125,7 @@ fn row_82_task_request_only_from_initiator() {
     let sid = start(&mut h, "");
     rejected(&h.send_mode("A", &sid, TASK, "TaskRequest", request("t1", "A")), "FORBIDDEN");
     rejected(&h.send_mode("X", &sid, TASK, "TaskRequest", request("t1", "A")), "FORBIDDEN");
-    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingRequest");
+    assert_eq!(h.projection(&sid)["phase"], "AwaitingRequest");
     ok(&h.send_mode("I", &sid, TASK, "TaskRequest", request("t1", "A")));
 }
 
@@ -164,7 +164,7 @@ fn row_84_without_requested_assignee_anyone_but_the_initiator_may_respond() {
     let sid = requested(&mut h, "");
     rejected(&h.send_mode("I", &sid, TASK, "TaskAccept", accept("t1", "")), "FORBIDDEN");
     ok(&h.send_mode("B", &sid, TASK, "TaskAccept", accept("t1", "")));
-    assert_eq!(h.mode_state(&sid)["active_assignee"], "B");
+    assert_eq!(h.projection(&sid)["active_assignee"], "B");
 }
 
 #[test]
@@ -174,8 +174,8 @@ fn row_85_first_accept_wins() {
     ok(&h.send_mode("A", &sid, TASK, "TaskAccept", accept("t1", "A")));
     rejected(&h.send_mode("B", &sid, TASK, "TaskAccept", accept("t1", "B")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("A", &sid, TASK, "TaskAccept", accept("t1", "A")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["active_assignee"], "A");
-    assert_eq!(h.mode_state(&sid)["phase"], "Assigned");
+    assert_eq!(h.projection(&sid)["active_assignee"], "A");
+    assert_eq!(h.projection(&sid)["phase"], "Assigned");
 }
 
 #[test]
@@ -194,8 +194,8 @@ fn row_86_update_complete_fail_only_from_active_assignee() {
     // Only one terminal report, and nothing after it.
     rejected(&h.send_mode("A", &sid, TASK, "TaskFail", fail("t1", "A")), "FORBIDDEN");
     rejected(&h.send_mode("A", &sid, TASK, "TaskUpdate", update("t1")), "FORBIDDEN");
-    assert_eq!(h.mode_state(&sid)["phase"], "Reported");
-    assert_eq!(h.mode_state(&sid)["updates"].as_array().unwrap().len(), 1);
+    assert_eq!(h.projection(&sid)["phase"], "Reported");
+    assert_eq!(h.projection(&sid)["updates"].as_array().unwrap().len(), 1);
 }
 
 #[test]
@@ -224,7 +224,7 @@ fn row_88_negative_outcome_task_failed() {
     rejected(&h.commit_mode("I", &sid, TASK, "task.failed", true), "INVALID_ENVELOPE");
     ok(&h.commit_mode("I", &sid, TASK, "task.failed", false));
     assert_eq!(h.state(&sid), SessionState::Resolved);
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["terminal_report"]["type"], "TaskFail");
     assert_eq!(p["commitment"]["action"], "task.failed");
     assert_eq!(p["commitment"]["outcome_positive"], false);
@@ -258,7 +258,7 @@ fn request_validation() {
     rejected(&h.send_mode("I", &sid, TASK, "TaskRequest", request("  ", "A")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, TASK, "TaskRequest", request("t1", "Z")), "INVALID_ENVELOPE");
     rejected(&h.send_mode("I", &sid, TASK, "TaskRequest", vec![0xff, 0xff]), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["phase"], "AwaitingRequest");
+    assert_eq!(h.projection(&sid)["phase"], "AwaitingRequest");
     ok(&h.send_mode("I", &sid, TASK, "TaskRequest", request("t1", "A")));
 }
 
@@ -294,7 +294,7 @@ fn each_participant_rejects_only_once() {
     let sid = requested(&mut h, "");
     ok(&h.send_mode("A", &sid, TASK, "TaskReject", reject("t1", "A")));
     rejected(&h.send_mode("A", &sid, TASK, "TaskReject", reject("t1", "A")), "INVALID_ENVELOPE");
-    assert_eq!(h.mode_state(&sid)["rejections"].as_array().unwrap().len(), 1);
+    assert_eq!(h.projection(&sid)["rejections"].as_array().unwrap().len(), 1);
 }
 
 #[test]
@@ -313,7 +313,7 @@ fn policy_accept_after_reject_denied_without_reassignment() {
     let sid = requested(&mut h, "");
     ok(&h.send_mode("A", &sid, TASK, "TaskReject", reject("t1", "A")));
     rejected(&h.send_mode("B", &sid, TASK, "TaskAccept", accept("t1", "B")), "POLICY_DENIED");
-    assert_eq!(h.mode_state(&sid)["active_assignee"], serde_json::Value::Null);
+    assert_eq!(h.projection(&sid)["active_assignee"], serde_json::Value::Null);
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn policy_assignee_reject_denied_without_reassignment() {
     rejected(&a, "POLICY_DENIED");
     let details: serde_json::Value = serde_json::from_slice(&a.error.unwrap().details).unwrap();
     assert_eq!(details["reasons"].as_array().unwrap().len(), 1);
-    assert_eq!(h.mode_state(&sid)["active_assignee"], "A");
+    assert_eq!(h.projection(&sid)["active_assignee"], "A");
 }
 
 #[test]
@@ -340,7 +340,7 @@ fn policy_allow_reassignment_on_reject() {
     ok(&h.send_mode("A", &sid, TASK, "TaskAccept", accept("t1", "A")));
     // The active assignee hands it back: the task is unassigned again.
     ok(&h.send_mode("A", &sid, TASK, "TaskReject", reject("t1", "A")));
-    let p = h.mode_state(&sid);
+    let p = h.projection(&sid);
     assert_eq!(p["active_assignee"], serde_json::Value::Null);
     assert_eq!(p["phase"], "Requested");
     assert_eq!(p["rejections"][1]["while_assigned"], true);
@@ -471,7 +471,7 @@ fn sender(h: &H, sid: &str, pick: usize, kind: &str, salt: usize) -> String {
     if pick >= 7 {
         return SENDERS[pick % SENDERS.len()].to_string();
     }
-    let p = h.mode_state(sid);
+    let p = h.projection(sid);
     match kind {
         "TaskRequest" | "Commitment" => "I".into(),
         "TaskAccept" | "TaskReject" => match p["task"]["requested_assignee"].as_str() {
@@ -569,7 +569,7 @@ proptest! {
         }
         prop_assert_eq!(resolved, h.state(&sid) == SessionState::Resolved);
         if std::env::var("MACP_PROP_STATS").is_ok() {
-            eprintln!("STAT resolved={resolved} phase={}", h.mode_state(&sid)["phase"]);
+            eprintln!("STAT resolved={resolved} phase={}", h.projection(&sid)["phase"]);
         }
         h.assert_replay_matches();
     }

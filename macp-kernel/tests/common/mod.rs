@@ -237,16 +237,6 @@ impl H {
             .collect()
     }
 
-    /// Replays [`H::records`] into a fresh kernel and checks that its
-    /// snapshot equals this kernel's byte for byte.
-    pub fn assert_replay_equal(&self) {
-        let mut fresh = Kernel::new(KernelConfig::default());
-        for r in self.records() {
-            fresh.apply_record(&r).unwrap_or_else(|e| panic!("record seq {} does not replay: {e}", r.seq));
-        }
-        assert!(fresh.snapshot() == self.k.snapshot(), "replayed kernel differs from the live one");
-    }
-
     /// The mode projection of a session.
     pub fn projection(&self, sid: &str) -> serde_json::Value {
         self.k.mode_projection(sid).expect("session")
@@ -319,8 +309,7 @@ impl H {
 
     /// Sends a session message of `mode` as `who` with a fresh message id.
     pub fn send_mode(&mut self, who: &str, sid: &str, mode: &str, message_type: &str, payload: Vec<u8>) -> Ack {
-        let mid = self.mid();
-        self.send(who, env(sid, mode, message_type, &mid, who, payload))
+        self.msg_in(mode, who, sid, message_type, payload)
     }
 
     /// Sends a Commitment with `action`/`outcome_positive` as `who`.
@@ -337,38 +326,7 @@ impl H {
         mode: &str,
         rules: serde_json::Value,
     ) -> Result<String, macp_kernel::KernelError> {
-        self.next_req += 1;
-        let request = self.next_req;
-        let effects = self.run(Input::RegisterPolicy {
-            request,
-            identity: Identity::new("admin"),
-            descriptor: macp_kernel::macp_wire::v1::PolicyDescriptor {
-                policy_id: policy_id.into(),
-                mode: mode.into(),
-                description: "test policy".into(),
-                rules: rules.to_string(),
-                schema_version: 1,
-                registered_at_unix_ms: 0,
-            },
-        });
-        effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Reply { request: r, reply: Reply::Registry(res) } if *r == request => Some(res.clone()),
-                _ => None,
-            })
-            .expect("a registry reply")
-    }
-
-    /// Every record the kernel asked the driver to persist, in order.
-    pub fn persisted(&self) -> Vec<macp_kernel::macp_wire::storage::Record> {
-        self.log
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Persist(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect()
+        self.register_policy(policy_id, mode, 1, &rules.to_string())
     }
 
     /// Replays every persisted record into a fresh default kernel, and
@@ -376,7 +334,7 @@ impl H {
     /// byte-for-byte the same snapshot and the same timers.
     pub fn assert_replay_matches(&self) {
         let mut fresh = Kernel::new(KernelConfig::default());
-        for r in self.persisted() {
+        for r in self.records() {
             if let Err(e) = fresh.apply_record(&r) {
                 panic!("replay of record {r:?} failed: {e}");
             }
@@ -389,11 +347,6 @@ impl H {
         let restored = Kernel::restore(KernelConfig::default(), &live).expect("checkpoint restores");
         assert!(restored.snapshot() == live, "restored checkpoint differs from the live kernel");
         assert_eq!(restored.next_deadline(), self.k.next_deadline(), "restored kernel has other timers");
-    }
-
-    /// The mode projection of a session.
-    pub fn mode_state(&self, sid: &str) -> serde_json::Value {
-        self.k.mode_projection(sid).expect("session")
     }
 }
 
