@@ -16,6 +16,7 @@
 #                   (SIGTERM, SIGKILL after $STOP_TIMEOUT s), restart it on the same
 #                   data dir and time it until those sessions are readable again
 #   sessions-mem    open $SESSIONS sessions memory-only, read RSS
+#   (sessions-file-kill replaces sessions-file when RESTART_SIGNAL=KILL)
 #
 # Environment (all optional):
 #   DURATION=10s WARMUP=2s     measured time and warm-up of the timed items
@@ -27,6 +28,8 @@
 #   PORT_OURS=50071 PORT_REF=50072
 #   RESTART_TIMEOUT=600s       how long a restart may take before it counts as failed
 #   STOP_TIMEOUT=60            seconds between SIGTERM and SIGKILL
+#   RESTART_SIGNAL=TERM        how sessions-file stops the server before the
+#                              restart: TERM (clean stop) or KILL (a crash)
 #   WORKDIR=<mktemp -d>        data dirs and server logs (data dirs are deleted
 #                              after each item unless KEEP_DATA=1)
 #   RESULTS=$WORKDIR/results.jsonl   raw JSON lines, one per measurement
@@ -52,6 +55,16 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 table() {
     local results=$1
+    if jq -se 'any(.[]; .kind == "load")' "$results" >/dev/null; then
+        load_table "$results"
+    fi
+    if jq -se 'any(.[]; .kind == "open")' "$results" >/dev/null; then
+        sessions_table "$results"
+    fi
+}
+
+load_table() {
+    local results=$1
     echo
     echo "| workload | concurrency | storage | ours ops/s | ours p50 / p99 µs | reference ops/s | reference p50 / p99 µs | ours / reference |"
     echo "|---|---:|---|---:|---:|---:|---:|---:|"
@@ -69,23 +82,29 @@ table() {
         + (if $o != null and $r != null and $r.ops_per_s > 0
            then ((($o.ops_per_s / $r.ops_per_s) * 10 | round) / 10 | tostring) + "×" else "—" end) + " |"
     ' "$results"
+}
+
+sessions_table() {
+    local results=$1
     echo
     echo "| $(jq -rs 'map(select(.kind=="open")) | first | .result.requested // "N"' "$results") open sessions | storage | ours | reference | ours / reference |"
     echo "|---|---|---:|---:|---:|"
     jq -rs '
+      def ratio: if . >= 10 then (round | tostring) + "×" elif . >= 0.095 then ((. * 100 | round) / 100 | tostring) + "×"
+        elif . > 0 then "1/" + (1 / . | round | tostring) else "0" end;
       def get($s; $item; $k): map(select(.server == $s and .item == $item and .kind == $k)) | last;
       def row($name; $item; $k; f; $unit):
         (get("ours"; $item; $k) | if . == null then null else f end) as $o
         | (get("ref"; $item; $k) | if . == null then null else f end) as $r
         | select($o != null or $r != null)
         | "| \($name) | \($item | sub("sessions-"; "")) | \($o // "—")\(if $o != null then $unit else "" end) | \($r // "—")\(if $r != null then $unit else "" end) | "
-          + (if $o != null and $r != null and $r != 0 then ((($o / $r) * 100 | round) / 100 | tostring) + "×" else "—" end) + " |";
+          + (if $o != null and $r != null and $r != 0 then ($o / $r | ratio) else "—" end) + " |";
       . as $all
-      | ["sessions-file", "sessions-mem"][] as $item
+      | (reduce ($all[] | select(.kind == "open") | .item) as $i ([]; if any(.[]; . == $i) then . else . + [$i] end))[] as $item
       | ($all | row("sessions opened per second"; $item; "open"; .result.sessions_per_s | round; "")),
         ($all | row("RSS after opening (MB)"; $item; "rss"; (.rss_kb / 1024 | round); "")),
         ($all | row("data directory (MB)"; $item; "disk"; (.bytes / 1048576 | round); "")),
-        ($all | row("stop after SIGTERM (s)"; $item; "stop"; .stop_s; "")),
+        ($all | row("stop until exit (s), SIG" + ($all | get("ours"; $item; "stop") // get("ref"; $item; "stop") | .signal // "TERM"); $item; "stop"; .stop_s; "")),
         ($all | row("restart until sessions readable (s)"; $item; "restart"; (if .result.ready then .result.ready_s else null end); "")),
         ($all | row("RSS after restart (MB)"; $item; "rss-restart"; (.rss_kb / 1024 | round); ""))
     ' "$results"
@@ -114,6 +133,8 @@ PORT_OURS=${PORT_OURS:-50071}
 PORT_REF=${PORT_REF:-50072}
 RESTART_TIMEOUT=${RESTART_TIMEOUT:-600s}
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}
+RESTART_SIGNAL=${RESTART_SIGNAL:-TERM}
+[[ $RESTART_SIGNAL == TERM || $RESTART_SIGNAL == KILL ]] || { echo "compare.sh: RESTART_SIGNAL must be TERM or KILL" >&2; exit 2; }
 WORKDIR=${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/macp-compare.XXXXXX")}
 RESULTS=${RESULTS:-$WORKDIR/results.jsonl}
 KEEP_DATA=${KEEP_DATA:-0}
@@ -209,13 +230,13 @@ wait_ready() {
     fi
 }
 
-# SIGTERM, SIGKILL after STOP_TIMEOUT s; sets STOP_S (seconds until the
-# process was gone) and STOP_SIG (the last signal sent).
+# SIGTERM (or $1), SIGKILL after STOP_TIMEOUT s; sets STOP_S (seconds until
+# the process was gone) and STOP_SIG (the last signal sent).
 stop_server() {
     local pid=$SERVER_PID t0 i
     t0=$(now)
-    STOP_SIG=TERM
-    kill -TERM "$pid" 2>/dev/null || true
+    STOP_SIG=${1:-TERM}
+    kill "-$STOP_SIG" "$pid" 2>/dev/null || true
     for ((i = 0; i < STOP_TIMEOUT * 20; i++)); do alive "$pid" || break; sleep 0.05; done
     if alive "$pid"; then
         STOP_SIG=KILL
@@ -278,10 +299,11 @@ sessions_item() {
     echo "   RSS with $SESSIONS open sessions: $((rss / 1024)) MB"
     record "$server" "$item" "$storage" rss "$(jq -nc --argjson kb "$rss" --argjson n "$SESSIONS" \
         '{after: "open", rss_kb: $kb, sessions: $n, how: "VmRSS from /proc/PID/status, 2 s after the last Ack"}')"
-    stop_server
     if [[ $storage == memory ]]; then
+        stop_server
         return
     fi
+    stop_server "$RESTART_SIGNAL"
     echo "   stopped after $STOP_S s (SIG$STOP_SIG)"
     record "$server" "$item" "$storage" stop "$(jq -nc --argjson s "$STOP_S" --arg sig "$STOP_SIG" '{stop_s: $s, signal: $sig}')"
     record "$server" "$item" "$storage" disk "$(jq -nc --argjson b "$(du -sb "$dir" | cut -f1)" '{bytes: $b}')"
@@ -325,10 +347,13 @@ if wanted signals-mem-c16; then
     for s in $SERVERS; do load_item "$s" signals-mem-c16 memory signals 16; done
 fi
 for storage in file memory; do
-    short=mem
-    [[ $storage == file ]] && short=file
-    wanted "sessions-$short" || continue
-    for s in $SERVERS; do sessions_item "$s" "sessions-$short" "$storage"; done
+    item=sessions-mem
+    if [[ $storage == file ]]; then
+        item=sessions-file
+        [[ $RESTART_SIGNAL == KILL ]] && item=sessions-file-kill
+    fi
+    wanted "$item" || continue
+    for s in $SERVERS; do sessions_item "$s" "$item" "$storage"; done
 done
 
 echo "load average at end: $(loadavg)"
