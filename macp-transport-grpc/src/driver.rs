@@ -24,8 +24,10 @@ use crate::hub::{Hub, Sequenced, SessionFeed};
 
 /// Durable storage as the driver needs it.
 pub trait Journal: Send + 'static {
-    /// Appends records to the log (buffered; not yet durable).
-    fn append(&mut self, records: &[Record]) -> Result<(), String>;
+    /// Appends records to the log (buffered; not yet durable). Takes them
+    /// by value so a journal that keeps records (the memory journal) need
+    /// not copy them.
+    fn append(&mut self, records: Vec<Record>) -> Result<(), String>;
     /// Makes everything appended so far durable (one sync).
     fn sync(&mut self) -> Result<(), String>;
     /// Rebuilds the kernel from what is durable (after a failed write).
@@ -287,7 +289,7 @@ impl Driver {
     fn finish(&mut self, mut b: Batch) {
         if !b.records.is_empty() {
             let n = b.records.len() as u64;
-            let durable = self.journal.append(&b.records).and_then(|_| self.journal.sync());
+            let durable = self.journal.append(std::mem::take(&mut b.records)).and_then(|_| self.journal.sync());
             if let Err(e) = durable {
                 error!("storage failure, acknowledging nothing of this batch: {e}");
                 self.fail_batch(&mut b, &e);

@@ -63,8 +63,8 @@ pub fn open(dir: &Path, kcfg: &KernelConfig) -> Result<(Kernel, Box<dyn Journal>
 }
 
 impl Journal for FsJournal {
-    fn append(&mut self, records: &[Record]) -> Result<(), String> {
-        with(&self.storage, |s| s.append(records).map(|_| ()).map_err(|e| e.to_string()))
+    fn append(&mut self, records: Vec<Record>) -> Result<(), String> {
+        with(&self.storage, |s| s.append(&records).map(|_| ()).map_err(|e| e.to_string()))
     }
 
     fn sync(&mut self) -> Result<(), String> {

@@ -20,38 +20,54 @@ pub fn history_envelope(r: &Record) -> Option<&macp_wire::v1::Envelope> {
     }
 }
 
-type Histories = Arc<RwLock<BTreeMap<String, Vec<Sequenced>>>>;
+/// Every record, and per session the positions of the records that carry
+/// its history. Records are kept once: history reads copy the envelope out,
+/// which is rare (passive subscribe), where keeping a second copy of every
+/// accepted envelope would double the memory of a memory-only server.
+#[derive(Default)]
+struct Log {
+    records: Vec<Record>,
+    by_session: BTreeMap<String, Vec<usize>>,
+}
+
+type SharedLog = Arc<RwLock<Log>>;
 
 /// An in-memory journal.
 #[derive(Default)]
 pub struct MemoryJournal {
-    records: Vec<Record>,
-    histories: Histories,
+    log: SharedLog,
 }
 
-struct MemoryHistory(Histories);
+struct MemoryHistory(SharedLog);
 
 impl History for MemoryHistory {
     fn read(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Sequenced>, String> {
-        let map = self.0.read().map_err(|_| "history lock poisoned".to_string())?;
-        Ok(map
-            .get(session_id)
-            .map(|v| v.iter().filter(|s| s.seq > after && s.seq <= upto).cloned().collect())
-            .unwrap_or_default())
+        let log = self.0.read().map_err(|_| "history lock poisoned".to_string())?;
+        let Some(positions) = log.by_session.get(session_id) else { return Ok(Vec::new()) };
+        Ok(positions
+            .iter()
+            .map(|&i| &log.records[i])
+            .filter(|r| r.seq > after && r.seq <= upto)
+            .filter_map(|r| history_envelope(r).map(|e| Sequenced { seq: r.seq, envelope: Arc::new(e.clone()) }))
+            .collect())
     }
 }
 
 impl Journal for MemoryJournal {
-    fn append(&mut self, records: &[Record]) -> Result<(), String> {
-        let mut map = self.histories.write().map_err(|_| "history lock poisoned".to_string())?;
+    fn append(&mut self, records: Vec<Record>) -> Result<(), String> {
+        let mut log = self.log.write().map_err(|_| "history lock poisoned".to_string())?;
         for r in records {
-            if let Some(env) = history_envelope(r) {
-                map.entry(r.session_id.clone())
-                    .or_default()
-                    .push(Sequenced { seq: r.seq, envelope: Arc::new(env.clone()) });
+            if history_envelope(&r).is_some() {
+                let at = log.records.len();
+                match log.by_session.get_mut(&r.session_id) {
+                    Some(v) => v.push(at),
+                    None => {
+                        log.by_session.insert(r.session_id.clone(), vec![at]);
+                    }
+                }
             }
+            log.records.push(r);
         }
-        self.records.extend_from_slice(records);
         Ok(())
     }
 
@@ -61,7 +77,8 @@ impl Journal for MemoryJournal {
 
     fn recover(&mut self, config: &KernelConfig) -> Result<Kernel, String> {
         let mut k = Kernel::new(config.clone());
-        for r in &self.records {
+        let log = self.log.read().map_err(|_| "history lock poisoned".to_string())?;
+        for r in &log.records {
             k.apply_record(r).map_err(|e| e.to_string())?;
         }
         Ok(k)
@@ -72,6 +89,6 @@ impl Journal for MemoryJournal {
     }
 
     fn history(&self) -> Arc<dyn History> {
-        Arc::new(MemoryHistory(self.histories.clone()))
+        Arc::new(MemoryHistory(self.log.clone()))
     }
 }

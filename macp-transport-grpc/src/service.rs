@@ -114,15 +114,22 @@ impl Runtime {
                 ),
             ));
         }
+        // The envelope moves to the kernel; only its ids stay for the
+        // shutdown answer.
+        let (session_id, message_id) = (envelope.session_id.clone(), envelope.message_id.clone());
+        let shutting_down = || {
+            let e = KernelError::new(ErrorCode::InternalError, "the runtime is shutting down");
+            macp_kernel::error_ack(now, &session_id, &message_id, e)
+        };
         let (reply, rx) = oneshot::channel();
         let bind = bind.map(|tx| (identity.clone(), tx));
-        let input = Input::Envelope { request: 0, identity, envelope: envelope.clone() };
+        let input = Input::Envelope { request: 0, identity, envelope };
         if self.tx.send(Command::Submit { input, reply, bind }).await.is_err() {
-            return reject(KernelError::new(ErrorCode::InternalError, "the runtime is shutting down"));
+            return shutting_down();
         }
         match rx.await {
             Ok(Reply::Ack(a)) => a,
-            _ => reject(KernelError::new(ErrorCode::InternalError, "the runtime is shutting down")),
+            _ => shutting_down(),
         }
     }
 

@@ -22,8 +22,8 @@ struct FlakyJournal {
 }
 
 impl Journal for FlakyJournal {
-    fn append(&mut self, records: &[Record]) -> Result<(), String> {
-        self.pending.extend_from_slice(records);
+    fn append(&mut self, records: Vec<Record>) -> Result<(), String> {
+        self.pending.extend(records);
         Ok(())
     }
     fn sync(&mut self) -> Result<(), String> {
@@ -31,7 +31,7 @@ impl Journal for FlakyJournal {
         if self.fail.load(Ordering::SeqCst) {
             return Err("injected fdatasync failure".into());
         }
-        self.durable.append(&batch)
+        self.durable.append(batch)
     }
     fn recover(&mut self, config: &KernelConfig) -> Result<Kernel, String> {
         self.pending.clear();
