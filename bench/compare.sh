@@ -102,11 +102,11 @@ sessions_table() {
       . as $all
       | (reduce ($all[] | select(.kind == "open") | .item) as $i ([]; if any(.[]; . == $i) then . else . + [$i] end))[] as $item
       | ($all | row("sessions opened per second"; $item; "open"; .result.sessions_per_s | round; "")),
-        ($all | row("RSS after opening (MB)"; $item; "rss"; (.rss_kb / 1024 | round); "")),
-        ($all | row("data directory (MB)"; $item; "disk"; (.bytes / 1048576 | round); "")),
+        ($all | row("RSS after opening (MiB)"; $item; "rss"; (.rss_kb / 1024 | round); "")),
+        ($all | row("data directory (MiB)"; $item; "disk"; (.bytes / 1048576 | round); "")),
         ($all | row("stop until exit (s), SIG" + ($all | get("ours"; $item; "stop") // get("ref"; $item; "stop") | .signal // "TERM"); $item; "stop"; .stop_s; "")),
         ($all | row("restart until sessions readable (s)"; $item; "restart"; (if .result.ready then .result.ready_s else null end); "")),
-        ($all | row("RSS after restart (MB)"; $item; "rss-restart"; (.rss_kb / 1024 | round); ""))
+        ($all | row("RSS after restart (MiB)"; $item; "rss-restart"; (.rss_kb / 1024 | round); ""))
     ' "$results"
 }
 
@@ -329,10 +329,15 @@ echo "reference: $REF"
 echo "bench:     $BENCH"
 echo "results:   $RESULTS   (logs in $WORKDIR/logs)"
 echo "load average at start: $(loadavg)"
+echo "repository HEAD $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown); $OURS built $(date -r "$OURS" '+%F %T')"
+echo "  (the binaries are measured as they are: rebuild them first if HEAD moved)"
 record meta run - start "$(jq -nc --arg ours "$OURS" --arg ref "$REF" --arg d "$DURATION" --arg w "$WARMUP" \
     --argjson n "$SESSIONS" --arg head "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --arg oe "$OURS_ENV" --arg re "$REF_ENV" \
-    '{ours: $ours, ref: $ref, duration: $d, warmup: $w, sessions: $n, ours_commit: $head, ours_env: $oe, ref_env: $re}')"
+    --arg obuilt "$(date -u -r "$OURS" +%FT%TZ)" --arg rbuilt "$(date -u -r "$REF" +%FT%TZ)" \
+    --arg osum "$(sha256sum "$OURS" | cut -c1-16)" --arg rsum "$(sha256sum "$REF" | cut -c1-16)" \
+    '{ours: $ours, ref: $ref, duration: $d, warmup: $w, sessions: $n, ours_env: $oe, ref_env: $re,
+      repo_head: $head, ours_built: $obuilt, ours_sha256: $osum, ref_built: $rbuilt, ref_sha256: $rsum}')"
 
 for storage in memory file; do
     short=mem
