@@ -99,6 +99,13 @@ fn main() {
         send(&mut k, &initiator, envelope(&sid(i), "SessionStart", uuid4(3 * i + 1), &initiator, start));
     }
     report(n, "open decision sessions (SessionStart only)", before, rss_bytes());
+    // A checkpoint serializes the state; what it leaves resident is the
+    // server's cost of checkpointing.
+    let snapshot = k.snapshot();
+    let snapshot_len = snapshot.len();
+    drop(snapshot);
+    report(n, "  ... after a checkpoint of them", before, rss_bytes());
+    println!("  (checkpoint: {:.1} MB)", snapshot_len as f64 / 1e6);
     for i in 0..n {
         let a = who(i, "a");
         send(&mut k, &a, envelope(&sid(i), "Proposal", uuid4(3 * i + 2), &a, proposal.clone()));

@@ -6,20 +6,22 @@
 //! tested. The format is postcard over plain structs; protobuf messages
 //! inside are kept as their protobuf encoding.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionState};
 use prost::Message as _;
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::KernelConfig;
 use crate::kernel::Kernel;
-use crate::session::{Activity, Session};
+use crate::session::{Activity, SeenIds, Session};
 
 /// Bumped whenever the layout below changes.
 const SNAPSHOT_FORMAT: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+/// The reading side of a checkpoint (the writing side is [`KernelSnapRef`]).
+#[derive(Deserialize)]
 struct KernelSnap {
     format: u32,
     registry_seq: u64,
@@ -29,7 +31,7 @@ struct KernelSnap {
     quarantined: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct SessionSnap {
     id: String,
     mode: String,
@@ -54,6 +56,83 @@ struct SessionSnap {
     mode_state: Vec<u8>,
 }
 
+/// The writing side of [`KernelSnap`]: the same layout, borrowed from the
+/// kernel. Building an owned `KernelSnap` first copied the whole state (every
+/// string of every session) just to serialize it, doubling a checkpoint's peak
+/// memory; the copy, freed in small pieces, then stayed resident. postcard
+/// encodes `&str`/`String` and slices/`Vec`s identically, so the bytes are
+/// exactly those of the owned form that [`Kernel::restore`] reads.
+#[derive(Serialize)]
+struct KernelSnapRef<'a> {
+    format: u32,
+    registry_seq: u64,
+    policies: Vec<Vec<u8>>,
+    dynamic_modes: Vec<(Vec<u8>, bool)>,
+    sessions: SessionsRef<'a>,
+    quarantined: &'a BTreeSet<String>,
+}
+
+struct SessionsRef<'a>(&'a BTreeMap<String, Box<Session>>);
+
+impl Serialize for SessionsRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for s in self.0.values() {
+            seq.serialize_element(&session_snap(s))?;
+        }
+        seq.end()
+    }
+}
+
+#[derive(Serialize)]
+struct SessionSnapRef<'a> {
+    id: &'a str,
+    mode: &'a str,
+    mode_version: &'a str,
+    configuration_version: &'a str,
+    policy: Vec<u8>,
+    initiator: &'a str,
+    participants: &'a [String],
+    context_id: &'a str,
+    extension_keys: &'a [String],
+    started_at_ms: i64,
+    deadline_ms: i64,
+    max_suspend_ms: i64,
+    state: i32,
+    suspended_at_ms: Option<i64>,
+    suspended_total_ms: i64,
+    seq: u64,
+    seen: SeenRef<'a>,
+    activity: ActivityRef<'a>,
+    resolution: Option<&'a [u8]>,
+    initiator_only_commitment: bool,
+    mode_state: Vec<u8>,
+}
+
+struct SeenRef<'a>(&'a SeenIds);
+
+impl Serialize for SeenRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for id in self.0.iter() {
+            seq.serialize_element(id)?;
+        }
+        seq.end()
+    }
+}
+
+struct ActivityRef<'a>(&'a [(String, Activity)]);
+
+impl Serialize for ActivityRef<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+        for (who, a) in self.0 {
+            seq.serialize_element(&(who.as_str(), a.last_message_at_unix_ms, a.message_count))?;
+        }
+        seq.end()
+    }
+}
+
 /// Why a checkpoint could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -68,15 +147,18 @@ pub enum SnapshotError {
 impl Kernel {
     /// The whole state as deterministic bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        let snap = KernelSnap {
+        let snap = KernelSnapRef {
             format: SNAPSHOT_FORMAT,
             registry_seq: self.registry_seq,
             policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
             dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
-            sessions: self.sessions.values().map(|s| session_snap(s)).collect(),
-            quarantined: self.quarantined.iter().cloned().collect(),
+            sessions: SessionsRef(&self.sessions),
+            quarantined: &self.quarantined,
         };
-        postcard::to_stdvec(&snap).unwrap_or_default()
+        // Measure first, then write into an exact allocation: growing by
+        // doubling would briefly hold up to twice the checkpoint's size.
+        let size = postcard::serialize_with_flavor(&snap, postcard::ser_flavors::Size::default()).unwrap_or(0);
+        postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
     }
 
     /// Rebuilds a kernel from [`Kernel::snapshot`] bytes.
@@ -145,17 +227,17 @@ impl Kernel {
     }
 }
 
-fn session_snap(s: &Session) -> SessionSnap {
-    SessionSnap {
-        id: s.id.clone(),
-        mode: s.mode.clone(),
-        mode_version: s.mode_version.clone(),
-        configuration_version: s.configuration_version.clone(),
+fn session_snap(s: &Session) -> SessionSnapRef<'_> {
+    SessionSnapRef {
+        id: &s.id,
+        mode: &s.mode,
+        mode_version: &s.mode_version,
+        configuration_version: &s.configuration_version,
         policy: s.policy.descriptor.encode_to_vec(),
-        initiator: s.initiator.clone(),
-        participants: s.participants.clone(),
-        context_id: s.context_id.clone(),
-        extension_keys: s.extension_keys.clone(),
+        initiator: &s.initiator,
+        participants: &s.participants,
+        context_id: &s.context_id,
+        extension_keys: &s.extension_keys,
         started_at_ms: s.started_at_ms,
         deadline_ms: s.deadline_ms,
         max_suspend_ms: s.max_suspend_ms,
@@ -163,9 +245,9 @@ fn session_snap(s: &Session) -> SessionSnap {
         suspended_at_ms: s.suspended_at_ms,
         suspended_total_ms: s.suspended_total_ms,
         seq: s.seq,
-        seen: s.seen.iter().map(str::to_string).collect(),
-        activity: s.activity.iter().map(|(w, a)| (w.clone(), a.last_message_at_unix_ms, a.message_count)).collect(),
-        resolution: s.resolution.clone(),
+        seen: SeenRef(&s.seen),
+        activity: ActivityRef(&s.activity),
+        resolution: s.resolution.as_deref(),
         initiator_only_commitment: s.initiator_only_commitment,
         mode_state: s.mode_state.snapshot(),
     }
