@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use macp_wire::storage::{record::Fact, Record, SessionExpired, SessionStarted};
 use macp_wire::v1::{
-    Ack, Envelope, MacpError, ModeDescriptor, PolicyDescriptor, ProgressPayload, SessionCancelPayload, SessionMetadata,
-    SessionResumePayload, SessionState, SessionSuspendPayload, SignalPayload,
+    Ack, Envelope, MacpError, ModeDescriptor, PolicyDescriptor, SessionCancelPayload, SessionMetadata,
+    SessionResumePayload, SessionState, SessionSuspendPayload,
 };
 use prost::Message as _;
 
@@ -152,6 +152,14 @@ impl Kernel {
     // ----- envelopes -------------------------------------------------------
 
     fn on_envelope(&mut self, now: i64, request: RequestId, identity: &Identity, env: Envelope, out: &mut Vec<Effect>) {
+        if is_ambient(&env.message_type) {
+            let (ack, accepted) = Kernel::admit_ambient(now, &self.config, identity, env);
+            out.push(Effect::Reply { request, reply: Reply::Ack(ack) });
+            if let Some(envelope) = accepted {
+                out.push(Effect::Broadcast(Broadcast::Signal { envelope: Arc::new(envelope) }));
+            }
+            return;
+        }
         let mut broadcasts = Vec::new();
         // The envelope moves into the record; the Ack keeps its own ids.
         let message_id = env.message_id.clone();
@@ -183,55 +191,8 @@ impl Kernel {
         out: &mut Vec<Effect>,
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<(SessionState, bool)> {
-        validate::envelope_shape(&env, &self.config)?;
-        if env.sender.is_empty() {
-            env.sender = identity.sender.clone();
-        } else if env.sender != identity.sender {
-            return Err(KernelError::new(
-                ErrorCode::Unauthenticated,
-                "envelope sender does not match the authenticated identity",
-            ));
-        }
-        if identity.sender == self.config.runtime_id {
-            return Err(KernelError::forbidden(format!(
-                "'{}' is the runtime's own identity; no client may act as it",
-                self.config.runtime_id
-            )));
-        }
-        if env.message_id.starts_with(&self.config.runtime_id)
-            && env.message_id[self.config.runtime_id.len()..].starts_with(':')
-        {
-            return Err(KernelError::invalid(format!(
-                "message ids starting with '{}:' are reserved for runtime-emitted messages",
-                self.config.runtime_id
-            )));
-        }
-        if env.message_type == "SessionStart" && !identity.grants.can_start_sessions {
-            return Err(KernelError::forbidden(format!("{} may not start sessions", identity.sender)));
-        }
-        if !env.mode.is_empty() && !identity.grants.allows_mode(&env.mode) {
-            return Err(KernelError::forbidden(format!("{} may not use mode {}", identity.sender, env.mode)));
-        }
+        Self::admit_common(&self.config, identity, &mut env)?;
         match env.message_type.as_str() {
-            "Signal" => {
-                if !env.payload.is_empty() {
-                    let s = SignalPayload::decode(env.payload.as_slice())
-                        .map_err(|e| KernelError::invalid(format!("Signal payload does not decode: {e}")))?;
-                    if s.signal_type.trim().is_empty() {
-                        return Err(KernelError::invalid("Signal payload needs a non-empty signal_type"));
-                    }
-                }
-                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env) });
-                Ok((SessionState::Open, false))
-            }
-            "Progress" => {
-                if !env.payload.is_empty() {
-                    ProgressPayload::decode(env.payload.as_slice())
-                        .map_err(|e| KernelError::invalid(format!("Progress payload does not decode: {e}")))?;
-                }
-                broadcasts.push(Broadcast::Signal { envelope: Arc::new(env) });
-                Ok((SessionState::Open, false))
-            }
             "SessionStart" => {
                 self.check_quarantine(&env.session_id)?;
                 self.admit_start(now, identity, env, out, broadcasts)
@@ -241,6 +202,71 @@ impl Kernel {
                 self.admit_session_message(now, env, out, broadcasts)
             }
         }
+    }
+
+    /// Ambient envelopes (Signal, Progress): admitted and answered as
+    /// [`Kernel::handle`] does, but as a pure function of the configuration,
+    /// the identity and the envelope. They touch no session and are never
+    /// persisted, so a transport may run this on the request's own task and
+    /// broadcast the returned envelope itself, instead of queueing ambient
+    /// traffic behind session traffic. Returns the Ack and, if accepted, the
+    /// canonical envelope (authenticated sender filled in) to broadcast.
+    pub fn admit_ambient(
+        now_ms: i64,
+        config: &KernelConfig,
+        identity: &Identity,
+        mut env: Envelope,
+    ) -> (Ack, Option<Envelope>) {
+        let checked = Self::admit_common(config, identity, &mut env).and_then(|()| validate::ambient_payload(&env));
+        match checked {
+            Ok(()) => {
+                let ack = Ack {
+                    ok: true,
+                    duplicate: false,
+                    message_id: env.message_id.clone(),
+                    session_id: env.session_id.clone(),
+                    accepted_at_unix_ms: now_ms,
+                    session_state: SessionState::Open as i32,
+                    error: None,
+                };
+                (ack, Some(env))
+            }
+            Err(e) => (error_ack(now_ms, &env.session_id, &env.message_id, e), None),
+        }
+    }
+
+    /// Checks every envelope passes before its type matters: shape, sender
+    /// identity, reserved ids, and grants.
+    fn admit_common(config: &KernelConfig, identity: &Identity, env: &mut Envelope) -> KResult<()> {
+        validate::envelope_shape(env, config)?;
+        if env.sender.is_empty() {
+            env.sender = identity.sender.clone();
+        } else if env.sender != identity.sender {
+            return Err(KernelError::new(
+                ErrorCode::Unauthenticated,
+                "envelope sender does not match the authenticated identity",
+            ));
+        }
+        if identity.sender == config.runtime_id {
+            return Err(KernelError::forbidden(format!(
+                "'{}' is the runtime's own identity; no client may act as it",
+                config.runtime_id
+            )));
+        }
+        if env.message_id.starts_with(&config.runtime_id) && env.message_id[config.runtime_id.len()..].starts_with(':')
+        {
+            return Err(KernelError::invalid(format!(
+                "message ids starting with '{}:' are reserved for runtime-emitted messages",
+                config.runtime_id
+            )));
+        }
+        if env.message_type == "SessionStart" && !identity.grants.can_start_sessions {
+            return Err(KernelError::forbidden(format!("{} may not start sessions", identity.sender)));
+        }
+        if !env.mode.is_empty() && !identity.grants.allows_mode(&env.mode) {
+            return Err(KernelError::forbidden(format!("{} may not use mode {}", identity.sender, env.mode)));
+        }
+        Ok(())
     }
 
     fn admit_start(
@@ -813,6 +839,12 @@ pub(crate) fn reindex_timer(timers: &mut BTreeSet<(i64, String)>, s: &mut Sessio
         s.timer_at = Some(t);
         timers.insert((t, s.id.clone()));
     }
+}
+
+/// Whether an envelope of this type is ambient (Signal, Progress): outside
+/// any session's history, never persisted, only broadcast.
+pub fn is_ambient(message_type: &str) -> bool {
+    matches!(message_type, "Signal" | "Progress")
 }
 
 pub(crate) fn not_open(s: &Session) -> KernelError {

@@ -39,6 +39,6 @@ pub mod validate;
 pub use config::{KernelConfig, SessionIdPolicy};
 pub use error::{ErrorCode, KResult, KernelError};
 pub use io::{Broadcast, ControlOp, Effect, Grants, Identity, Input, Reply, RequestId};
-pub use kernel::{error_ack, Kernel};
+pub use kernel::{error_ack, is_ambient, Kernel};
 pub use macp_wire;
 pub use snapshot::SnapshotError;

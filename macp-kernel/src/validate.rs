@@ -228,6 +228,30 @@ pub fn commitment_fields(
     Ok(c)
 }
 
+/// Payload checks of the ambient types: an empty payload is allowed; a
+/// Signal's must decode and name a signal_type, a Progress's must decode.
+pub fn ambient_payload(env: &Envelope) -> KResult<()> {
+    if env.payload.is_empty() {
+        return Ok(());
+    }
+    match env.message_type.as_str() {
+        "Signal" => {
+            let s = macp_wire::v1::SignalPayload::decode(env.payload.as_slice())
+                .map_err(|e| KernelError::invalid(format!("Signal payload does not decode: {e}")))?;
+            if s.signal_type.trim().is_empty() {
+                return Err(KernelError::invalid("Signal payload needs a non-empty signal_type"));
+            }
+            Ok(())
+        }
+        "Progress" => {
+            macp_wire::v1::ProgressPayload::decode(env.payload.as_slice())
+                .map_err(|e| KernelError::invalid(format!("Progress payload does not decode: {e}")))?;
+            Ok(())
+        }
+        other => Err(KernelError::invalid(format!("{other} is not an ambient message type"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,21 @@ impl Runtime {
                 ),
             ));
         }
+        // Ambient envelopes touch no session and are never persisted: the
+        // kernel's own admission function answers them here, on the
+        // request's task, and they are broadcast directly instead of
+        // queueing behind session traffic in the driver. (A StreamSession
+        // frame may bind its stream, which only the driver can do.)
+        if bind.is_none() && macp_kernel::is_ambient(&envelope.message_type) {
+            let (ack, accepted) = Kernel::admit_ambient(now, &self.kernel_config, &identity, envelope);
+            if let Some(envelope) = accepted {
+                let _ = self
+                    .watch
+                    .signals
+                    .send(WatchSignalsResponse { envelope: Some(envelope), sender_authenticated: true });
+            }
+            return ack;
+        }
         // The envelope moves to the kernel; only its ids stay for the
         // shutdown answer.
         let (session_id, message_id) = (envelope.session_id.clone(), envelope.message_id.clone());

@@ -88,6 +88,33 @@ async fn row_08_signal_broadcast_to_watchers() {
     assert!(got.sender_authenticated);
 }
 
+/// Signals are admitted on the request's task (no driver hop); the checks
+/// must be the kernel's: bad payloads and forged senders are refused with
+/// the kernel's codes and never reach watchers.
+#[tokio::test]
+async fn row_08_refused_signals_are_not_broadcast() {
+    let srv = Server::start(&[]).await;
+    let mut w = srv.client("W").await;
+    let mut stream = w.watch_signals(WatchSignalsRequest {}).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut a = srv.client("A").await;
+    let blank = SignalPayload { signal_type: " ".into(), ..Default::default() };
+    let ack = send(&mut a, env("", "", "Signal", prost::Message::encode_to_vec(&blank))).await;
+    assert_eq!(code(&ack), "INVALID_ENVELOPE", "{:?}", ack.error);
+    let ack = send(&mut a, env("", "", "Progress", vec![0xff, 0xff])).await;
+    assert_eq!(code(&ack), "INVALID_ENVELOPE", "{:?}", ack.error);
+    let good = SignalPayload { signal_type: "heartbeat".into(), ..Default::default() };
+    let mut forged = env("", "", "Signal", prost::Message::encode_to_vec(&good));
+    forged.sender = "B".into();
+    let ack = send(&mut a, forged).await;
+    assert_eq!(code(&ack), "UNAUTHENTICATED", "{:?}", ack.error);
+    // The first signal a watcher sees is the next accepted one.
+    let ok = env("", "", "Signal", prost::Message::encode_to_vec(&good));
+    assert!(send(&mut a, ok.clone()).await.ok);
+    let got = next(&mut stream).await.envelope.unwrap();
+    assert_eq!(got.message_id, ok.message_id);
+}
+
 #[tokio::test]
 async fn row_12_unauthenticated_requests_rejected() {
     let srv = Server::start(&[]).await;
