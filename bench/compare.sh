@@ -25,7 +25,8 @@
 #   ONLY="a b"  SKIP="a b"     item-name prefixes to run / leave out
 #                              (e.g. ONLY=decision-file, SKIP="sessions-mem")
 #   SERVERS="ours ref"         which servers to run
-#   PORT_OURS=50071 PORT_REF=50072
+#   PORT_OURS=30071 PORT_REF=30072   (below Linux's ephemeral range 32768-60999, so
+#                              no client socket can be holding them; see bench::probe)
 #   RESTART_TIMEOUT=600s       how long a restart may take before it counts as failed
 #   STOP_TIMEOUT=60            seconds between SIGTERM and SIGKILL
 #   RESTART_SIGNAL=TERM        how sessions-file stops the server before the
@@ -98,14 +99,14 @@ sessions_table() {
         | (get("ref"; $item; $k) | if . == null then null else f end) as $r
         | select($o != null or $r != null)
         | "| \($name) | \($item | sub("sessions-"; "")) | \($o // "—")\(if $o != null then $unit else "" end) | \($r // "—")\(if $r != null then $unit else "" end) | "
-          + (if $o != null and $r != null and $r != 0 then ($o / $r | ratio) else "—" end) + " |";
+          + (if ($o | type) == "number" and ($r | type) == "number" and $r != 0 then ($o / $r | ratio) else "—" end) + " |";
       . as $all
       | (reduce ($all[] | select(.kind == "open") | .item) as $i ([]; if any(.[]; . == $i) then . else . + [$i] end))[] as $item
       | ($all | row("sessions opened per second"; $item; "open"; .result.sessions_per_s | round; "")),
         ($all | row("RSS after opening (MiB)"; $item; "rss"; (.rss_kb / 1024 | round); "")),
         ($all | row("data directory (MiB)"; $item; "disk"; (.bytes / 1048576 | round); "")),
         ($all | row("stop until exit (s), SIG" + ($all | get("ours"; $item; "stop") // get("ref"; $item; "stop") | .signal // "TERM"); $item; "stop"; .stop_s; "")),
-        ($all | row("restart until sessions readable (s)"; $item; "restart"; (if .result.ready then .result.ready_s else null end); "")),
+        ($all | row("restart until sessions readable (s)"; $item; "restart"; (if .result.ready then .result.ready_s else "FAILED" end); "")),
         ($all | row("RSS after restart (MiB)"; $item; "rss-restart"; (.rss_kb / 1024 | round); ""))
     ' "$results"
 }
@@ -129,8 +130,8 @@ OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-64}
 ONLY=${ONLY:-}
 SKIP=${SKIP:-}
 SERVERS=${SERVERS:-ours ref}
-PORT_OURS=${PORT_OURS:-50071}
-PORT_REF=${PORT_REF:-50072}
+PORT_OURS=${PORT_OURS:-30071}
+PORT_REF=${PORT_REF:-30072}
 RESTART_TIMEOUT=${RESTART_TIMEOUT:-600s}
 STOP_TIMEOUT=${STOP_TIMEOUT:-60}
 RESTART_SIGNAL=${RESTART_SIGNAL:-TERM}
@@ -312,7 +313,22 @@ sessions_item() {
     probe_cmd="$BENCH probe --addr 127.0.0.1:$port --auth bearer --timeout $RESTART_TIMEOUT ${expect[*]}"
     echo "   restart: $probe_cmd"
     start_server "$cmd" "$WORKDIR/logs/$server-$item-restart.log" "$port"
-    out=$($probe_cmd) || true
+    # The probe runs in the background so that a server which dies during
+    # recovery ends the wait at once instead of after RESTART_TIMEOUT.
+    $probe_cmd >"$WORKDIR/probe.out" &
+    local probe_pid=$!
+    while alive "$probe_pid"; do
+        if ! alive "$SERVER_PID"; then
+            kill "$probe_pid" 2>/dev/null || true
+            echo "   the server exited during the restart; log $SERVER_LOG:" >&2
+            tail -5 "$SERVER_LOG" >&2
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$probe_pid" 2>/dev/null || true
+    out=$(cat "$WORKDIR/probe.out")
+    [[ -n $out ]] || out='{"ready": false, "last_error": "the server exited"}'
     echo "   $(echo "$out" | grep -v '^{')"
     record "$server" "$item" "$storage" restart "$(jq -nc --arg cmd "$cmd" --arg probe "$probe_cmd" \
         --argjson r "$(echo "$out" | last_json)" '{server_cmd: $cmd, cmd: $probe, result: $r}')"

@@ -732,7 +732,7 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 /// recovery included; checking the sessions makes sure "ready" means
 /// "recovered", not merely "listening".
 pub async fn probe(cfg: ProbeConfig) -> crate::Result<ProbeReport> {
-    require_loopback(&cfg.addr)?;
+    let target = require_loopback(&cfg.addr)?;
     let start = Instant::now();
     let deadline = start + cfg.timeout;
     let mut report = ProbeReport {
@@ -747,7 +747,7 @@ pub async fn probe(cfg: ProbeConfig) -> crate::Result<ProbeReport> {
         report.attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
         let attempt =
-            tokio::time::timeout(left.min(REQUEST_TIMEOUT), probe_once(&cfg, start, &mut report.answered_secs));
+            tokio::time::timeout(left.min(REQUEST_TIMEOUT), probe_once(&cfg, target, start, &mut report.answered_secs));
         match attempt.await {
             Ok(Ok(())) => {
                 report.ready = true;
@@ -766,7 +766,13 @@ pub async fn probe(cfg: ProbeConfig) -> crate::Result<ProbeReport> {
 }
 
 /// One probe attempt; records when Initialize first succeeded.
-async fn probe_once(cfg: &ProbeConfig, start: Instant, answered: &mut Option<f64>) -> crate::Result<()> {
+async fn probe_once(
+    cfg: &ProbeConfig,
+    target: std::net::SocketAddr,
+    start: Instant,
+    answered: &mut Option<f64>,
+) -> crate::Result<()> {
+    listener_present(target).await?;
     let mut client = Raw::new(connect(&cfg.addr).await?);
     client
         .initialize(InitializeRequest { supported_protocol_versions: vec![MACP_VERSION.into()], ..Default::default() })
@@ -781,6 +787,24 @@ async fn probe_once(cfg: &ProbeConfig, start: Instant, answered: &mut Option<f64
         if state != SessionState::Open as i32 {
             return Err(format!("session {sid} is in state {state}, not OPEN").into());
         }
+    }
+    Ok(())
+}
+
+/// Succeeds when a plain TCP connection to `target` reaches a listener.
+///
+/// A probe dials a port nobody listens on yet thousands of times. When that
+/// port lies in the ephemeral range, a connect can pick the very same port as
+/// its source and, by TCP simultaneous open, connect to itself; the socket
+/// then holds the port the restarting server is about to bind (seen once: the
+/// reference runtime failed with AddrInUse after its 166 s recovery). So a
+/// self-connected socket is dropped at once, and the gRPC connection is only
+/// dialled while a listener holds the port (the kernel then never hands the
+/// port out as a source port).
+async fn listener_present(target: std::net::SocketAddr) -> crate::Result<()> {
+    let s = tokio::net::TcpStream::connect(target).await.map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    if s.local_addr()? == s.peer_addr()? {
+        return Err(format!("connected to itself on {target} (nothing listens yet)").into());
     }
     Ok(())
 }
