@@ -18,10 +18,13 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+mod common;
+
+use common::{envelope, uuid4};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use macp_kernel::macp_wire::modes::{decision, handoff, multi_round, proposal, quorum, task};
 use macp_kernel::macp_wire::storage::Record;
-use macp_kernel::macp_wire::v1::{CommitmentPayload, Envelope, SessionStartPayload};
+use macp_kernel::macp_wire::v1::{CommitmentPayload, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
 use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
 
@@ -211,19 +214,6 @@ fn scripts() -> Vec<Script> {
     ]
 }
 
-fn envelope(sid: &str, mode: &str, ty: &str, mid: String, sender: &str, payload: Vec<u8>) -> Envelope {
-    Envelope {
-        macp_version: "1.0".into(),
-        mode: mode.into(),
-        message_type: ty.into(),
-        message_id: mid,
-        session_id: sid.into(),
-        sender: sender.into(),
-        timestamp_unix_ms: 0,
-        payload,
-    }
-}
-
 /// The inputs of `SESSIONS` complete sessions of `s`, in order.
 fn inputs(s: &Script) -> Vec<Input> {
     let start = SessionStartPayload {
@@ -263,28 +253,6 @@ fn inputs(s: &Script) -> Vec<Input> {
         }
     }
     out
-}
-
-/// A UUIDv4-shaped id derived from `n` (splitmix64), as real clients send:
-/// the Python SDK uses random UUIDv4 session and message ids, so ids differ
-/// in their first bytes, unlike a counter with a long common prefix.
-fn uuid4(n: u64) -> String {
-    let mix = |mut z: u64| {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let (a, b) = (mix(n), mix(n ^ 0x5555_5555_5555_5555));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        8 + (b >> 62),
-        (b >> 48) & 0xfff,
-        b & 0xffff_ffff_ffff
-    )
 }
 
 /// Runs `inputs` through a fresh kernel, checks every envelope was accepted

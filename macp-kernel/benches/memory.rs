@@ -12,6 +12,9 @@
 //! Run: `cargo bench -p macp-kernel --bench memory` (optionally
 //! `-- 100000` for the session count). Linux only (reads /proc/self/status).
 
+mod common;
+
+use common::{envelope, uuid4};
 use macp_kernel::macp_wire::modes::decision;
 use macp_kernel::macp_wire::v1::{Envelope, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
@@ -32,39 +35,6 @@ fn rss_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
-}
-
-/// A UUIDv4-shaped id derived from `n` (splitmix64), like the SDK's uuid4().
-fn uuid4(n: u64) -> String {
-    let mix = |mut z: u64| {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    let (a, b) = (mix(n), mix(n ^ 0x5555_5555_5555_5555));
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:x}{:03x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        8 + (b >> 62),
-        (b >> 48) & 0xfff,
-        b & 0xffff_ffff_ffff
-    )
-}
-
-fn envelope(sid: &str, ty: &str, mid: String, sender: &str, payload: Vec<u8>) -> Envelope {
-    Envelope {
-        macp_version: "1.0".into(),
-        mode: MODE.into(),
-        message_type: ty.into(),
-        message_id: mid,
-        session_id: sid.into(),
-        sender: sender.into(),
-        timestamp_unix_ms: 0,
-        payload,
-    }
 }
 
 fn send(k: &mut Kernel, who: &str, env: Envelope) {
@@ -96,7 +66,7 @@ fn main() {
             ..Default::default()
         }
         .encode_to_vec();
-        send(&mut k, &initiator, envelope(&sid(i), "SessionStart", uuid4(3 * i + 1), &initiator, start));
+        send(&mut k, &initiator, envelope(&sid(i), MODE, "SessionStart", uuid4(3 * i + 1), &initiator, start));
     }
     report(n, "open decision sessions (SessionStart only)", before, rss_bytes());
     // A checkpoint serializes the state; what it leaves resident is the
@@ -108,7 +78,7 @@ fn main() {
     println!("  (checkpoint: {:.1} MB)", snapshot_len as f64 / 1e6);
     for i in 0..n {
         let a = who(i, "a");
-        send(&mut k, &a, envelope(&sid(i), "Proposal", uuid4(3 * i + 2), &a, proposal.clone()));
+        send(&mut k, &a, envelope(&sid(i), MODE, "Proposal", uuid4(3 * i + 2), &a, proposal.clone()));
     }
     report(n, "  ... after one Proposal in each", before, rss_bytes());
     println!("(size_of::<Session>() = {} bytes)", std::mem::size_of::<macp_kernel::session::Session>());
