@@ -174,7 +174,7 @@ impl Builder<'_> {
 /// some noise. `n` makes the session id unique within the run.
 pub fn session_script(rng: &mut Rng, n: u64) -> Script {
     let mode = *rng.pick(&MODES);
-    let sid = uuid_v4(rng.next_u64(), n);
+    let sid = crate::ids::uuid_v4(rng.next_u64(), n);
     let lead = "agent://lead";
     let workers: Vec<String> = (1..=rng.range(1, 3)).map(|i| format!("agent://w{i}")).collect();
     let mut participants = vec![lead.to_string()];
@@ -502,18 +502,4 @@ fn add_noise(b: &mut Builder<'_>, lead: &str) {
         // Someone other than the initiator tries to cancel.
         b.control(OUTSIDER, ControlOp::Cancel);
     }
-}
-
-/// A lowercase UUIDv4-shaped id (strict session-id policy accepts it).
-pub fn uuid_v4(hi: u64, lo: u64) -> String {
-    let hi = (hi & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
-    let lo = (lo & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
 }
