@@ -192,15 +192,11 @@ impl Kernel {
         broadcasts: &mut Vec<Broadcast>,
     ) -> KResult<(SessionState, bool)> {
         Self::admit_common(&self.config, identity, &mut env)?;
-        match env.message_type.as_str() {
-            "SessionStart" => {
-                self.check_quarantine(&env.session_id)?;
-                self.admit_start(now, identity, env, out, broadcasts)
-            }
-            _ => {
-                self.check_quarantine(&env.session_id)?;
-                self.admit_session_message(now, env, out, broadcasts)
-            }
+        self.check_quarantine(&env.session_id)?;
+        if env.message_type == "SessionStart" {
+            self.admit_start(now, identity, env, out, broadcasts)
+        } else {
+            self.admit_session_message(now, env, out, broadcasts)
         }
     }
 
