@@ -134,7 +134,7 @@ impl Builder {
         let request = self.request;
         let identity = Identity::new(env.sender.clone());
         match self.run(Input::Envelope { request, identity, envelope: env.clone() }) {
-            Reply::Ack(a) if a.ok => {}
+            Reply::Session { result: Ok(_), .. } => {}
             other => panic!("base session {} refused: {other:?}", env.session_id),
         }
     }

@@ -126,11 +126,8 @@ impl Checked {
         }
 
         if let Some((_, reply)) = replies.first() {
-            let ok = match reply {
-                Reply::Ack(a) => a.ok,
-                Reply::Registry(r) => r.is_ok(),
-            };
-            if let (Some(env), Reply::Ack(ack)) = (&sent, reply) {
+            let ok = reply.error().is_none();
+            if let (Some(env), Reply::Session { result, .. }) = (&sent, reply) {
                 let carries = persisted.iter().any(|r| {
                     r.session_id == env.session_id
                         && match &r.fact {
@@ -142,23 +139,18 @@ impl Checked {
                         }
                 });
                 let ambient = matches!(env.message_type.as_str(), "Signal" | "Progress");
-                if ack.ok && !ack.duplicate && !ambient {
+                if matches!(result, Ok(a) if !a.duplicate) && !ambient {
                     assert!(
                         carries,
                         "accepted {} {} was not persisted: {effects:#?}",
                         env.message_type, env.message_id
                     );
                 } else {
-                    assert!(!carries, "rejected or duplicate envelope was persisted: {ack:?} {effects:#?}");
-                }
-                if ack.ok {
-                    assert!(ack.error.is_none(), "an ok Ack with an error: {ack:?}");
-                } else {
-                    assert!(ack.error.is_some(), "a rejection without an error: {ack:?}");
+                    assert!(!carries, "rejected or duplicate envelope was persisted: {result:?} {effects:#?}");
                 }
             }
             if ok && persisted.is_empty() {
-                if let Reply::Ack(a) = reply {
+                if let Reply::Session { result: Ok(a), .. } = reply {
                     let ambient =
                         sent.as_ref().is_some_and(|e| matches!(e.message_type.as_str(), "Signal" | "Progress"));
                     assert!(

@@ -26,7 +26,7 @@ use macp_kernel::macp_wire::modes::{decision, handoff, multi_round, proposal, qu
 use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::v1::{CommitmentPayload, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
-use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -265,8 +265,8 @@ fn records(name: &str, inputs: &[Input]) -> Vec<Record> {
         for e in k.handle(NOW, input.clone()) {
             match e {
                 Effect::Persist(r) => recs.push(r),
-                Effect::Reply { reply: Reply::Ack(a), .. } => {
-                    assert!(a.ok, "{name}: transcript envelope refused: {:?}", a.error)
+                Effect::Reply { reply, .. } => {
+                    assert!(reply.error().is_none(), "{name}: transcript envelope refused: {:?}", reply.error())
                 }
                 _ => {}
             }

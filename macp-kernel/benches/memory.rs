@@ -18,7 +18,7 @@ use common::{envelope, uuid4};
 use macp_kernel::macp_wire::modes::decision;
 use macp_kernel::macp_wire::v1::{Envelope, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
-use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig};
 
 /// The allocator the `macp-runtime` binary uses.
 #[global_allocator]
@@ -40,8 +40,8 @@ fn rss_bytes() -> u64 {
 fn send(k: &mut Kernel, who: &str, env: Envelope) {
     let effects = k.handle(NOW, Input::Envelope { request: 0, identity: Identity::new(who), envelope: env });
     for e in effects {
-        if let Effect::Reply { reply: Reply::Ack(a), .. } = e {
-            assert!(a.ok, "refused: {:?}", a.error);
+        if let Effect::Reply { reply, .. } = e {
+            assert!(reply.error().is_none(), "refused: {:?}", reply.error());
         }
     }
 }

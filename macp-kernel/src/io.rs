@@ -10,8 +10,10 @@ use std::sync::Arc;
 
 use macp_wire::storage::Record;
 use macp_wire::v1::{
-    session_lifecycle_event::EventType, Ack, Envelope, ModeDescriptor, PolicyDescriptor, SessionMetadata,
+    session_lifecycle_event::EventType, Envelope, ModeDescriptor, PolicyDescriptor, SessionMetadata, SessionState,
 };
+
+use crate::error::KernelError;
 
 /// Correlates a reply with the request that caused it. Chosen by the driver;
 /// the kernel only echoes it.
@@ -164,13 +166,38 @@ pub enum Input {
     Tick,
 }
 
-/// The answer to one request.
+/// What an accepted envelope or control operation did to its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The session's state afterwards (OPEN for ambient envelopes).
+    pub state: SessionState,
+    /// The message id was already accepted: acknowledged, nothing recorded.
+    pub duplicate: bool,
+}
+
+/// The answer to one request. Errors stay typed all the way to the
+/// transport, which turns them into an `Ack` or a gRPC status in one place.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
-    /// For envelopes and control operations.
-    Ack(Ack),
+    /// For envelopes (Send, StreamSession frames) and control operations.
+    Session {
+        /// The kernel clock when the request was decided.
+        at_unix_ms: i64,
+        /// What happened, or why not.
+        result: Result<Accepted, KernelError>,
+    },
     /// For registry mutations: `Ok(final mode or policy id)` or an error.
-    Registry(Result<String, crate::KernelError>),
+    Registry(Result<String, KernelError>),
+}
+
+impl Reply {
+    /// The error, if the request was refused.
+    pub fn error(&self) -> Option<&KernelError> {
+        match self {
+            Reply::Session { result: Err(e), .. } | Reply::Registry(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Something observers should hear about, released after the reply.
@@ -207,6 +234,10 @@ pub enum Broadcast {
 /// An instruction to the driver. Within one `handle` call effects come in the
 /// order they must be honoured: every `Persist` must be durable before any
 /// `Reply` after it is released, and broadcasts follow replies.
+// Records dominate the effects and are moved straight into storage; boxing
+// them would add an allocation per accepted message to save a few bytes on
+// the rarer variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
     /// Append this record to durable storage.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
 
+use crate::error::{ErrorCode, KernelError};
 use crate::mode::{ModeState, SessionView};
 use crate::policy::BoundPolicy;
 
@@ -242,6 +243,14 @@ impl Session {
             context_id: self.context_id.clone(),
             extension_keys: self.extension_keys.clone(),
         }
+    }
+
+    /// SESSION_NOT_OPEN naming the state the session is in.
+    pub fn not_open(&self) -> KernelError {
+        KernelError::new(
+            ErrorCode::SessionNotOpen,
+            format!("session {} is {}", self.id, self.state.as_str_name().trim_start_matches("SESSION_STATE_")),
+        )
     }
 
     /// Records an accepted message from `sender`.

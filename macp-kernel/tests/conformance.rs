@@ -11,8 +11,8 @@ use std::path::PathBuf;
 
 use macp_kernel::macp_wire::conformance::{self, Observation, Target, VectorFile};
 use macp_kernel::macp_wire::storage::Record;
-use macp_kernel::macp_wire::v1::{Ack, Envelope, PolicyDescriptor, SessionState};
-use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, Reply};
+use macp_kernel::macp_wire::v1::{Ack, Envelope, MacpError, PolicyDescriptor, SessionState};
+use macp_kernel::{Accepted, Effect, Identity, Input, Kernel, KernelConfig, KernelError, Reply};
 
 /// How many vectors the spec ships (DIGEST §7.3); a different count means
 /// files were lost or added without review.
@@ -60,6 +60,36 @@ impl KernelTarget {
     }
 }
 
+/// The wire `Ack` a client would receive for a typed session reply.
+fn ack(session_id: &str, message_id: &str, at: i64, result: Result<Accepted, KernelError>) -> Ack {
+    match result {
+        Ok(a) => Ack {
+            ok: true,
+            duplicate: a.duplicate,
+            message_id: message_id.to_string(),
+            session_id: session_id.to_string(),
+            accepted_at_unix_ms: at,
+            session_state: a.state as i32,
+            error: None,
+        },
+        Err(e) => Ack {
+            ok: false,
+            duplicate: false,
+            message_id: message_id.to_string(),
+            session_id: session_id.to_string(),
+            accepted_at_unix_ms: at,
+            session_state: SessionState::Unspecified as i32,
+            error: Some(MacpError {
+                code: e.code.as_str().to_string(),
+                message: e.message,
+                session_id: session_id.to_string(),
+                message_id: message_id.to_string(),
+                details: e.details,
+            }),
+        },
+    }
+}
+
 impl Target for KernelTarget {
     fn register_policy(&mut self, descriptor: PolicyDescriptor) -> Result<(), String> {
         let request = self.next_request();
@@ -79,11 +109,15 @@ impl Target for KernelTarget {
     fn send(&mut self, envelope: Envelope) -> Result<Ack, String> {
         let request = self.next_request();
         let identity = Identity::new(envelope.sender.clone());
+        let envelope_ids = (envelope.session_id.clone(), envelope.message_id.clone());
         let (request, effects) = self.run(Input::Envelope { request, identity, envelope });
+        let (sid, mid) = (envelope_ids.0, envelope_ids.1);
         effects
             .into_iter()
             .find_map(|e| match e {
-                Effect::Reply { request: r, reply: Reply::Ack(a) } if r == request => Some(a),
+                Effect::Reply { request: r, reply: Reply::Session { at_unix_ms, result } } if r == request => {
+                    Some(ack(&sid, &mid, at_unix_ms, result))
+                }
                 _ => None,
             })
             .ok_or_else(|| "the kernel gave no Ack".to_string())

@@ -195,9 +195,7 @@ fn generated_workloads_exercise_the_kernel() {
         for e in &effects {
             match e {
                 Effect::Persist(_) => persisted += 1,
-                Effect::Reply { reply: macp_kernel::Reply::Ack(a), .. } if a.ok && !a.session_id.is_empty() => {
-                    accepted += 1
-                }
+                Effect::Reply { reply: macp_kernel::Reply::Session { result: Ok(_), .. }, .. } => accepted += 1,
                 _ => {}
             }
         }

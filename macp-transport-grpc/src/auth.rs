@@ -145,11 +145,7 @@ impl Authenticator {
                 return Ok(dev_identity(b));
             }
         }
-        Err(crate::service::macp_status(
-            tonic::Code::Unauthenticated,
-            macp_kernel::ErrorCode::Unauthenticated,
-            "missing or invalid credentials",
-        ))
+        Err(crate::status::error_status(macp_kernel::ErrorCode::Unauthenticated, "missing or invalid credentials"))
     }
 }
 

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use macp_kernel::{error_ack, Effect, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Reply};
+use macp_kernel::{Answer, Effect, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
 use macp_wire::storage::Record;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
@@ -63,8 +63,6 @@ pub struct Binding {
     pub from: u64,
 }
 
-/// A read-only query run on the driver task.
-pub type QueryFn = Box<dyn FnOnce(&Kernel) + Send>;
 /// Where a subscription outcome goes.
 pub type SubscribeReply = oneshot::Sender<Result<Subscription, KernelError>>;
 
@@ -81,8 +79,8 @@ pub enum Command {
         /// envelope's session if, after handling, the caller may read it.
         bind: Option<(Identity, oneshot::Sender<Option<Binding>>)>,
     },
-    /// A read-only query, run after the batch is durable.
-    Query(QueryFn),
+    /// A read-only query, answered after the batch is durable.
+    Query(Query, oneshot::Sender<Answer>),
     /// Passive subscribe to a session.
     Subscribe {
         /// Who asks.
@@ -138,7 +136,7 @@ struct Batch {
     broadcasts: Vec<macp_kernel::Broadcast>,
     binds: Vec<(oneshot::Sender<Option<Binding>>, Option<Binding>)>,
     subscribes: Vec<(SubscribeReply, Result<Subscription, KernelError>)>,
-    queries: Vec<QueryFn>,
+    queries: Vec<(Query, oneshot::Sender<Answer>)>,
     checkpoint: bool,
     stop: bool,
 }
@@ -165,9 +163,11 @@ impl Driver {
         self.journal.history()
     }
 
-    /// Runs until every command sender is dropped, then syncs and writes a
-    /// final checkpoint.
-    pub async fn run(mut self) {
+    /// Runs until every command sender is dropped or a shutdown is
+    /// requested, then syncs and writes a final checkpoint. Fails only when
+    /// storage failed and the state could not be rebuilt from what is
+    /// durable: then nothing can be served and the binary decides what to do.
+    pub async fn run(mut self) -> Result<(), DriverError> {
         let mut prune = tokio::time::interval(Duration::from_secs(30));
         loop {
             let deadline = self.kernel.next_deadline();
@@ -196,7 +196,7 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            if !self.run_batch(cmds) {
+            if !self.run_batch(cmds)? {
                 break;
             }
         }
@@ -206,10 +206,11 @@ impl Driver {
         if let Err(e) = self.journal.checkpoint(&self.kernel) {
             warn!("final checkpoint failed: {e}");
         }
+        Ok(())
     }
 
     /// Runs one batch; false once a shutdown was requested.
-    fn run_batch(&mut self, cmds: Vec<Command>) -> bool {
+    fn run_batch(&mut self, cmds: Vec<Command>) -> Result<bool, DriverError> {
         let mut b = Batch {
             records: Vec::new(),
             replies: Vec::new(),
@@ -235,23 +236,30 @@ impl Driver {
                     };
                     let from = session.as_deref().and_then(|s| self.kernel.session(s)).map(|s| s.seq).unwrap_or(0);
                     self.absorb(now, input, Some(reply), &mut b);
-                    if let (Some((identity, tx)), Some(sid)) = (bind, session) {
-                        let ok = self
-                            .kernel
-                            .session(&sid)
-                            .is_some_and(|s| s.can_read(&identity.sender) || identity.grants.is_observer);
-                        let binding = ok.then(|| Binding { feed: self.feed_for(&sid), from });
+                    if let (Some((identity, tx)), Some(session_id)) = (bind, session) {
+                        let binding =
+                            match self.kernel.answer(&Query::Subscribe { identity, session_id: session_id.clone() }) {
+                                Answer::Subscription(Ok(p)) => {
+                                    Some(Binding { feed: self.feed_for(&session_id, p.live), from })
+                                }
+                                _ => None,
+                            };
                         b.binds.push((tx, binding));
                     }
                 }
-                Command::Query(q) => b.queries.push(q),
+                Command::Query(q, tx) => b.queries.push((q, tx)),
                 Command::Subscribe { identity, session_id, reply } => {
-                    let r = match self.kernel.get_session(&identity, &session_id) {
-                        Ok(md) => {
-                            let upto = self.kernel.session(&md.session_id).map(|s| s.seq).unwrap_or(0);
-                            Ok(Subscription { feed: self.feed_for(&session_id), upto, history: self.journal.history() })
-                        }
-                        Err(e) => Err(e),
+                    let r = match self.kernel.answer(&Query::Subscribe { identity, session_id: session_id.clone() }) {
+                        Answer::Subscription(Ok(p)) => Ok(Subscription {
+                            feed: self.feed_for(&session_id, p.live),
+                            upto: p.upto,
+                            history: self.journal.history(),
+                        }),
+                        Answer::Subscription(Err(e)) => Err(e),
+                        _ => Err(KernelError::new(
+                            ErrorCode::InternalError,
+                            "the kernel answered a subscription with something else",
+                        )),
                     };
                     b.subscribes.push((reply, r));
                 }
@@ -260,14 +268,15 @@ impl Driver {
             }
         }
         let stop = b.stop;
-        self.finish(b);
-        !stop
+        self.finish(b)?;
+        Ok(!stop)
     }
 
-    fn feed_for(&mut self, sid: &str) -> SessionFeed {
-        match self.kernel.session(sid) {
-            Some(s) if !s.is_terminal() => self.hub.subscribe(sid),
-            _ => Hub::finished_feed(),
+    fn feed_for(&mut self, sid: &str, live: bool) -> SessionFeed {
+        if live {
+            self.hub.subscribe(sid)
+        } else {
+            Hub::finished_feed()
         }
     }
 
@@ -286,13 +295,13 @@ impl Driver {
         }
     }
 
-    fn finish(&mut self, mut b: Batch) {
+    fn finish(&mut self, mut b: Batch) -> Result<(), DriverError> {
         if !b.records.is_empty() {
             let n = b.records.len() as u64;
             let durable = self.journal.append(std::mem::take(&mut b.records)).and_then(|_| self.journal.sync());
             if let Err(e) = durable {
                 error!("storage failure, acknowledging nothing of this batch: {e}");
-                self.fail_batch(&mut b, &e);
+                self.fail_batch(&mut b, &e)?;
             } else {
                 self.since_checkpoint += n;
             }
@@ -309,8 +318,8 @@ impl Driver {
         for x in b.broadcasts {
             self.hub.dispatch(x);
         }
-        for q in b.queries {
-            q(&self.kernel);
+        for (q, tx) in b.queries {
+            let _ = tx.send(self.kernel.answer(&q));
         }
         if b.checkpoint || (self.checkpoint_every > 0 && self.since_checkpoint >= self.checkpoint_every) {
             match self.journal.checkpoint(&self.kernel) {
@@ -318,15 +327,16 @@ impl Driver {
                 Err(e) => warn!("checkpoint failed (the log still has everything): {e}"),
             }
         }
+        Ok(())
     }
 
-    fn fail_batch(&mut self, b: &mut Batch, cause: &str) {
+    fn fail_batch(&mut self, b: &mut Batch, cause: &str) -> Result<(), DriverError> {
         let now = now_ms();
         for (_, r) in b.replies.iter_mut() {
             let err =
                 KernelError::new(ErrorCode::InternalError, format!("storage failure; nothing was recorded: {cause}"));
             *r = match r {
-                Reply::Ack(a) => Reply::Ack(error_ack(now, &a.session_id, &a.message_id, err)),
+                Reply::Session { .. } => Reply::Session { at_unix_ms: now, result: Err(err) },
                 Reply::Registry(_) => Reply::Registry(Err(err)),
             };
         }
@@ -336,11 +346,22 @@ impl Driver {
             *x = Err(KernelError::new(ErrorCode::InternalError, format!("storage failure: {cause}")))
         });
         match self.journal.recover(self.kernel.config()) {
-            Ok(k) => self.kernel = k,
+            Ok(k) => {
+                self.kernel = k;
+                Ok(())
+            }
             Err(e) => {
-                error!("cannot rebuild state from storage after a failed write: {e}; exiting");
-                std::process::exit(70);
+                error!("cannot rebuild state from storage after a failed write: {e}");
+                Err(DriverError::Unrecoverable(e))
             }
         }
     }
+}
+
+/// Why the driver stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A write failed and the state could not be rebuilt from storage.
+    #[error("storage failed and the state could not be rebuilt from it: {0}")]
+    Unrecoverable(String),
 }

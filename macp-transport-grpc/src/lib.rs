@@ -21,6 +21,7 @@ pub mod journal;
 pub mod limits;
 pub mod server;
 pub mod service;
+pub mod status;
 
 /// Generated `MACPRuntimeService` server and client.
 #[allow(missing_docs, clippy::all)]

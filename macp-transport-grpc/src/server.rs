@@ -90,10 +90,10 @@ pub async fn serve(
     let watch =
         Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
     let (driver, tx) = Driver::new(kernel, journal, hub, cfg.checkpoint_every);
-    let driver_task = tokio::spawn(driver.run());
+    let mut driver_task = tokio::spawn(driver.run());
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
     let driver_tx = tx.clone();
-    let runtime = Runtime::new(tx, auth, limits, watch, kcfg);
+    let runtime = Runtime::new(tx, auth, limits, watch, kcfg).with_max_reply_bytes(cfg.max_grpc_message_bytes);
     // Forget senders whose budgets refilled, so the limiter's memory stays
     // bounded by the senders active in the last minute.
     let limits = runtime.limits();
@@ -151,11 +151,25 @@ pub async fn serve(
     tokio::select! {
         r = &mut server => r.map_err(|e| StartError::Transport(e.to_string()))?,
         _ = grace => tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown signal; closing them"),
+        // The driver only ends on its own when storage failed beyond repair:
+        // nothing more can be served, so stop and let the binary report it.
+        r = &mut driver_task => {
+            pruner.abort();
+            return match r {
+                Ok(Err(e)) => Err(StartError::Storage(e.to_string())),
+                Ok(Ok(())) => Ok(()),
+                Err(e) => Err(StartError::Storage(format!("the driver task failed: {e}"))),
+            };
+        }
     }
     info!("stopped accepting; draining");
     pruner.abort();
     let _ = driver_tx.send(crate::driver::Command::Shutdown).await;
-    let _ = driver_task.await;
+    match driver_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(StartError::Storage(e.to_string())),
+        Err(e) => return Err(StartError::Storage(format!("the driver task failed: {e}"))),
+    }
     info!("shutdown complete");
     Ok(())
 }

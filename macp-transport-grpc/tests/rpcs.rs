@@ -54,7 +54,11 @@ async fn row_02_no_common_version_fails() {
     let mut c = srv.anonymous().await;
     let e = c.initialize(init(&["9.9"])).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("UNSUPPORTED_PROTOCOL_VERSION"));
+    // The registry code travels once, in metadata; the message says what to do.
+    let code = e.metadata().get(macp_transport_grpc::status::ERROR_CODE_KEY).and_then(|v| v.to_str().ok());
+    assert_eq!(code, Some("UNSUPPORTED_PROTOCOL_VERSION"));
+    assert!(!e.message().contains("UNSUPPORTED_PROTOCOL_VERSION"), "{}", e.message());
+    assert!(e.message().contains("9.9") && e.message().contains("1.0"), "{}", e.message());
     assert_eq!(c.initialize(init(&[])).await.unwrap_err().code(), Code::InvalidArgument);
 }
 

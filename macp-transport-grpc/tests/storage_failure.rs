@@ -70,7 +70,7 @@ async fn submit(tx: &tokio::sync::mpsc::Sender<Command>, e: Envelope) -> macp_wi
     let input = Input::Envelope { request: 0, identity: Identity::new("I"), envelope: e };
     tx.send(Command::Submit { input, reply, bind: None }).await.unwrap();
     match rx.await.unwrap() {
-        Reply::Ack(a) => a,
+        Reply::Session { at_unix_ms, result } => macp_transport_grpc::status::ack("s", "m", at_unix_ms, result),
         other => panic!("unexpected reply {other:?}"),
     }
 }
@@ -91,5 +91,5 @@ async fn row_119_storage_failure_acks_nothing() {
     let ack = submit(&tx, start()).await;
     assert!(ack.ok && ack.duplicate);
     drop(tx);
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }

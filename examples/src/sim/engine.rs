@@ -8,7 +8,7 @@
 
 use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::v1::SessionState;
-use macp_kernel::{Broadcast, Effect, Identity, Input, Kernel, KernelConfig, Reply};
+use macp_kernel::{Broadcast, Effect, ErrorCode, Identity, Input, Kernel, KernelConfig, Reply};
 
 use super::oracle::{Oracle, Violation};
 use super::rng::Rng;
@@ -407,8 +407,8 @@ impl<'c> Sim<'c> {
             let action = &self.clients[h.client].script.items[h.item];
             self.oracle.on_release(action, &h.reply, &h.covers)?;
             match &h.reply {
-                Reply::Ack(a) if a.ok && a.duplicate => self.stats.duplicates += 1,
-                Reply::Ack(a) if a.ok => self.stats.accepted += 1,
+                Reply::Session { result: Ok(a), .. } if a.duplicate => self.stats.duplicates += 1,
+                Reply::Session { result: Ok(_), .. } => self.stats.accepted += 1,
                 Reply::Registry(Ok(_)) => self.stats.accepted += 1,
                 _ => self.stats.rejected += 1,
             }
@@ -419,7 +419,7 @@ impl<'c> Sim<'c> {
                     Action::RegisterPolicy(d) => format!("RegisterPolicy {}", d.policy_id),
                 };
                 let verdict = match &h.reply {
-                    Reply::Ack(a) => describe(a),
+                    Reply::Session { result, .. } => describe(result),
                     Reply::Registry(r) => format!("{r:?}"),
                 };
                 self.trace(|| format!("reply to client {} item {}: {what}: {verdict}", h.client, h.item));
@@ -432,8 +432,7 @@ impl<'c> Sim<'c> {
             // reordered behind it: a ballot before its request, a Commitment
             // before its ballots) is tried again a little later, a few
             // times, as a patient client would.
-            let retry = matches!(&h.reply, Reply::Ack(a)
-                if !a.ok && a.error.as_ref().is_some_and(|e| e.code == "INVALID_ENVELOPE"))
+            let retry = matches!(&h.reply, Reply::Session { result: Err(e), .. } if e.code == ErrorCode::InvalidEnvelope)
                 && matches!(self.clients[h.client].states[h.item], ItemState::InFlight { attempts, .. } if attempts < 4);
             let at = self.now + self.rng.range(0, 30);
             self.packets.push(Packet::ToClient { at, client: h.client, item: h.item, retry });
@@ -516,12 +515,11 @@ impl<'c> Sim<'c> {
     }
 }
 
-/// An Ack in a few words, for traces.
-fn describe(a: &macp_kernel::macp_wire::v1::Ack) -> String {
-    match (&a.error, a.ok, a.duplicate) {
-        (_, true, true) => "duplicate".into(),
-        (_, true, false) => "accepted".into(),
-        (Some(e), false, _) => format!("rejected {}: {}", e.code, e.message),
-        (None, false, _) => "rejected".into(),
+/// A session reply in a few words, for traces.
+fn describe(r: &Result<macp_kernel::Accepted, macp_kernel::KernelError>) -> String {
+    match r {
+        Ok(a) if a.duplicate => "duplicate".into(),
+        Ok(_) => "accepted".into(),
+        Err(e) => format!("rejected {}: {}", e.code, e.message),
     }
 }

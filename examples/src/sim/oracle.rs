@@ -164,7 +164,7 @@ impl Oracle {
                 self.acked.push(Acked { session_id: r.session_id.clone(), seq: r.seq, message_id });
             }
         }
-        let (Action::Envelope { envelope, .. }, Reply::Ack(ack)) = (action, reply) else { return Ok(()) };
+        let (Action::Envelope { envelope, .. }, Reply::Session { result, .. }) = (action, reply) else { return Ok(()) };
         let carried = covers.iter().find(|r| {
             r.session_id == envelope.session_id
                 && match &r.fact {
@@ -174,7 +174,7 @@ impl Oracle {
                 }
         });
         let ambient = matches!(envelope.message_type.as_str(), "Signal" | "Progress");
-        if ack.ok && !ack.duplicate && !ambient {
+        if matches!(result, Ok(a) if !a.duplicate) && !ambient {
             let Some(Record { fact: Some(fact), .. }) = carried else {
                 return Err(violation(
                     "no-acked-record-lost",
@@ -203,7 +203,7 @@ impl Oracle {
             return Err(violation(
                 "nothing-accepted-after-terminal",
                 format!(
-                    "a rejected or duplicate {} ({}) was persisted: {ack:?}",
+                    "a rejected or duplicate {} ({}) was persisted: {result:?}",
                     envelope.message_type, envelope.message_id
                 ),
             ));

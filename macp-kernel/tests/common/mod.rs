@@ -51,8 +51,9 @@ impl H {
     pub fn send_as(&mut self, identity: Identity, envelope: Envelope) -> Ack {
         self.next_req += 1;
         let request = self.next_req;
+        let (sid, mid) = (envelope.session_id.clone(), envelope.message_id.clone());
         let effects = self.run(Input::Envelope { request, identity, envelope });
-        ack_of(&effects, request)
+        Ack { session_id: sid, message_id: mid, ..ack_of(&effects, request) }
     }
 
     pub fn send(&mut self, who: &str, envelope: Envelope) -> Ack {
@@ -96,14 +97,41 @@ impl H {
     }
 }
 
+/// The reply to `request`, as the wire `Ack` a client would see (ids left
+/// empty: tests know which request they sent).
 pub fn ack_of(effects: &[Effect], request: u64) -> Ack {
     effects
         .iter()
         .find_map(|e| match e {
-            Effect::Reply { request: r, reply: Reply::Ack(a) } if *r == request => Some(a.clone()),
+            Effect::Reply { request: r, reply } if *r == request => Some(to_ack(reply)),
             _ => None,
         })
         .expect("a reply for the request")
+}
+
+/// A typed session reply as an `Ack`.
+pub fn to_ack(reply: &Reply) -> Ack {
+    match reply {
+        Reply::Session { at_unix_ms, result: Ok(a) } => Ack {
+            ok: true,
+            duplicate: a.duplicate,
+            accepted_at_unix_ms: *at_unix_ms,
+            session_state: a.state as i32,
+            ..Default::default()
+        },
+        Reply::Session { at_unix_ms, result: Err(e) } => Ack {
+            ok: false,
+            accepted_at_unix_ms: *at_unix_ms,
+            error: Some(macp_kernel::macp_wire::v1::MacpError {
+                code: e.code.as_str().to_string(),
+                message: e.message.clone(),
+                details: e.details.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Reply::Registry(r) => panic!("expected a session reply, got a registry reply {r:?}"),
+    }
 }
 
 pub fn code(ack: &Ack) -> &str {

@@ -13,8 +13,7 @@ use prost::Message as _;
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::KernelConfig;
-use crate::kernel::Kernel;
+use super::State;
 use crate::session::{Activity, SeenIds, Session};
 
 /// Bumped whenever the layout below changes.
@@ -61,7 +60,7 @@ struct SessionSnap {
 /// string of every session) just to serialize it, doubling a checkpoint's peak
 /// memory; the copy, freed in small pieces, then stayed resident. postcard
 /// encodes `&str`/`String` and slices/`Vec`s identically, so the bytes are
-/// exactly those of the owned form that [`Kernel::restore`] reads.
+/// exactly those of the owned form that [`State::restore`] reads.
 #[derive(Serialize)]
 struct KernelSnapRef<'a> {
     format: u32,
@@ -144,7 +143,7 @@ pub enum SnapshotError {
     NewerFormat(u32),
 }
 
-impl Kernel {
+impl State {
     /// The whole state as deterministic bytes.
     pub fn snapshot(&self) -> Vec<u8> {
         let snap = KernelSnapRef {
@@ -161,14 +160,14 @@ impl Kernel {
         postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
     }
 
-    /// Rebuilds a kernel from [`Kernel::snapshot`] bytes.
-    pub fn restore(config: KernelConfig, bytes: &[u8]) -> Result<Kernel, SnapshotError> {
+    /// Rebuilds a state from [`State::snapshot`] bytes.
+    pub fn restore(runtime_id: &str, bytes: &[u8]) -> Result<State, SnapshotError> {
         let snap: KernelSnap = postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
         if snap.format > SNAPSHOT_FORMAT {
             return Err(SnapshotError::NewerFormat(snap.format));
         }
         let dec = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
-        let mut k = Kernel::new(config);
+        let mut k = State::new(runtime_id);
         k.registry_seq = snap.registry_seq;
         k.quarantined = snap.quarantined.into_iter().collect();
         for p in snap.policies {
@@ -217,11 +216,12 @@ impl Kernel {
                 timer_at: None,
                 mode_timer_floor: i64::MIN,
             };
+            let mut session = session;
             if session.is_live() {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
             }
+            k.timers.reindex(&mut session);
             k.sessions.insert(s.id.clone(), Box::new(session));
-            k.refresh_timer(&s.id);
         }
         Ok(k)
     }

@@ -12,19 +12,19 @@ use macp_wire::storage::{record::Fact, Record, SessionStarted};
 use macp_wire::v1::{session_lifecycle_event::EventType, Envelope, SessionStartPayload, SessionState};
 use prost::Message as _;
 
+use super::{Applied, State};
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
-use crate::kernel::{not_open, reindex_timer, Applied, Kernel};
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
 use crate::session::{SeenIds, Session};
 use crate::validate;
 
 /// What live admission of a SessionStart already worked out, handed to
-/// [`Kernel::apply_start_record`] so the payload is not decoded twice and the
+/// [`State::apply_with`] so the payload is not decoded twice and the
 /// policy not looked up twice. Recovery has none and derives both from the
 /// record.
-pub(crate) struct Prepared {
+pub struct Prepared {
     /// The decoded, validated SessionStartPayload.
     pub payload: SessionStartPayload,
     /// The resolved registry policy (equal to the record's descriptor).
@@ -35,25 +35,22 @@ fn corrupt(msg: impl Into<String>) -> KernelError {
     KernelError::new(ErrorCode::InternalError, msg)
 }
 
-impl Kernel {
+impl State {
     /// Applies one record. Live processing and recovery both come through
-    /// here; an `Err` leaves the kernel unchanged. During recovery an `Err`
-    /// means the log disagrees with the rules it was written under.
-    /// Recovery uses this; it returns no broadcasts (nobody is listening to
-    /// history being rebuilt, and building them would double replay cost).
-    pub fn apply_record(&mut self, record: &Record) -> KResult<Applied> {
-        self.apply(record, false)
-    }
-
-    /// Applies a record; `emit` says whether to build the broadcasts.
-    pub(crate) fn apply(&mut self, record: &Record, emit: bool) -> KResult<Applied> {
+    /// here; an `Err` leaves the state unchanged. During recovery an `Err`
+    /// means the log disagrees with the rules it was written under. `emit`
+    /// says whether to build the broadcasts (recovery does not: nobody is
+    /// listening to history being rebuilt, and building them would double
+    /// replay cost). `prepared` carries what live admission of a SessionStart
+    /// already worked out; it is ignored for any other record.
+    pub fn apply_with(&mut self, record: &Record, emit: bool, prepared: Option<Prepared>) -> KResult<Applied> {
         let fact = record.fact.as_ref().ok_or_else(|| corrupt("record has no fact"))?;
         let at = record.at_unix_ms;
         if record.session_id.is_empty() {
             return self.apply_registry(record.seq, at, fact);
         }
         if let Fact::Started(st) = fact {
-            return self.apply_started(record, st, emit, None);
+            return self.apply_started(record, st, emit, prepared);
         }
         let sid = record.session_id.as_str();
         if let Fact::Accepted(env) = fact {
@@ -76,21 +73,10 @@ impl Kernel {
             Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit)?,
             _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
         };
-        self.refresh_timer(sid);
-        Ok(applied)
-    }
-
-    /// Applies a SessionStart record built by live admission.
-    pub(crate) fn apply_start_record(
-        &mut self,
-        record: &Record,
-        emit: bool,
-        prepared: Option<Prepared>,
-    ) -> KResult<Applied> {
-        match &record.fact {
-            Some(Fact::Started(st)) => self.apply_started(record, st, emit, prepared),
-            _ => Err(corrupt("not a SessionStart record")),
+        if let Some(s) = self.sessions.get_mut(sid) {
+            self.timers.reindex(s);
         }
+        Ok(applied)
     }
 
     fn apply_started(
@@ -163,8 +149,8 @@ impl Kernel {
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
         let metadata = emit.then(|| session.metadata());
+        self.timers.reindex(&mut session);
         self.sessions.insert(record.session_id.clone(), Box::new(session));
-        self.refresh_timer(&record.session_id);
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) },
@@ -188,7 +174,7 @@ impl Kernel {
             return Err(corrupt(format!("session {sid}: record carries an envelope of session {}", env.session_id)));
         }
         if s.state != SessionState::Open {
-            return Err(not_open(s));
+            return Err(s.not_open());
         }
         if at > s.deadline_ms {
             return Err(KernelError::new(ErrorCode::SessionNotOpen, format!("session {} is past its TTL", s.id)));
@@ -196,7 +182,7 @@ impl Kernel {
         if s.seen.contains(&env.message_id) {
             return Err(corrupt(format!("session {}: message {} accepted twice", s.id, env.message_id)));
         }
-        let runtime_emitted = env.sender == self.config.runtime_id;
+        let runtime_emitted = env.sender == *self.runtime_id;
         let Session {
             id,
             mode,
@@ -252,12 +238,12 @@ impl Kernel {
             out.push(Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) });
         }
         if !resolved {
-            reindex_timer(&mut self.timers, s);
+            self.timers.reindex(s);
             return Ok(out);
         }
         s.state = SessionState::Resolved;
         s.resolution = Some(env.payload.clone());
-        reindex_timer(&mut self.timers, s);
+        self.timers.reindex(s);
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
         self.release_live(&initiator);
@@ -301,7 +287,7 @@ impl Kernel {
         let event = match to {
             SessionState::Cancelled => {
                 if !s.is_live() {
-                    return Err(not_open(s));
+                    return Err(s.not_open());
                 }
                 if let Some(since) = s.suspended_at_ms.take() {
                     s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
@@ -310,7 +296,7 @@ impl Kernel {
             }
             SessionState::Suspended => {
                 if s.state != SessionState::Open || at > s.deadline_ms {
-                    return Err(not_open(s));
+                    return Err(s.not_open());
                 }
                 s.suspended_at_ms = Some(at);
                 EventType::Suspended
@@ -318,11 +304,11 @@ impl Kernel {
             _ => {
                 let since = match (s.state, s.suspended_at_ms) {
                     (SessionState::Suspended, Some(since)) => since,
-                    _ => return Err(not_open(s)),
+                    _ => return Err(s.not_open()),
                 };
                 let paused = at.saturating_sub(since);
                 if s.suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
-                    return Err(not_open(s));
+                    return Err(s.not_open());
                 }
                 s.suspended_total_ms += paused;
                 s.deadline_ms = s.deadline_ms.saturating_add(paused);
@@ -342,15 +328,6 @@ impl Kernel {
             Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) },
             Broadcast::Lifecycle { event, session: Box::new(metadata), observed_at_unix_ms: at },
         ])
-    }
-
-    fn release_live(&mut self, initiator: &str) {
-        if let Some(n) = self.live_by_initiator.get_mut(initiator) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.live_by_initiator.remove(initiator);
-            }
-        }
     }
 
     fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact) -> KResult<Applied> {

@@ -1,0 +1,293 @@
+//! The `MACPRuntimeService` implementation: turns RPCs into kernel inputs,
+//! queries and subscriptions, and kernel answers back into wire messages.
+//!
+//! Authentication happens first (every RPC except discovery), then rate
+//! limits; every decision that depends on session state is the kernel's.
+//! One file per group of RPCs: [`sessions`] (Send, GetSession, control,
+//! listings and watches of sessions), [`streams`] (StreamSession and
+//! WatchSignals), [`registries`] (modes and policies), [`discovery`]
+//! (Initialize, manifest, roots). Errors become wire answers only in
+//! [`crate::status`].
+
+mod discovery;
+mod registries;
+mod sessions;
+mod streams;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use macp_kernel::{Answer, Identity, Input, KernelConfig, Query, Reply};
+use macp_wire::v1::*;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Authenticator;
+use crate::driver::Command;
+use crate::hub::RegistryEvent;
+use crate::limits::RateLimits;
+use crate::pb::macp_runtime_service_server::MacpRuntimeService;
+use crate::status::shutting_down;
+
+/// Re-exported for clients and tests that read the registry code of a status.
+pub use crate::status::ERROR_CODE_KEY;
+
+type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Channels to the watchers' broadcast sources.
+#[derive(Clone)]
+pub struct Watch {
+    /// Session lifecycle events.
+    pub lifecycle: broadcast::Sender<SessionLifecycleEvent>,
+    /// Signals and progress.
+    pub signals: broadcast::Sender<WatchSignalsResponse>,
+    /// Registry changes.
+    pub registry: broadcast::Sender<RegistryEvent>,
+}
+
+/// The service state shared by all RPC handlers.
+#[derive(Clone)]
+pub struct Runtime {
+    tx: mpsc::Sender<Command>,
+    auth: Arc<Authenticator>,
+    limits: Arc<RateLimits>,
+    watch: Watch,
+    kernel_config: Arc<KernelConfig>,
+    /// The largest reply the transport will encode; listings stay below it.
+    max_reply_bytes: usize,
+}
+
+impl Runtime {
+    /// Builds the service.
+    pub fn new(
+        tx: mpsc::Sender<Command>,
+        auth: Authenticator,
+        limits: RateLimits,
+        watch: Watch,
+        kernel_config: KernelConfig,
+    ) -> Self {
+        Runtime {
+            tx,
+            auth: Arc::new(auth),
+            limits: Arc::new(limits),
+            watch,
+            kernel_config: Arc::new(kernel_config),
+            max_reply_bytes: 4 * 1024 * 1024,
+        }
+    }
+
+    /// Sets the largest reply the transport encodes (its
+    /// `max_encoding_message_size`), so ListSessions pages stay below it.
+    pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.max_reply_bytes = bytes;
+        self
+    }
+
+    /// The rate limiters, so the server can prune them periodically.
+    pub fn limits(&self) -> Arc<RateLimits> {
+        self.limits.clone()
+    }
+
+    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        self.auth.authenticate(req.metadata())
+    }
+
+    /// Runs an input through the driver and waits for its durable reply.
+    async fn submit(&self, input: Input) -> Result<Reply, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Submit { input, reply, bind: None }).await.map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())
+    }
+
+    /// Asks the kernel a read-only question (answered after the batch in
+    /// flight is durable, so it never reveals undurable state).
+    async fn ask(&self, query: Query) -> Result<Answer, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Query(query, tx)).await.map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())
+    }
+}
+
+/// The answer had another shape than its query asks for: a driver bug, never
+/// the caller's fault.
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!("the runtime answered {what} with an unexpected shape"))
+}
+
+#[tonic::async_trait]
+impl MacpRuntimeService for Runtime {
+    async fn initialize(&self, req: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
+        discovery::initialize(self, req).await
+    }
+
+    async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        sessions::send(self, req).await
+    }
+
+    type StreamSessionStream = RpcStream<StreamSessionResponse>;
+
+    async fn stream_session(
+        &self,
+        req: Request<Streaming<StreamSessionRequest>>,
+    ) -> Result<Response<Self::StreamSessionStream>, Status> {
+        streams::stream_session(self, req).await
+    }
+
+    async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<GetSessionResponse>, Status> {
+        sessions::get_session(self, req).await
+    }
+
+    async fn cancel_session(
+        &self,
+        req: Request<CancelSessionRequest>,
+    ) -> Result<Response<CancelSessionResponse>, Status> {
+        let req = req.map(|r| (r.session_id, r.reason));
+        let ack = sessions::control(self, req, macp_kernel::ControlOp::Cancel).await?;
+        Ok(Response::new(CancelSessionResponse { ack: Some(ack) }))
+    }
+
+    async fn suspend_session(
+        &self,
+        req: Request<SuspendSessionRequest>,
+    ) -> Result<Response<SuspendSessionResponse>, Status> {
+        let req = req.map(|r| (r.session_id, r.reason));
+        let ack = sessions::control(self, req, macp_kernel::ControlOp::Suspend).await?;
+        Ok(Response::new(SuspendSessionResponse { ack: Some(ack) }))
+    }
+
+    async fn resume_session(
+        &self,
+        req: Request<ResumeSessionRequest>,
+    ) -> Result<Response<ResumeSessionResponse>, Status> {
+        let req = req.map(|r| (r.session_id, r.reason));
+        let ack = sessions::control(self, req, macp_kernel::ControlOp::Resume).await?;
+        Ok(Response::new(ResumeSessionResponse { ack: Some(ack) }))
+    }
+
+    async fn get_manifest(&self, req: Request<GetManifestRequest>) -> Result<Response<GetManifestResponse>, Status> {
+        discovery::get_manifest(self, req).await
+    }
+
+    async fn list_modes(&self, req: Request<ListModesRequest>) -> Result<Response<ListModesResponse>, Status> {
+        registries::list_modes(self, req).await
+    }
+
+    type WatchModeRegistryStream = RpcStream<WatchModeRegistryResponse>;
+
+    async fn watch_mode_registry(
+        &self,
+        req: Request<WatchModeRegistryRequest>,
+    ) -> Result<Response<Self::WatchModeRegistryStream>, Status> {
+        registries::watch_mode_registry(self, req).await
+    }
+
+    async fn list_roots(&self, req: Request<ListRootsRequest>) -> Result<Response<ListRootsResponse>, Status> {
+        discovery::list_roots(self, req).await
+    }
+
+    type WatchRootsStream = RpcStream<WatchRootsResponse>;
+
+    async fn watch_roots(&self, req: Request<WatchRootsRequest>) -> Result<Response<Self::WatchRootsStream>, Status> {
+        discovery::watch_roots(self, req).await
+    }
+
+    async fn list_ext_modes(
+        &self,
+        req: Request<ListExtModesRequest>,
+    ) -> Result<Response<ListExtModesResponse>, Status> {
+        registries::list_ext_modes(self, req).await
+    }
+
+    async fn register_ext_mode(
+        &self,
+        req: Request<RegisterExtModeRequest>,
+    ) -> Result<Response<RegisterExtModeResponse>, Status> {
+        registries::register_ext_mode(self, req).await
+    }
+
+    async fn unregister_ext_mode(
+        &self,
+        req: Request<UnregisterExtModeRequest>,
+    ) -> Result<Response<UnregisterExtModeResponse>, Status> {
+        registries::unregister_ext_mode(self, req).await
+    }
+
+    async fn promote_mode(&self, req: Request<PromoteModeRequest>) -> Result<Response<PromoteModeResponse>, Status> {
+        registries::promote_mode(self, req).await
+    }
+
+    type WatchSignalsStream = RpcStream<WatchSignalsResponse>;
+
+    async fn watch_signals(
+        &self,
+        req: Request<WatchSignalsRequest>,
+    ) -> Result<Response<Self::WatchSignalsStream>, Status> {
+        streams::watch_signals(self, req).await
+    }
+
+    async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
+        sessions::list_sessions(self, req).await
+    }
+
+    type WatchSessionsStream = RpcStream<WatchSessionsResponse>;
+
+    async fn watch_sessions(
+        &self,
+        req: Request<WatchSessionsRequest>,
+    ) -> Result<Response<Self::WatchSessionsStream>, Status> {
+        sessions::watch_sessions(self, req).await
+    }
+
+    async fn register_policy(
+        &self,
+        req: Request<RegisterPolicyRequest>,
+    ) -> Result<Response<RegisterPolicyResponse>, Status> {
+        registries::register_policy(self, req).await
+    }
+
+    async fn unregister_policy(
+        &self,
+        req: Request<UnregisterPolicyRequest>,
+    ) -> Result<Response<UnregisterPolicyResponse>, Status> {
+        registries::unregister_policy(self, req).await
+    }
+
+    async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<GetPolicyResponse>, Status> {
+        registries::get_policy(self, req).await
+    }
+
+    async fn list_policies(&self, req: Request<ListPoliciesRequest>) -> Result<Response<ListPoliciesResponse>, Status> {
+        registries::list_policies(self, req).await
+    }
+
+    type WatchPoliciesStream = RpcStream<WatchPoliciesResponse>;
+
+    async fn watch_policies(
+        &self,
+        req: Request<WatchPoliciesRequest>,
+    ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
+        registries::watch_policies(self, req).await
+    }
+
+    async fn what_if_replay(
+        &self,
+        _req: Request<WhatIfReplayRequest>,
+    ) -> Result<Response<WhatIfReplayResponse>, Status> {
+        Err(Status::unimplemented("WhatIfReplay is not implemented (policy_registry.what_if_replay = false)"))
+    }
+
+    async fn get_decision_receipt(
+        &self,
+        _req: Request<GetDecisionReceiptRequest>,
+    ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
+        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+    }
+
+    async fn get_receipt_keys(
+        &self,
+        _req: Request<GetReceiptKeysRequest>,
+    ) -> Result<Response<GetReceiptKeysResponse>, Status> {
+        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+    }
+}

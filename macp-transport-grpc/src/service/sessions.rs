@@ -1,0 +1,177 @@
+//! Session RPCs: Send, GetSession, Cancel/Suspend/ResumeSession,
+//! ListSessions and WatchSessions.
+
+use std::collections::BTreeSet;
+
+use macp_kernel::{
+    may_read_metadata, Answer, ControlOp, ErrorCode, Identity, Input, Kernel, KernelError, Query, Reply,
+};
+use macp_wire::v1::*;
+use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::{unexpected, RpcStream, Runtime};
+use crate::driver::{now_ms, Binding, Command};
+use crate::limits::Budget;
+use crate::status::{ack, error_status, status};
+
+/// Room left in a ListSessions reply for everything but the sessions.
+const LIST_REPLY_SLACK: usize = 64 * 1024;
+
+pub(super) async fn send(rt: &Runtime, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+    let identity = rt.identity(&req);
+    let envelope =
+        req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("SendRequest needs an envelope"))?;
+    let ack = send_envelope(rt, identity, envelope, None).await;
+    Ok(Response::new(SendResponse { ack: Some(ack) }))
+}
+
+/// The Send path shared by `Send` and StreamSession envelope frames: shape
+/// checks, authentication, rate limits, then the kernel. Always an Ack:
+/// refusals are answers, not transport errors.
+pub(super) async fn send_envelope(
+    rt: &Runtime,
+    identity: Result<Identity, Status>,
+    envelope: Envelope,
+    bind: Option<oneshot::Sender<Option<Binding>>>,
+) -> Ack {
+    let now = now_ms();
+    let (session_id, message_id) = (envelope.session_id.clone(), envelope.message_id.clone());
+    let answer = |result: Result<macp_kernel::Accepted, KernelError>| ack(&session_id, &message_id, now, result);
+    if let Err(e) = macp_kernel::validate::envelope_shape(&envelope, &rt.kernel_config) {
+        return answer(Err(e));
+    }
+    let identity = match identity {
+        Ok(i) => i,
+        Err(_) => return answer(Err(KernelError::new(ErrorCode::Unauthenticated, "missing or invalid credentials"))),
+    };
+    let budget = if envelope.message_type == "SessionStart" { Budget::SessionStart } else { Budget::Message };
+    if !rt.limits.check(&identity.sender, budget) {
+        let what = match budget {
+            Budget::SessionStart => "SessionStart",
+            Budget::Message => "message",
+        };
+        return answer(Err(KernelError::new(
+            ErrorCode::RateLimited,
+            format!("{} exceeded its per-minute {what} limit", identity.sender),
+        )));
+    }
+    // Ambient envelopes touch no session and are never persisted: the
+    // kernel's own admission function answers them here, on the request's
+    // task, and they are broadcast directly instead of queueing behind
+    // session traffic in the driver. (A StreamSession frame may bind its
+    // stream, which only the driver can do.)
+    if bind.is_none() && macp_kernel::is_ambient(&envelope.message_type) {
+        return match Kernel::admit_ambient(&rt.kernel_config, &identity, envelope) {
+            Ok(envelope) => {
+                let _ = rt
+                    .watch
+                    .signals
+                    .send(WatchSignalsResponse { envelope: Some(envelope), sender_authenticated: true });
+                answer(Ok(macp_kernel::Accepted { state: SessionState::Open, duplicate: false }))
+            }
+            Err(e) => answer(Err(e)),
+        };
+    }
+    let shutting_down =
+        || KernelError::new(ErrorCode::InternalError, "the runtime is shutting down; nothing was recorded");
+    let (reply, rx) = oneshot::channel();
+    let bind = bind.map(|tx| (identity.clone(), tx));
+    let input = Input::Envelope { request: 0, identity, envelope };
+    if rt.tx.send(Command::Submit { input, reply, bind }).await.is_err() {
+        return answer(Err(shutting_down()));
+    }
+    match rx.await {
+        Ok(Reply::Session { at_unix_ms, result }) => ack(&session_id, &message_id, at_unix_ms, result),
+        Ok(Reply::Registry(_)) => answer(Err(KernelError::new(ErrorCode::InternalError, "unexpected reply kind"))),
+        Err(_) => answer(Err(shutting_down())),
+    }
+}
+
+/// Cancel/Suspend/ResumeSession. An unknown session and a caller without
+/// authority are whole-RPC errors; every other refusal is an Ack.
+pub(super) async fn control(rt: &Runtime, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
+    let identity = rt.identity(&req)?;
+    if !rt.limits.check(&identity.sender, Budget::Message) {
+        return Err(error_status(
+            ErrorCode::RateLimited,
+            format!("{} exceeded its per-minute message limit", identity.sender),
+        ));
+    }
+    let (session_id, reason) = req.into_inner();
+    let input = Input::Control { request: 0, identity, op, session_id: session_id.clone(), reason };
+    match rt.submit(input).await? {
+        Reply::Session { result: Err(e), .. }
+            if matches!(e.code, ErrorCode::SessionNotFound | ErrorCode::Forbidden) =>
+        {
+            Err(status(e))
+        }
+        Reply::Session { at_unix_ms, result } => Ok(ack(&session_id, "", at_unix_ms, result)),
+        Reply::Registry(_) => Err(unexpected("a control request")),
+    }
+}
+
+pub(super) async fn get_session(
+    rt: &Runtime,
+    req: Request<GetSessionRequest>,
+) -> Result<Response<GetSessionResponse>, Status> {
+    let identity = rt.identity(&req)?;
+    let session_id = req.into_inner().session_id;
+    match rt.ask(Query::GetSession { identity, session_id }).await? {
+        Answer::Session(Ok(md)) => Ok(Response::new(GetSessionResponse { metadata: Some(md) })),
+        Answer::Session(Err(e)) => Err(status(e)),
+        _ => Err(unexpected("GetSession")),
+    }
+}
+
+pub(super) async fn list_sessions(
+    rt: &Runtime,
+    req: Request<ListSessionsRequest>,
+) -> Result<Response<ListSessionsResponse>, Status> {
+    let identity = rt.identity(&req)?;
+    let r = req.into_inner();
+    let byte_budget = rt.max_reply_bytes.saturating_sub(LIST_REPLY_SLACK).max(1);
+    let query = Query::ListSessions { identity, page_size: r.page_size, page_token: r.page_token, byte_budget };
+    match rt.ask(query).await? {
+        Answer::Page(Ok(p)) => {
+            Ok(Response::new(ListSessionsResponse { sessions: p.sessions, next_page_token: p.next_page_token }))
+        }
+        Answer::Page(Err(e)) => Err(status(e)),
+        _ => Err(unexpected("ListSessions")),
+    }
+}
+
+pub(super) async fn watch_sessions(
+    rt: &Runtime,
+    req: Request<WatchSessionsRequest>,
+) -> Result<Response<RpcStream<WatchSessionsResponse>>, Status> {
+    let identity = rt.identity(&req)?;
+    // Subscribe before the snapshot so nothing falls between them; live
+    // CREATED events for sessions already in the snapshot are dropped.
+    let rx = rt.watch.lifecycle.subscribe();
+    let initial = match rt.ask(Query::VisibleSessions { identity: identity.clone() }).await? {
+        Answer::Sessions(v) => v,
+        _ => return Err(unexpected("WatchSessions")),
+    };
+    let synced: BTreeSet<String> = initial.iter().map(|m| m.session_id.clone()).collect();
+    let first = tokio_stream::iter(initial.into_iter().map(|m| {
+        Ok(WatchSessionsResponse {
+            event: Some(SessionLifecycleEvent {
+                event_type: session_lifecycle_event::EventType::Created as i32,
+                observed_at_unix_ms: m.started_at_unix_ms,
+                session: Some(m),
+            }),
+        })
+    }));
+    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| match e {
+        Ok(ev) => {
+            let m = ev.session.as_ref()?;
+            let dup =
+                ev.event_type == session_lifecycle_event::EventType::Created as i32 && synced.contains(&m.session_id);
+            (may_read_metadata(&identity, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
+        }
+        Err(_) => Some(Err(Status::resource_exhausted("session watcher fell behind; reconnect to resync"))),
+    });
+    Ok(Response::new(Box::pin(first.chain(live))))
+}

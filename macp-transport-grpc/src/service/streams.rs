@@ -1,0 +1,205 @@
+//! Streaming RPCs: StreamSession (envelope frames and passive subscribe)
+//! and WatchSignals.
+
+use macp_kernel::ErrorCode;
+use macp_wire::v1::*;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::sessions::send_envelope;
+use super::{RpcStream, Runtime};
+use crate::driver::{Command, Subscription};
+use crate::hub::{Sequenced, SessionFeed};
+use crate::status::status;
+
+fn error_frame(e: MacpError) -> StreamSessionResponse {
+    StreamSessionResponse { response: Some(stream_session_response::Response::Error(e)) }
+}
+
+fn envelope_frame(env: &Envelope) -> StreamSessionResponse {
+    StreamSessionResponse { response: Some(stream_session_response::Response::Envelope(env.clone())) }
+}
+
+fn inline(code: ErrorCode, msg: impl Into<String>, env: Option<&Envelope>) -> StreamSessionResponse {
+    error_frame(MacpError {
+        code: code.as_str().to_string(),
+        message: msg.into(),
+        session_id: env.map(|e| e.session_id.clone()).unwrap_or_default(),
+        message_id: env.map(|e| e.message_id.clone()).unwrap_or_default(),
+        details: Vec::new(),
+    })
+}
+
+/// Frames of a StreamSession response; `None` ends the response stream even
+/// while the request side is still open (the session reached a terminal
+/// state, so nothing more will ever be streamed).
+type Frame = Option<Result<StreamSessionResponse, Status>>;
+
+/// Forwards a session feed to a stream: replayed history first (if any),
+/// then live items newer than `skip_upto`. When the feed ends because the
+/// session is terminal, the stream ends; when the hub dropped the feed for
+/// falling behind, the stream ends with RESOURCE_EXHAUSTED.
+async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Sequenced>, skip_upto: u64) {
+    let mut last = skip_upto;
+    for item in replay {
+        last = item.seq;
+        if out.send(Some(Ok(envelope_frame(&item.envelope)))).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        // Leave as soon as the client goes away, not at the next broadcast:
+        // an idle session would otherwise keep this task and its hub slot.
+        let item = tokio::select! {
+            item = feed.rx.recv() => match item {
+                Some(item) => item,
+                None => break,
+            },
+            _ = out.closed() => return,
+        };
+        if item.seq <= last {
+            continue;
+        }
+        last = item.seq;
+        if out.send(Some(Ok(envelope_frame(&item.envelope)))).await.is_err() {
+            return;
+        }
+    }
+    if feed.overflowed.load(std::sync::atomic::Ordering::Acquire) {
+        let _ = out
+            .send(Some(Err(Status::resource_exhausted(format!(
+                "subscriber fell behind the live stream; resubscribe with after_sequence={last}"
+            )))))
+            .await;
+    }
+    let _ = out.send(None).await;
+}
+
+pub(super) async fn stream_session(
+    rt: &Runtime,
+    req: Request<Streaming<StreamSessionRequest>>,
+) -> Result<Response<RpcStream<StreamSessionResponse>>, Status> {
+    let identity = rt.identity(&req)?;
+    let mut inbound = req.into_inner();
+    let (out, rx) = mpsc::channel::<Frame>(64);
+    let rt = rt.clone();
+    tokio::spawn(async move {
+        let mut bound: Option<String> = None;
+        while let Ok(Some(frame)) = inbound.message().await {
+            let has_sub = !frame.subscribe_session_id.is_empty();
+            match (frame.envelope, has_sub) {
+                (Some(_), true) => {
+                    let _ = out
+                        .send(Some(Err(Status::invalid_argument(
+                            "a StreamSessionRequest sets either envelope or subscribe_session_id, not both",
+                        ))))
+                        .await;
+                    return;
+                }
+                (None, false) => {
+                    let _ = out
+                        .send(Some(Ok(inline(
+                            ErrorCode::InvalidEnvelope,
+                            "empty StreamSessionRequest: set envelope or subscribe_session_id",
+                            None,
+                        ))))
+                        .await;
+                }
+                (None, true) => {
+                    let sid = frame.subscribe_session_id;
+                    if bound.as_ref().is_some_and(|b| *b != sid) {
+                        let _ = out
+                            .send(Some(Err(Status::invalid_argument("this stream is bound to another session"))))
+                            .await;
+                        return;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    let cmd = Command::Subscribe { identity: identity.clone(), session_id: sid.clone(), reply: tx };
+                    if rt.tx.send(cmd).await.is_err() {
+                        return;
+                    }
+                    let sub: Subscription = match rx.await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            let _ = out.send(Some(Err(status(e)))).await;
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let after = frame.after_sequence;
+                    let history = match sub.history.read(&sid, after, sub.upto) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            let _ = out
+                                .send(Some(Err(Status::failed_precondition(format!("history is unavailable: {e}")))))
+                                .await;
+                            return;
+                        }
+                    };
+                    bound = Some(sid);
+                    tokio::spawn(forward(out.clone(), sub.feed, history, sub.upto.max(after)));
+                }
+                (Some(env), false) => {
+                    if env.session_id.is_empty() || env.mode.is_empty() {
+                        let _ = out
+                            .send(Some(Ok(inline(
+                                ErrorCode::InvalidEnvelope,
+                                "stream envelopes are session-scoped: session_id and mode are required (send Signals with Send)",
+                                Some(&env),
+                            ))))
+                            .await;
+                        continue;
+                    }
+                    if let Some(b) = &bound {
+                        if *b != env.session_id {
+                            let _ = out
+                                .send(Some(Ok(inline(
+                                    ErrorCode::InvalidEnvelope,
+                                    format!(
+                                        "this stream is bound to session {b}; open another stream for {}",
+                                        env.session_id
+                                    ),
+                                    Some(&env),
+                                ))))
+                                .await;
+                            continue;
+                        }
+                    }
+                    let (btx, brx) = oneshot::channel();
+                    let want_bind = bound.is_none();
+                    let ack = send_envelope(&rt, Ok(identity.clone()), env.clone(), want_bind.then_some(btx)).await;
+                    if want_bind {
+                        if let Ok(Some(b)) = brx.await {
+                            bound = Some(env.session_id.clone());
+                            tokio::spawn(forward(out.clone(), b.feed, Vec::new(), b.from));
+                        }
+                    }
+                    if !ack.ok {
+                        if let Some(e) = ack.error {
+                            if out.send(Some(Ok(error_frame(e)))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let frames = ReceiverStream::new(rx).take_while(|f| f.is_some()).filter_map(|f| f);
+    Ok(Response::new(Box::pin(frames)))
+}
+
+pub(super) async fn watch_signals(
+    rt: &Runtime,
+    req: Request<WatchSignalsRequest>,
+) -> Result<Response<RpcStream<WatchSignalsResponse>>, Status> {
+    rt.identity(&req)?;
+    let rx = rt.watch.signals.subscribe();
+    let s = tokio_stream::wrappers::BroadcastStream::new(rx).map(|e| {
+        e.map_err(|_| Status::resource_exhausted("signal watcher fell behind; signals have no backlog, reconnect"))
+    });
+    // tonic ends the stream after yielding an error status.
+    Ok(Response::new(Box::pin(s)))
+}
