@@ -28,6 +28,11 @@ pub struct KernelConfig {
     pub max_participants: usize,
     /// The runtime's own agent id (manifest, runtime-emitted envelopes).
     pub runtime_id: String,
+    /// How many recently ended sessions the kernel keeps in memory (whole,
+    /// for a short linger) besides those that ended in the batch in flight.
+    /// Older ones are read back from storage. Memory stays bounded by this,
+    /// never by the number of ended sessions.
+    pub ended_cache: usize,
 }
 
 impl Default for KernelConfig {
@@ -39,6 +44,7 @@ impl Default for KernelConfig {
             default_max_suspend_ms: 7 * 24 * 60 * 60 * 1000,
             max_participants: 1000,
             runtime_id: "macp-runtime".to_string(),
+            ended_cache: 1024,
         }
     }
 }

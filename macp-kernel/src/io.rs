@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use macp_wire::storage::Record;
+use macp_wire::storage::{Record, SessionSummary};
 use macp_wire::v1::{
     session_lifecycle_event::EventType, Envelope, ModeDescriptor, PolicyDescriptor, SessionMetadata, SessionState,
 };
@@ -242,6 +242,11 @@ pub enum Broadcast {
 pub enum Effect {
     /// Append this record to durable storage.
     Persist(Record),
+    /// The record just before ended its session: the session has left the
+    /// kernel's working set, and storage must keep this summary (with the
+    /// session's records) so the session stays answerable until retention
+    /// passes. Persisted with the records of the same batch.
+    Ended(Box<SessionSummary>),
     /// Answer a request.
     Reply {
         /// The request being answered.

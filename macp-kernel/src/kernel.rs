@@ -8,16 +8,17 @@
 
 use std::collections::BTreeSet;
 
-use macp_wire::storage::Record;
-use macp_wire::v1::{Envelope, SessionMetadata};
+use macp_wire::storage::{Record, SessionSummary};
+use macp_wire::v1::{Envelope, SessionMetadata, SessionState};
 
 use crate::config::KernelConfig;
 use crate::error::KResult;
-use crate::io::{Broadcast, Effect, Identity, Input};
+use crate::io::{Effect, Identity, Input};
 use crate::mode::ModeRegistry;
 use crate::policy::PolicyRegistry;
 use crate::query::{Answer, Query};
 use crate::session::Session;
+use crate::state::ended::{Ended, EndedSessions, NoEnded};
 use crate::state::{SnapshotError, State};
 
 /// The deterministic MACP session kernel.
@@ -30,7 +31,7 @@ pub struct Kernel {
 impl Kernel {
     /// A kernel with the built-in modes and `policy.default`.
     pub fn new(config: KernelConfig) -> Self {
-        let state = State::new(&config.runtime_id);
+        let state = State::new(&config.runtime_id, config.ended_cache);
         Kernel { config, state }
     }
 
@@ -39,17 +40,29 @@ impl Kernel {
         &self.config
     }
 
-    /// Processes one input and returns its effects in driver order.
+    /// Processes one input and returns its effects in driver order. Ended
+    /// sessions the kernel no longer holds are unknown to it here; a driver
+    /// with storage uses [`Kernel::handle_with`].
     pub fn handle(&mut self, now_ms: i64, input: Input) -> Vec<Effect> {
         let mut out = Vec::with_capacity(4);
-        self.handle_into(now_ms, input, &mut out);
+        self.handle_with(now_ms, input, &NoEnded, &mut out);
         out
     }
 
-    /// Like [`Kernel::handle`], appending to a caller-owned buffer so a
-    /// driver processing a batch allocates once.
-    pub fn handle_into(&mut self, now_ms: i64, input: Input, out: &mut Vec<Effect>) {
-        crate::admit::handle(&self.config, &mut self.state, now_ms, input, out)
+    /// Processes one input, appending its effects to a caller-owned buffer
+    /// (a driver processing a batch allocates once). Ended sessions that
+    /// left the working set are looked up in `storage`.
+    pub fn handle_with(&mut self, now_ms: i64, input: Input, storage: &dyn EndedSessions, out: &mut Vec<Effect>) {
+        crate::admit::handle(&self.config, &mut self.state, storage, now_ms, input, out)
+    }
+
+    /// Tells the kernel that every session that ended so far is in storage
+    /// (its summary was persisted): the ended-session cache may shrink back
+    /// to [`KernelConfig::ended_cache`] entries. Until then it keeps every
+    /// session that ended, so a lookup never misses one storage has not
+    /// seen yet.
+    pub fn settle_ended(&mut self) {
+        self.state.settle_ended()
     }
 
     /// When the driver must call again with [`Input::Tick`] (TTL expiry,
@@ -72,10 +85,11 @@ impl Kernel {
 
     /// Applies one record read back from storage, through the same code that
     /// accepted it. An `Err` leaves the kernel unchanged and means the log
-    /// disagrees with the rules it was written under. Returns no broadcasts:
-    /// nobody is listening to history being rebuilt.
-    pub fn apply_record(&mut self, record: &Record) -> KResult<Vec<Broadcast>> {
-        self.state.apply(record, false)
+    /// disagrees with the rules it was written under. Builds no broadcasts
+    /// (nobody is listening to history being rebuilt); returns the session's
+    /// summary when the record ended it, for storage to keep.
+    pub fn apply_record(&mut self, record: &Record) -> KResult<Option<SessionSummary>> {
+        self.state.apply(record, false).map(|a| a.ended)
     }
 
     /// Takes a session out of service after storage corruption: its state is
@@ -100,16 +114,17 @@ impl Kernel {
 
     /// Rebuilds a kernel from [`Kernel::snapshot`] bytes.
     pub fn restore(config: KernelConfig, bytes: &[u8]) -> Result<Kernel, SnapshotError> {
-        let state = State::restore(&config.runtime_id, bytes)?;
+        let state = State::restore(&config.runtime_id, config.ended_cache, bytes)?;
         Ok(Kernel { config, state })
     }
 
     // ----- reads ---------------------------------------------------------------
 
     /// Answers a read-only question (GetSession, ListSessions, registries…)
-    /// with the read-access rule applied.
-    pub fn answer(&self, query: &Query) -> Answer {
-        crate::query::answer(&self.state, query)
+    /// with the read-access rule applied; ended sessions are read from
+    /// `storage`.
+    pub fn answer(&self, query: &Query, storage: &dyn EndedSessions) -> Answer {
+        crate::query::answer(&self.state, storage, query)
     }
 
     /// A session, if the kernel holds it (tests, recovery checks, the
@@ -119,14 +134,38 @@ impl Kernel {
     }
 
     /// GetSession with its access rule: initiator, declared participant or
-    /// observer. Errors carry SESSION_NOT_FOUND or FORBIDDEN.
+    /// observer. Errors carry SESSION_NOT_FOUND or FORBIDDEN. Ended sessions
+    /// are found only while cached; a driver with storage uses
+    /// [`Kernel::answer`].
     pub fn get_session(&self, identity: &Identity, session_id: &str) -> KResult<SessionMetadata> {
-        crate::query::get_session(&self.state, identity, session_id)
+        crate::query::get_session(&self.state, &NoEnded, identity, session_id)
     }
 
-    /// Number of sessions held (any state).
+    /// Number of sessions held: open and suspended ones.
     pub fn session_count(&self) -> usize {
         self.state.session_count()
+    }
+
+    /// The lifecycle state of a session the kernel holds or still caches
+    /// after it ended.
+    pub fn session_state(&self, session_id: &str) -> Option<SessionState> {
+        match self.state.session(session_id) {
+            Some(s) => Some(s.state),
+            None => self.state.cached_ended(session_id).map(|e| crate::state::ended::summary_state(&e.summary)),
+        }
+    }
+
+    /// A recently ended session the kernel still caches (its summary, and
+    /// the whole session while it lingers).
+    pub fn ended_session(&self, session_id: &str) -> Option<&Ended> {
+        self.state.cached_ended(session_id)
+    }
+
+    /// Number of ended sessions in the cache: bounded by
+    /// [`KernelConfig::ended_cache`] once settled, whatever the number of
+    /// sessions that ever ended.
+    pub fn cached_ended_count(&self) -> usize {
+        self.state.cached_ended_count()
     }
 
     /// Every held session's metadata in id order.
@@ -144,13 +183,20 @@ impl Kernel {
         self.state.policies()
     }
 
-    /// The mode state projection of a session (conformance, debugging).
-    pub fn mode_projection(&self, session_id: &str) -> Option<serde_json::Value> {
-        self.state.session(session_id).map(|s| s.mode_state.project())
+    /// A session held, or lingering whole in the ended cache.
+    fn session_or_lingering(&self, session_id: &str) -> Option<&Session> {
+        self.state.session(session_id).or_else(|| self.state.cached_ended(session_id)?.session.as_deref())
     }
 
-    /// The resolving Commitment's payload bytes, once resolved.
+    /// The mode state projection of a session (conformance, debugging),
+    /// while the kernel holds it or it lingers after ending.
+    pub fn mode_projection(&self, session_id: &str) -> Option<serde_json::Value> {
+        self.session_or_lingering(session_id).map(|s| s.mode_state.project())
+    }
+
+    /// The resolving Commitment's payload bytes, while the session lingers
+    /// after resolving (storage keeps the Commitment in its history).
     pub fn resolution(&self, session_id: &str) -> Option<&[u8]> {
-        self.state.session(session_id).and_then(|s| s.resolution.as_deref())
+        self.session_or_lingering(session_id).and_then(|s| s.resolution.as_deref())
     }
 }

@@ -56,6 +56,7 @@ pub use io::{Accepted, Broadcast, ControlOp, Effect, Grants, Identity, Input, Re
 pub use kernel::Kernel;
 pub use macp_wire;
 pub use query::{may_read, may_read_metadata, Answer, ModeList, Query, SessionPage, SubscribePoint};
+pub use state::ended::{Ended, EndedSessions, NoEnded};
 pub use state::SnapshotError;
 
 /// Whether an envelope of this type is ambient (Signal, Progress): outside

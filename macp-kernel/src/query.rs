@@ -6,11 +6,13 @@
 //! ([`may_read`]) and every session query applies it, so a listing or a
 //! watch never reveals another tenant's sessions.
 
+use macp_wire::storage::SessionSummary;
 use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionMetadata};
 
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Identity;
 use crate::session::Session;
+use crate::state::ended::{summary_session_id, EndedSessions};
 use crate::state::State;
 
 /// A question for [`crate::Kernel::answer`].
@@ -36,7 +38,8 @@ pub enum Query {
         /// message limit. A page always holds at least one session.
         byte_budget: usize,
     },
-    /// WatchSessions' initial sync: every session held that `identity` may read.
+    /// WatchSessions' initial sync: every open or suspended session
+    /// `identity` may read (ended sessions are history, not news).
     VisibleSessions {
         /// Who asks.
         identity: Identity,
@@ -132,30 +135,70 @@ pub fn may_read_metadata(identity: &Identity, m: &SessionMetadata) -> bool {
     may_read(identity, &m.initiator, &m.participants)
 }
 
-fn readable<'a>(state: &'a State, identity: &Identity, session_id: &str) -> KResult<&'a Session> {
-    let s = state
-        .session(session_id)
-        .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {session_id} does not exist")))?;
-    if !may_read(identity, &s.initiator, &s.participants) {
-        return Err(KernelError::forbidden(format!(
-            "{} is neither a participant nor an observer of session {session_id}",
-            identity.sender
-        )));
+/// A session as a read sees it: held (open or suspended), or ended.
+enum Found<'a> {
+    Held(&'a Session),
+    Ended(SessionSummary),
+}
+
+impl Found<'_> {
+    fn metadata(&self) -> SessionMetadata {
+        match self {
+            Found::Held(s) => s.metadata(),
+            Found::Ended(e) => e.metadata.clone().unwrap_or_default(),
+        }
     }
-    Ok(s)
+}
+
+fn forbidden(identity: &Identity, session_id: &str) -> KernelError {
+    KernelError::forbidden(format!(
+        "{} is neither a participant nor an observer of session {session_id}",
+        identity.sender
+    ))
+}
+
+/// The session if `identity` may read it: SESSION_NOT_FOUND or FORBIDDEN
+/// otherwise.
+fn readable<'a>(
+    state: &'a State,
+    storage: &dyn EndedSessions,
+    identity: &Identity,
+    session_id: &str,
+) -> KResult<Found<'a>> {
+    if let Some(s) = state.session(session_id) {
+        if !may_read(identity, &s.initiator, &s.participants) {
+            return Err(forbidden(identity, session_id));
+        }
+        return Ok(Found::Held(s));
+    }
+    let e = state
+        .peek_ended(session_id, storage)?
+        .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {session_id} does not exist")))?;
+    let m = e.metadata.as_ref();
+    if !m.is_some_and(|m| may_read_metadata(identity, m)) {
+        return Err(forbidden(identity, session_id));
+    }
+    Ok(Found::Ended(e))
 }
 
 /// GetSession: the metadata, if `identity` may read the session.
-pub(crate) fn get_session(state: &State, identity: &Identity, session_id: &str) -> KResult<SessionMetadata> {
-    readable(state, identity, session_id).map(Session::metadata)
+pub(crate) fn get_session(
+    state: &State,
+    storage: &dyn EndedSessions,
+    identity: &Identity,
+    session_id: &str,
+) -> KResult<SessionMetadata> {
+    readable(state, storage, identity, session_id).map(|f| f.metadata())
 }
 
-/// Answers `q` from `state`.
-pub(crate) fn answer(state: &State, q: &Query) -> Answer {
+/// Answers `q` from `state` and, for ended sessions, `storage`.
+pub(crate) fn answer(state: &State, storage: &dyn EndedSessions, q: &Query) -> Answer {
     match q {
-        Query::GetSession { identity, session_id } => Answer::Session(get_session(state, identity, session_id)),
+        Query::GetSession { identity, session_id } => {
+            Answer::Session(get_session(state, storage, identity, session_id))
+        }
         Query::ListSessions { identity, page_size, page_token, byte_budget } => {
-            Answer::Page(list_sessions(state, identity, *page_size, page_token, *byte_budget))
+            Answer::Page(list_sessions(state, storage, identity, *page_size, page_token, *byte_budget))
         }
         Query::VisibleSessions { identity } => Answer::Sessions(
             state
@@ -164,9 +207,12 @@ pub(crate) fn answer(state: &State, q: &Query) -> Answer {
                 .map(Session::metadata)
                 .collect(),
         ),
-        Query::Subscribe { identity, session_id } => Answer::Subscription(
-            readable(state, identity, session_id).map(|s| SubscribePoint { upto: s.seq, live: !s.is_terminal() }),
-        ),
+        Query::Subscribe { identity, session_id } => {
+            Answer::Subscription(readable(state, storage, identity, session_id).map(|f| match f {
+                Found::Held(s) => SubscribePoint { upto: s.seq, live: !s.is_terminal() },
+                Found::Ended(e) => SubscribePoint { upto: e.last_seq, live: false },
+            }))
+        }
         Query::Modes(ModeList::StandardsTrack) => Answer::Modes(state.modes().standards_track()),
         Query::Modes(ModeList::Extensions) => Answer::Modes(state.modes().extensions()),
         Query::ModeIds => Answer::ModeIds(state.modes().all_ids()),
@@ -175,12 +221,21 @@ pub(crate) fn answer(state: &State, q: &Query) -> Answer {
     }
 }
 
-/// ListSessions, paged in session-id order. `page_token` is the opaque token
-/// of the previous page; a malformed one is INVALID_ENVELOPE. The page size
-/// is clamped to [`MAX_PAGE_SIZE`], and a page ends early once its metadata
-/// would pass `byte_budget` encoded bytes.
+/// Ended sessions read from storage per step while filling a page.
+const ENDED_READ: usize = 256;
+/// Most sessions a page looks at (held and ended together) before it ends
+/// early with a next-page token: a caller who may read few of many sessions
+/// pages through them instead of making one call scan them all.
+const MAX_SCAN: usize = 10_000;
+
+/// ListSessions, paged in session-id order over open sessions (held) and
+/// ended ones (storage). `page_token` is the opaque token of the previous
+/// page; a malformed one is INVALID_ENVELOPE. The page size is clamped to
+/// [`MAX_PAGE_SIZE`], and a page ends early once its metadata would pass
+/// `byte_budget` encoded bytes or it looked at [`MAX_SCAN`] sessions.
 fn list_sessions(
     state: &State,
+    storage: &dyn EndedSessions,
     identity: &Identity,
     page_size: i32,
     page_token: &str,
@@ -196,28 +251,61 @@ fn list_sessions(
                 .ok_or_else(|| KernelError::invalid("page_token is not a token this runtime issued"))?,
         )
     };
-    let mut readable =
-        state.sessions_after(after.as_deref()).filter(|s| may_read(identity, &s.initiator, &s.participants));
+    let mut held = state.sessions_after(after.as_deref()).peekable();
+    let mut ended: std::collections::VecDeque<SessionSummary> = Default::default();
+    let mut ended_after = after.clone();
+    let mut ended_done = false;
     let mut sessions: Vec<SessionMetadata> = Vec::new();
     let mut bytes = 0usize;
-    let mut more = false;
-    for s in readable.by_ref() {
-        if sessions.len() == size {
-            more = true;
-            break;
+    let mut scanned = 0usize;
+    // The id of the last session looked at: the next page starts after it.
+    let mut last_seen: Option<String> = None;
+    let more = loop {
+        if ended.is_empty() && !ended_done {
+            let page = storage.list(ended_after.as_deref(), ENDED_READ)?;
+            ended_done = page.len() < ENDED_READ;
+            ended_after = page.last().map(|e| summary_session_id(e).to_string()).or(ended_after);
+            ended.extend(page);
         }
-        let m = s.metadata();
+        let next_held = held.peek().map(|s| s.id.as_str());
+        let next_ended = ended.front().map(summary_session_id);
+        let take_held = match (next_held, next_ended) {
+            (None, None) => break false,
+            (Some(h), Some(e)) => h <= e,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        if sessions.len() == size || scanned == MAX_SCAN {
+            break true;
+        }
+        let metadata = if take_held {
+            let Some(s) = held.next() else { break false };
+            last_seen = Some(s.id.clone());
+            may_read(identity, &s.initiator, &s.participants).then(|| s.metadata())
+        } else {
+            let Some(e) = ended.pop_front() else { break false };
+            let id = summary_session_id(&e).to_string();
+            if next_held == Some(id.as_str()) {
+                // Held and in storage at once cannot happen; prefer the held one.
+                continue;
+            }
+            last_seen = Some(id);
+            e.metadata.filter(|m| may_read_metadata(identity, m))
+        };
+        scanned += 1;
+        let Some(m) = metadata else { continue };
         // Field tag + length prefix + the message, as the response encodes it.
         let len = m.encoded_len() + 8;
         if !sessions.is_empty() && bytes + len > byte_budget {
-            more = true;
-            break;
+            // This one goes on the next page.
+            last_seen = sessions.last().map(|m| m.session_id.clone());
+            break true;
         }
         bytes += len;
         sessions.push(m);
-    }
-    let next_page_token = match (more, sessions.last()) {
-        (true, Some(last)) => encode_token(&last.session_id),
+    };
+    let next_page_token = match (more, last_seen) {
+        (true, Some(id)) => encode_token(&id),
         _ => String::new(),
     };
     Ok(SessionPage { sessions, next_page_token })

@@ -124,11 +124,11 @@ impl Target for KernelTarget {
     }
 
     fn session_state(&mut self, session_id: &str) -> Result<SessionState, String> {
-        self.kernel.session(session_id).map(|s| s.state).ok_or_else(|| format!("session {session_id} does not exist"))
+        self.kernel.session_state(session_id).ok_or_else(|| format!("session {session_id} does not exist"))
     }
 
     fn resolution(&mut self, session_id: &str) -> Result<Observation<Option<Vec<u8>>>, String> {
-        self.kernel.session(session_id).ok_or_else(|| format!("session {session_id} does not exist"))?;
+        self.kernel.session_state(session_id).ok_or_else(|| format!("session {session_id} does not exist"))?;
         Ok(Observation::Observed(self.kernel.resolution(session_id).map(<[u8]>::to_vec)))
     }
 

@@ -537,7 +537,7 @@ fn row_46_cancel_records_session_cancel() {
     for r in records_of(&h) {
         k.apply_record(&r).unwrap();
     }
-    assert_eq!(k.session(&sid).unwrap().state, SessionState::Cancelled);
+    assert_eq!(k.session_state(&sid), Some(SessionState::Cancelled));
 }
 
 #[test]

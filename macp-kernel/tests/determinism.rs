@@ -8,7 +8,12 @@ use common::*;
 use macp_kernel::macp_wire::modes::decision::{ProposalPayload, VotePayload};
 use macp_kernel::macp_wire::v1::{ModeDescriptor, SessionStartPayload};
 use macp_kernel::macp_wire::Message;
-use macp_kernel::{record, ControlOp, Effect, Identity, Input, Kernel, KernelConfig};
+use std::collections::BTreeMap;
+
+use macp_kernel::macp_wire::storage::SessionSummary;
+use macp_kernel::{
+    record, ControlOp, Effect, EndedSessions, Identity, Input, KResult, Kernel, KernelConfig, NoEnded, Query,
+};
 use proptest::prelude::*;
 
 const SIDS: [&str; 3] =
@@ -165,18 +170,100 @@ proptest! {
         prop_assert_eq!(bytes(&e1), bytes(&e2));
         prop_assert_eq!(k1.snapshot(), k2.snapshot());
 
-        // Replay through encode/decode, as storage would.
+        // Replay through encode/decode, as storage would: the same state and
+        // the same summaries of the sessions that ended.
         let mut k3 = Kernel::new(KernelConfig::default());
+        let mut replayed_ends = Vec::new();
         for b in bytes(&e1) {
             let r = record::decode(&b).expect("record decodes");
-            k3.apply_record(&r).expect("a persisted record replays");
+            replayed_ends.extend(k3.apply_record(&r).expect("a persisted record replays"));
         }
         prop_assert_eq!(k3.snapshot(), k1.snapshot());
+        let live_ends: Vec<SessionSummary> =
+            e1.iter().filter_map(|x| if let Effect::Ended(s) = x { Some((**s).clone()) } else { None }).collect();
+        prop_assert_eq!(replayed_ends, live_ends);
 
         // And from a checkpoint taken at the end.
         let k4 = Kernel::restore(KernelConfig::default(), &k1.snapshot()).expect("checkpoint restores");
         prop_assert_eq!(k4.snapshot(), k1.snapshot());
         prop_assert_eq!(k4.next_deadline(), k1.next_deadline());
+    }
+}
+
+/// Ended sessions as storage would keep them: every summary the kernel
+/// hands out, by session id.
+#[derive(Default)]
+struct MapEnded(BTreeMap<String, SessionSummary>);
+
+impl EndedSessions for MapEnded {
+    fn get(&self, id: &str) -> KResult<Option<SessionSummary>> {
+        Ok(self.0.get(id).cloned())
+    }
+    fn list(&self, after: Option<&str>, limit: usize) -> KResult<Vec<SessionSummary>> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(self.0.range::<str, _>((lower, Bound::Unbounded)).map(|(_, s)| s.clone()).take(limit).collect())
+    }
+}
+
+/// Runs ops against a kernel that keeps no ended session in memory once
+/// settled (cache size 0), with storage holding every summary, settling
+/// after every input as the pipeline does after each commit.
+fn run_forgetful(ops: &[Op]) -> (Kernel, Vec<Effect>, MapEnded) {
+    let cfg = KernelConfig { ended_cache: 0, ..Default::default() };
+    let mut k = Kernel::new(cfg);
+    let mut store = MapEnded::default();
+    let mut now = T0;
+    let mut effects = Vec::new();
+    let mut step = |k: &mut Kernel, store: &mut MapEnded, now: i64, input: Input, effects: &mut Vec<Effect>| {
+        let start = effects.len();
+        k.handle_with(now, input, store, effects);
+        for e in &effects[start..] {
+            if let Effect::Ended(s) = e {
+                store.0.insert(s.metadata.as_ref().unwrap().session_id.clone(), (**s).clone());
+            }
+        }
+        k.settle_ended();
+    };
+    step(&mut k, &mut store, now, register_ext(), &mut effects);
+    for (i, op) in ops.iter().enumerate() {
+        match to_input(op, i as u64 + 1) {
+            Some(input) => step(&mut k, &mut store, now, input, &mut effects),
+            None => {
+                if let Op::Advance { ms } = op {
+                    now += ms;
+                }
+                if k.next_deadline().is_some_and(|d| d <= now) {
+                    step(&mut k, &mut store, now, Input::Tick, &mut effects);
+                }
+            }
+        }
+    }
+    (k, effects, store)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The working set: a kernel that forgets every ended session (and reads
+    /// it back from storage) answers every input exactly as one that keeps
+    /// them all in memory, and holds none of them itself.
+    #[test]
+    fn forgetting_ended_sessions_changes_no_answer(ops in proptest::collection::vec(op(), 1..80)) {
+        let (k1, e1) = run(&ops);
+        let (k2, e2, store) = run_forgetful(&ops);
+        prop_assert_eq!(&e1, &e2);
+        prop_assert_eq!(k1.snapshot(), k2.snapshot());
+        prop_assert_eq!(k2.cached_ended_count(), 0);
+        // Reads agree too, for every session and every reader.
+        for sid in SIDS {
+            for who in WHO {
+                let q = Query::GetSession { identity: Identity::new(who), session_id: sid.to_string() };
+                let a1 = k1.answer(&q, &NoEnded);
+                let a2 = k2.answer(&q, &store);
+                prop_assert_eq!(a1, a2);
+            }
+        }
     }
 }
 
@@ -201,7 +288,7 @@ fn generated_workloads_exercise_the_kernel() {
         }
         resolved += SIDS
             .iter()
-            .filter(|s| k.session(s).is_some_and(|s| s.state == macp_kernel::macp_wire::v1::SessionState::Resolved))
+            .filter(|s| k.session_state(s) == Some(macp_kernel::macp_wire::v1::SessionState::Resolved))
             .count();
     }
     eprintln!("accepted {accepted}, persisted {persisted}, resolved {resolved}");

@@ -10,6 +10,7 @@ use super::{timers, Tx};
 use crate::config::KernelConfig;
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::{Accepted, Broadcast, Identity};
+use crate::state::ended::{ended_not_open, summary_has_message, summary_state};
 use crate::state::Prepared;
 use crate::validate;
 
@@ -102,16 +103,20 @@ fn admit_start(
     env: Envelope,
 ) -> KResult<Accepted> {
     validate::session_id(&env.session_id, config.session_id_policy)?;
-    let state = tx.state();
-    if let Some(s) = state.session(&env.session_id) {
-        if s.seen.contains(&env.message_id) {
-            return Ok(Accepted { state: s.state, duplicate: true });
+    let existing = match tx.state().session(&env.session_id) {
+        Some(s) => Some((s.state, s.seen.contains(&env.message_id))),
+        None => tx.ended(&env.session_id)?.map(|e| (summary_state(e), summary_has_message(e, &env.message_id))),
+    };
+    if let Some((state, duplicate)) = existing {
+        if duplicate {
+            return Ok(Accepted { state, duplicate: true });
         }
         return Err(KernelError::new(
             ErrorCode::SessionAlreadyExists,
             format!("session {} already exists; start a new session with a new session_id", env.session_id),
         ));
     }
+    let state = tx.state();
     let (canonical, entry) = state.modes().resolve(&env.mode).ok_or_else(|| {
         KernelError::new(ErrorCode::ModeNotSupported, format!("mode '{}' is not registered", env.mode))
     })?;
@@ -168,20 +173,36 @@ fn admit_start(
     Ok(Accepted { state, duplicate: false })
 }
 
-fn admit_session_message(config: &KernelConfig, tx: &mut Tx<'_>, now: i64, env: Envelope) -> KResult<Accepted> {
-    let s = tx.state().session(&env.session_id).ok_or_else(|| {
-        KernelError::new(ErrorCode::SessionNotFound, format!("session {} does not exist", env.session_id))
-    })?;
-    if s.seen.contains(&env.message_id) {
-        return Ok(Accepted { state: s.state, duplicate: true });
+/// A message for a session that has ended and left the working set: the
+/// same checks, in the same order, as for a held session, answered from its
+/// summary.
+fn admit_to_ended(tx: &mut Tx<'_>, env: &Envelope) -> KResult<Accepted> {
+    let Some(e) = tx.ended(&env.session_id)? else {
+        return Err(KernelError::new(ErrorCode::SessionNotFound, format!("session {} does not exist", env.session_id)));
+    };
+    let state = summary_state(e);
+    if summary_has_message(e, &env.message_id) {
+        return Ok(Accepted { state, duplicate: true });
     }
+    let not_open = ended_not_open(e);
+    let mode = e.metadata.as_ref().map(|m| m.mode.clone()).unwrap_or_default();
+    check_bound_mode(tx, env, &mode)?;
+    check_not_runtime_only(env)?;
+    Err(not_open)
+}
+
+fn check_bound_mode(tx: &Tx<'_>, env: &Envelope, session_mode: &str) -> KResult<()> {
     let bound = tx.state().modes().resolve(&env.mode).map(|(c, _)| c).unwrap_or(env.mode.as_str());
-    if bound != s.mode {
+    if bound != session_mode {
         return Err(KernelError::invalid(format!(
-            "session {} is bound to mode {}, not {}",
-            env.session_id, s.mode, env.mode
+            "session {} is bound to mode {session_mode}, not {}",
+            env.session_id, env.mode
         )));
     }
+    Ok(())
+}
+
+fn check_not_runtime_only(env: &Envelope) -> KResult<()> {
     if validate::RUNTIME_ONLY_TYPES.contains(&env.message_type.as_str()) {
         return Err(KernelError::forbidden(format!(
             "{} is emitted only by the runtime; use the {}Session RPC",
@@ -189,6 +210,18 @@ fn admit_session_message(config: &KernelConfig, tx: &mut Tx<'_>, now: i64, env: 
             env.message_type.trim_start_matches("Session")
         )));
     }
+    Ok(())
+}
+
+fn admit_session_message(config: &KernelConfig, tx: &mut Tx<'_>, now: i64, env: Envelope) -> KResult<Accepted> {
+    let Some(s) = tx.state().session(&env.session_id) else {
+        return admit_to_ended(tx, &env);
+    };
+    if s.seen.contains(&env.message_id) {
+        return Ok(Accepted { state: s.state, duplicate: true });
+    }
+    check_bound_mode(tx, &env, &s.mode)?;
+    check_not_runtime_only(&env)?;
     // One lookup serves the common case; expiry and due mode timers (rare)
     // look the session up again after they changed it.
     let expiry_due = match s.state {
@@ -212,12 +245,9 @@ fn admit_session_message(config: &KernelConfig, tx: &mut Tx<'_>, now: i64, env: 
         match tx.state().session(&env.session_id) {
             Some(s) if s.state == SessionState::Open => (s.state, s.seq),
             Some(s) => return Err(s.not_open()),
-            None => {
-                return Err(KernelError::new(
-                    ErrorCode::SessionNotFound,
-                    format!("session {} does not exist", env.session_id),
-                ))
-            }
+            // A due timer ended the session (a mode that resolves on a
+            // timer): answer as for any ended session.
+            None => return admit_to_ended(tx, &env),
         }
     } else {
         if s.state != SessionState::Open {

@@ -18,13 +18,14 @@ mod envelope;
 mod registry;
 mod timers;
 
-use macp_wire::storage::Record;
+use macp_wire::storage::{Record, SessionSummary};
 use macp_wire::v1::SessionState;
 
 pub(crate) use self::envelope::{admit_ambient, is_ambient};
 use crate::config::KernelConfig;
 use crate::error::KResult;
 use crate::io::{Broadcast, Effect, Input, Reply, RequestId};
+use crate::state::ended::EndedSessions;
 use crate::state::{Prepared, State};
 
 /// One input's view of the state: it may read everything and change
@@ -32,13 +33,14 @@ use crate::state::{Prepared, State};
 /// every `Persist` as it is committed, then the reply, then the broadcasts.
 pub(crate) struct Tx<'a> {
     state: &'a mut State,
+    storage: &'a dyn EndedSessions,
     out: &'a mut Vec<Effect>,
     broadcasts: Vec<Broadcast>,
 }
 
 impl<'a> Tx<'a> {
-    fn new(state: &'a mut State, out: &'a mut Vec<Effect>) -> Self {
-        Tx { state, out, broadcasts: Vec::new() }
+    fn new(state: &'a mut State, storage: &'a dyn EndedSessions, out: &'a mut Vec<Effect>) -> Self {
+        Tx { state, storage, out, broadcasts: Vec::new() }
     }
 
     /// The state as it is now (after everything committed so far).
@@ -58,10 +60,18 @@ impl<'a> Tx<'a> {
     /// already worked out.
     pub fn commit_with(&mut self, record: Record, prepared: Option<Prepared>) -> KResult<SessionState> {
         let applied = self.state.apply_with(&record, true, prepared)?;
-        let state = self.state.session(&record.session_id).map_or(SessionState::Open, |s| s.state);
         self.out.push(Effect::Persist(record));
-        self.broadcasts.extend(applied);
-        Ok(state)
+        if let Some(summary) = applied.ended {
+            self.out.push(Effect::Ended(Box::new(summary)));
+        }
+        self.broadcasts.extend(applied.broadcasts);
+        Ok(applied.state)
+    }
+
+    /// The summary of an ended session the working set no longer holds,
+    /// from the cache or from storage.
+    pub fn ended(&mut self, session_id: &str) -> KResult<Option<&SessionSummary>> {
+        self.state.ended_summary(session_id, self.storage)
     }
 
     /// See [`State::mode_timer_fired`].
@@ -84,8 +94,15 @@ impl<'a> Tx<'a> {
 }
 
 /// Processes one input (see [`crate::Kernel::handle`]).
-pub(crate) fn handle(config: &KernelConfig, state: &mut State, now: i64, input: Input, out: &mut Vec<Effect>) {
-    let mut tx = Tx::new(state, out);
+pub(crate) fn handle(
+    config: &KernelConfig,
+    state: &mut State,
+    storage: &dyn EndedSessions,
+    now: i64,
+    input: Input,
+    out: &mut Vec<Effect>,
+) {
+    let mut tx = Tx::new(state, storage, out);
     let reply = match input {
         Input::Envelope { request, identity, envelope } => {
             let result = envelope::admit(config, &mut tx, now, &identity, envelope);

@@ -12,7 +12,7 @@ use macp_wire::storage::{record::Fact, Record, SessionStarted};
 use macp_wire::v1::{session_lifecycle_event::EventType, Envelope, SessionStartPayload, SessionState};
 use prost::Message as _;
 
-use super::{Applied, State};
+use super::{Applied, Broadcasts, State};
 use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
 use crate::mode::{Message, SessionView};
@@ -47,36 +47,47 @@ impl State {
         let fact = record.fact.as_ref().ok_or_else(|| corrupt("record has no fact"))?;
         let at = record.at_unix_ms;
         if record.session_id.is_empty() {
-            return self.apply_registry(record.seq, at, fact);
-        }
-        if let Fact::Started(st) = fact {
-            return self.apply_started(record, st, emit, prepared);
+            let broadcasts = self.apply_registry(record.seq, at, fact)?;
+            return Ok(Applied { broadcasts, state: SessionState::Open, ended: None });
         }
         let sid = record.session_id.as_str();
-        if let Fact::Accepted(env) = fact {
+        let broadcasts = match fact {
+            Fact::Started(st) => self.apply_started(record, st, emit, prepared)?,
             // The hot path: one session lookup for checks, state and timer.
-            return self.apply_accepted(sid, record.seq, at, env, emit);
-        }
-        let s = self
-            .sessions
-            .get(sid)
-            .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
-        if record.seq != s.seq + 1 {
-            return Err(corrupt(format!("session {sid}: record seq {} does not follow {}", record.seq, s.seq)));
-        }
-        let applied = match fact {
-            Fact::Started(_) => unreachable!("handled above"),
-            Fact::Accepted(_) => unreachable!("handled above"),
-            Fact::Expired(_) => self.apply_expired(sid, at, emit)?,
-            Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled, emit)?,
-            Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended, emit)?,
-            Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit)?,
+            Fact::Accepted(env) => self.apply_accepted(sid, record.seq, at, env, emit)?,
+            Fact::Expired(_) | Fact::Cancelled(_) | Fact::Suspended(_) | Fact::Resumed(_) => {
+                let s = self.sessions.get(sid).ok_or_else(|| self.missing(sid))?;
+                if record.seq != s.seq + 1 {
+                    return Err(corrupt(format!("session {sid}: record seq {} does not follow {}", record.seq, s.seq)));
+                }
+                let b = match fact {
+                    Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled, emit)?,
+                    Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended, emit)?,
+                    Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit)?,
+                    _ => self.apply_expired(sid, at, emit)?,
+                };
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    self.timers.reindex(s);
+                }
+                b
+            }
             _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
         };
-        if let Some(s) = self.sessions.get_mut(sid) {
-            self.timers.reindex(s);
+        // A session that reached a terminal state leaves the working set.
+        let state = self.sessions.get(sid).map_or(SessionState::Unspecified, |s| s.state);
+        let ended = match state {
+            SessionState::Resolved | SessionState::Expired | SessionState::Cancelled => Some(self.end_session(sid, at)),
+            _ => None,
+        };
+        Ok(Applied { broadcasts, state, ended })
+    }
+
+    /// The error for a record naming a session the state does not hold.
+    fn missing(&self, sid: &str) -> KernelError {
+        match self.ended.get(sid) {
+            Some(e) => super::ended::ended_not_open(&e.summary),
+            None => KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")),
         }
-        Ok(applied)
     }
 
     fn apply_started(
@@ -85,12 +96,12 @@ impl State {
         st: &SessionStarted,
         emit: bool,
         prepared: Option<Prepared>,
-    ) -> KResult<Applied> {
+    ) -> KResult<Broadcasts> {
         let env = st.envelope.as_ref().ok_or_else(|| corrupt("SessionStarted without envelope"))?;
         if record.seq != 1 || env.session_id != record.session_id {
             return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
         }
-        if self.sessions.contains_key(&record.session_id) {
+        if self.sessions.contains_key(&record.session_id) || self.ended.get(&record.session_id).is_some() {
             return Err(KernelError::new(
                 ErrorCode::SessionAlreadyExists,
                 format!("session {} already exists", record.session_id),
@@ -162,7 +173,10 @@ impl State {
         ])
     }
 
-    fn apply_accepted(&mut self, sid: &str, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Applied> {
+    fn apply_accepted(&mut self, sid: &str, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Broadcasts> {
+        if !self.sessions.contains_key(sid) {
+            return Err(self.missing(sid));
+        }
         let s = self
             .sessions
             .get_mut(sid)
@@ -257,7 +271,7 @@ impl State {
         Ok(out)
     }
 
-    fn apply_expired(&mut self, sid: &str, at: i64, emit: bool) -> KResult<Applied> {
+    fn apply_expired(&mut self, sid: &str, at: i64, emit: bool) -> KResult<Broadcasts> {
         let s = self.sessions.get_mut(sid).ok_or_else(|| corrupt("expiry for a missing session"))?;
         let due = match s.state {
             SessionState::Open => at > s.deadline_ms,
@@ -281,7 +295,14 @@ impl State {
             .collect())
     }
 
-    fn apply_control(&mut self, seq: u64, at: i64, env: &Envelope, to: SessionState, emit: bool) -> KResult<Applied> {
+    fn apply_control(
+        &mut self,
+        seq: u64,
+        at: i64,
+        env: &Envelope,
+        to: SessionState,
+        emit: bool,
+    ) -> KResult<Broadcasts> {
         let s =
             self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("control record for a missing session"))?;
         let event = match to {
@@ -330,7 +351,7 @@ impl State {
         ])
     }
 
-    fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact) -> KResult<Applied> {
+    fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact) -> KResult<Broadcasts> {
         if seq != self.registry_seq + 1 {
             return Err(corrupt(format!("registry record seq {seq} does not follow {}", self.registry_seq)));
         }

@@ -15,15 +15,18 @@
 //! deadline that already fired).
 
 mod apply;
+pub(crate) mod ended;
 mod snapshot;
 mod timers;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use macp_wire::storage::Record;
+use macp_wire::storage::{Record, SessionSummary};
+use macp_wire::v1::SessionState;
 
 pub use self::apply::Prepared;
+use self::ended::{summarize, Ended, EndedCache, EndedSessions};
 pub use self::snapshot::SnapshotError;
 use self::timers::Timers;
 use crate::error::KResult;
@@ -33,7 +36,19 @@ use crate::policy::PolicyRegistry;
 use crate::session::Session;
 
 /// What applying one record asks observers to hear.
-pub(crate) type Applied = Vec<Broadcast>;
+pub(crate) type Broadcasts = Vec<Broadcast>;
+
+/// What applying one record did.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// What observers should hear (empty when not asked for).
+    pub broadcasts: Broadcasts,
+    /// The session's state afterwards (`Open` for registry records).
+    pub state: SessionState,
+    /// The session's summary, when this record ended it: it has left the
+    /// working set and storage must keep the summary.
+    pub ended: Option<SessionSummary>,
+}
 
 /// Everything the kernel knows. See the module docs.
 #[derive(Debug)]
@@ -53,12 +68,19 @@ pub(crate) struct State {
     /// Sessions that recovery could not rebuild (storage corruption left a
     /// gap in their history). They are refused, never silently restarted.
     quarantined: BTreeSet<String>,
+    /// Recently ended sessions (not part of the state proper: never in a
+    /// snapshot, and no answer depends on what it holds).
+    ended: EndedCache,
+    /// How many settled entries `ended` keeps.
+    ended_keep: usize,
 }
 
 impl State {
     /// An empty state with the built-in modes and `policy.default`.
-    pub fn new(runtime_id: &str) -> Self {
+    pub fn new(runtime_id: &str, ended_keep: usize) -> Self {
         State {
+            ended: EndedCache::default(),
+            ended_keep,
             runtime_id: runtime_id.into(),
             sessions: BTreeMap::new(),
             modes: ModeRegistry::with_builtins(),
@@ -92,6 +114,16 @@ impl State {
     /// Number of sessions held.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// A recently ended session, if the cache holds it.
+    pub fn cached_ended(&self, id: &str) -> Option<&Ended> {
+        self.ended.get(id)
+    }
+
+    /// Number of ended sessions cached.
+    pub fn cached_ended_count(&self) -> usize {
+        self.ended.len()
     }
 
     /// The mode registry.
@@ -146,6 +178,7 @@ impl State {
                 self.release_live(&s.initiator);
             }
         }
+        self.ended.forget(session_id);
         self.quarantined.insert(session_id.to_string());
     }
 
@@ -159,6 +192,46 @@ impl State {
             }
             self.timers.reindex(s);
         }
+    }
+
+    /// The summary of an ended session: from the cache, else from
+    /// `storage` (remembered in the cache). `Ok(None)`: no such ended
+    /// session.
+    pub fn ended_summary(&mut self, id: &str, storage: &dyn EndedSessions) -> KResult<Option<&SessionSummary>> {
+        if self.ended.get(id).is_none() {
+            match storage.get(id)? {
+                Some(summary) => self.ended.insert_loaded(summary),
+                None => return Ok(None),
+            }
+        }
+        Ok(self.ended.get(id).map(|e| &e.summary))
+    }
+
+    /// The summary of an ended session without remembering it (queries).
+    pub fn peek_ended(&self, id: &str, storage: &dyn EndedSessions) -> KResult<Option<SessionSummary>> {
+        match self.ended.get(id) {
+            Some(e) => Ok(Some(e.summary.clone())),
+            None => storage.get(id),
+        }
+    }
+
+    /// Everything that ended so far has been handed to storage: the cache
+    /// may drop all but its most recent entries.
+    pub fn settle_ended(&mut self) {
+        self.ended.settle(self.ended_keep);
+    }
+
+    /// Moves a session that reached a terminal state out of the working
+    /// set; returns its summary.
+    fn end_session(&mut self, sid: &str, at: i64) -> SessionSummary {
+        let Some(session) = self.sessions.remove(sid) else {
+            // Only called right after a record applied to `sid`.
+            return SessionSummary::default();
+        };
+        self.timers.remove(&session);
+        let summary = summarize(&session, at);
+        self.ended.insert_ended(sid.to_string(), Ended { summary: summary.clone(), session: Some(session) });
+        summary
     }
 
     fn release_live(&mut self, initiator: &str) {

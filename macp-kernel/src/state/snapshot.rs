@@ -16,8 +16,11 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::State;
 use crate::session::{Activity, SeenIds, Session};
 
-/// Bumped whenever the layout below changes.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// Bumped whenever the layout or its meaning changes. Format 2 holds open
+/// and suspended sessions only (ended sessions live in storage); a format 1
+/// snapshot also held ended sessions and is not restored: storage that
+/// carries one replays its log instead (see `macp-storage-fs`).
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// The reading side of a checkpoint (the writing side is [`KernelSnapRef`]).
 #[derive(Deserialize)]
@@ -141,6 +144,9 @@ pub enum SnapshotError {
     /// Written by a newer macp-rs.
     #[error("checkpoint format {0} is newer than this runtime understands ({SNAPSHOT_FORMAT})")]
     NewerFormat(u32),
+    /// Written by an older macp-rs in a layout this one no longer restores.
+    #[error("checkpoint format {0} is older than this runtime restores ({SNAPSHOT_FORMAT}); replay the log instead")]
+    OlderFormat(u32),
 }
 
 impl State {
@@ -161,13 +167,16 @@ impl State {
     }
 
     /// Rebuilds a state from [`State::snapshot`] bytes.
-    pub fn restore(runtime_id: &str, bytes: &[u8]) -> Result<State, SnapshotError> {
+    pub fn restore(runtime_id: &str, ended_keep: usize, bytes: &[u8]) -> Result<State, SnapshotError> {
         let snap: KernelSnap = postcard::from_bytes(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
         if snap.format > SNAPSHOT_FORMAT {
             return Err(SnapshotError::NewerFormat(snap.format));
         }
+        if snap.format < SNAPSHOT_FORMAT {
+            return Err(SnapshotError::OlderFormat(snap.format));
+        }
         let dec = |e: prost::DecodeError| SnapshotError::Decode(e.to_string());
-        let mut k = State::new(runtime_id);
+        let mut k = State::new(runtime_id, ended_keep);
         k.registry_seq = snap.registry_seq;
         k.quarantined = snap.quarantined.into_iter().collect();
         for p in snap.policies {
@@ -185,6 +194,12 @@ impl State {
                 .map_err(|e| SnapshotError::Decode(e.to_string()))?;
             let mode_state = k.modes.for_restore(&s.mode).restore(&s.mode_state).map_err(SnapshotError::Decode)?;
             let state = SessionState::try_from(s.state).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if !matches!(state, SessionState::Open | SessionState::Suspended) {
+                return Err(SnapshotError::Decode(format!(
+                    "session {} is {state:?}: a checkpoint holds open and suspended sessions only",
+                    s.id
+                )));
+            }
             let session = Session {
                 id: s.id.clone(),
                 mode: s.mode,

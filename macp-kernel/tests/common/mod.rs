@@ -93,7 +93,7 @@ impl H {
     }
 
     pub fn state(&self, sid: &str) -> SessionState {
-        self.k.session(sid).expect("session").state
+        self.k.session_state(sid).expect("session")
     }
 }
 

@@ -1,0 +1,183 @@
+//! Ended sessions: the kernel's working set holds open and suspended
+//! sessions only. When a session ends it leaves the session map at once and
+//! is reduced to a [`SessionSummary`] — everything the protocol promises
+//! about an ended session, without its mode state — which storage keeps
+//! for as long as retention says.
+//!
+//! The kernel remembers recently ended sessions in [`EndedCache`], a
+//! bounded cache: every session that ended since the driver last settled
+//! (their summaries may not be in storage yet) plus up to a configured
+//! number of older ones, so a burst of follow-ups to a fresh resolution
+//! (the duplicate of the last message, a GetSession) needs no storage
+//! read. Its size is fixed: memory never grows with the number of ended
+//! sessions. Everything else comes from storage through [`EndedSessions`].
+//!
+//! Every answer about an ended session is computed from its summary alone,
+//! whether the summary came from the cache or from storage, so answers do
+//! not depend on what the cache happens to hold.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use macp_wire::storage::SessionSummary;
+use macp_wire::v1::SessionState;
+
+use crate::error::{ErrorCode, KResult, KernelError};
+use crate::session::Session;
+
+/// Where the kernel finds ended sessions it no longer holds: storage, in a
+/// running server. A kernel driven without storage uses [`NoEnded`] and
+/// knows only its cache.
+pub trait EndedSessions {
+    /// The summary of an ended session within retention, if any.
+    fn get(&self, session_id: &str) -> KResult<Option<SessionSummary>>;
+
+    /// Up to `limit` ended sessions in id order after `after`.
+    fn list(&self, after: Option<&str>, limit: usize) -> KResult<Vec<SessionSummary>>;
+}
+
+/// No storage behind the kernel: only the ended-session cache is known.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoEnded;
+
+impl EndedSessions for NoEnded {
+    fn get(&self, _session_id: &str) -> KResult<Option<SessionSummary>> {
+        Ok(None)
+    }
+
+    fn list(&self, _after: Option<&str>, _limit: usize) -> KResult<Vec<SessionSummary>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A recently ended session.
+#[derive(Debug)]
+pub struct Ended {
+    /// What every answer about it is computed from.
+    pub summary: SessionSummary,
+    /// The whole session as it ended, while it lingers (debugging and
+    /// conformance checks read its mode state); `None` when the summary was
+    /// read back from storage.
+    pub session: Option<Box<Session>>,
+}
+
+/// The bounded cache of recently ended sessions. See the module docs.
+#[derive(Debug, Default)]
+pub struct EndedCache {
+    entries: BTreeMap<String, Ended>,
+    /// Insertion order, oldest first.
+    order: VecDeque<String>,
+    /// Entries at the back of `order` that ended since the last settle.
+    unsettled: usize,
+}
+
+impl EndedCache {
+    /// An ended session, if cached.
+    pub fn get(&self, id: &str) -> Option<&Ended> {
+        self.entries.get(id)
+    }
+
+    /// Adds a session that just ended; it stays until the next settle at
+    /// least.
+    pub fn insert_ended(&mut self, id: String, ended: Ended) {
+        if self.entries.insert(id.clone(), ended).is_none() {
+            self.order.push_back(id);
+            self.unsettled += 1;
+        }
+    }
+
+    /// Remembers a summary read back from storage, until the next settle
+    /// at least (the input that asked for it is still using it).
+    pub fn insert_loaded(&mut self, summary: SessionSummary) {
+        let id = summary_session_id(&summary).to_string();
+        if self.entries.contains_key(&id) {
+            return;
+        }
+        self.entries.insert(id.clone(), Ended { summary, session: None });
+        // Loaded entries go in front of the unsettled ones, which must
+        // outlive the next settle.
+        let at = self.order.len() - self.unsettled;
+        self.order.insert(at, id);
+    }
+
+    /// Everything that ended so far is in storage: keep at most `keep`
+    /// entries, dropping the oldest.
+    pub fn settle(&mut self, keep: usize) {
+        self.unsettled = 0;
+        self.trim(keep);
+    }
+
+    fn trim(&mut self, keep: usize) {
+        while self.order.len() > keep.max(self.unsettled) {
+            let Some(id) = self.order.pop_front() else { break };
+            self.entries.remove(&id);
+        }
+    }
+
+    /// Drops a session from the cache (quarantine).
+    pub fn forget(&mut self, id: &str) {
+        if self.entries.remove(id).is_some() {
+            if let Some(i) = self.order.iter().position(|x| x == id) {
+                if i >= self.order.len() - self.unsettled {
+                    self.unsettled -= 1;
+                }
+                self.order.remove(i);
+            }
+        }
+    }
+
+    /// Number of cached sessions.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// The session id a summary describes.
+pub fn summary_session_id(s: &SessionSummary) -> &str {
+    s.metadata.as_ref().map_or("", |m| m.session_id.as_str())
+}
+
+/// The terminal state recorded in a summary.
+pub fn summary_state(s: &SessionSummary) -> SessionState {
+    s.metadata.as_ref().and_then(|m| SessionState::try_from(m.state).ok()).unwrap_or(SessionState::Unspecified)
+}
+
+/// SESSION_NOT_OPEN for an ended session.
+pub fn ended_not_open(s: &SessionSummary) -> KernelError {
+    KernelError::new(
+        ErrorCode::SessionNotOpen,
+        format!(
+            "session {} is {}",
+            summary_session_id(s),
+            summary_state(s).as_str_name().trim_start_matches("SESSION_STATE_")
+        ),
+    )
+}
+
+/// Whether an ended session accepted `message_id`.
+pub fn summary_has_message(s: &SessionSummary, message_id: &str) -> bool {
+    s.message_ids.binary_search_by(|m| m.as_str().cmp(message_id)).is_ok()
+}
+
+/// The summary of a session that just reached a terminal state.
+pub fn summarize(s: &Session, ended_at: i64) -> SessionSummary {
+    let mut controllers: Vec<String> = if s.initiator_only_commitment {
+        Vec::new()
+    } else {
+        use crate::policy::CommitmentAuthority;
+        match &s.policy.authority {
+            CommitmentAuthority::InitiatorOnly => Vec::new(),
+            CommitmentAuthority::AnyParticipant => s.participants.clone(),
+            CommitmentAuthority::DesignatedRole(roles) => roles.clone(),
+        }
+    };
+    controllers.retain(|c| *c != s.initiator);
+    controllers.sort();
+    controllers.dedup();
+    SessionSummary {
+        metadata: Some(s.metadata()),
+        last_seq: s.seq,
+        ended_at_unix_ms: ended_at,
+        message_ids: s.seen.iter().map(str::to_string).collect(),
+        controllers,
+    }
+}

@@ -1,0 +1,381 @@
+//! The in-memory backend: what `MACP_MEMORY_ONLY=1` runs on, and what tests
+//! and the simulator use when files do not matter.
+//!
+//! It honours the whole contract — durability at `sync`, checkpoints, the
+//! log after the checkpoint, ended sessions readable by id — so a driver
+//! written against [`Storage`] behaves the same on it as on disk; only the
+//! process lifetime bounds durability. [`MemoryStorage::crash`] drops what
+//! was never synced and requires a new `load`, which lets tests and the
+//! simulator restart on it.
+//!
+//! Memory is bounded: an ended session's history has no other home here, so
+//! it is kept until retention passes or until the ended sessions together
+//! exceed [`MemoryConfig::history_limit_bytes`]; then the oldest ended
+//! sessions go first (counted in [`Maintenance::evicted_sessions`]). Open
+//! sessions are never evicted. A session becomes deletable only once a
+//! checkpoint was taken after it ended, so the log after the checkpoint
+//! never names a deleted session.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use macp_wire::storage::{Record, SessionSummary};
+use prost::Message as _;
+
+use crate::contract::{summary_id, LoadEvent, LoadSummary, LogPos, Maintenance, Storage, StorageRead};
+use crate::error::StorageError;
+use crate::retention::Retention;
+
+/// Limits of the memory backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// How long an ended session stays readable.
+    pub retention: Retention,
+    /// Most bytes (encoded records and summaries) the ended sessions may
+    /// hold together; the oldest go first past it.
+    pub history_limit_bytes: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { retention: Retention::Forever, history_limit_bytes: 256 << 20 }
+    }
+}
+
+/// Ended sessions deleted per [`Storage::maintain`] call at most, so one
+/// call never stalls the driver for long.
+const MAINTAIN_BATCH: usize = 4096;
+
+#[derive(Debug, Default)]
+struct History {
+    records: Vec<Record>,
+    bytes: u64,
+    summary: Option<SessionSummary>,
+    /// The checkpoint generation in which the session ended.
+    ended_in: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: BTreeMap<String, History>,
+    /// Ended sessions by (end time, id): retention and eviction order.
+    by_end: BTreeSet<(i64, String)>,
+    /// Registry records after the checkpoint (session records after the
+    /// checkpoint are found through `tail`).
+    registry_tail: Vec<Record>,
+    /// `(session id, seq)` of every durable record after the checkpoint, in
+    /// log order; empty session id means the next registry record.
+    tail: Vec<(String, u64)>,
+    checkpoint: Option<Vec<u8>>,
+    /// Checkpoints taken so far.
+    generation: u64,
+    /// Bytes held by ended sessions.
+    ended_bytes: u64,
+    /// Bytes held by open sessions.
+    open_bytes: u64,
+}
+
+impl Inner {
+    fn add_record(&mut self, r: Record) {
+        let bytes = r.encoded_len() as u64;
+        if r.session_id.is_empty() {
+            self.tail.push((String::new(), r.seq));
+            self.registry_tail.push(r);
+            return;
+        }
+        self.tail.push((r.session_id.clone(), r.seq));
+        let h = self.sessions.entry(r.session_id.clone()).or_default();
+        h.bytes += bytes;
+        if h.summary.is_some() {
+            self.ended_bytes += bytes;
+        } else {
+            self.open_bytes += bytes;
+        }
+        h.records.push(r);
+    }
+
+    fn add_summary(&mut self, s: SessionSummary) {
+        let id = summary_id(&s).to_string();
+        let generation = self.generation;
+        let h = self.sessions.entry(id.clone()).or_default();
+        let sbytes = s.encoded_len() as u64;
+        match h.summary.replace(s) {
+            Some(old) => {
+                self.by_end.remove(&(old.ended_at_unix_ms, id.clone()));
+                self.ended_bytes = self.ended_bytes - old.encoded_len() as u64 + sbytes;
+            }
+            None => {
+                self.open_bytes -= h.bytes;
+                self.ended_bytes += h.bytes + sbytes;
+                h.ended_in = generation;
+            }
+        }
+        let ended_at = h.summary.as_ref().map_or(0, |s| s.ended_at_unix_ms);
+        self.by_end.insert((ended_at, id));
+    }
+
+    fn delete(&mut self, id: &str) {
+        if let Some(h) = self.sessions.remove(id) {
+            if let Some(s) = &h.summary {
+                self.by_end.remove(&(s.ended_at_unix_ms, id.to_string()));
+                self.ended_bytes -= h.bytes + s.encoded_len() as u64;
+            }
+        }
+    }
+
+    /// The oldest ended session that may be deleted now (ended before the
+    /// latest checkpoint), if `pred` accepts its end time.
+    fn oldest_deletable(&self, pred: impl Fn(i64) -> bool) -> Option<String> {
+        self.by_end
+            .iter()
+            .take_while(|(at, _)| pred(*at))
+            .find(|(_, id)| self.sessions.get(id).is_some_and(|h| h.ended_in < self.generation))
+            .map(|(_, id)| id.clone())
+    }
+}
+
+/// The in-memory backend. See the module docs.
+#[derive(Debug)]
+pub struct MemoryStorage {
+    config: MemoryConfig,
+    inner: Arc<RwLock<Inner>>,
+    /// Appended, not yet synced.
+    pending_records: Vec<Record>,
+    pending_ended: Vec<SessionSummary>,
+    loaded: bool,
+}
+
+impl MemoryStorage {
+    /// An empty store.
+    pub fn new(config: MemoryConfig) -> Self {
+        MemoryStorage {
+            config,
+            inner: Arc::new(RwLock::new(Inner::default())),
+            pending_records: Vec::new(),
+            pending_ended: Vec::new(),
+            loaded: false,
+        }
+    }
+
+    /// Forgets everything not synced and requires a new [`Storage::load`],
+    /// as a process restart after a power cut would (tests, the simulator).
+    pub fn crash(&mut self) {
+        self.pending_records.clear();
+        self.pending_ended.clear();
+        self.loaded = false;
+    }
+
+    /// Changes the limits (tests reopen one store under other settings).
+    pub fn set_config(&mut self, config: MemoryConfig) {
+        self.config = config;
+    }
+
+    /// Bytes held by ended sessions (their records and summaries).
+    pub fn ended_bytes(&self) -> u64 {
+        self.inner.read().map_or(0, |i| i.ended_bytes)
+    }
+
+    fn write(&self) -> Result<std::sync::RwLockWriteGuard<'_, Inner>, StorageError> {
+        self.inner.write().map_err(|_| StorageError::Poisoned)
+    }
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        Self::new(MemoryConfig::default())
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn load(
+        &mut self,
+        cancelled: &dyn Fn() -> bool,
+        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+    ) -> Result<LoadSummary, StorageError> {
+        if self.loaded {
+            return Err(StorageError::Misuse("load called twice"));
+        }
+        let inner = self.inner.read().map_err(|_| StorageError::Poisoned)?;
+        if let Some(cp) = &inner.checkpoint {
+            visit(LoadEvent::Checkpoint { open_state: cp })?;
+        }
+        let mut registry = inner.registry_tail.iter();
+        for (i, (sid, seq)) in inner.tail.iter().enumerate() {
+            if i % 1024 == 0 && cancelled() {
+                return Err(StorageError::Cancelled);
+            }
+            let record = if sid.is_empty() {
+                registry.next().cloned()
+            } else {
+                inner.sessions.get(sid).and_then(|h| h.records.iter().find(|r| r.seq == *seq)).cloned()
+            };
+            let record = record.ok_or(StorageError::Damaged {
+                place: format!("record {i}"),
+                reason: format!("the log names record {seq} of session '{sid}' but it is gone"),
+            })?;
+            visit(LoadEvent::Record { pos: LogPos::new(0, i as u64), record })?;
+        }
+        let end = LogPos::new(0, inner.tail.len() as u64);
+        drop(inner);
+        self.loaded = true;
+        Ok(LoadSummary { torn_tail: None, end })
+    }
+
+    fn append(&mut self, records: &[Record], ended: &[SessionSummary]) -> Result<(), StorageError> {
+        if !self.loaded {
+            return Err(StorageError::Misuse("append before load"));
+        }
+        self.pending_records.extend_from_slice(records);
+        self.pending_ended.extend_from_slice(ended);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        if !self.loaded {
+            return Err(StorageError::Misuse("sync before load"));
+        }
+        if self.pending_records.is_empty() && self.pending_ended.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.pending_records);
+        let ended = std::mem::take(&mut self.pending_ended);
+        let mut inner = self.write()?;
+        for r in records {
+            inner.add_record(r);
+        }
+        for s in ended {
+            inner.add_summary(s);
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
+        self.sync()?;
+        let mut inner = self.write()?;
+        inner.checkpoint = Some(open_state.to_vec());
+        inner.tail.clear();
+        inner.registry_tail.clear();
+        inner.generation += 1;
+        Ok(())
+    }
+
+    fn maintain(&mut self, now_ms: i64) -> Result<Maintenance, StorageError> {
+        let cap = self.config.history_limit_bytes;
+        let cutoff = self.config.retention.cutoff(now_ms);
+        let mut inner = self.write()?;
+        let mut m = Maintenance::default();
+        for _ in 0..MAINTAIN_BATCH {
+            if let Some(id) = cutoff.and_then(|c| inner.oldest_deletable(|at| at < c)) {
+                inner.delete(&id);
+                m.expired_sessions += 1;
+            } else if inner.ended_bytes > cap {
+                let Some(id) = inner.oldest_deletable(|_| true) else { break };
+                inner.delete(&id);
+                m.evicted_sessions += 1;
+            } else {
+                break;
+            }
+        }
+        m.more = (m.expired_sessions + m.evicted_sessions) as usize == MAINTAIN_BATCH;
+        m.bytes = inner.ended_bytes + inner.open_bytes;
+        Ok(m)
+    }
+
+    fn reader(&self) -> Arc<dyn StorageRead> {
+        Arc::new(MemoryReader(self.inner.clone()))
+    }
+}
+
+struct MemoryReader(Arc<RwLock<Inner>>);
+
+impl StorageRead for MemoryReader {
+    fn history(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Record>, StorageError> {
+        let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
+        let Some(h) = inner.sessions.get(session_id) else { return Ok(Vec::new()) };
+        Ok(h.records.iter().filter(|r| r.seq > after && r.seq <= upto).cloned().collect())
+    }
+
+    fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
+        let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
+        Ok(inner.sessions.get(session_id).and_then(|h| h.summary.clone()))
+    }
+
+    fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
+        use std::ops::Bound;
+        let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        Ok(inner
+            .sessions
+            .range::<str, _>((lower, Bound::Unbounded))
+            .filter_map(|(_, h)| h.summary.clone())
+            .take(limit)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{self, record, summary, Harness};
+
+    #[derive(Default)]
+    struct Mem(Option<MemoryStorage>);
+
+    impl Harness for Mem {
+        type S = MemoryStorage;
+        fn open(&mut self, retention: Retention) -> MemoryStorage {
+            let mut s = self.0.take().unwrap_or_default();
+            s.set_config(MemoryConfig { retention, ..MemoryConfig::default() });
+            s
+        }
+        fn stop(&mut self, mut s: MemoryStorage) {
+            s.crash();
+            self.0 = Some(s);
+        }
+        fn crash(&mut self, mut s: MemoryStorage) {
+            s.crash();
+            self.0 = Some(s);
+        }
+        fn reset(&mut self) {
+            self.0 = None;
+        }
+    }
+
+    #[test]
+    fn passes_the_storage_suite() {
+        suite::run_all(&mut Mem::default());
+    }
+
+    /// Past the history limit the oldest ended sessions go first, and only
+    /// ended ones; the store stays within the limit.
+    #[test]
+    fn the_history_limit_evicts_the_oldest_ended_sessions() {
+        let mut s = MemoryStorage::new(MemoryConfig { retention: Retention::Forever, history_limit_bytes: 20_000 });
+        suite::load(&mut s);
+        for n in 1..=200u64 {
+            s.append(&[record(n, 1), record(n, 2)], &[summary(n, 2, 1_000 + n as i64)]).unwrap();
+        }
+        s.append(&[record(500, 1)], &[]).unwrap();
+        s.checkpoint(b"cp").unwrap();
+        let before = s.ended_bytes();
+        assert!(before > 20_000, "the test must start over the limit ({before})");
+        let mut evicted = 0;
+        loop {
+            let m = s.maintain(0).unwrap();
+            evicted += m.evicted_sessions;
+            if !m.more {
+                break;
+            }
+        }
+        assert!(evicted > 0 && evicted < 200, "evicted {evicted}");
+        assert!(s.ended_bytes() <= 20_000, "{} bytes left", s.ended_bytes());
+        let r = s.reader();
+        let kept: Vec<u64> = (1..=200).filter(|n| r.ended(&suite::sid(*n)).unwrap().is_some()).collect();
+        assert_eq!(kept.len() as u64, 200 - evicted);
+        assert_eq!(kept.first().copied(), Some(evicted + 1), "the oldest went first");
+        assert_eq!(r.history(&suite::sid(500), 0, 9).unwrap().len(), 1, "open sessions are never evicted");
+    }
+}
