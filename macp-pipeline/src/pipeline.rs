@@ -285,6 +285,13 @@ impl<T, Q> Pipeline<T, Q> {
         }
     }
 
+    /// The records absorbed since the last commit, in order (a simulator
+    /// attributes each input's records to it by the length before and
+    /// after [`Pipeline::submit`]).
+    pub fn absorbed_records(&self) -> &[Record] {
+        &self.batch.records
+    }
+
     /// Whether nothing waits to be committed.
     pub fn is_idle(&self) -> bool {
         self.batch.is_empty()

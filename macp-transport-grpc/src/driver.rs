@@ -1,48 +1,35 @@
-//! The driver: one task owns the kernel.
+//! The driver: the tokio shell around the commit pipeline.
 //!
 //! RPC handlers send [`Command`]s through a bounded channel (back-pressure:
 //! when the kernel is saturated, handlers wait instead of queueing without
-//! bound). The task drains every queued command into one batch, runs each
-//! through the kernel (microseconds), appends all records of the batch and
-//! makes them durable with one sync (group commit), and only then releases
-//! replies, then broadcasts. With one client a batch is one command, so
-//! nothing waits for company; under load batches grow by themselves.
+//! bound). One task owns the [`Pipeline`] and the [`Storage`]: it drains
+//! every queued command into one batch, runs each through the kernel
+//! (microseconds), persists the batch with one sync (group commit), and only
+//! then releases replies, answers and broadcasts — in the order
+//! [`Pipeline::advance`] hands them out. With one client a batch is one
+//! command, so nothing waits for company; under load batches grow by
+//! themselves.
+//!
+//! Between batches it checkpoints when due and gives storage a bounded slice
+//! of upkeep ([`Storage::maintain`]: retention, compaction), so deleting
+//! history never stalls a Send for long.
 //!
 //! On a storage failure nothing of the batch is acknowledged: every reply
-//! becomes INTERNAL_ERROR, broadcasts are dropped, and the kernel is rebuilt
-//! from what is durable (fail-stop for the batch, then carry on).
+//! becomes INTERNAL_ERROR, broadcasts are dropped, storage is reopened and
+//! the pipeline recovered from what is durable (fail-stop for the batch,
+//! then carry on). If that fails too, [`Driver::run`] returns the error and
+//! the server stops: the binary decides, the library never exits.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use macp_kernel::{Answer, Effect, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
-use macp_wire::storage::Record;
+use macp_kernel::{Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
+use macp_pipeline::{recover, CheckpointPolicy, Pipeline, RecoverOptions, RecoveryError, RecoveryReport, Release};
+use macp_storage::{Storage, StorageError, StorageRead};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::hub::{Hub, Sequenced, SessionFeed};
-
-/// Durable storage as the driver needs it.
-pub trait Journal: Send + 'static {
-    /// Appends records to the log (buffered; not yet durable). Takes them
-    /// by value so a journal that keeps records (the memory journal) need
-    /// not copy them.
-    fn append(&mut self, records: Vec<Record>) -> Result<(), String>;
-    /// Makes everything appended so far durable (one sync).
-    fn sync(&mut self) -> Result<(), String>;
-    /// Rebuilds the kernel from what is durable (after a failed write).
-    fn recover(&mut self, config: &KernelConfig) -> Result<Kernel, String>;
-    /// Writes a checkpoint of `kernel` covering everything appended so far.
-    fn checkpoint(&mut self, kernel: &Kernel) -> Result<(), String>;
-    /// A reader for session history, usable from other tasks.
-    fn history(&self) -> Arc<dyn History>;
-}
-
-/// Reads a session's accepted history (passive subscribe replay).
-pub trait History: Send + Sync + 'static {
-    /// Envelopes with `after < seq <= upto`, in order.
-    fn read(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Sequenced>, String>;
-}
+use crate::hub::{Hub, SessionFeed};
 
 /// A passive subscription: replay `(after_sequence, upto]` from `history`,
 /// then forward `feed` items with `seq > upto`.
@@ -52,7 +39,7 @@ pub struct Subscription {
     /// Last sequence number covered by history at subscription time.
     pub upto: u64,
     /// Where to read the replay from.
-    pub history: Arc<dyn History>,
+    pub history: Arc<dyn StorageRead>,
 }
 
 /// A stream binding made while handling an envelope frame.
@@ -79,7 +66,7 @@ pub enum Command {
         /// envelope's session if, after handling, the caller may read it.
         bind: Option<(Identity, oneshot::Sender<Option<Binding>>)>,
     },
-    /// A read-only query, answered after the batch is durable.
+    /// A read-only query, answered after the batch in flight is durable.
     Query(Query, oneshot::Sender<Answer>),
     /// Passive subscribe to a session.
     Subscribe {
@@ -90,12 +77,26 @@ pub enum Command {
         /// The outcome.
         reply: SubscribeReply,
     },
-    /// Write a checkpoint now (tests, shutdown).
+    /// Write a checkpoint now (tests, operators).
     Checkpoint,
     /// Finish the current batch, sync, checkpoint and stop, even if some
     /// handler (a long-lived stream) still holds a sender.
     Shutdown,
 }
+
+/// What a query's answer is for: the shell turns it into what the caller
+/// waits for.
+enum Asked {
+    Answer(oneshot::Sender<Answer>),
+    Bind { tx: oneshot::Sender<Option<Binding>>, session_id: String, from: u64 },
+    Subscribe { tx: SubscribeReply, session_id: String },
+}
+
+type Pipe = Pipeline<oneshot::Sender<Reply>, Asked>;
+
+/// Reopens storage after a failure poisoned it (the file backend must drop
+/// its handles and read the directory again).
+pub type Reopen = Box<dyn FnMut() -> Result<Box<dyn Storage>, StorageError> + Send>;
 
 /// The kernel clock: wall-clock milliseconds. The kernel never reads a clock
 /// itself; this is the only place time enters.
@@ -118,39 +119,66 @@ fn set_request(input: &mut Input, id: u64) {
 
 /// Largest number of commands folded into one batch.
 const MAX_BATCH: usize = 4096;
+/// How often storage gets a slice of upkeep when there is no backlog.
+const MAINTAIN_EVERY: Duration = Duration::from_millis(100);
+
+/// Why the driver stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A write failed and the state could not be rebuilt from storage.
+    #[error("storage failed and the state could not be rebuilt from it: {0}")]
+    Unrecoverable(#[source] RecoveryError),
+    /// A write failed and storage could not be reopened.
+    #[error("storage failed and could not be reopened: {0}")]
+    Reopen(#[source] StorageError),
+}
 
 /// The driver task's state.
 pub struct Driver {
-    kernel: Kernel,
-    journal: Box<dyn Journal>,
+    pipeline: Pipe,
+    storage: Box<dyn Storage>,
+    reopen: Reopen,
     hub: Hub,
     rx: mpsc::Receiver<Command>,
     next_request: u64,
-    checkpoint_every: u64,
-    since_checkpoint: u64,
-}
-
-struct Batch {
-    records: Vec<Record>,
-    replies: Vec<(oneshot::Sender<Reply>, Reply)>,
-    broadcasts: Vec<macp_kernel::Broadcast>,
-    binds: Vec<(oneshot::Sender<Option<Binding>>, Option<Binding>)>,
-    subscribes: Vec<(SubscribeReply, Result<Subscription, KernelError>)>,
-    queries: Vec<(Query, oneshot::Sender<Answer>)>,
-    checkpoint: bool,
-    stop: bool,
+    policy: CheckpointPolicy,
+    /// Storage asked to be called again soon.
+    maintenance_backlog: bool,
+    last_maintenance: Instant,
 }
 
 impl Driver {
-    /// Creates the driver and the sender handlers use.
-    pub fn new(
-        kernel: Kernel,
-        journal: Box<dyn Journal>,
+    /// Recovers the pipeline from `storage` (see [`macp_pipeline::recover`])
+    /// and creates the driver around it, with the sender handlers use.
+    /// `cancelled` is polled during recovery (a shutdown signal).
+    pub fn recover(
+        config: KernelConfig,
+        mut storage: Box<dyn Storage>,
+        reopen: Reopen,
         hub: Hub,
-        checkpoint_every: u64,
-    ) -> (Self, mpsc::Sender<Command>) {
+        policy: CheckpointPolicy,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Self, mpsc::Sender<Command>, RecoveryReport), RecoveryError> {
+        let options = RecoverOptions { policy, cancelled };
+        let (pipeline, report) = recover(config, &mut *storage, options)?;
         let (tx, rx) = mpsc::channel(8192);
-        (Driver { kernel, journal, hub, rx, next_request: 0, checkpoint_every, since_checkpoint: 0 }, tx)
+        let driver = Driver {
+            pipeline,
+            storage,
+            reopen,
+            hub,
+            rx,
+            next_request: 0,
+            policy,
+            maintenance_backlog: false,
+            last_maintenance: Instant::now(),
+        };
+        Ok((driver, tx, report))
+    }
+
+    /// Open (and suspended) sessions held: what recovery rebuilt, at start.
+    pub fn open_sessions(&self) -> usize {
+        self.pipeline.kernel().session_count()
     }
 
     /// Access to the hub's watch channels (before the task starts).
@@ -158,25 +186,17 @@ impl Driver {
         &self.hub
     }
 
-    /// A history reader.
-    pub fn history(&self) -> Arc<dyn History> {
-        self.journal.history()
-    }
-
     /// Runs until every command sender is dropped or a shutdown is
-    /// requested, then syncs and writes a final checkpoint. Fails only when
-    /// storage failed and the state could not be rebuilt from what is
-    /// durable: then nothing can be served and the binary decides what to do.
+    /// requested, then writes a final checkpoint.
     pub async fn run(mut self) -> Result<(), DriverError> {
         let mut prune = tokio::time::interval(Duration::from_secs(30));
+        let mut maintain = tokio::time::interval(MAINTAIN_EVERY);
+        maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.kernel.next_deadline();
+            let deadline = self.pipeline.next_deadline();
             let sleep = async {
                 match deadline {
-                    Some(d) => {
-                        let wait = (d - now_ms()).max(0) as u64;
-                        tokio::time::sleep(Duration::from_millis(wait)).await
-                    }
+                    Some(d) => tokio::time::sleep(Duration::from_millis((d - now_ms()).max(0) as u64)).await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -186,6 +206,7 @@ impl Driver {
                     None => break,
                 },
                 _ = sleep => None,
+                _ = maintain.tick() => { self.maintain(); continue; }
                 _ = prune.tick() => { self.hub.prune(); continue; }
             };
             let mut cmds = Vec::new();
@@ -199,77 +220,155 @@ impl Driver {
             if !self.run_batch(cmds)? {
                 break;
             }
+            if self.maintenance_backlog || self.last_maintenance.elapsed() >= MAINTAIN_EVERY {
+                self.maintain();
+            }
         }
-        if let Err(e) = self.journal.sync() {
-            error!("final sync failed: {e}");
-        }
-        if let Err(e) = self.journal.checkpoint(&self.kernel) {
-            warn!("final checkpoint failed: {e}");
+        match self.pipeline.checkpoint(&mut *self.storage) {
+            Ok(()) => info!("final checkpoint written"),
+            Err(e) => warn!("final checkpoint failed (the log still has everything): {e}"),
         }
         Ok(())
     }
 
     /// Runs one batch; false once a shutdown was requested.
     fn run_batch(&mut self, cmds: Vec<Command>) -> Result<bool, DriverError> {
-        let mut b = Batch {
-            records: Vec::new(),
-            replies: Vec::new(),
-            broadcasts: Vec::new(),
-            binds: Vec::new(),
-            subscribes: Vec::new(),
-            queries: Vec::new(),
-            checkpoint: false,
-            stop: false,
-        };
         let now = now_ms();
-        if self.kernel.next_deadline().is_some_and(|d| d <= now) {
-            self.absorb(now, Input::Tick, None, &mut b);
-        }
+        self.pipeline.tick(now);
+        let mut checkpoint = false;
+        let mut stop = false;
         for cmd in cmds {
             match cmd {
                 Command::Submit { mut input, reply, bind } => {
                     self.next_request += 1;
                     set_request(&mut input, self.next_request);
-                    let session = match (&input, &bind) {
-                        (Input::Envelope { envelope, .. }, Some(_)) => Some(envelope.session_id.clone()),
+                    let bind_to = match (&input, bind) {
+                        (Input::Envelope { envelope, .. }, Some((identity, tx))) => {
+                            let session_id = envelope.session_id.clone();
+                            let from = self.pipeline.kernel().session(&session_id).map_or(0, |s| s.seq);
+                            Some((identity, tx, session_id, from))
+                        }
                         _ => None,
                     };
-                    let from = session.as_deref().and_then(|s| self.kernel.session(s)).map(|s| s.seq).unwrap_or(0);
-                    self.absorb(now, input, Some(reply), &mut b);
-                    if let (Some((identity, tx)), Some(session_id)) = (bind, session) {
-                        let binding =
-                            match self.kernel.answer(&Query::Subscribe { identity, session_id: session_id.clone() }) {
-                                Answer::Subscription(Ok(p)) => {
-                                    Some(Binding { feed: self.feed_for(&session_id, p.live), from })
-                                }
-                                _ => None,
-                            };
-                        b.binds.push((tx, binding));
+                    self.pipeline.submit(now, input, reply);
+                    if let Some((identity, tx, session_id, from)) = bind_to {
+                        let q = Query::Subscribe { identity, session_id: session_id.clone() };
+                        self.pipeline.ask(q, Asked::Bind { tx, session_id, from });
                     }
                 }
-                Command::Query(q, tx) => b.queries.push((q, tx)),
+                Command::Query(q, tx) => self.pipeline.ask(q, Asked::Answer(tx)),
                 Command::Subscribe { identity, session_id, reply } => {
-                    let r = match self.kernel.answer(&Query::Subscribe { identity, session_id: session_id.clone() }) {
+                    let q = Query::Subscribe { identity, session_id: session_id.clone() };
+                    self.pipeline.ask(q, Asked::Subscribe { tx: reply, session_id });
+                }
+                Command::Checkpoint => checkpoint = true,
+                Command::Shutdown => stop = true,
+            }
+        }
+        self.commit()?;
+        if checkpoint || self.pipeline.checkpoint_due(now_ms()) {
+            if let Err(e) = self.pipeline.checkpoint(&mut *self.storage) {
+                // The log still holds everything; a failed checkpoint write
+                // poisons the file backend, so rebuild as after a failed sync.
+                error!("checkpoint failed: {e}; rebuilding from storage");
+                self.rebuild(Vec::new())?;
+            }
+        }
+        Ok(!stop)
+    }
+
+    /// Persists what the pipeline absorbed and releases it; on failure
+    /// answers every request with an error and rebuilds from storage.
+    fn commit(&mut self) -> Result<(), DriverError> {
+        if self.pipeline.is_idle() {
+            return Ok(());
+        }
+        let commit = self.pipeline.commit();
+        match commit.persist(&mut *self.storage) {
+            Ok(()) => match self.pipeline.advance(commit) {
+                Ok(release) => {
+                    self.release(release);
+                    Ok(())
+                }
+                // Commits are advanced in the order taken: cannot happen here.
+                Err(e) => {
+                    error!("{e}");
+                    Ok(())
+                }
+            },
+            Err(e) => {
+                error!("storage failure, acknowledging nothing of this batch: {e}");
+                // The pipeline is consumed by `fail`; an empty stand-in holds
+                // its place until `rebuild` recovers the real one.
+                let config = self.pipeline.config().clone();
+                let placeholder = Pipeline::new(Kernel::new(config), self.storage.reader(), self.policy);
+                let pipeline = std::mem::replace(&mut self.pipeline, placeholder);
+                let failed = pipeline.fail(commit, e);
+                for (tx, reply) in failed.replies {
+                    let _ = tx.send(reply);
+                }
+                self.rebuild(failed.queries)
+            }
+        }
+    }
+
+    /// Reopens storage, recovers a fresh pipeline from it, and answers the
+    /// queries that were waiting.
+    fn rebuild(&mut self, queries: Vec<(Asked, Query)>) -> Result<(), DriverError> {
+        let config = self.pipeline.config().clone();
+        // Drop the failed backend first: the file backend holds the lock.
+        self.storage = Box::new(macp_storage::MemoryStorage::default());
+        let mut storage = (self.reopen)().map_err(DriverError::Reopen)?;
+        let options = RecoverOptions { policy: self.policy, ..RecoverOptions::default() };
+        let (pipeline, report) = recover(config, &mut *storage, options).map_err(DriverError::Unrecoverable)?;
+        if report.is_clean() {
+            info!("rebuilt from storage: {report}");
+        } else {
+            warn!("rebuilt from storage WITH DAMAGE: {report}");
+        }
+        self.storage = storage;
+        self.pipeline = pipeline;
+        for (asked, q) in queries {
+            self.pipeline.ask(q, asked);
+        }
+        self.commit()
+    }
+
+    /// Hands a durable commit's results out: replies, then answers (which
+    /// may create stream feeds), then broadcasts.
+    fn release(&mut self, r: Release<oneshot::Sender<Reply>, Asked>) {
+        for (tx, reply) in r.replies {
+            let _ = tx.send(reply);
+        }
+        for (asked, answer) in r.answers {
+            match asked {
+                Asked::Answer(tx) => {
+                    let _ = tx.send(answer);
+                }
+                Asked::Bind { tx, session_id, from } => {
+                    let binding = match answer {
+                        Answer::Subscription(Ok(p)) => Some(Binding { feed: self.feed_for(&session_id, p.live), from }),
+                        _ => None,
+                    };
+                    let _ = tx.send(binding);
+                }
+                Asked::Subscribe { tx, session_id } => {
+                    let outcome = match answer {
                         Answer::Subscription(Ok(p)) => Ok(Subscription {
                             feed: self.feed_for(&session_id, p.live),
                             upto: p.upto,
-                            history: self.journal.history(),
+                            history: self.pipeline.reader().clone(),
                         }),
                         Answer::Subscription(Err(e)) => Err(e),
-                        _ => Err(KernelError::new(
-                            ErrorCode::InternalError,
-                            "the kernel answered a subscription with something else",
-                        )),
+                        _ => Err(KernelError::new(ErrorCode::InternalError, "a subscription got an unexpected answer")),
                     };
-                    b.subscribes.push((reply, r));
+                    let _ = tx.send(outcome);
                 }
-                Command::Checkpoint => b.checkpoint = true,
-                Command::Shutdown => b.stop = true,
             }
         }
-        let stop = b.stop;
-        self.finish(b)?;
-        Ok(!stop)
+        for b in r.broadcasts {
+            self.hub.dispatch(b);
+        }
     }
 
     fn feed_for(&mut self, sid: &str, live: bool) -> SessionFeed {
@@ -280,88 +379,29 @@ impl Driver {
         }
     }
 
-    fn absorb(&mut self, now: i64, input: Input, reply: Option<oneshot::Sender<Reply>>, b: &mut Batch) {
-        let mut reply = reply;
-        for effect in self.kernel.handle(now, input) {
-            match effect {
-                Effect::Persist(r) => b.records.push(r),
-                Effect::Reply { reply: r, .. } => {
-                    if let Some(tx) = reply.take() {
-                        b.replies.push((tx, r));
-                    }
+    /// One bounded slice of storage upkeep.
+    fn maintain(&mut self) {
+        self.last_maintenance = Instant::now();
+        match self.storage.maintain(now_ms()) {
+            Ok(m) => {
+                self.maintenance_backlog = m.more;
+                if m.expired_sessions + m.retired_segments + m.carried_records > 0 {
+                    debug!(
+                        "retention: {} ended sessions deleted, {} segments retired, {} records carried forward",
+                        m.expired_sessions, m.retired_segments, m.carried_records
+                    );
                 }
-                Effect::Broadcast(x) => b.broadcasts.push(x),
-            }
-        }
-    }
-
-    fn finish(&mut self, mut b: Batch) -> Result<(), DriverError> {
-        if !b.records.is_empty() {
-            let n = b.records.len() as u64;
-            let durable = self.journal.append(std::mem::take(&mut b.records)).and_then(|_| self.journal.sync());
-            if let Err(e) = durable {
-                error!("storage failure, acknowledging nothing of this batch: {e}");
-                self.fail_batch(&mut b, &e)?;
-            } else {
-                self.since_checkpoint += n;
-            }
-        }
-        for (tx, r) in b.replies {
-            let _ = tx.send(r);
-        }
-        for (tx, r) in b.binds {
-            let _ = tx.send(r);
-        }
-        for (tx, r) in b.subscribes {
-            let _ = tx.send(r);
-        }
-        for x in b.broadcasts {
-            self.hub.dispatch(x);
-        }
-        for (q, tx) in b.queries {
-            let _ = tx.send(self.kernel.answer(&q));
-        }
-        if b.checkpoint || (self.checkpoint_every > 0 && self.since_checkpoint >= self.checkpoint_every) {
-            match self.journal.checkpoint(&self.kernel) {
-                Ok(()) => self.since_checkpoint = 0,
-                Err(e) => warn!("checkpoint failed (the log still has everything): {e}"),
-            }
-        }
-        Ok(())
-    }
-
-    fn fail_batch(&mut self, b: &mut Batch, cause: &str) -> Result<(), DriverError> {
-        let now = now_ms();
-        for (_, r) in b.replies.iter_mut() {
-            let err =
-                KernelError::new(ErrorCode::InternalError, format!("storage failure; nothing was recorded: {cause}"));
-            *r = match r {
-                Reply::Session { .. } => Reply::Session { at_unix_ms: now, result: Err(err) },
-                Reply::Registry(_) => Reply::Registry(Err(err)),
-            };
-        }
-        b.broadcasts.clear();
-        b.binds.iter_mut().for_each(|(_, x)| *x = None);
-        b.subscribes.iter_mut().for_each(|(_, x)| {
-            *x = Err(KernelError::new(ErrorCode::InternalError, format!("storage failure: {cause}")))
-        });
-        match self.journal.recover(self.kernel.config()) {
-            Ok(k) => {
-                self.kernel = k;
-                Ok(())
+                if m.evicted_sessions > 0 {
+                    warn!(
+                        "memory history limit reached: the {} oldest ended sessions were dropped before their retention",
+                        m.evicted_sessions
+                    );
+                }
             }
             Err(e) => {
-                error!("cannot rebuild state from storage after a failed write: {e}");
-                Err(DriverError::Unrecoverable(e))
+                self.maintenance_backlog = false;
+                warn!("storage upkeep failed (will retry): {e}");
             }
         }
     }
-}
-
-/// Why the driver stopped serving.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    /// A write failed and the state could not be rebuilt from storage.
-    #[error("storage failed and the state could not be rebuilt from it: {0}")]
-    Unrecoverable(String),
 }

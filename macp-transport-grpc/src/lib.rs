@@ -5,9 +5,10 @@
 //!
 //! Request path: tonic handler → authentication ([`auth`]) → rate limits
 //! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
-//! task, which owns the kernel, batches commands, group-commits their records
-//! through a [`driver::Journal`], then releases replies and, last,
-//! broadcasts ([`hub`]). Back-pressure: the command channel is bounded, each
+//! task, a thin shell over `macp-pipeline`'s commit pipeline: it batches
+//! commands, group-commits their records into the one `macp_storage::Storage`
+//! (files, or memory with `MACP_MEMORY_ONLY=1`), then releases replies,
+//! answers and, last, broadcasts ([`hub`]). Back-pressure: the command channel is bounded, each
 //! stream subscriber has a bounded queue and is closed with an explicit error
 //! when it falls behind. Shutdown: on SIGINT/SIGTERM tonic stops accepting,
 //! in-flight requests finish, the driver drains, syncs and checkpoints.
@@ -15,9 +16,7 @@
 pub mod auth;
 pub mod config;
 pub mod driver;
-mod fs_journal;
 pub mod hub;
-pub mod journal;
 pub mod limits;
 pub mod server;
 pub mod service;

@@ -3,18 +3,22 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use macp_kernel::{Kernel, KernelConfig, SessionIdPolicy};
+use macp_kernel::{KernelConfig, SessionIdPolicy};
+use macp_pipeline::{CheckpointPolicy, RecoveryError};
+use macp_storage::{MemoryConfig, MemoryStorage, Storage, StorageError};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::{parse_tokens, Authenticator};
 use crate::config::Config;
-use crate::driver::{Driver, Journal};
+use crate::driver::{Driver, Reopen};
 use crate::hub::Hub;
-use crate::journal::MemoryJournal;
 use crate::limits::RateLimits;
 use crate::pb::macp_runtime_service_server::MacpRuntimeServiceServer;
 use crate::service::{Runtime, Watch};
@@ -55,16 +59,44 @@ fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
     Ok(Authenticator::new(entries, cfg.allow_dev_sender_header))
 }
 
-/// Opens the journal and recovers the kernel from it.
-pub fn open_storage(cfg: &Config, kcfg: &KernelConfig) -> Result<(Kernel, Box<dyn Journal>), StartError> {
+/// Opens the configured storage backend (not yet loaded).
+pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
     if cfg.memory_only {
-        return Ok((Kernel::new(kcfg.clone()), Box::new(MemoryJournal::default())));
+        return Ok(Box::new(MemoryStorage::new(MemoryConfig {
+            retention: cfg.retention,
+            history_limit_bytes: cfg.memory_history_limit.bytes(),
+        })));
     }
-    crate::fs_journal::open(&cfg.data_dir, kcfg).map_err(StartError::Storage)
+    // The file backend moves onto the new storage contract in the next
+    // commit; until then only memory-only storage is served.
+    let _ = cfg;
+    Err(StorageError::Misuse("file storage is not wired to this build yet"))
+}
+
+/// How the driver reopens storage after a failed write.
+fn reopen(cfg: &Config) -> Reopen {
+    let cfg = cfg.clone();
+    Box::new(move || {
+        if cfg.memory_only {
+            // In memory there is nothing to reopen: what was lost is lost.
+            return Err(StorageError::Misuse("memory-only storage cannot be reopened after a failure"));
+        }
+        open_storage(&cfg)
+    })
+}
+
+/// The checkpoint policy implied by the configuration.
+pub fn checkpoint_policy(cfg: &Config) -> CheckpointPolicy {
+    CheckpointPolicy {
+        every_records: cfg.checkpoint_every,
+        every_ms: (cfg.checkpoint_interval_secs as i64).saturating_mul(1000),
+    }
 }
 
 /// Runs the server on an already-bound listener until `shutdown` resolves.
-/// Returns after the driver has synced and checkpointed.
+/// Returns after the driver has synced and checkpointed. A shutdown that
+/// arrives while storage is still being recovered stops the recovery
+/// promptly and returns `Ok` (nothing was changed yet, nothing is lost).
 pub async fn serve(
     cfg: Config,
     listener: TcpListener,
@@ -72,24 +104,63 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
     let auth = load_auth(&cfg)?;
-    let (kernel, journal) = open_storage(&cfg, &kcfg)?;
+    // The shutdown signal may come at any time, recovery included.
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let started = Instant::now();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let recovery = {
+        let (cfg, kcfg, cancelled) = (cfg.clone(), kcfg.clone(), cancelled.clone());
+        tokio::task::spawn_blocking(move || {
+            let storage = open_storage(&cfg).map_err(RecoveryError::Storage)?;
+            let hub = Hub::default();
+            Driver::recover(kcfg, storage, reopen(&cfg), hub, checkpoint_policy(&cfg), &|| {
+                cancelled.load(Ordering::Relaxed)
+            })
+        })
+    };
+    tokio::pin!(recovery);
+    let recovered = tokio::select! {
+        r = &mut recovery => r,
+        _ = stop_rx.wait_for(|s| *s) => {
+            cancelled.store(true, Ordering::Relaxed);
+            info!("shutdown requested during recovery; stopping it");
+            // Recovery polls the flag and returns promptly, releasing the
+            // data directory; nothing was written.
+            let _ = (&mut recovery).await;
+            return Ok(());
+        }
+    };
+    let (driver, tx, report) = match recovered {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(StartError::Storage(e.to_string())),
+        Err(e) => return Err(StartError::Storage(format!("the recovery task failed: {e}"))),
+    };
+    if report.is_clean() {
+        info!("recovered in {:.2?}: {report}", started.elapsed());
+    } else {
+        warn!("recovered in {:.2?} WITH DAMAGE: {report}", started.elapsed());
+    }
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}; storage: {}; {} session(s) recovered",
+        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}; storage: {}; history retention: {}; {} open session(s)",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
         auth.token_count(),
         if auth.dev() { " + dev identities" } else { "" },
         if cfg.memory_only {
-            "memory only (nothing survives a restart)".to_string()
+            format!("memory only (nothing survives a restart; ended sessions' history capped at {})", cfg.memory_history_limit)
         } else {
             cfg.data_dir.display().to_string()
         },
-        kernel.session_count(),
+        cfg.retention,
+        driver.open_sessions(),
     );
-    let hub = Hub::default();
+    let hub = driver.hub();
     let watch =
         Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
-    let (driver, tx) = Driver::new(kernel, journal, hub, cfg.checkpoint_every);
     let mut driver_task = tokio::spawn(driver.run());
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
     let driver_tx = tx.clone();
@@ -131,7 +202,7 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown.await;
+        let _ = stop_rx.wait_for(|s| *s).await;
         let _ = fired_tx.send(());
     };
     let server = builder

@@ -3,7 +3,7 @@
 //! ```text
 //! macp-sim --seeds 0..10000            # the large run (use --release)
 //! macp-sim --seed 42 --trace           # replay one seed, every event on stderr
-//! options: --jobs N  --storage model|fs  --crash-rate P  --sync-faults P  --sessions A..B
+//! options: --jobs N  --storage fs|memory  --crash-rate P  --sync-faults P  --sessions A..B
 //! ```
 //!
 //! Exits 0 when every seed passes, 1 at the first failing seed (after one
@@ -23,7 +23,7 @@ fn parse_range(s: &str) -> Option<(u64, u64)> {
 fn usage(msg: &str) -> ExitCode {
     eprintln!("macp-sim: {msg}");
     eprintln!(
-        "usage: macp-sim [--seeds A..B | --seed N] [--jobs N] [--trace] [--storage model|fs] \
+        "usage: macp-sim [--seeds A..B | --seed N] [--jobs N] [--trace] [--storage fs|memory] \
          [--crash-rate P] [--sync-faults P] [--sessions A..B]"
     );
     ExitCode::from(2)
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             "--trace" => cfg.trace = true,
             "--storage" => match Backend::parse(&value()) {
                 Some(b) => cfg.backend = b,
-                None => return usage("--storage takes: model, fs"),
+                None => return usage("--storage takes: fs, memory"),
             },
             "--crash-rate" => match value().parse::<f64>() {
                 Ok(p) if (0.0..=1.0).contains(&p) => cfg.crash_rate = p,

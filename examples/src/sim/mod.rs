@@ -2,14 +2,19 @@
 //! network and one server whose storage fails and whose power is cut, all in
 //! one thread, driven by one seed.
 //!
-//! The kernel is pure, so the simulator runs the real kernel in-process and
-//! only simulates what surrounds it: clients that retry, a network that
-//! delays, reorders, duplicates and loses, a driver that group-commits like
-//! the server's, clocks that drift and step back, and storage
-//! ([`storage::SimStorage`]) that fails and crashes. Thousands of sessions of
-//! every mode run per second, and after every step the [`oracle`] checks:
-//! no acknowledged record lost, exactly one resolution per resolved session,
-//! replay equal to live state, nothing accepted after a terminal state.
+//! The kernel is pure, so the simulator runs the server's own code
+//! in-process — the commit pipeline (`macp-pipeline`) and a real storage
+//! backend, by default `macp-storage-fs` on its fault-injecting simulated
+//! file system — and only simulates what surrounds it: clients that retry,
+//! a network that delays, reorders, duplicates and loses, clocks that drift
+//! and step back, and the power ([`disk`]: injected faults, power cuts).
+//! Storage runs with a short retention, so ended sessions are deleted and
+//! segments retired during the run. Thousands of sessions of every mode run
+//! per second, and after every step the [`oracle`] checks: no acknowledged
+//! record lost, exactly one resolution per resolved session, replay equal
+//! to live state, nothing accepted after a terminal state, every ended
+//! session answered from storage exactly as its history says until its
+//! retention passes.
 //!
 //! A seed is a complete reproduction: a failure prints one line with the
 //! command that replays it (`--trace` shows every event).
@@ -20,44 +25,46 @@
 //! assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
 //! ```
 
+pub mod disk;
 mod engine;
-pub mod fsdisk;
 pub mod oracle;
 pub mod rng;
-pub mod storage;
 pub mod workload;
 
 use std::fmt;
 use std::ops::AddAssign;
+use std::time::Duration;
 
+pub use disk::{Faults, PowerCut};
 pub use engine::{run_seed, run_seed_on};
-pub use storage::Faults;
+use macp_storage::Retention;
 
 /// Which storage backend the simulated server uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// [`storage::ModelDisk`]: the in-memory model of a group-committed log.
+    /// `macp-storage-fs`: the write-ahead log and ended-session index on
+    /// its fault-injecting simulated file system (faults, torn writes).
     #[default]
-    Model,
-    /// [`fsdisk::FsDisk`]: `macp-storage-fs`'s write-ahead log on its
-    /// fault-injecting simulated file system.
     Fs,
+    /// `macp-storage`'s in-memory backend (power cuts lose what was not
+    /// synced; no faults).
+    Memory,
 }
 
 impl Backend {
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
-            Backend::Model => "model",
             Backend::Fs => "fs",
+            Backend::Memory => "memory",
         }
     }
 
     /// Parses a command-line name.
     pub fn parse(s: &str) -> Option<Backend> {
         match s {
-            "model" => Some(Backend::Model),
             "fs" => Some(Backend::Fs),
+            "memory" => Some(Backend::Memory),
             _ => None,
         }
     }
@@ -71,6 +78,8 @@ pub struct SimConfig {
     pub backend: Backend,
     /// Storage fault rates.
     pub faults: Faults,
+    /// How long storage keeps ended sessions (simulated time).
+    pub retention: Retention,
     /// Fewest and most sessions per seed.
     pub sessions: (u64, u64),
     /// Probability per step that the server loses power.
@@ -88,8 +97,9 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
-            backend: Backend::Model,
+            backend: Backend::Fs,
             faults: Faults::default(),
+            retention: Retention::For(Duration::from_secs(5)),
             sessions: (4, 16),
             crash_rate: 0.004,
             duplicate_rate: 0.03,
@@ -208,6 +218,14 @@ pub struct Stats {
     pub timer_records: u64,
     /// Times the server clock stepped back.
     pub clock_steps_back: u64,
+    /// GetSession probes answered and checked.
+    pub probes: u64,
+    /// Ended sessions deleted by retention.
+    pub expired_deleted: u64,
+    /// Log segments retired.
+    pub segments_retired: u64,
+    /// Records of long-open sessions carried forward.
+    pub records_carried: u64,
     /// Simulation steps.
     pub steps: u64,
 }
@@ -242,6 +260,10 @@ impl AddAssign<&Stats> for Stats {
         self.records += o.records;
         self.timer_records += o.timer_records;
         self.clock_steps_back += o.clock_steps_back;
+        self.probes += o.probes;
+        self.expired_deleted += o.expired_deleted;
+        self.segments_retired += o.segments_retired;
+        self.records_carried += o.records_carried;
         self.steps += o.steps;
     }
 }
@@ -281,6 +303,11 @@ impl fmt::Display for Stats {
             self.crashes,
             self.restarts,
             self.survived_unsynced
+        )?;
+        write!(
+            f,
+            "\n  retention: ended sessions deleted {}  segments retired {}  records carried forward {}  GetSession probes {}",
+            self.expired_deleted, self.segments_retired, self.records_carried, self.probes
         )
     }
 }

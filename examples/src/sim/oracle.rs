@@ -2,31 +2,40 @@
 //! what is durable.
 //!
 //! The oracle keeps its own *shadow* kernel: the replay of exactly the
-//! records known to be on disk (synced, or found to have survived a crash).
-//! It never trusts the storage backend or the live kernel; it checks them:
+//! records known to be on disk (synced, or found to have survived a crash),
+//! plus the summaries of the sessions that ended in that replay and each
+//! session's durable records. It never trusts the storage backend or the
+//! live pipeline; it checks them:
 //!
 //! * **no acknowledged record lost**: a reply is released only after a sync,
-//!   so every record it covers is in the shadow; after every restart the
-//!   recovered kernel must equal the shadow plus some prefix of the records
-//!   that were unsynced at the crash (those may or may not have reached the
-//!   disk), and every acknowledged message must be in it;
-//! * **replay equals live state**: after every successful sync the live
-//!   kernel's snapshot and timers equal the shadow's;
+//!   so every record it covers is durable; after every restart the recovered
+//!   kernel must equal the shadow plus some prefix of the records that were
+//!   unsynced at the crash, and every acknowledged message must be found —
+//!   in the kernel if its session is open, in storage if it ended (unless
+//!   retention was allowed to delete it);
+//! * **replay equals live state**: after every commit the live kernel's
+//!   snapshot and timers equal the shadow's;
+//! * **ended sessions answer from storage**: every ended session within
+//!   retention reads back from storage with exactly the summary the shadow
+//!   computed and exactly its durable records; reads (GetSession probes)
+//!   answer what the shadow says, and a session is never deleted before its
+//!   retention passed;
 //! * **exactly one resolution per resolved session**: along the durable
-//!   history a session enters RESOLVED at most once; at the end every
-//!   resolved session did so exactly once, and every Commitment a client saw
-//!   accepted is its resolution; at most one Commitment per session is ever
-//!   acknowledged as accepted, and at most one RESOLVED event is broadcast;
-//! * **nothing accepted after a terminal state**: no durable record follows a
-//!   session's terminal record, and every accepted envelope is covered by a
-//!   record (so acceptance after the end would show up in the log).
+//!   history a session enters RESOLVED at most once; every Commitment a
+//!   client saw accepted is its session's resolution; at most one RESOLVED
+//!   event is broadcast per session;
+//! * **nothing accepted after a terminal state**: no durable record follows
+//!   a session's terminal record, and every accepted envelope is covered by
+//!   a record.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use macp_kernel::macp_wire::storage::{record::Fact, Record};
+use macp_kernel::macp_wire::storage::{record::Fact, Record, SessionSummary};
 use macp_kernel::macp_wire::v1::{session_lifecycle_event::EventType, SessionState};
-use macp_kernel::{Broadcast, Kernel, KernelConfig, Reply};
+use macp_kernel::{Answer, Broadcast, ErrorCode, Kernel, KernelConfig, Reply};
+use macp_storage::{Retention, StorageRead};
 
+use super::rng::Rng;
 use super::workload::Action;
 
 /// A broken invariant: which, and the evidence.
@@ -53,30 +62,40 @@ struct Acked {
 /// The invariant checker of one run.
 pub struct Oracle {
     config: KernelConfig,
+    retention: Retention,
     shadow: Kernel,
     durable_records: usize,
-    /// Records unsynced at the last crash.
+    /// Each session's durable records, in order.
+    histories: BTreeMap<String, Vec<Record>>,
+    /// Summaries of the sessions that ended in the durable history.
+    ended: BTreeMap<String, SessionSummary>,
+    /// Records appended but unsynced at the last crash.
     maybe: Vec<Record>,
     resolutions: BTreeMap<String, u32>,
-    terminal: BTreeSet<String>,
     committed: BTreeMap<String, Vec<u8>>,
     resolved_broadcasts: BTreeMap<String, u32>,
     acked: Vec<Acked>,
+    /// The latest server time storage upkeep ran at: retention may have
+    /// deleted what ended before it by more than the retention period.
+    maintained_at: Option<i64>,
 }
 
 impl Oracle {
-    /// An oracle for a server starting empty with `config`.
-    pub fn new(config: KernelConfig) -> Self {
+    /// An oracle for a server starting empty with `config` and `retention`.
+    pub fn new(config: KernelConfig, retention: Retention) -> Self {
         Oracle {
             shadow: Kernel::new(config.clone()),
             config,
+            retention,
             durable_records: 0,
+            histories: BTreeMap::new(),
+            ended: BTreeMap::new(),
             maybe: Vec::new(),
             resolutions: BTreeMap::new(),
-            terminal: BTreeSet::new(),
             committed: BTreeMap::new(),
             resolved_broadcasts: BTreeMap::new(),
             acked: Vec::new(),
+            maintained_at: None,
         }
     }
 
@@ -90,31 +109,51 @@ impl Oracle {
         self.committed.len()
     }
 
+    /// Whether retention may have deleted an ended session by now.
+    fn may_be_deleted(&self, sid: &str) -> bool {
+        match (self.ended.get(sid), self.maintained_at) {
+            (Some(s), Some(at)) => self.retention.expired(s.ended_at_unix_ms, at),
+            _ => false,
+        }
+    }
+
+    /// A session id to probe: mostly one the history knows, sometimes one
+    /// it does not.
+    pub fn known_session(&self, rng: &mut Rng) -> Option<String> {
+        let known: Vec<&String> = self.histories.keys().collect();
+        if known.is_empty() || rng.chance(0.1) {
+            return Some(format!("00000000-0000-4000-8000-{:012x}", 0xdead_0000 + rng.below(16)));
+        }
+        Some(known[rng.index(known.len())].clone())
+    }
+
     /// Applies one durable record to the shadow, checking the history rules.
     fn apply_durable(&mut self, r: &Record) -> Result<(), Violation> {
         let sid = r.session_id.clone();
-        let before = self.shadow.session(&sid).map(|s| s.state);
-        if !sid.is_empty() && self.terminal.contains(&sid) {
+        if !sid.is_empty() && self.ended.contains_key(&sid) {
             return Err(violation(
                 "nothing-accepted-after-terminal",
-                format!("durable record seq {} of session {sid} follows its terminal state {before:?}: {r:?}", r.seq),
+                format!("durable record seq {} of session {sid} follows its terminal record: {r:?}", r.seq),
             ));
         }
-        if let Err(e) = self.shadow.apply_record(r) {
-            return Err(violation("replay-equals-live", format!("durable record {r:?} does not replay: {e}")));
-        }
+        let ended = match self.shadow.apply_record(r) {
+            Ok(e) => e,
+            Err(e) => return Err(violation("replay-equals-live", format!("durable record {r:?} does not replay: {e}"))),
+        };
         self.durable_records += 1;
-        if let Some(s) = self.shadow.session(&sid) {
-            if s.state == SessionState::Resolved && before != Some(SessionState::Resolved) {
+        if !sid.is_empty() {
+            self.histories.entry(sid.clone()).or_default().push(r.clone());
+        }
+        if let Some(summary) = ended {
+            let resolved = summary.metadata.as_ref().is_some_and(|m| m.state == SessionState::Resolved as i32);
+            if resolved {
                 let n = self.resolutions.entry(sid.clone()).or_default();
                 *n += 1;
                 if *n > 1 {
                     return Err(violation("one-resolution", format!("session {sid} resolved a second time by {r:?}")));
                 }
             }
-            if s.is_terminal() {
-                self.terminal.insert(sid);
-            }
+            self.ended.insert(sid, summary);
         }
         Ok(())
     }
@@ -131,7 +170,7 @@ impl Oracle {
             return Err(violation(
                 "replay-equals-live",
                 format!(
-                    "the live kernel differs from the replay of its {} durable records ({} vs {} sessions)",
+                    "the live kernel differs from the replay of its {} durable records ({} vs {} open sessions)",
                     self.durable_records,
                     live.session_count(),
                     self.shadow.session_count()
@@ -141,11 +180,7 @@ impl Oracle {
         if live.next_deadline() != self.shadow.next_deadline() {
             return Err(violation(
                 "replay-equals-live",
-                format!(
-                    "live timers {:?} differ from replayed {:?}",
-                    live.next_deadline(),
-                    self.shadow.next_deadline()
-                ),
+                format!("live timers {:?} differ from replayed {:?}", live.next_deadline(), self.shadow.next_deadline()),
             ));
         }
         Ok(())
@@ -226,15 +261,60 @@ impl Oracle {
         Ok(())
     }
 
-    /// A power cut: `unsynced` may or may not have reached the disk.
+    /// A GetSession probe (as an observer) was answered after a commit: it
+    /// must say what the durable history says.
+    pub fn on_probe(&self, sid: &str, answer: &Answer, _now: i64, _reader: &dyn StorageRead) -> Result<(), Violation> {
+        let Answer::Session(got) = answer else {
+            return Err(violation("ended-sessions-answer-from-storage", format!("a GetSession probe got {answer:?}")));
+        };
+        let expected = match self.shadow.session(sid) {
+            Some(s) => Some(s.metadata()),
+            None => self.ended.get(sid).and_then(|e| e.metadata.clone()),
+        };
+        match (got, expected) {
+            (Ok(m), Some(e)) if *m == e => Ok(()),
+            (Err(e), None) if e.code == ErrorCode::SessionNotFound => Ok(()),
+            (Err(e), Some(_)) if e.code == ErrorCode::SessionNotFound && self.may_be_deleted(sid) => Ok(()),
+            (got, expected) => Err(violation(
+                "ended-sessions-answer-from-storage",
+                format!("GetSession {sid} answered {got:?}; the durable history says {expected:?}"),
+            )),
+        }
+    }
+
+    /// Storage upkeep ran at server time `now`.
+    pub fn on_maintained(&mut self, now: i64) {
+        self.maintained_at = Some(self.maintained_at.map_or(now, |t| t.max(now)));
+    }
+
+    /// A power cut: `unsynced` (appended, not synced) may or may not have
+    /// reached the disk.
     pub fn on_crash(&mut self, unsynced: Vec<Record>) {
         self.maybe = unsynced;
     }
 
+    /// Whether an acknowledged record is still found: in the kernel if its
+    /// session is open, else in storage's summary of it.
+    fn find_acked(&self, a: &Acked, kernel: &Kernel, reader: &dyn StorageRead) -> Result<bool, Violation> {
+        if let Some(s) = kernel.session(&a.session_id) {
+            return Ok(s.seq >= a.seq && a.message_id.as_ref().is_none_or(|m| s.seen.contains(m)));
+        }
+        let summary = reader
+            .ended(&a.session_id)
+            .map_err(|e| violation("no-acked-record-lost", format!("reading session {}: {e}", a.session_id)))?;
+        Ok(match summary {
+            Some(s) => {
+                s.last_seq >= a.seq
+                    && a.message_id.as_ref().is_none_or(|m| s.message_ids.binary_search(m).is_ok())
+            }
+            None => self.may_be_deleted(&a.session_id),
+        })
+    }
+
     /// After a restart: the recovered kernel must be the durable history
-    /// plus some prefix of what was unsynced, and hold every acknowledged
-    /// message. The surviving prefix becomes durable history.
-    pub fn on_recover(&mut self, recovered: &Kernel) -> Result<usize, Violation> {
+    /// plus some prefix of what was unsynced, and every acknowledged message
+    /// must be found. The surviving prefix becomes durable history.
+    pub fn on_recover(&mut self, recovered: &Kernel, reader: &dyn StorageRead) -> Result<usize, Violation> {
         let target = recovered.snapshot();
         let deadline = recovered.next_deadline();
         let maybe = std::mem::take(&mut self.maybe);
@@ -250,23 +330,6 @@ impl Oracle {
                 break;
             }
         }
-        for a in &self.acked {
-            let Some(s) = recovered.session(&a.session_id) else {
-                return Err(violation(
-                    "no-acked-record-lost",
-                    format!("session {} (acknowledged record seq {}) is missing after recovery", a.session_id, a.seq),
-                ));
-            };
-            if s.seq < a.seq || a.message_id.as_ref().is_some_and(|m| !s.seen.contains(m)) {
-                return Err(violation(
-                    "no-acked-record-lost",
-                    format!(
-                        "acknowledged record seq {} ({:?}) of session {} is missing after recovery (recovered seq {})",
-                        a.seq, a.message_id, a.session_id, s.seq
-                    ),
-                ));
-            }
-        }
         let Some(k) = found else {
             return Err(violation(
                 "replay-equals-live",
@@ -280,38 +343,93 @@ impl Oracle {
         for r in &maybe[..k] {
             self.apply_durable(r)?;
         }
+        for a in &self.acked {
+            if !self.find_acked(a, recovered, reader)? {
+                return Err(violation(
+                    "no-acked-record-lost",
+                    format!(
+                        "acknowledged record seq {} ({:?}) of session {} is missing after recovery",
+                        a.seq, a.message_id, a.session_id
+                    ),
+                ));
+            }
+        }
         Ok(k)
     }
 
-    /// The end-of-run checks on the final recovered kernel.
-    pub fn finish(&self, kernel: &Kernel) -> Result<(), Violation> {
+    /// The end-of-run checks on the final recovered pipeline: every ended
+    /// session reads back exactly from storage (or was deleted after its
+    /// retention), and every accepted Commitment is its session's
+    /// resolution.
+    pub fn finish(&self, kernel: &Kernel, reader: &dyn StorageRead, _now: i64) -> Result<(), Violation> {
+        let bad = |d: String| violation("ended-sessions-answer-from-storage", d);
+        for (sid, expected) in &self.ended {
+            let got = reader.ended(sid).map_err(|e| bad(format!("reading session {sid}: {e}")))?;
+            let history = reader.history(sid, 0, u64::MAX).map_err(|e| bad(format!("reading {sid}'s history: {e}")))?;
+            match got {
+                Some(s) if s == *expected => {
+                    if Some(&history) != self.histories.get(sid) {
+                        return Err(bad(format!(
+                            "session {sid}'s stored history ({} records) differs from its durable history ({} records)",
+                            history.len(),
+                            self.histories.get(sid).map_or(0, Vec::len)
+                        )));
+                    }
+                }
+                Some(s) => return Err(bad(format!("session {sid} reads back as {s:?}, expected {expected:?}"))),
+                None if self.may_be_deleted(sid) => {
+                    if !history.is_empty() {
+                        return Err(bad(format!("session {sid} was deleted but {} of its records remain", history.len())));
+                    }
+                }
+                None => return Err(bad(format!("ended session {sid} is gone before its retention passed"))),
+            }
+            if kernel.session(sid).is_some() {
+                return Err(bad(format!("ended session {sid} is still held by the kernel")));
+            }
+        }
         for (sid, payload) in &self.committed {
-            let Some(s) = kernel.session(sid) else {
-                return Err(violation("one-resolution", format!("committed session {sid} is missing")));
-            };
-            if s.state != SessionState::Resolved || kernel.resolution(sid) != Some(payload.as_slice()) {
+            let resolved = self
+                .ended
+                .get(sid)
+                .is_some_and(|s| s.metadata.as_ref().is_some_and(|m| m.state == SessionState::Resolved as i32));
+            let commitment = self.histories.get(sid).and_then(|h| h.last()).and_then(|r| match &r.fact {
+                Some(Fact::Accepted(e)) if e.message_type == "Commitment" => Some(e.payload.clone()),
+                _ => None,
+            });
+            if !resolved || commitment.as_deref() != Some(payload.as_slice()) {
                 return Err(violation(
                     "one-resolution",
-                    format!("session {sid} had a Commitment accepted but is {:?} with another resolution", s.state),
+                    format!("session {sid} had a Commitment accepted but did not resolve with it"),
                 ));
             }
         }
-        for m in kernel.all_sessions() {
-            let resolved = m.state == SessionState::Resolved as i32;
-            let n = self.resolutions.get(&m.session_id).copied().unwrap_or(0);
-            if resolved != (n == 1) || n > 1 {
-                return Err(violation(
-                    "one-resolution",
-                    format!("session {} is {} after {n} resolutions in its history", m.session_id, m.state),
-                ));
+        for (sid, summary) in &self.ended {
+            let resolved = summary.metadata.as_ref().is_some_and(|m| m.state == SessionState::Resolved as i32);
+            let n = self.resolutions.get(sid).copied().unwrap_or(0);
+            if resolved != (n == 1) {
+                return Err(violation("one-resolution", format!("session {sid} ended after {n} resolutions")));
             }
-            if resolved && kernel.resolution(&m.session_id).is_none() {
-                return Err(violation(
-                    "one-resolution",
-                    format!("resolved session {} has no resolution", m.session_id),
-                ));
+        }
+        let ended: BTreeSet<&String> = self.ended.keys().collect();
+        for m in kernel.all_sessions() {
+            if ended.contains(&m.session_id) {
+                return Err(bad(format!("session {} is both open and ended", m.session_id)));
             }
         }
         Ok(())
+    }
+
+    /// Every session's mode and final state: open ones from the kernel,
+    /// ended ones from the durable history.
+    pub fn final_states(&self, kernel: &Kernel, _reader: &dyn StorageRead) -> Vec<(String, SessionState)> {
+        let mut out: Vec<(String, SessionState)> = kernel
+            .all_sessions()
+            .map(|m| (m.mode, SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified)))
+            .collect();
+        out.extend(self.ended.values().filter_map(|s| s.metadata.as_ref()).map(|m| {
+            (m.mode.clone(), SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified))
+        }));
+        out
     }
 }

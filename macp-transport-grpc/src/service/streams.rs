@@ -1,7 +1,7 @@
 //! Streaming RPCs: StreamSession (envelope frames and passive subscribe)
 //! and WatchSignals.
 
-use macp_kernel::ErrorCode;
+use macp_kernel::{ErrorCode, KernelError};
 use macp_wire::v1::*;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,6 +77,42 @@ async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Se
     let _ = out.send(None).await;
 }
 
+/// Reads a session's accepted history `(after, upto]` off the async
+/// threads (the file backend reads segments). Every sequence number in the
+/// range must come back: records that retention deleted in between make the
+/// replay incomplete, which is HISTORY_UNAVAILABLE, never a silent gap.
+async fn read_history(
+    reader: std::sync::Arc<dyn macp_storage::StorageRead>,
+    session_id: String,
+    after: u64,
+    upto: u64,
+) -> Result<Vec<Sequenced>, KernelError> {
+    if after >= upto {
+        return Ok(Vec::new());
+    }
+    let sid = session_id.clone();
+    let records = tokio::task::spawn_blocking(move || reader.history(&sid, after, upto))
+        .await
+        .map_err(|e| KernelError::new(ErrorCode::InternalError, format!("history read failed: {e}")))?
+        .map_err(|e| KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}")))?;
+    let complete = records.len() as u64 == upto - after && records.iter().zip(after + 1..).all(|(r, seq)| r.seq == seq);
+    if !complete {
+        return Err(KernelError::new(
+            ErrorCode::HistoryUnavailable,
+            format!(
+                "session {session_id}'s history after sequence {after} is no longer complete (retention deleted it); subscribe without history or from a later after_sequence"
+            ),
+        ));
+    }
+    Ok(records
+        .into_iter()
+        .filter_map(|r| {
+            let seq = r.seq;
+            macp_kernel::record::into_history_envelope(r).map(|e| Sequenced { seq, envelope: std::sync::Arc::new(e) })
+        })
+        .collect())
+}
+
 pub(super) async fn stream_session(
     rt: &Runtime,
     req: Request<Streaming<StreamSessionRequest>>,
@@ -129,12 +165,10 @@ pub(super) async fn stream_session(
                         Err(_) => return,
                     };
                     let after = frame.after_sequence;
-                    let history = match sub.history.read(&sid, after, sub.upto) {
+                    let history = match read_history(sub.history.clone(), sid.clone(), after, sub.upto).await {
                         Ok(h) => h,
                         Err(e) => {
-                            let _ = out
-                                .send(Some(Err(Status::failed_precondition(format!("history is unavailable: {e}")))))
-                                .await;
+                            let _ = out.send(Some(Err(status(e)))).await;
                             return;
                         }
                     };
