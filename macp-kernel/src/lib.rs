@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 mod apply;
+pub mod commitment_hash;
 pub mod config;
 pub mod error;
 pub mod io;
