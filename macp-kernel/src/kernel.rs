@@ -568,6 +568,7 @@ impl Kernel {
         out: &mut Vec<Effect>,
     ) -> KResult<(String, Applied)> {
         Self::require_registry_admin(identity)?;
+        self.policies.admit(&d, &self.modes)?;
         d.registered_at_unix_ms = now;
         let id = d.policy_id.clone();
         let record = self.registry_record(now, Fact::PolicyRegistered(d));
@@ -740,7 +741,7 @@ impl Kernel {
     /// caller may read (initiator, participant, or any for observers), so a
     /// listing never reveals other tenants' sessions. `page_token` is the opaque
     /// token of the previous page (empty for the first); a malformed token
-    /// is INVALID_ENVELOPE (the adapter maps it to INVALID_ARGUMENT).
+    /// is INVALID_REQUEST (the adapter maps it to INVALID_ARGUMENT).
     pub fn list_sessions(
         &self,
         identity: &Identity,
@@ -753,10 +754,12 @@ impl Kernel {
         let after = if page_token.is_empty() {
             None
         } else {
-            Some(
-                decode_token(page_token)
-                    .ok_or_else(|| KernelError::invalid("page_token is not a token this runtime issued"))?,
-            )
+            Some(decode_token(page_token).ok_or_else(|| {
+                KernelError::new(
+                    ErrorCode::InvalidRequest,
+                    "page_token is not a token this runtime issued; start again with an empty page_token",
+                )
+            })?)
         };
         let iter: Box<dyn Iterator<Item = (&String, &Session)>> = match &after {
             None => Box::new(self.sessions.iter().map(|(k, s)| (k, &**s))),
