@@ -208,22 +208,40 @@ pub fn macp_status(status: Code, code: ErrorCode, message: impl Into<String>) ->
     Status::with_metadata(status, message.into(), md)
 }
 
+/// The gRPC status of each registry code, for RPCs that have no Ack. The
+/// match is exhaustive so a new code cannot slip through unmapped; the
+/// control-plane codes follow `macp-sdk-python` 0.22's table.
+pub fn grpc_code(code: ErrorCode) -> Code {
+    match code {
+        ErrorCode::SessionNotFound | ErrorCode::UnknownPolicyVersion => Code::NotFound,
+        ErrorCode::Forbidden | ErrorCode::PolicyDenied => Code::PermissionDenied,
+        ErrorCode::Unauthenticated => Code::Unauthenticated,
+        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited | ErrorCode::StreamLagged => Code::ResourceExhausted,
+        ErrorCode::InternalError => Code::Internal,
+        ErrorCode::InvalidEnvelope
+        | ErrorCode::InvalidSessionId
+        | ErrorCode::InvalidPolicyDefinition
+        | ErrorCode::InvalidRequest => Code::InvalidArgument,
+        ErrorCode::SessionAlreadyExists => Code::AlreadyExists,
+        ErrorCode::SessionNotOpen
+        | ErrorCode::UnsupportedProtocolVersion
+        | ErrorCode::ModeNotSupported
+        | ErrorCode::ReceiptUnavailable
+        | ErrorCode::HistoryUnavailable
+        | ErrorCode::RegistryReadOnly => Code::FailedPrecondition,
+    }
+}
+
 /// Maps a kernel error to a gRPC status for RPCs that have no Ack.
 pub fn status_of(e: KernelError) -> Status {
     let msg = format!("{}: {}", e.code, e.message);
-    let status = match e.code {
-        ErrorCode::SessionNotFound => Code::NotFound,
-        ErrorCode::Forbidden => Code::PermissionDenied,
-        ErrorCode::Unauthenticated => Code::Unauthenticated,
-        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited => Code::ResourceExhausted,
-        ErrorCode::InternalError => Code::Internal,
-        ErrorCode::InvalidEnvelope | ErrorCode::InvalidSessionId | ErrorCode::InvalidPolicyDefinition => {
-            Code::InvalidArgument
-        }
-        ErrorCode::SessionAlreadyExists => Code::AlreadyExists,
-        _ => Code::FailedPrecondition,
-    };
-    macp_status(status, e.code, msg)
+    macp_status(grpc_code(e.code), e.code, msg)
+}
+
+/// RESOURCE_EXHAUSTED tagged STREAM_LAGGED: a subscriber fell behind and
+/// was closed; the client resubscribes.
+fn lagged(message: impl Into<String>) -> Status {
+    macp_status(Code::ResourceExhausted, ErrorCode::StreamLagged, message)
 }
 
 fn capabilities() -> Capabilities {
@@ -238,7 +256,7 @@ fn capabilities() -> Capabilities {
             register_policy: true,
             list_policies: true,
             list_changed: true,
-            rule_extensions: Vec::new(),
+            rule_extensions: macp_kernel::policy::RULE_EXTENSIONS.iter().map(|k| k.to_string()).collect(),
             what_if_replay: false,
         }),
         decision_receipt: None,
@@ -303,7 +321,7 @@ async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Se
     }
     if feed.overflowed.load(std::sync::atomic::Ordering::Acquire) {
         let _ = out
-            .send(Some(Err(Status::resource_exhausted(format!(
+            .send(Some(Err(lagged(format!(
                 "subscriber fell behind the live stream; resubscribe with after_sequence={last}"
             )))))
             .await;
@@ -624,9 +642,8 @@ impl MacpRuntimeService for Runtime {
     ) -> Result<Response<Self::WatchSignalsStream>, Status> {
         self.identity(&req)?;
         let rx = self.watch.signals.subscribe();
-        let s = tokio_stream::wrappers::BroadcastStream::new(rx).map(|e| {
-            e.map_err(|_| Status::resource_exhausted("signal watcher fell behind; signals have no backlog, reconnect"))
-        });
+        let s = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect")));
         // tonic ends the stream after yielding an error status.
         Ok(Response::new(Box::pin(s)))
     }
@@ -634,10 +651,8 @@ impl MacpRuntimeService for Runtime {
     async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
         let identity = self.identity(&req)?;
         let r = req.into_inner();
-        let (sessions, next_page_token) = self
-            .query(move |k| k.list_sessions(&identity, r.page_size, &r.page_token))
-            .await?
-            .map_err(|e| Status::invalid_argument(e.message))?;
+        let (sessions, next_page_token) =
+            self.query(move |k| k.list_sessions(&identity, r.page_size, &r.page_token)).await?.map_err(status_of)?;
         Ok(Response::new(ListSessionsResponse { sessions, next_page_token }))
     }
 
@@ -681,7 +696,7 @@ impl MacpRuntimeService for Runtime {
                     && synced.contains(&m.session_id);
                 (visible && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
             }
-            Err(_) => Some(Err(Status::resource_exhausted("session watcher fell behind; reconnect to resync"))),
+            Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
         });
         Ok(Response::new(Box::pin(first.chain(live))))
     }
