@@ -418,7 +418,13 @@ mod tests {
         let sup = json!({"voting": {"algorithm": "supermajority", "threshold": 0.6666666666666666}});
         let two_of_three = votes(&[("I", Approve), ("A", Approve), ("B", Reject)]);
         assert!(codes(3, sup.clone(), &two_of_three, true).is_empty());
-        assert!(66.0 / 100.0 < 0.6666666666666666 && 4.0 / 6.0 >= 0.6666666666666666);
+        let rules = DecisionRules::from_stored(&json!({"voting": {"algorithm": "supermajority",
+                                                          "threshold": 0.6666666666666666}}))
+        .unwrap();
+        for (approve, reject, passes) in [(2, 1, true), (4, 2, true), (20, 10, true), (67, 33, true), (66, 34, false)] {
+            let t = Tally { approve, reject, ..Tally::default() };
+            assert_eq!(t.result(&rules, &[]) == VoteResult::Passed, passes, "{approve} of {}", approve + reject);
+        }
         assert_eq!(codes(3, sup, &split, true), ["threshold_not_met"]);
     }
 
