@@ -81,7 +81,7 @@ pub fn policy_rules(rules: &str, schema_version: u32) {
         let d = PolicyDescriptor {
             policy_id: id.clone(),
             mode: (*mode).into(),
-            description: String::new(),
+            description: "fuzz".into(),
             rules: rules.into(),
             schema_version,
             registered_at_unix_ms: 0,

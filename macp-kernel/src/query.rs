@@ -176,7 +176,7 @@ pub(crate) fn answer(state: &State, q: &Query) -> Answer {
 }
 
 /// ListSessions, paged in session-id order. `page_token` is the opaque token
-/// of the previous page; a malformed one is INVALID_ENVELOPE. The page size
+/// of the previous page; a malformed one is INVALID_REQUEST. The page size
 /// is clamped to [`MAX_PAGE_SIZE`], and a page ends early once its metadata
 /// would pass `byte_budget` encoded bytes.
 fn list_sessions(
@@ -191,10 +191,12 @@ fn list_sessions(
     let after = if page_token.is_empty() {
         None
     } else {
-        Some(
-            decode_token(page_token)
-                .ok_or_else(|| KernelError::invalid("page_token is not a token this runtime issued"))?,
-        )
+        Some(decode_token(page_token).ok_or_else(|| {
+            KernelError::new(
+                ErrorCode::InvalidRequest,
+                "page_token is not a token this runtime issued; start again with an empty page_token",
+            )
+        })?)
     };
     let mut readable =
         state.sessions_after(after.as_deref()).filter(|s| may_read(identity, &s.initiator, &s.participants));

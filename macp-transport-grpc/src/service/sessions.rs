@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::{unexpected, RpcStream, Runtime};
 use crate::driver::{now_ms, Binding, Command};
 use crate::limits::Budget;
-use crate::status::{ack, error_status, status};
+use crate::status::{ack, error_status, lagged, status};
 
 /// Room left in a ListSessions reply for everything but the sessions.
 const LIST_REPLY_SLACK: usize = 64 * 1024;
@@ -171,7 +171,7 @@ pub(super) async fn watch_sessions(
                 ev.event_type == session_lifecycle_event::EventType::Created as i32 && synced.contains(&m.session_id);
             (may_read_metadata(&identity, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
         }
-        Err(_) => Some(Err(Status::resource_exhausted("session watcher fell behind; reconnect to resync"))),
+        Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
     });
     Ok(Response::new(Box::pin(first.chain(live))))
 }
