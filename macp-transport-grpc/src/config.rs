@@ -1,6 +1,9 @@
 //! Server configuration: the seed runtime's environment variables (same names,
 //! same defaults, so existing deployments keep working) with command-line
-//! flags that override them.
+//! flags that override them. Where the reference runtime names a setting
+//! differently, its name is accepted as an alias (today only
+//! `MACP_CONCURRENCY_LIMIT_PER_CONNECTION`; resolved in [`Config::resolve`],
+//! since clap reads one variable per flag).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,9 +81,35 @@ pub struct Config {
     #[arg(long, env = "MACP_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
-    /// Concurrent in-flight requests per connection.
-    #[arg(long, env = "MACP_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
-    pub max_concurrent_requests: usize,
+    /// Concurrent in-flight requests per connection [default: 1024; also
+    /// read from the reference runtime's MACP_CONCURRENCY_LIMIT_PER_CONNECTION].
+    #[arg(long, env = "MACP_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+
+    /// The reference runtime's name for `--max-concurrent-requests`, read
+    /// when neither that flag nor MACP_MAX_CONCURRENT_REQUESTS is set.
+    #[arg(long, env = "MACP_CONCURRENCY_LIMIT_PER_CONNECTION", hide = true)]
+    pub concurrency_limit_per_connection: Option<usize>,
+
+    /// Most open client connections; more are closed as soon as they are
+    /// accepted. Keep it below the open-file limit (`ulimit -n`).
+    #[arg(long, env = "MACP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Seconds a new connection has to complete TLS and HTTP/2 and start
+    /// its first request before it is closed.
+    #[arg(long, env = "MACP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
+    /// Seconds a connection may stay without any open request or stream
+    /// before it is closed (0: never).
+    #[arg(long, env = "MACP_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+
+    /// Largest request metadata (HTTP/2 header list, in HPACK-decoded bytes)
+    /// of one call; a larger call alone is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MACP_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: usize,
 
     /// Records between checkpoints (0 disables automatic checkpoints).
     #[arg(long, env = "MACP_CHECKPOINT_EVERY", default_value_t = 100_000)]
@@ -107,11 +136,49 @@ impl Config {
         if self.auth_tokens_json.is_none() && self.auth_tokens_file.is_none() && !self.allow_dev_sender_header {
             return Err("no authentication configured: set MACP_AUTH_TOKENS_JSON or MACP_AUTH_TOKENS_FILE, or allow dev identities with MACP_ALLOW_DEV_SENDER_HEADER=1 (or --dev)".into());
         }
+        if self.max_connections == 0 {
+            return Err("MACP_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err("MACP_HANDSHAKE_TIMEOUT_SECS must be at least 1".into());
+        }
+        self.max_concurrent_requests =
+            Some(self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024));
         Ok(self)
+    }
+
+    /// Concurrent in-flight requests per connection: the flag, then
+    /// MACP_MAX_CONCURRENT_REQUESTS, then MACP_CONCURRENCY_LIMIT_PER_CONNECTION,
+    /// then 1024.
+    pub fn max_concurrent_requests(&self) -> usize {
+        self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024)
     }
 
     /// Whether TLS is configured.
     pub fn tls(&self) -> bool {
         self.tls_cert_path.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference runtime's `MACP_CONCURRENCY_LIMIT_PER_CONNECTION` is
+    /// read when neither the flag nor `MACP_MAX_CONCURRENT_REQUESTS` is set.
+    /// (The only test of this binary touching these variables.)
+    #[test]
+    fn reference_alias_for_the_per_connection_limit() {
+        let base = ["macp-runtime", "--dev"];
+        std::env::remove_var("MACP_MAX_CONCURRENT_REQUESTS");
+        std::env::set_var("MACP_CONCURRENCY_LIMIT_PER_CONNECTION", "7");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 7);
+        let flag = Config::parse_from(["macp-runtime", "--dev", "--max-concurrent-requests", "9"]);
+        assert_eq!(flag.resolve().unwrap().max_concurrent_requests(), 9, "the flag wins");
+        std::env::set_var("MACP_MAX_CONCURRENT_REQUESTS", "8");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 8, "our name wins");
+        std::env::remove_var("MACP_MAX_CONCURRENT_REQUESTS");
+        std::env::remove_var("MACP_CONCURRENCY_LIMIT_PER_CONNECTION");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 1024, "the default");
     }
 }

@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::auth::{parse_tokens, Authenticator};
 use crate::config::Config;
+use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Journal};
 use crate::hub::Hub;
 use crate::journal::MemoryJournal;
@@ -112,29 +113,36 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| StartError::Transport(e.to_string()))?;
 
+    let limits = ConnectionLimits::from_config(&cfg);
     let mut builder = Server::builder()
         .max_concurrent_streams(cfg.max_concurrent_streams)
-        .concurrency_limit_per_connection(cfg.max_concurrent_requests)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        .concurrency_limit_per_connection(cfg.max_concurrent_requests())
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(limits.transport_header_list_size());
     if let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) {
         let cert = std::fs::read(cert).map_err(|e| StartError::Config(format!("cannot read TLS certificate: {e}")))?;
         let key = std::fs::read(key).map_err(|e| StartError::Config(format!("cannot read TLS key: {e}")))?;
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
-            .map_err(|e| StartError::Transport(format!("TLS setup: {e}")))?;
+        let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)).timeout(limits.handshake_timeout);
+        builder = builder.tls_config(tls).map_err(|e| StartError::Transport(format!("TLS setup: {e}")))?;
     }
     let service = MacpRuntimeServiceServer::new(runtime)
         .max_decoding_message_size(cfg.max_grpc_message_bytes)
         .max_encoding_message_size(cfg.max_grpc_message_bytes);
-    // The builder's tcp_nodelay does not apply to a caller-supplied listener:
-    // set it here, or small replies wait ~40 ms for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The builder's tcp_nodelay and tcp_keepalive do not apply to a
+    // caller-supplied listener: set them here, or small replies wait ~40 ms
+    // for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = limit_incoming(incoming, &limits);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         let _ = fired_tx.send(());
     };
     let server = builder
+        .layer(ConnLayer::new(&limits))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
@@ -159,6 +167,13 @@ pub async fn serve(
     info!("shutdown complete");
     Ok(())
 }
+
+/// Interval of HTTP/2 PINGs to every client (also while idle).
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A client that does not answer a PING within this is disconnected.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive probes, for peers that vanished without a FIN.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// How long in-flight connections get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
