@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::info;
 
-use crate::auth::{parse_tokens, Authenticator};
+use crate::auth::jwks::{Jwks, JwksError, RemoteJwks};
+use crate::auth::{parse_tokens, Authenticator, JwtSettings, JwtVerifier, TokenFileError};
 use crate::config::Config;
 use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Journal};
@@ -26,6 +27,17 @@ pub enum StartError {
     /// Bad configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// The static token configuration was refused.
+    #[error("{source_var}: {error}")]
+    Tokens {
+        /// Which variable held the tokens.
+        source_var: &'static str,
+        /// What is wrong with them.
+        error: TokenFileError,
+    },
+    /// The JWT key configuration was refused.
+    #[error("JWT keys: {0}")]
+    Jwks(#[from] JwksError),
     /// Storage could not be opened or recovered.
     #[error("storage: {0}")]
     Storage(String),
@@ -43,17 +55,47 @@ pub fn kernel_config(cfg: &Config) -> KernelConfig {
     }
 }
 
-fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
+/// Builds the authenticator: static tokens from both sources, and JWT
+/// verification when `MACP_AUTH_ISSUER` is set (which, for a JWKS URL,
+/// starts the key refresh task).
+async fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
     let mut entries = Vec::new();
     if let Some(json) = &cfg.auth_tokens_json {
-        entries.extend(parse_tokens(json).map_err(StartError::Config)?);
+        entries.extend(
+            parse_tokens(json).map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_JSON", error })?,
+        );
     }
     if let Some(path) = &cfg.auth_tokens_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StartError::Config(format!("cannot read MACP_AUTH_TOKENS_FILE {}: {e}", path.display())))?;
-        entries.extend(parse_tokens(&text).map_err(StartError::Config)?);
+        entries.extend(
+            parse_tokens(&text).map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_FILE", error })?,
+        );
     }
-    Ok(Authenticator::new(entries, cfg.allow_dev_sender_header))
+    let auth = Authenticator::new(entries, cfg.allow_dev_sender_header)
+        .map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_JSON + MACP_AUTH_TOKENS_FILE", error })?;
+    let Some(issuer) = &cfg.auth_issuer else { return Ok(auth) };
+    let jwks = match (&cfg.auth_jwks_json, &cfg.auth_jwks_url) {
+        (Some(json), _) => Jwks::inline(json, &cfg.auth_jwt_algs)?,
+        (None, Some(url)) => {
+            let remote = RemoteJwks {
+                url: url.clone(),
+                ttl: Duration::from_secs(cfg.auth_jwks_ttl_secs),
+                ca_file: cfg.auth_jwks_ca_file.clone(),
+            };
+            Jwks::remote(remote, &cfg.auth_jwt_algs).await?
+        }
+        (None, None) => {
+            return Err(StartError::Config("MACP_AUTH_ISSUER needs MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL".into()))
+        }
+    };
+    let settings = JwtSettings {
+        issuer: issuer.clone(),
+        audience: cfg.auth_audience.clone(),
+        algorithms: cfg.auth_jwt_algs.clone(),
+        leeway: Duration::from_secs(cfg.auth_leeway_secs),
+    };
+    Ok(auth.with_jwt(JwtVerifier::new(settings, jwks)))
 }
 
 /// Opens the journal and recovers the kernel from it.
@@ -72,13 +114,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
-    let auth = load_auth(&cfg)?;
+    let auth = load_auth(&cfg).await?;
     let (kernel, journal) = open_storage(&cfg, &kcfg)?;
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}; storage: {}; {} session(s) recovered",
+        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}{}; storage: {}; {} session(s) recovered",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
         auth.token_count(),
+        auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
         if cfg.memory_only {
             "memory only (nothing survives a restart)".to_string()

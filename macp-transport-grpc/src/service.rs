@@ -5,6 +5,7 @@
 //! limits; every decision that depends on session state is the kernel's.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -62,7 +63,9 @@ impl Runtime {
         self.limits.clone()
     }
 
-    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+    /// Borrows only the metadata, so the future stays `Send` for requests
+    /// whose body is not `Sync` (streams).
+    fn identity<'a, T>(&'a self, req: &'a Request<T>) -> impl Future<Output = Result<Identity, Status>> + Send + 'a {
         self.auth.authenticate(req.metadata())
     }
 
@@ -149,7 +152,7 @@ impl Runtime {
     }
 
     async fn control(&self, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         if !self.limits.check(&identity.sender, Budget::Message) {
             return Err(macp_status(
                 Code::ResourceExhausted,
@@ -346,7 +349,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let identity = self.identity(&req);
+        let identity = self.identity(&req).await;
         let envelope =
             req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("SendRequest needs an envelope"))?;
         let ack = self.send_envelope(identity, envelope, None).await;
@@ -359,7 +362,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<Streaming<StreamSessionRequest>>,
     ) -> Result<Response<Self::StreamSessionStream>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel::<Frame>(64);
         let rt = self.clone();
@@ -472,7 +475,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<GetSessionResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let sid = req.into_inner().session_id;
         let md = self.query(move |k| k.get_session(&identity, &sid)).await?.map_err(status_of)?;
         Ok(Response::new(GetSessionResponse { metadata: Some(md) }))
@@ -576,7 +579,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<RegisterExtModeRequest>,
     ) -> Result<Response<RegisterExtModeResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let descriptor =
             req.into_inner().mode_descriptor.ok_or_else(|| Status::invalid_argument("mode_descriptor is required"))?;
         let r = self.registry(Input::RegisterExtMode { request: 0, identity, descriptor }).await?;
@@ -590,7 +593,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<UnregisterExtModeRequest>,
     ) -> Result<Response<UnregisterExtModeResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let mode = req.into_inner().mode;
         let r = self.registry(Input::UnregisterExtMode { request: 0, identity, mode }).await?;
         Ok(Response::new(match r {
@@ -600,7 +603,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn promote_mode(&self, req: Request<PromoteModeRequest>) -> Result<Response<PromoteModeResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let r = req.into_inner();
         let res = self
             .registry(Input::PromoteMode {
@@ -622,7 +625,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchSignalsRequest>,
     ) -> Result<Response<Self::WatchSignalsStream>, Status> {
-        self.identity(&req)?;
+        self.identity(&req).await?;
         let rx = self.watch.signals.subscribe();
         let s = tokio_stream::wrappers::BroadcastStream::new(rx).map(|e| {
             e.map_err(|_| Status::resource_exhausted("signal watcher fell behind; signals have no backlog, reconnect"))
@@ -632,7 +635,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let r = req.into_inner();
         let (sessions, next_page_token) = self
             .query(move |k| k.list_sessions(&identity, r.page_size, &r.page_token))
@@ -647,7 +650,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchSessionsRequest>,
     ) -> Result<Response<Self::WatchSessionsStream>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         // Subscribe before the snapshot so nothing falls between them; live
         // CREATED events for sessions already in the snapshot are dropped.
         let rx = self.watch.lifecycle.subscribe();
@@ -690,7 +693,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<RegisterPolicyRequest>,
     ) -> Result<Response<RegisterPolicyResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let descriptor = req
             .into_inner()
             .policy_descriptor
@@ -706,7 +709,7 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<UnregisterPolicyRequest>,
     ) -> Result<Response<UnregisterPolicyResponse>, Status> {
-        let identity = self.identity(&req)?;
+        let identity = self.identity(&req).await?;
         let policy_id = req.into_inner().policy_id;
         let r = self.registry(Input::UnregisterPolicy { request: 0, identity, policy_id }).await?;
         Ok(Response::new(match r {
@@ -716,7 +719,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<GetPolicyResponse>, Status> {
-        self.identity(&req)?;
+        self.identity(&req).await?;
         let id = req.into_inner().policy_id;
         let lookup = id.clone();
         let d = self
@@ -727,7 +730,7 @@ impl MacpRuntimeService for Runtime {
     }
 
     async fn list_policies(&self, req: Request<ListPoliciesRequest>) -> Result<Response<ListPoliciesResponse>, Status> {
-        self.identity(&req)?;
+        self.identity(&req).await?;
         let mode = req.into_inner().mode;
         let descriptors = self.query(move |k| k.policies().list(&mode)).await?;
         Ok(Response::new(ListPoliciesResponse { descriptors }))
