@@ -186,16 +186,16 @@ fn envelope(sid: &str, mode: &str, t: &str, mid: &str, sender: &str, payload: Ve
     }
 }
 
-fn send(k: &mut Kernel, env: Envelope) -> macp_kernel::macp_wire::v1::Ack {
+fn send(k: &mut Kernel, env: Envelope) -> Result<macp_kernel::Accepted, macp_kernel::KernelError> {
     let identity = Identity::new(env.sender.clone());
     let effects = k.handle(NOW, Input::Envelope { request: 7, identity, envelope: env });
     effects
         .into_iter()
         .find_map(|e| match e {
-            Effect::Reply { reply: Reply::Ack(a), .. } => Some(a),
+            Effect::Reply { reply: Reply::Session { result, .. }, .. } => Some(result),
             _ => None,
         })
-        .expect("an Ack")
+        .expect("a session reply")
 }
 
 /// Starts a session of `mode` under the policy, feeds Decision sessions a
@@ -211,17 +211,17 @@ fn evaluate(k: &mut Kernel, policy: &str, mode: &str, n: usize, positive: bool) 
         ..Default::default()
     };
     let ack = send(k, envelope(&sid, mode, "SessionStart", "s", "I", start.encode_to_vec()));
-    if !ack.ok {
+    if ack.is_err() {
         return; // e.g. an extension mode's own start rules
     }
     if mode == "macp.mode.decision.v1" {
         let p = ProposalPayload { proposal_id: "p1".into(), option: "o".into(), ..Default::default() };
-        send(k, envelope(&sid, mode, "Proposal", "p", "A", p.encode_to_vec()));
+        let _ = send(k, envelope(&sid, mode, "Proposal", "p", "A", p.encode_to_vec()));
         let o = ObjectionPayload { proposal_id: "p1".into(), reason: "r".into(), severity: "critical".into() };
-        send(k, envelope(&sid, mode, "Objection", "o", "B", o.encode_to_vec()));
+        let _ = send(k, envelope(&sid, mode, "Objection", "o", "B", o.encode_to_vec()));
         for (who, v) in [("A", "APPROVE"), ("B", "REJECT")] {
             let vote = VotePayload { proposal_id: "p1".into(), vote: v.into(), reason: String::new() };
-            send(k, envelope(&sid, mode, "Vote", &format!("v{who}"), who, vote.encode_to_vec()));
+            let _ = send(k, envelope(&sid, mode, "Vote", &format!("v{who}"), who, vote.encode_to_vec()));
         }
     }
     let c = CommitmentPayload {
@@ -236,7 +236,7 @@ fn evaluate(k: &mut Kernel, policy: &str, mode: &str, n: usize, positive: bool) 
         supersedes: None,
     };
     let ack = send(k, envelope(&sid, mode, "Commitment", "c", "I", c.encode_to_vec()));
-    if let Some(e) = ack.error.filter(|e| e.code == "POLICY_DENIED") {
+    if let Some(e) = ack.err().filter(|e| e.code == macp_kernel::ErrorCode::PolicyDenied) {
         let details: serde_json::Value = serde_json::from_slice(&e.details).expect("POLICY_DENIED details are JSON");
         let reasons = details["reasons"].as_array().expect("reasons");
         let denials = details["denials"].as_array().expect("denials");

@@ -3,7 +3,8 @@
 //! The tonic adapter around the macp-rs kernel, and the `macp-runtime`
 //! server binary.
 //!
-//! Request path: tonic handler → authentication ([`auth`]) → rate limits
+//! Request path: connection limits ([`connections`]) → tonic handler →
+//! authentication ([`auth`]) → rate limits
 //! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
 //! task, which owns the kernel, batches commands, group-commits their records
 //! through a [`driver::Journal`], then releases replies and, last,
@@ -14,6 +15,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod driver;
 mod fs_journal;
 pub mod hub;

@@ -81,7 +81,7 @@ pub(super) async fn stream_session(
     rt: &Runtime,
     req: Request<Streaming<StreamSessionRequest>>,
 ) -> Result<Response<RpcStream<StreamSessionResponse>>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let mut inbound = req.into_inner();
     let (out, rx) = mpsc::channel::<Frame>(64);
     let rt = rt.clone();
@@ -195,7 +195,7 @@ pub(super) async fn watch_signals(
     rt: &Runtime,
     req: Request<WatchSignalsRequest>,
 ) -> Result<Response<RpcStream<WatchSignalsResponse>>, Status> {
-    rt.identity(&req)?;
+    rt.identity(&req).await?;
     let rx = rt.watch.signals.subscribe();
     let s = tokio_stream::wrappers::BroadcastStream::new(rx)
         .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect")));
