@@ -408,8 +408,11 @@ fn generate(rng: &mut Rng, cfg: &FuzzConfig, t: &Targets, huge_left: &mut u32) -
                     "ttl_ms above 24 h"
                 }
                 3 => {
-                    p.participants.clear();
-                    "no participants"
+                    // An empty roster is valid since SPEC-DELTA §1.3; a
+                    // duplicated participant is not.
+                    let dup = p.participants.first().cloned().unwrap_or_else(|| "agent://dup".into());
+                    p.participants.extend([dup.clone(), dup]);
+                    "duplicate participant"
                 }
                 4 => {
                     p.mode_version = "2.0.0".into();

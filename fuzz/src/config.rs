@@ -24,24 +24,36 @@ pub fn run(data: &[u8]) {
 }
 
 /// The static token file (`MACP_AUTH_TOKENS_JSON`). Whatever parses must
-/// authenticate: every accepted token, presented as a bearer token and as
-/// `x-macp-token`, resolves to its own sender with its own grants.
+/// authenticate: every accepted plaintext token, presented as a bearer token
+/// and as `x-macp-token`, resolves to its own sender with its own grants
+/// (a `token_sha256` entry cannot be presented: only its preimage could).
 pub fn tokens(text: &str, dev: bool) {
+    use macp_transport_grpc::auth::TokenSecret;
     let Ok(entries) = parse_tokens(text) else { return };
-    let auth = Authenticator::new(entries.clone(), dev);
+    let auth = Authenticator::new(entries.clone(), dev).expect("parsed entries index without duplicates");
     assert_eq!(auth.token_count(), entries.len(), "duplicate tokens were accepted");
     for e in &entries {
-        for (header, value) in [("authorization", format!("Bearer {}", e.token)), ("x-macp-token", e.token.clone())] {
+        let TokenSecret::Plain(token) = &e.secret else { continue };
+        for (header, value) in [("authorization", format!("Bearer {token}")), ("x-macp-token", token.clone())] {
             let Ok(v) = MetadataValue::try_from(value.as_str()) else { continue };
             let mut md = MetadataMap::new();
             md.insert(header, v);
-            let id = auth.authenticate(&md).unwrap_or_else(|s| {
-                panic!("token {:?} of {} does not authenticate via {header}: {s}", e.token, e.sender)
-            });
-            assert_eq!(id.sender, e.sender, "token {:?} authenticates as someone else via {header}", e.token);
+            let id = now(auth.authenticate(&md))
+                .unwrap_or_else(|s| panic!("the token of {} does not authenticate via {header}: {s}", e.sender));
+            assert_eq!(id.sender, e.sender, "a token authenticates as someone else via {header}");
             assert_eq!(id.grants.can_start_sessions, e.can_start_sessions);
             assert_eq!(id.grants.max_open_sessions, e.max_open_sessions);
         }
+    }
+}
+
+/// Runs a future that must not wait: static tokens resolve without I/O (only
+/// a JWT with an unknown key id waits, for a JWKS refresh).
+fn now<F: std::future::Future>(f: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("static-token authentication waited"),
     }
 }
 
@@ -81,7 +93,7 @@ pub fn policy_rules(rules: &str, schema_version: u32) {
         let d = PolicyDescriptor {
             policy_id: id.clone(),
             mode: (*mode).into(),
-            description: String::new(),
+            description: "fuzz".into(),
             rules: rules.into(),
             schema_version,
             registered_at_unix_ms: 0,

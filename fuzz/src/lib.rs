@@ -16,6 +16,8 @@
 //!   `kernel_ops` target;
 //! * [`config`]: the configuration-parsing entry points of the
 //!   `config_parse` target;
+//! * [`policy`]: the `policy_definition` target, whole RegisterPolicy
+//!   descriptors through admission, replay and evaluation;
 //! * [`storage`]: the storage-decoding checks of the `storage_decode` target;
 //! * [`wal`]: the damaged-data-directory recovery checks of the `wal_recover`
 //!   target (`macp-storage-fs`);
@@ -28,6 +30,7 @@ pub mod check;
 pub mod config;
 pub mod frames;
 pub mod ops;
+pub mod policy;
 pub mod seeds;
 pub mod storage;
 pub mod wal;

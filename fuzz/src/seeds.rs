@@ -52,6 +52,7 @@ pub fn all() -> Corpus {
     c.insert("storage_decode", storage_decode());
     c.insert("config_parse", config_parse());
     c.insert("wal_recover", wal_recover());
+    c.insert("policy_definition", policy_definition());
     // `kernel_ops` reads `arbitrary`'s encoding, which has no inverse; it
     // reaches the vectors through its `Op::Vector` operation instead.
     c.insert("kernel_ops", BTreeMap::new());
@@ -130,6 +131,67 @@ fn push_record(out: &mut Vec<u8>, r: &Record) {
     let bytes = record::encode(r);
     out.extend_from_slice(&u16::try_from(bytes.len()).expect("a seed record fits").to_le_bytes());
     out.extend_from_slice(&bytes);
+}
+
+/// Whole policy descriptors, as protobuf (selector 1): every vector's inline
+/// policy, the three reserved profiles, and what `macp-sdk-python` 0.22's
+/// builders write; plus a compact-form input per standard mode (selector
+/// 0, see `policy::descriptor`).
+pub fn policy_definition() -> BTreeMap<String, Vec<u8>> {
+    use macp_kernel::macp_wire::v1::PolicyDescriptor;
+    let mut out = BTreeMap::new();
+    let mut add = |name: String, d: PolicyDescriptor| {
+        out.insert(name, [&[1u8][..], &d.encode_to_vec()].concat());
+    };
+    for (i, (_, v)) in base::vectors().iter().enumerate() {
+        if let Some(p) = &v.policy {
+            add(
+                format!("vector-{i}"),
+                macp_kernel::macp_wire::conformance::policy_descriptor(p).expect("vector policy"),
+            );
+        }
+    }
+    for id in ["policy.std.majority", "policy.std.supermajority", "policy.std.unanimous"] {
+        add(id.to_string(), macp_kernel::policy::canonical_profile(id).expect("assigned profile"));
+    }
+    let sdk = |id: &str, mode: &str, version: u32, rules: &str| PolicyDescriptor {
+        policy_id: id.into(),
+        mode: mode.into(),
+        description: "built by the SDK".into(),
+        rules: rules.into(),
+        schema_version: version,
+        registered_at_unix_ms: 0,
+    };
+    add(
+        "sdk-decision".into(),
+        sdk(
+            "policy.sdk.decision",
+            "macp.mode.decision.v1",
+            3,
+            r#"{"voting":{"algorithm":"majority","threshold":0.5,"weights":{"A":1}},"objection_handling":{"critical_severity_vetoes":false,"veto_threshold":1,"critical_objection_action":"deny"},"evaluation":{"minimum_confidence":0.0,"required_before_voting":false},"commitment":{"authority":"initiator_only","designated_roles":[],"require_vote_quorum":false,"allow_decline_over_approval":false},"_note":"annotated"}"#,
+        ),
+    );
+    add(
+        "sdk-quorum".into(),
+        sdk(
+            "policy.sdk.quorum",
+            "macp.mode.quorum.v1",
+            1,
+            r#"{"threshold":{"type":"n_of_m","value":1},"abstention":{"counts_toward_quorum":false,"interpretation":"neutral"},"commitment":{"authority":"initiator_only","designated_roles":[]}}"#,
+        ),
+    );
+    add("any-shared".into(), sdk("policy.sdk.any", "*", 2, r#"{"commitment":{"authority":"any_participant"}}"#));
+    for (m, rules) in [
+        (0u8, r#"{"voting":{"algorithm":"unanimous"},"commitment":{"require_vote_quorum":true}}"#),
+        (1, r#"{"acceptance":{"criterion":"counterparty"},"counter_proposal":{"max_rounds":2}}"#),
+        (2, r#"{"assignment":{"allow_reassignment_on_reject":true},"completion":{"require_output":true}}"#),
+        (3, r#"{"acceptance":{"implicit_accept_timeout_ms":5}}"#),
+        (4, r#"{"threshold":{"type":"percentage","value":50}}"#),
+    ] {
+        // selector 0 (id policy.fuzz.a); shape: mode m, schema_version 3.
+        out.insert(format!("compact-{m}"), [&[0u8, m | (3 << 3)][..], rules.as_bytes()].concat());
+    }
+    out
 }
 
 /// Token files, command lines and policy rules, each behind its selector

@@ -6,10 +6,15 @@
 
 use std::fmt;
 
+use crate::policy::{details_json, Denial};
+
 /// Error codes of the MACP error-code registry that this runtime emits.
 ///
 /// `UNAUTHORIZED` (a deprecated alias of FORBIDDEN) and `DUPLICATE_MESSAGE`
-/// (duplicates are acknowledged, DECISIONS 5) are deliberately absent.
+/// (duplicates are acknowledged, DECISIONS 5) are deliberately absent. The
+/// last five are the control-plane codes `macp-sdk-python` 0.22 knows; each
+/// variant says where it applies, so a transport maps them to gRPC statuses
+/// without matching strings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ErrorCode {
     /// Missing or invalid credentials, or a sender that is not the caller.
@@ -42,6 +47,21 @@ pub enum ErrorCode {
     PolicyDenied,
     /// A policy descriptor is invalid, or bound to another mode.
     InvalidPolicyDefinition,
+    /// GetDecisionReceipt: the session has no binding Commitment yet, or no
+    /// receipt can be issued for it (gRPC FAILED_PRECONDITION).
+    ReceiptUnavailable,
+    /// WhatIfReplay: the session's accepted history is no longer complete
+    /// (retention or compaction removed it) (gRPC FAILED_PRECONDITION).
+    HistoryUnavailable,
+    /// A registry change on a registry that is read-only here, e.g. loaded
+    /// from files (gRPC FAILED_PRECONDITION).
+    RegistryReadOnly,
+    /// A stream subscriber fell too far behind and was closed; resubscribe
+    /// (gRPC RESOURCE_EXHAUSTED).
+    StreamLagged,
+    /// A malformed request that is not an envelope, e.g. a page token this
+    /// runtime never issued (gRPC INVALID_ARGUMENT).
+    InvalidRequest,
 }
 
 impl ErrorCode {
@@ -63,6 +83,11 @@ impl ErrorCode {
             ErrorCode::UnknownPolicyVersion => "UNKNOWN_POLICY_VERSION",
             ErrorCode::PolicyDenied => "POLICY_DENIED",
             ErrorCode::InvalidPolicyDefinition => "INVALID_POLICY_DEFINITION",
+            ErrorCode::ReceiptUnavailable => "RECEIPT_UNAVAILABLE",
+            ErrorCode::HistoryUnavailable => "HISTORY_UNAVAILABLE",
+            ErrorCode::RegistryReadOnly => "REGISTRY_READ_ONLY",
+            ErrorCode::StreamLagged => "STREAM_LAGGED",
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
         }
     }
 }
@@ -74,7 +99,9 @@ impl fmt::Display for ErrorCode {
 }
 
 /// A rejection: a registry code, a message a human can act on, and optional
-/// structured details (JSON, e.g. the reasons of a POLICY_DENIED).
+/// structured details (JSON, e.g. the reasons of a POLICY_DENIED). A
+/// POLICY_DENIED also keeps its denials as values, so a caller that replays
+/// history under another policy can collect them without parsing details.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct KernelError {
@@ -84,12 +111,15 @@ pub struct KernelError {
     pub message: String,
     /// Structured details (`MACPError.details`), empty when there are none.
     pub details: Vec<u8>,
+    /// For POLICY_DENIED: every unmet rule, in evaluation order (the same
+    /// content as `details`). Empty for every other code.
+    pub denials: Vec<Denial>,
 }
 
 impl KernelError {
     /// An error with a code and a message and no details.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        KernelError { code, message: message.into(), details: Vec::new() }
+        KernelError { code, message: message.into(), details: Vec::new(), denials: Vec::new() }
     }
 
     /// Attaches structured details.
@@ -108,12 +138,21 @@ impl KernelError {
         Self::new(ErrorCode::Forbidden, message)
     }
 
-    /// POLICY_DENIED with the structured `{"reasons":[…]}` details the spec
-    /// asks for, so clients can show every unmet rule at once.
-    pub fn policy_denied(reasons: Vec<String>) -> Self {
-        let details = serde_json::to_vec(&serde_json::json!({ "reasons": reasons })).unwrap_or_default();
-        Self::new(ErrorCode::PolicyDenied, format!("governance policy denied this message: {}", reasons.join("; ")))
-            .with_details(details)
+    /// POLICY_DENIED carrying every unmet rule: in the message for humans,
+    /// as `{"reasons": […], "denials": [{code, message, participants}]}` in
+    /// the details for clients (see [`crate::policy::Denial`]), and as values
+    /// in [`KernelError::denials`].
+    pub fn policy_denied(denials: Vec<Denial>) -> Self {
+        let text: Vec<&str> = denials.iter().map(|d| d.message.as_str()).collect();
+        let message = format!("governance policy denied this message: {}", text.join("; "));
+        let mut e = Self::new(ErrorCode::PolicyDenied, message).with_details(details_json(&denials));
+        e.denials = denials;
+        e
+    }
+
+    /// INVALID_POLICY_DEFINITION.
+    pub fn invalid_policy(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidPolicyDefinition, message)
     }
 }
 

@@ -38,6 +38,7 @@
 #![deny(missing_docs)]
 
 mod admit;
+pub mod commitment_hash;
 pub mod config;
 pub mod error;
 pub mod io;

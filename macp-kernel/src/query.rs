@@ -230,7 +230,7 @@ const MAX_SCAN: usize = 10_000;
 
 /// ListSessions, paged in session-id order over open sessions (held) and
 /// ended ones (storage). `page_token` is the opaque token of the previous
-/// page; a malformed one is INVALID_ENVELOPE. The page size is clamped to
+/// page; a malformed one is INVALID_REQUEST. The page size is clamped to
 /// [`MAX_PAGE_SIZE`], and a page ends early once its metadata would pass
 /// `byte_budget` encoded bytes or it looked at [`MAX_SCAN`] sessions.
 fn list_sessions(
@@ -246,10 +246,12 @@ fn list_sessions(
     let after = if page_token.is_empty() {
         None
     } else {
-        Some(
-            decode_token(page_token)
-                .ok_or_else(|| KernelError::invalid("page_token is not a token this runtime issued"))?,
-        )
+        Some(decode_token(page_token).ok_or_else(|| {
+            KernelError::new(
+                ErrorCode::InvalidRequest,
+                "page_token is not a token this runtime issued; start again with an empty page_token",
+            )
+        })?)
     };
     let mut held = state.sessions_after(after.as_deref()).peekable();
     let mut ended: std::collections::VecDeque<SessionSummary> = Default::default();

@@ -118,15 +118,17 @@ pub struct StartFields {
 
 /// SessionStart payload checks (DIGEST §2.1, rows 18–21), in the latest
 /// runtime's order: decode, participants, versions, ttl, suspension cap.
+///
+/// An empty roster is structurally valid (RFC-MACP-0012 §4.1: MACP does not
+/// require a non-empty `participants` list; the spec's
+/// `decision_zero_participants` vector starts such a session). Whether a
+/// mode can do anything with it is the mode's call at start.
 pub fn start_payload(env: &Envelope, cfg: &KernelConfig) -> KResult<StartFields> {
     if env.payload.is_empty() {
         return Err(KernelError::invalid("SessionStart needs a SessionStartPayload; the payload is empty"));
     }
     let p = SessionStartPayload::decode(env.payload.as_slice())
         .map_err(|e| KernelError::invalid(format!("SessionStart payload does not decode: {e}")))?;
-    if p.participants.is_empty() {
-        return Err(KernelError::invalid("SessionStart needs at least one participant"));
-    }
     if p.participants.len() > cfg.max_participants {
         return Err(KernelError::invalid(format!(
             "SessionStart declares {} participants; the limit is {}",
@@ -213,6 +215,14 @@ pub fn commitment_fields(
     if let Some(s) = &c.supersedes {
         if s.session_id.trim().is_empty() || s.commitment_hash.trim().is_empty() {
             return Err(KernelError::invalid("Commitment supersedes needs both session_id and commitment_hash"));
+        }
+        if !crate::commitment_hash::is_well_formed(&s.commitment_hash) {
+            return Err(KernelError::invalid(format!(
+                "Commitment supersedes.commitment_hash '{}' is not a canonical commitment hash: it must be \
+                 'sha256:' followed by 64 lowercase hex digits (RFC-MACP-0013), as computed over the superseded \
+                 Commitment",
+                s.commitment_hash.chars().take(80).collect::<String>()
+            )));
         }
     }
     if let Some(positive) = action_polarity(&c.action) {

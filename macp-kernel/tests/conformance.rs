@@ -14,9 +14,11 @@ use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::v1::{Ack, Envelope, MacpError, PolicyDescriptor, SessionState};
 use macp_kernel::{Accepted, Effect, Identity, Input, Kernel, KernelConfig, KernelError, Reply};
 
-/// How many vectors the spec ships (DIGEST §7.3); a different count means
-/// files were lost or added without review.
-const EXPECTED_VECTORS: usize = 13;
+/// How many session vectors the spec ships (SPEC-DELTA §1, the
+/// `conformance-next` corpus); a different count means files were lost or
+/// added without review. The five `cmt-hash/` vectors are not session
+/// transcripts and run in `tests/commitment_hash.rs`.
+const EXPECTED_VECTORS: usize = 33;
 
 /// A fixed kernel clock: runs are deterministic and need no real time.
 const T0: i64 = 1_700_000_000_000;
@@ -182,7 +184,7 @@ fn for_every_vector(what: &str, mut check: impl FnMut(&conformance::Vector, &str
 }
 
 #[test]
-fn the_spec_ships_thirteen_vectors_and_all_load() {
+fn the_spec_ships_thirty_three_vectors_and_all_load() {
     let files = load();
     let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(files.len(), EXPECTED_VECTORS, "vectors found: {names:?}");
@@ -204,7 +206,7 @@ fn every_message_of_every_vector_encodes() {
         }
         Ok("pass")
     });
-    assert_eq!(encoded, 49, "the 13 vectors script 49 messages");
+    assert_eq!(encoded, 141, "the 33 vectors script 141 messages");
 }
 
 /// DIGEST §7: every vector passes against the kernel, each in a fresh kernel
@@ -298,19 +300,20 @@ fn the_harness_catches_wrong_expectations() {
     assert!(run(&v).unwrap_err().contains("expect_resolution_present is false"));
 
     let mut v = good.clone();
-    v.messages[1].expect = conformance::Expectation::Reject;
+    v.messages[2].expect = conformance::Expectation::Reject;
     let e = run(&v).unwrap_err();
     assert!(
         e.starts_with(
-            "decision_happy_path.json: messages[1] (decision.Vote Vote from agent://a): expected reject, got accepted"
+            "decision_happy_path.json: messages[2] (macp.modes.decision.v1.VotePayload Vote from agent://a): \
+             expected reject, got accepted"
         ),
         "{e}"
     );
 
     let mut v = good;
-    v.messages[1].sender = "agent://outsider".into();
-    v.messages[1].expect = conformance::Expectation::Reject;
-    v.messages[1].expected_error_code = Some("INVALID_ENVELOPE".into());
+    v.messages[2].sender = "agent://outsider".into();
+    v.messages[2].expect = conformance::Expectation::Reject;
+    v.messages[2].expected_error_code = Some("INVALID_ENVELOPE".into());
     let e = run(&v).unwrap_err();
     assert!(e.contains("expected reject with INVALID_ENVELOPE, got rejected FORBIDDEN"), "{e}");
 }

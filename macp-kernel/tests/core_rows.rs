@@ -223,13 +223,18 @@ fn row_19_versions_required() {
 }
 
 #[test]
-fn row_20_participants_unique_non_empty() {
+fn row_20_participants_unique_and_non_blank() {
     let mut h = H::new();
-    for ps in [vec![], vec!["a", "a"], vec![""]] {
+    for ps in [vec!["a", "a"], vec![""]] {
         let p = SessionStartPayload { participants: ps.iter().map(|s| s.to_string()).collect(), ..default_start() };
         let (_, ack) = start_with(&mut h, &p);
         assert_eq!(code(&ack), "INVALID_ENVELOPE", "{ps:?}");
     }
+    // An empty roster is structurally valid (SPEC-DELTA §1.3): a Decision
+    // session starts, but nobody, the initiator included, may propose in it.
+    let p = SessionStartPayload { participants: vec![], ..default_start() };
+    let (_, ack) = start_with(&mut h, &p);
+    assert!(ack.ok, "{ack:?}");
 }
 
 #[test]

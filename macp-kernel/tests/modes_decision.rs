@@ -59,6 +59,29 @@ fn commit_code(h: &mut H, who: &str, sid: &str, c: &macp_kernel::macp_wire::v1::
     code(&ack).to_string()
 }
 
+/// Sends a Commitment that must be POLICY_DENIED and returns the parsed
+/// error details (`{"reasons": [...], "denials": [...]}`), checking that the
+/// denial left the kernel untouched.
+fn commit_err(h: &mut H, who: &str, sid: &str, c: &macp_kernel::macp_wire::v1::CommitmentPayload) -> serde_json::Value {
+    let before = h.k.snapshot();
+    let ack = h.commit_in(DECISION, who, sid, c);
+    assert_eq!(code(&ack), "POLICY_DENIED", "{:?}", ack.error);
+    assert!(h.k.snapshot() == before, "a denied commitment changes nothing");
+    let details: serde_json::Value = serde_json::from_slice(&ack.error.unwrap().details).expect("details are JSON");
+    let reasons = details["reasons"].as_array().expect("reasons");
+    let denials = details["denials"].as_array().expect("denials");
+    assert_eq!(reasons.len(), denials.len(), "one reason per denial: {details}");
+    for (r, d) in reasons.iter().zip(denials) {
+        assert_eq!(r, &d["message"], "reasons repeat the denial messages");
+    }
+    details
+}
+
+/// The denial codes of [`commit_err`] details, in order.
+fn denial_codes(details: &serde_json::Value) -> Vec<&str> {
+    details["denials"].as_array().unwrap().iter().map(|d| d["code"].as_str().unwrap()).collect()
+}
+
 /// A default session ([I, A, B], policy.default) with proposal p1 from I.
 fn with_p1(h: &mut H) -> String {
     let sid = h.start_default();
@@ -170,13 +193,15 @@ fn row_69_enumerated_values_are_case_sensitive() {
     for good in ["APPROVE", "REVIEW", "BLOCK", "REJECT"] {
         ok(&mut h, "A", &sid, "Evaluation", evaluation("p1", good, 1.0));
     }
-    for bad in ["CRITICAL", "Critical", "severe"] {
+    // Severity is required and lowercase (decision.proto 0.1.13: "any other
+    // value, including the empty string, is rejected").
+    for bad in ["CRITICAL", "Critical", "severe", ""] {
         rejected_with(&mut h, "A", &sid, "Objection", objection("p1", bad), "INVALID_ENVELOPE");
     }
-    for good in ["low", "medium", "high", "critical", ""] {
+    for good in ["low", "medium", "high", "critical"] {
         ok(&mut h, "B", &sid, "Objection", objection("p1", good));
     }
-    assert_eq!(h.projection(&sid)["objections"][4]["severity"], "medium", "empty severity means medium");
+    assert_eq!(h.projection(&sid)["objections"][3]["severity"], "critical");
     for bad in ["MAYBE", "approve", "Reject", ""] {
         rejected_with(&mut h, "A", &sid, "Vote", vote("p1", bad), "INVALID_ENVELOPE");
     }
@@ -241,10 +266,27 @@ fn row_73_malformed_supersedes_rejected() {
     let mut h = H::new();
     let sid = with_p1(&mut h);
     let mut c = selected();
-    c.supersedes = Some(CommitmentRef { session_id: String::new(), commitment_hash: "h".into() });
-    assert_eq!(commit_code(&mut h, "I", &sid, &c), "INVALID_ENVELOPE");
-    c.supersedes =
-        Some(CommitmentRef { session_id: "00000000-0000-4000-8000-ffffffffffff".into(), commitment_hash: "h".into() });
+    let good_hash = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let other = "00000000-0000-4000-8000-ffffffffffff".to_string();
+    c.supersedes = Some(CommitmentRef { session_id: String::new(), commitment_hash: good_hash.clone() });
+    assert_eq!(commit_code(&mut h, "I", &sid, &c), "INVALID_ENVELOPE", "empty session_id");
+    // RFC-MACP-0013 §9: the hash must be canonical, ^sha256:[0-9a-f]{64}$.
+    for bad in [
+        "h".to_string(),
+        "not-a-valid-hash".to_string(),
+        good_hash.to_uppercase(),
+        good_hash.replace("sha256:", "SHA256:"),
+        good_hash[..good_hash.len() - 1].to_string(),
+        format!("{good_hash}0"),
+        good_hash.trim_start_matches("sha256:").to_string(),
+        good_hash.replace('a', "g"),
+    ] {
+        c.supersedes = Some(CommitmentRef { session_id: other.clone(), commitment_hash: bad.clone() });
+        let ack = h.commit_in(DECISION, "I", &sid, &c);
+        assert_eq!(code(&ack), "INVALID_ENVELOPE", "{bad}");
+        assert!(ack.error.unwrap().message.contains("sha256:"), "the message says what shape is expected");
+    }
+    c.supersedes = Some(CommitmentRef { session_id: other, commitment_hash: good_hash });
     assert_eq!(commit_code(&mut h, "I", &sid, &c), "", "a well-formed reference to an unknown session is fine");
 }
 
@@ -293,45 +335,72 @@ fn vector_decision_reject_paths() {
 // ----- rows 101–106 (decision policies) --------------------------------------------
 
 #[test]
-fn row_103_decision_rules_are_validated() {
+fn row_103_decision_rules_are_validated_at_admission() {
+    // RFC-MACP-0012 §4.1 as of 1.5.0: every floor, closed objects,
+    // annotations, and no unimplemented vendor extension.
     let mut h = H::new();
     let bad = [
-        r#"{"voting":{"algorithm":"weighted"}}"#,
-        r#"{"voting":{"algorithm":"weighted","weights":{}}}"#,
-        r#"{"voting":{"algorithm":"majority","threshold":"x"}}"#,
-        r#"{"voting":{"threshold":1.2}}"#,
-        r#"{"voting":{"algorithm":"supermajority","threshold":0.5}}"#,
-        r#"{"voting":{"algorithm":"coin_flip"}}"#,
-        r#"{"voting":{"algorithm":"MAJORITY"}}"#,
-        r#"{"voting":{"quorum":{"type":"percentage","value":150}}}"#,
-        r#"{"voting":{"weights":{"A":-1}}}"#,
-        r#"{"objection_handling":{"veto_threshold":0}}"#,
-        r#"{"objection_handling":{"critical_objection_action":"ignore"}}"#,
-        r#"{"evaluation":{"minimum_confidence":2}}"#,
-        r#"{"evaluation":{"required_before_voting":"yes"}}"#,
-        r#"{"commitment":{"allow_decline_over_approval":1}}"#,
-        r#"{"voting":5}"#,
-        r#"[1,2]"#,
+        (r#"{"voting":{"algorithm":"weighted"}}"#, "needs a voting.weights map"),
+        (r#"{"voting":{"algorithm":"weighted","weights":{}}}"#, "must not be empty"),
+        (r#"{"voting":{"weights":{"A":0}}}"#, "must be a number > 0"),
+        (r#"{"voting":{"weights":{"A":-1}}}"#, "must be a number > 0"),
+        (r#"{"voting":{"algorithm":"majority","threshold":"x"}}"#, "decision schema"),
+        (r#"{"voting":{"threshold":1.2}}"#, "greater than 0 and at most 1"),
+        (r#"{"voting":{"algorithm":"unanimous","threshold":0}}"#, "greater than 0"),
+        (r#"{"voting":{"algorithm":"majority","threshold":0.4}}"#, "no majority"),
+        (r#"{"voting":{"algorithm":"supermajority","threshold":0.5}}"#, "above 0.5"),
+        (r#"{"voting":{"algorithm":"supermajority"}}"#, "needs an explicit voting.threshold"),
+        (r#"{"voting":{"algorithm":"coin_flip"}}"#, "is not one of"),
+        (r#"{"voting":{"algorithm":"MAJORITY"}}"#, "is not one of"),
+        (r#"{"voting":{"quorum":{"type":"percentage","value":150}}}"#, "must not exceed 100"),
+        (r#"{"voting":{"quorum":{"type":"seats","value":1}}}"#, "is not one of count, percentage"),
+        (r#"{"objection_handling":{"veto_threshold":0}}"#, "at least 1"),
+        (r#"{"objection_handling":{"veto_threshhold":3}}"#, "veto_threshhold is not defined"),
+        (r#"{"objection_handling":{"critical_objection_action":"ignore"}}"#, "is not one of"),
+        (r#"{"evaluation":{"minimum_confidence":2}}"#, "[0, 1]"),
+        (r#"{"evaluation":{"required_before_voting":"yes"}}"#, "decision schema"),
+        (r#"{"commitment":{"allow_decline_over_approval":1}}"#, "decision schema"),
+        (r#"{"commitment":{"authority":"designated_role"}}"#, "designated_roles"),
+        (r#"{"commitment":{"authority":"designated_role","designated_roles":[]}}"#, "designated_roles"),
+        (r#"{"acceptance":{"criterion":"counterparty"}}"#, "rules.acceptance is not defined by the decision"),
+        (r#"{"x-com.example.audit":{"on":true}}"#, "vendor extension"),
+        (r#"{"voting":{"algorithm":"majority","x-acme.k":1}}"#, "vendor extension"),
+        (r#"{"voting":5}"#, "must be an object"),
+        (r#"[1,2]"#, "JSON object"),
     ];
-    for (i, rules) in bad.iter().enumerate() {
-        let err = h.register_policy(&format!("policy.bad.d{i}"), DECISION, 2, rules).expect_err(rules);
-        assert_eq!(err.code, ErrorCode::InvalidPolicyDefinition, "{rules}");
-        // Mode-agnostic policies are checked with the decision schema too.
+    for (i, (rules, why)) in bad.iter().enumerate() {
+        for version in [1, 2, 3] {
+            let err =
+                h.register_policy(&format!("policy.bad.d{i}v{version}"), DECISION, version, rules).expect_err(rules);
+            assert_eq!(err.code, ErrorCode::InvalidPolicyDefinition, "{rules}");
+            assert!(err.message.contains(why), "{rules}: {:?} should say {why:?}", err.message);
+        }
+        // Mode-agnostic policies must satisfy every mode's schema.
         let err = h.register_policy(&format!("policy.bad.s{i}"), "*", 1, rules).expect_err(rules);
         assert_eq!(err.code, ErrorCode::InvalidPolicyDefinition, "{rules}");
     }
     let good = [
         r#"{}"#,
-        r#"{"voting":{"algorithm":"weighted","weights":{"A":2.5},"threshold":0.6}}"#,
+        r#"{"voting":{"algorithm":"weighted","weights":{"A":2.5,"_B":1},"threshold":0.6}}"#,
         r#"{"voting":{"algorithm":"supermajority","threshold":0.67,"quorum":{"type":"count","value":2}}}"#,
-        r#"{"voting":{"algorithm":"supermajority"}}"#,
         r#"{"voting":{"algorithm":"unanimous"},"commitment":{"require_vote_quorum":true}}"#,
         r#"{"objection_handling":{"critical_severity_vetoes":true,"veto_threshold":2,"critical_objection_action":"hold"}}"#,
-        r#"{"acceptance":{"criterion":"counterparty"},"x-vendor":{"anything":[1]}}"#,
+        r#"{"_note":"annotations anywhere","$comment":1,"voting":{"_why":"x","algorithm":"plurality"},
+            "commitment":{"$ref":"audit","authority":"designated_role","designated_roles":["A"]}}"#,
+        // What macp-sdk-python 0.22's build_decision_policy writes by default.
+        r#"{"voting":{"algorithm":"none","threshold":0.5},"objection_handling":{"critical_severity_vetoes":false,
+            "veto_threshold":1,"critical_objection_action":"deny"},"evaluation":{"minimum_confidence":0.0,
+            "required_before_voting":false},"commitment":{"authority":"initiator_only","designated_roles":[],
+            "require_vote_quorum":false,"allow_decline_over_approval":false}}"#,
     ];
     for (i, rules) in good.iter().enumerate() {
-        h.register_policy(&format!("policy.good.d{i}"), DECISION, 2, rules).expect(rules);
+        for version in [1, 2, 3] {
+            h.register_policy(&format!("policy.good.d{i}v{version}"), DECISION, version, rules).expect(rules);
+        }
     }
+    // A '*' policy may carry only what every mode defines.
+    h.register_policy("policy.good.any", "*", 3, r#"{"commitment":{"authority":"any_participant"},"_n":1}"#)
+        .expect("shared sections only");
     h.assert_replay_matches();
 }
 
@@ -410,15 +479,27 @@ fn row_106_commitment_authority_follows_the_policy() {
 // ----- policy evaluation in detail (DIGEST §6.3) -------------------------------------
 
 #[test]
-fn majority_is_strictly_more_than_half() {
-    // DECISIONS 12: exactly 50 % is not a majority.
+fn majority_is_inclusive_and_plurality_is_strict() {
+    // DECISIONS 12 (current RFC-MACP-0012 §4.1): an even split is a majority
+    // (ratio >= 0.5); "strictly more" is plurality.
     let mut h = H::new();
     let sid = policy_session(&mut h, "policy.majority", json!({"voting": {"algorithm": "majority"}}));
     ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
     ok(&mut h, "A", &sid, "Vote", vote("p1", "APPROVE"));
     ok(&mut h, "B", &sid, "Vote", vote("p1", "REJECT"));
     ok(&mut h, "I", &sid, "Vote", vote("p1", "ABSTAIN"));
-    assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "POLICY_DENIED");
+    // The vote passed, so a decline needs allow_decline_over_approval.
+    let e = commit_err(&mut h, "I", &sid, &rejected());
+    assert_eq!(denial_codes(&e), vec!["decline_over_approval"]);
+    assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "");
+
+    let sid = policy_session(&mut h, "policy.plurality", json!({"voting": {"algorithm": "plurality"}}));
+    ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
+    ok(&mut h, "A", &sid, "Vote", vote("p1", "APPROVE"));
+    ok(&mut h, "B", &sid, "Vote", vote("p1", "REJECT"));
+    let e = commit_err(&mut h, "I", &sid, &selected());
+    assert_eq!(denial_codes(&e), vec!["threshold_not_met"]);
+    assert_eq!(e["denials"][0]["participants"], json!(["B"]), "the rejecter is named");
     // The vote failed and there is a REJECT, so the decline guard is met.
     assert_eq!(commit_code(&mut h, "I", &sid, &rejected()), "");
 }
@@ -558,25 +639,40 @@ fn weighted_supermajority_and_unanimous() {
     let sid = policy_session(
         &mut h,
         "policy.w",
-        json!({"voting": {"algorithm": "weighted", "weights": {"A": 3}, "threshold": 0.75}}),
+        json!({"voting": {"algorithm": "weighted", "weights": {"A": 3, "B": 1}, "threshold": 0.75}}),
     );
     ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
     ok(&mut h, "A", &sid, "Vote", vote("p1", "APPROVE"));
     ok(&mut h, "B", &sid, "Vote", vote("p1", "REJECT"));
     assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "", "3 of 4 weight is exactly 0.75");
 
-    let sid = policy_session(&mut h, "policy.s", json!({"voting": {"algorithm": "supermajority"}}));
+    // policy.std.supermajority's binary64 two thirds: 2 of 3 passes.
+    let sid = policy_session(
+        &mut h,
+        "policy.s",
+        json!({"voting": {"algorithm": "supermajority", "threshold": 0.6666666666666666}}),
+    );
     ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
     ok(&mut h, "A", &sid, "Vote", vote("p1", "APPROVE"));
     ok(&mut h, "B", &sid, "Vote", vote("p1", "REJECT"));
     assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "POLICY_DENIED");
     ok(&mut h, "I", &sid, "Vote", vote("p1", "APPROVE"));
-    assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "", "2 of 3 reaches the default 2/3");
+    assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "", "2 of 3 reaches 0.6666666666666666");
 
+    // Unanimous: every declared participant must approve; an abstainer or a
+    // non-voter blocks it.
     let sid = policy_session(&mut h, "policy.u", json!({"voting": {"algorithm": "unanimous"}}));
     ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
     ok(&mut h, "A", &sid, "Vote", vote("p1", "APPROVE"));
     ok(&mut h, "B", &sid, "Vote", vote("p1", "ABSTAIN"));
+    let e = commit_err(&mut h, "I", &sid, &selected());
+    assert_eq!(denial_codes(&e), vec!["threshold_not_met"]);
+    assert_eq!(e["denials"][0]["participants"], json!(["B", "I"]), "those who did not approve");
+    let sid = policy_session(&mut h, "policy.u2", json!({"voting": {"algorithm": "unanimous"}}));
+    ok(&mut h, "I", &sid, "Proposal", proposal("p1", "deploy"));
+    for who in ["I", "A", "B"] {
+        ok(&mut h, who, &sid, "Vote", vote("p1", "APPROVE"));
+    }
     assert_eq!(commit_code(&mut h, "I", &sid, &selected()), "");
     h.assert_replay_matches();
 }
@@ -667,12 +763,13 @@ mod props {
         #[test]
         fn random_sessions_are_safe_and_replayable(
             policy in 0usize..POLICIES.len(),
+            schema_version in 1u32..=3,
             steps in prop::collection::vec((0usize..SENDERS.len(), step()), 1..40),
         ) {
             let mut h = H::new();
             let (policy_id, rules) = POLICIES[policy];
             if !policy_id.is_empty() {
-                h.register_policy(policy_id, "*", 2, rules).unwrap();
+                h.register_policy(policy_id, DECISION, schema_version, rules).unwrap();
             }
             let sid = h.start_ok(DECISION, "I", &["I", "A", "B"], policy_id);
             let mut resolved = false;

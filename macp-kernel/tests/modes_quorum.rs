@@ -261,12 +261,26 @@ fn policy_threshold_percentage_rounds_up() {
     let sid = start(&mut h, "policy.quorum.p50");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 4)));
     assert_eq!(h.projection(&sid)["tally"]["required"], 2);
+
+    // RFC-MACP-0012 §4.2's example: 50 % of 3 declared participants needs 2,
+    // and the base stays 3 however many abstain.
+    let sid = h.start_mode(QUORUM, "C", &["A", "B", "D"], "policy.quorum.p50");
+    ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
+    ok(&h.send_mode("A", &sid, QUORUM, "Abstain", abstain("r1")));
+    assert_eq!(h.projection(&sid)["tally"]["required"], 2);
+    ok(&h.send_mode("B", &sid, QUORUM, "Approve", approve("r1")));
+    rejected(&h.commit_mode("C", &sid, QUORUM, "quorum.approved", true), "INVALID_ENVELOPE");
 }
 
 #[test]
-fn policy_threshold_zero_keeps_required_approvals() {
+fn stored_legacy_threshold_zero_keeps_required_approvals() {
+    // Admission refuses both the `weighted` type and a zero value today
+    // (RFC-MACP-0012 1.2.0); a descriptor recorded before that still
+    // evaluates as it did: a zero threshold overrides nothing.
     let mut h = H::new();
-    h.register_rules("policy.quorum.zero", QUORUM, json!({"threshold": {"type": "weighted", "value": 0}})).unwrap();
+    let rules = json!({"threshold": {"type": "weighted", "value": 0}}).to_string();
+    assert!(h.register_rules("policy.quorum.zero", QUORUM, serde_json::from_str(&rules).unwrap()).is_err());
+    h.register_stored("policy.quorum.zero", QUORUM, 1, &rules).unwrap();
     let sid = start(&mut h, "policy.quorum.zero");
     ok(&h.send_mode("C", &sid, QUORUM, "ApprovalRequest", request("r1", 1)));
     ok(&h.send_mode("A", &sid, QUORUM, "Approve", approve("r1")));
@@ -282,6 +296,19 @@ fn policy_rules_are_type_checked_at_registration() {
         json!({"threshold": {"type": "n_of_m", "value": "2"}}),
         json!({"threshold": {"type": "n_of_m", "value": -1}}),
         json!({"threshold": {"type": "percentage", "value": 150}}),
+        // RFC-MACP-0012 1.2.0: `weighted` is reserved, `count` is no alias,
+        // the value is a whole number > 0.
+        json!({"threshold": {"type": "weighted", "value": 2}}),
+        json!({"threshold": {"type": "count", "value": 2}}),
+        json!({"threshold": {"type": "n_of_m", "value": 0}}),
+        json!({"threshold": {"type": "n_of_m", "value": 2.5}}),
+        json!({"threshold": {"type": "n_of_m"}}),
+        // Closed objects (1.4.0) and satisfiable authority (1.3.0).
+        json!({"threshold": {"type": "n_of_m", "value": 2, "weights": {"A": 2}}}),
+        json!({"voting": {"algorithm": "majority"}}),
+        json!({"commitment": {"authority": "designated_role"}}),
+        json!({"commitment": {"require_vote_quorum": true}}),
+        json!({"x-com.example.q": {}}),
         json!({"abstention": {"counts_toward_quorum": "no"}}),
         json!({"abstention": {"interpretation": "veto"}}),
         json!({"abstention": []}),
@@ -293,8 +320,9 @@ fn policy_rules_are_type_checked_at_registration() {
         "policy.quorum.good",
         QUORUM,
         json!({
-            "threshold": {"type": "weighted", "value": 2.5, "weights": {"A": 2}},
+            "threshold": {"type": "percentage", "value": 50, "_note": "half, rounded up"},
             "abstention": {"counts_toward_quorum": false, "interpretation": "neutral"},
+            "commitment": {"authority": "designated_role", "designated_roles": ["C"]},
         }),
     )
     .unwrap();
@@ -347,8 +375,14 @@ proptest! {
         steps in proptest::collection::vec(step(), 1..40),
     ) {
         let mut h = H::new();
-        h.register_rules("policy.quorum.prop", QUORUM, json!({"threshold": {"type": "n_of_m", "value": threshold}}))
-            .unwrap();
+        // A zero threshold (no override) is no longer admissible; it is
+        // still how recorded policies of older runtimes evaluate.
+        let rules = json!({"threshold": {"type": "n_of_m", "value": threshold}});
+        if threshold > 0 {
+            h.register_rules("policy.quorum.prop", QUORUM, rules).unwrap();
+        } else {
+            h.register_stored("policy.quorum.prop", QUORUM, 1, &rules.to_string()).unwrap();
+        }
         let participants: &[&str] = if coordinator_listed { &["C", "A", "B", "D", "E"] } else { &["A", "B", "D", "E"] };
         let sid = h.start_mode(QUORUM, "C", participants, "policy.quorum.prop");
         let mut resolved = false;

@@ -87,3 +87,75 @@ fn row_43_intermediate_outcomes_do_not_resolve() {
         assert_eq!(h.state(&sid), SessionState::Open);
     }
 }
+
+/// RegisterPolicy admission as of RFC-MACP-0012 1.5.0: schema versions 1–3,
+/// a required description, and the reserved `policy.std.*` namespace.
+#[test]
+fn admission_follows_rfc_0012_1_5() {
+    use macp_kernel::policy::canonical_profile;
+    let mut h = H::new();
+    for v in [1, 2, 3] {
+        h.register_policy(&format!("policy.team.v{v}"), DECISION, v, r#"{"voting":{"algorithm":"majority"}}"#)
+            .unwrap_or_else(|e| panic!("schema_version {v}: {e}"));
+    }
+    for v in [0, 4] {
+        let e = h.register_policy("policy.team.bad", DECISION, v, "{}").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidPolicyDefinition);
+        assert!(e.message.contains("supported: 1, 2, 3"), "{e}");
+    }
+
+    // description is required.
+    let mut d = canonical_profile("policy.std.majority").unwrap();
+    d.policy_id = "policy.team.nodesc".into();
+    d.description = String::new();
+    let e = register(&mut h, d).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidPolicyDefinition);
+    assert!(e.message.starts_with("description is required"), "{e}");
+
+    // policy.std.*: unprovided ids do not resolve; only canonical profiles
+    // register, whatever defaults or annotations they spell out.
+    let (_, ack) = h.try_start(DECISION, "I", &["I", "A"], "policy.std.unanimous");
+    assert_eq!(code(&ack), "UNKNOWN_POLICY_VERSION");
+    let e = h.register_policy("policy.std.other", DECISION, 1, "{}").unwrap_err();
+    assert!(e.message.contains("not an assigned profile"), "{e}");
+    let mut wrong = canonical_profile("policy.std.majority").unwrap();
+    wrong.rules = r#"{"voting":{"algorithm":"majority","threshold":0.6,"quorum":{"type":"count","value":1}},"commitment":{"require_vote_quorum":true}}"#.into();
+    assert!(register(&mut h, wrong).unwrap_err().message.contains("may only be registered exactly"));
+    let mut wrong_version = canonical_profile("policy.std.unanimous").unwrap();
+    wrong_version.schema_version = 3;
+    assert!(register(&mut h, wrong_version).is_err());
+    let mut spelled_out = canonical_profile("policy.std.majority").unwrap();
+    spelled_out.rules = r#"{"_why":"canonical","voting":{"algorithm":"majority","quorum":{"type":"count","value":1}},
+        "objection_handling":{"veto_threshold":1,"critical_severity_vetoes":false},
+        "commitment":{"require_vote_quorum":true,"authority":"initiator_only"}}"#
+        .into();
+    register(&mut h, spelled_out).expect("semantically canonical");
+    for id in ["policy.std.supermajority", "policy.std.unanimous"] {
+        register(&mut h, canonical_profile(id).unwrap()).unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    let sid = h.start_ok(DECISION, "I", &["I", "A"], "policy.std.unanimous");
+    assert_eq!(h.k.get_session(&Identity::new("I"), &sid).unwrap().policy_version, "policy.std.unanimous");
+    h.assert_replay_matches();
+}
+
+/// A registration recorded before today's admission rules (no description,
+/// a supermajority without threshold, an explicit weight 0, a `*` policy with
+/// Decision sections) still replays and binds sessions: admission-time
+/// schemas are never re-applied to a stored descriptor (RFC-MACP-0012 §8).
+#[test]
+fn stored_registrations_replay_without_todays_admission_rules() {
+    let mut h = H::new();
+    let rules = r#"{"voting":{"algorithm":"supermajority","weights":{"A":0}},"unknown":{"x":1}}"#;
+    assert!(h.register_policy("policy.old.a", "*", 1, rules).is_err(), "admission refuses it today");
+    h.register_stored("policy.old.a", "*", 1, rules).expect("a stored registration applies");
+    let sid = h.start_ok(DECISION, "I", &["I", "A", "B"], "policy.old.a");
+    assert_eq!(h.state(&sid), SessionState::Open);
+    // Even storage refuses what could never be evaluated.
+    assert!(h.register_stored("policy.old.b", DECISION, 7, "{}").is_err());
+    assert!(h.register_stored("policy.old.c", DECISION, 1, "[]").is_err());
+    h.assert_replay_matches();
+}
+
+fn register(h: &mut H, d: macp_kernel::macp_wire::v1::PolicyDescriptor) -> Result<String, macp_kernel::KernelError> {
+    h.register_policy_descriptor(d)
+}

@@ -1,6 +1,9 @@
 //! Server configuration: the seed runtime's environment variables (same names,
 //! same defaults, so existing deployments keep working) with command-line
-//! flags that override them.
+//! flags that override them. Where the reference runtime names a setting
+//! differently, its name is accepted as an alias (today only
+//! `MACP_CONCURRENCY_LIMIT_PER_CONNECTION`; resolved in [`Config::resolve`],
+//! since clap reads one variable per flag).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,9 +53,46 @@ pub struct Config {
     #[arg(long, env = "MACP_AUTH_TOKENS_JSON")]
     pub auth_tokens_json: Option<String>,
 
-    /// Static tokens, path to a JSON file (same format).
+    /// Static tokens, path to a JSON file (same format; an entry may give
+    /// `token_sha256`, the hex SHA-256 of the token, instead of `token`).
     #[arg(long, env = "MACP_AUTH_TOKENS_FILE")]
     pub auth_tokens_file: Option<PathBuf>,
+
+    /// Accept JWT bearer tokens issued by this issuer (the `iss` claim);
+    /// needs MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL.
+    #[arg(long, env = "MACP_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// The audience JWTs must be issued for (the `aud` claim).
+    #[arg(long, env = "MACP_AUTH_AUDIENCE", default_value = "macp-runtime")]
+    pub auth_audience: String,
+
+    /// JWT verification keys, an inline JSON Web Key Set.
+    #[arg(long, env = "MACP_AUTH_JWKS_JSON")]
+    pub auth_jwks_json: Option<String>,
+
+    /// JWT verification keys, fetched from this https:// URL and cached.
+    #[arg(long, env = "MACP_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+
+    /// Seconds a fetched JWKS is used before it is fetched again (a token
+    /// with an unknown `kid` also triggers a rate-limited refresh).
+    #[arg(long, env = "MACP_AUTH_JWKS_TTL_SECS", default_value_t = 300)]
+    pub auth_jwks_ttl_secs: u64,
+
+    /// PEM file of the CA certificates that may sign the JWKS endpoint's
+    /// certificate (replaces the system's trust store for that fetch).
+    #[arg(long, env = "MACP_AUTH_JWKS_CA_FILE")]
+    pub auth_jwks_ca_file: Option<PathBuf>,
+
+    /// Accepted JWT algorithms, comma-separated (HS256/384/512 only when
+    /// listed; `none` never).
+    #[arg(long, env = "MACP_AUTH_JWT_ALGS", value_delimiter = ',', default_value = "RS256,ES256,EdDSA", value_parser = parse_jwt_alg)]
+    pub auth_jwt_algs: Vec<jsonwebtoken::Algorithm>,
+
+    /// Clock skew tolerated on JWT `exp` and `nbf`, in seconds.
+    #[arg(long, env = "MACP_AUTH_LEEWAY_SECS", default_value_t = 30)]
+    pub auth_leeway_secs: u64,
 
     /// Largest envelope payload in bytes.
     #[arg(long, env = "MACP_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
@@ -79,9 +119,35 @@ pub struct Config {
     #[arg(long, env = "MACP_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
-    /// Concurrent in-flight requests per connection.
-    #[arg(long, env = "MACP_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
-    pub max_concurrent_requests: usize,
+    /// Concurrent in-flight requests per connection [default: 1024; also
+    /// read from the reference runtime's MACP_CONCURRENCY_LIMIT_PER_CONNECTION].
+    #[arg(long, env = "MACP_MAX_CONCURRENT_REQUESTS")]
+    pub max_concurrent_requests: Option<usize>,
+
+    /// The reference runtime's name for `--max-concurrent-requests`, read
+    /// when neither that flag nor MACP_MAX_CONCURRENT_REQUESTS is set.
+    #[arg(long, env = "MACP_CONCURRENCY_LIMIT_PER_CONNECTION", hide = true)]
+    pub concurrency_limit_per_connection: Option<usize>,
+
+    /// Most open client connections; more are closed as soon as they are
+    /// accepted. Keep it below the open-file limit (`ulimit -n`).
+    #[arg(long, env = "MACP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Seconds a new connection has to complete TLS and HTTP/2 and start
+    /// its first request before it is closed.
+    #[arg(long, env = "MACP_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
+    /// Seconds a connection may stay without any open request or stream
+    /// before it is closed (0: never).
+    #[arg(long, env = "MACP_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+
+    /// Largest request metadata (HTTP/2 header list, in HPACK-decoded bytes)
+    /// of one call; a larger call alone is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MACP_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: usize,
 
     /// Records between checkpoints (0: no record bound). A checkpoint holds
     /// open sessions only, so restart replays at most this many records.
@@ -189,14 +255,99 @@ impl Config {
             }
             _ => {}
         }
-        if self.auth_tokens_json.is_none() && self.auth_tokens_file.is_none() && !self.allow_dev_sender_header {
-            return Err("no authentication configured: set MACP_AUTH_TOKENS_JSON or MACP_AUTH_TOKENS_FILE, or allow dev identities with MACP_ALLOW_DEV_SENDER_HEADER=1 (or --dev)".into());
+        match (&self.auth_issuer, &self.auth_jwks_json, &self.auth_jwks_url) {
+            (Some(_), Some(_), Some(_)) => {
+                return Err("set one of MACP_AUTH_JWKS_JSON and MACP_AUTH_JWKS_URL, not both".into())
+            }
+            (Some(_), None, None) => {
+                return Err("MACP_AUTH_ISSUER needs JWT keys: set MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL".into())
+            }
+            (None, Some(_), _) | (None, _, Some(_)) => {
+                return Err(
+                    "MACP_AUTH_JWKS_JSON/MACP_AUTH_JWKS_URL need MACP_AUTH_ISSUER (the issuer JWTs must name)".into()
+                )
+            }
+            _ => {}
         }
+        if self.auth_issuer.as_deref().is_some_and(str::is_empty) || self.auth_audience.is_empty() {
+            return Err("MACP_AUTH_ISSUER and MACP_AUTH_AUDIENCE must not be empty".into());
+        }
+        if self.auth_tokens_json.is_none()
+            && self.auth_tokens_file.is_none()
+            && self.auth_issuer.is_none()
+            && !self.allow_dev_sender_header
+        {
+            return Err("no authentication configured: set MACP_AUTH_TOKENS_JSON or MACP_AUTH_TOKENS_FILE, or MACP_AUTH_ISSUER with JWT keys, or allow dev identities with MACP_ALLOW_DEV_SENDER_HEADER=1 (or --dev)".into());
+        }
+        if self.max_connections == 0 {
+            return Err("MACP_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if self.handshake_timeout_secs == 0 {
+            return Err("MACP_HANDSHAKE_TIMEOUT_SECS must be at least 1".into());
+        }
+        self.max_concurrent_requests =
+            Some(self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024));
         Ok(self)
+    }
+
+    /// Concurrent in-flight requests per connection: the flag, then
+    /// MACP_MAX_CONCURRENT_REQUESTS, then MACP_CONCURRENCY_LIMIT_PER_CONNECTION,
+    /// then 1024.
+    pub fn max_concurrent_requests(&self) -> usize {
+        self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024)
+    }
+
+    /// Whether JWT bearer tokens are accepted.
+    pub fn jwt(&self) -> bool {
+        self.auth_issuer.is_some()
     }
 
     /// Whether TLS is configured.
     pub fn tls(&self) -> bool {
         self.tls_cert_path.is_some()
+    }
+}
+
+fn parse_jwt_alg(name: &str) -> Result<jsonwebtoken::Algorithm, crate::auth::jwt::AlgorithmError> {
+    crate::auth::jwt::parse_algorithm(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference runtime's `MACP_CONCURRENCY_LIMIT_PER_CONNECTION` is
+    /// read when neither the flag nor `MACP_MAX_CONCURRENT_REQUESTS` is set.
+    /// (The only test of this binary touching these variables.)
+    #[test]
+    fn reference_alias_for_the_per_connection_limit() {
+        let base = ["macp-runtime", "--dev"];
+        std::env::remove_var("MACP_MAX_CONCURRENT_REQUESTS");
+        std::env::set_var("MACP_CONCURRENCY_LIMIT_PER_CONNECTION", "7");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 7);
+        let flag = Config::parse_from(["macp-runtime", "--dev", "--max-concurrent-requests", "9"]);
+        assert_eq!(flag.resolve().unwrap().max_concurrent_requests(), 9, "the flag wins");
+        std::env::set_var("MACP_MAX_CONCURRENT_REQUESTS", "8");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 8, "our name wins");
+        std::env::remove_var("MACP_MAX_CONCURRENT_REQUESTS");
+        std::env::remove_var("MACP_CONCURRENCY_LIMIT_PER_CONNECTION");
+        assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 1024, "the default");
+    }
+
+    #[test]
+    fn jwt_configuration_is_checked() {
+        let jwt = |extra: &[&str]| {
+            let mut args = vec!["macp-runtime", "--allow-insecure"];
+            args.extend_from_slice(extra);
+            Config::parse_from(args).resolve()
+        };
+        assert!(jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}"]).is_ok(), "JWT alone is authentication");
+        assert!(jwt(&["--auth-issuer", "https://i"]).unwrap_err().contains("needs JWT keys"));
+        assert!(jwt(&["--auth-jwks-url", "https://k"]).unwrap_err().contains("MACP_AUTH_ISSUER"));
+        let both = jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}", "--auth-jwks-url", "https://k"]);
+        assert!(both.unwrap_err().contains("not both"));
+        let c = jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}"]).unwrap();
+        assert_eq!(c.auth_jwt_algs, crate::auth::jwt::DEFAULT_ALGORITHMS);
+        assert_eq!((c.auth_audience.as_str(), c.auth_jwks_ttl_secs, c.auth_leeway_secs), ("macp-runtime", 300, 30));
     }
 }

@@ -3,7 +3,8 @@
 //! The tonic adapter around the macp-rs kernel, and the `macp-runtime`
 //! server binary.
 //!
-//! Request path: tonic handler → authentication ([`auth`]) → rate limits
+//! Request path: connection limits ([`connections`]) → tonic handler →
+//! authentication ([`auth`]) → rate limits
 //! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
 //! task, a thin shell over `macp-pipeline`'s commit pipeline: it batches
 //! commands, group-commits their records into the one `macp_storage::Storage`
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod driver;
 pub mod hub;
 pub mod limits;

@@ -15,8 +15,10 @@ use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::auth::{parse_tokens, Authenticator};
+use crate::auth::jwks::{Jwks, JwksError, RemoteJwks};
+use crate::auth::{parse_tokens, Authenticator, JwtSettings, JwtVerifier, TokenFileError};
 use crate::config::Config;
+use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Reopen};
 use crate::hub::Hub;
 use crate::limits::RateLimits;
@@ -29,6 +31,17 @@ pub enum StartError {
     /// Bad configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// The static token configuration was refused.
+    #[error("{source_var}: {error}")]
+    Tokens {
+        /// Which variable held the tokens.
+        source_var: &'static str,
+        /// What is wrong with them.
+        error: TokenFileError,
+    },
+    /// The JWT key configuration was refused.
+    #[error("JWT keys: {0}")]
+    Jwks(#[from] JwksError),
     /// Storage could not be opened or recovered.
     #[error("storage: {0}")]
     Storage(String),
@@ -46,17 +59,47 @@ pub fn kernel_config(cfg: &Config) -> KernelConfig {
     }
 }
 
-fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
+/// Builds the authenticator: static tokens from both sources, and JWT
+/// verification when `MACP_AUTH_ISSUER` is set (which, for a JWKS URL,
+/// starts the key refresh task).
+async fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
     let mut entries = Vec::new();
     if let Some(json) = &cfg.auth_tokens_json {
-        entries.extend(parse_tokens(json).map_err(StartError::Config)?);
+        entries.extend(
+            parse_tokens(json).map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_JSON", error })?,
+        );
     }
     if let Some(path) = &cfg.auth_tokens_file {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StartError::Config(format!("cannot read MACP_AUTH_TOKENS_FILE {}: {e}", path.display())))?;
-        entries.extend(parse_tokens(&text).map_err(StartError::Config)?);
+        entries.extend(
+            parse_tokens(&text).map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_FILE", error })?,
+        );
     }
-    Ok(Authenticator::new(entries, cfg.allow_dev_sender_header))
+    let auth = Authenticator::new(entries, cfg.allow_dev_sender_header)
+        .map_err(|error| StartError::Tokens { source_var: "MACP_AUTH_TOKENS_JSON + MACP_AUTH_TOKENS_FILE", error })?;
+    let Some(issuer) = &cfg.auth_issuer else { return Ok(auth) };
+    let jwks = match (&cfg.auth_jwks_json, &cfg.auth_jwks_url) {
+        (Some(json), _) => Jwks::inline(json, &cfg.auth_jwt_algs)?,
+        (None, Some(url)) => {
+            let remote = RemoteJwks {
+                url: url.clone(),
+                ttl: Duration::from_secs(cfg.auth_jwks_ttl_secs),
+                ca_file: cfg.auth_jwks_ca_file.clone(),
+            };
+            Jwks::remote(remote, &cfg.auth_jwt_algs).await?
+        }
+        (None, None) => {
+            return Err(StartError::Config("MACP_AUTH_ISSUER needs MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL".into()))
+        }
+    };
+    let settings = JwtSettings {
+        issuer: issuer.clone(),
+        audience: cfg.auth_audience.clone(),
+        algorithms: cfg.auth_jwt_algs.clone(),
+        leeway: Duration::from_secs(cfg.auth_leeway_secs),
+    };
+    Ok(auth.with_jwt(JwtVerifier::new(settings, jwks)))
 }
 
 /// Opens the configured storage backend (not yet loaded).
@@ -103,7 +146,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
-    let auth = load_auth(&cfg)?;
+    let auth = load_auth(&cfg).await?;
     // The shutdown signal may come at any time, recovery included.
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -146,9 +189,10 @@ pub async fn serve(
     }
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}; storage: {}; history retention: {}; {} open session(s)",
+        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}{}; storage: {}; history retention: {}; {} open session(s)",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
         auth.token_count(),
+        auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
         if cfg.memory_only {
             format!("memory only (nothing survives a restart; ended sessions' history capped at {})", cfg.memory_history_limit)
@@ -183,29 +227,36 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| StartError::Transport(e.to_string()))?;
 
+    let limits = ConnectionLimits::from_config(&cfg);
     let mut builder = Server::builder()
         .max_concurrent_streams(cfg.max_concurrent_streams)
-        .concurrency_limit_per_connection(cfg.max_concurrent_requests)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)));
+        .concurrency_limit_per_connection(cfg.max_concurrent_requests())
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(limits.transport_header_list_size());
     if let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) {
         let cert = std::fs::read(cert).map_err(|e| StartError::Config(format!("cannot read TLS certificate: {e}")))?;
         let key = std::fs::read(key).map_err(|e| StartError::Config(format!("cannot read TLS key: {e}")))?;
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)))
-            .map_err(|e| StartError::Transport(format!("TLS setup: {e}")))?;
+        let tls = ServerTlsConfig::new().identity(TlsIdentity::from_pem(cert, key)).timeout(limits.handshake_timeout);
+        builder = builder.tls_config(tls).map_err(|e| StartError::Transport(format!("TLS setup: {e}")))?;
     }
     let service = MacpRuntimeServiceServer::new(runtime)
         .max_decoding_message_size(cfg.max_grpc_message_bytes)
         .max_encoding_message_size(cfg.max_grpc_message_bytes);
-    // The builder's tcp_nodelay does not apply to a caller-supplied listener:
-    // set it here, or small replies wait ~40 ms for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The builder's tcp_nodelay and tcp_keepalive do not apply to a
+    // caller-supplied listener: set them here, or small replies wait ~40 ms
+    // for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = limit_incoming(incoming, &limits);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
         let _ = fired_tx.send(());
     };
     let server = builder
+        .layer(ConnLayer::new(&limits))
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
@@ -244,6 +295,13 @@ pub async fn serve(
     info!("shutdown complete");
     Ok(())
 }
+
+/// Interval of HTTP/2 PINGs to every client (also while idle).
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A client that does not answer a PING within this is disconnected.
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// TCP keepalive probes, for peers that vanished without a FIN.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// How long in-flight connections get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -23,23 +23,26 @@ use tonic::{Code, Status};
 pub const ERROR_CODE_KEY: &str = "macp-error-code";
 
 /// The gRPC status code for a registry code, for RPCs whose errors are
-/// statuses rather than Acks.
+/// statuses rather than Acks. Exhaustive, so a new code cannot slip through
+/// unmapped; the control-plane codes follow `macp-sdk-python` 0.22's table.
 pub fn grpc_code(code: ErrorCode) -> Code {
     match code {
-        ErrorCode::SessionNotFound => Code::NotFound,
-        ErrorCode::Forbidden => Code::PermissionDenied,
+        ErrorCode::SessionNotFound | ErrorCode::UnknownPolicyVersion => Code::NotFound,
+        ErrorCode::Forbidden | ErrorCode::PolicyDenied => Code::PermissionDenied,
         ErrorCode::Unauthenticated => Code::Unauthenticated,
-        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited => Code::ResourceExhausted,
+        ErrorCode::PayloadTooLarge | ErrorCode::RateLimited | ErrorCode::StreamLagged => Code::ResourceExhausted,
         ErrorCode::InternalError => Code::Internal,
-        ErrorCode::InvalidEnvelope | ErrorCode::InvalidSessionId | ErrorCode::InvalidPolicyDefinition => {
-            Code::InvalidArgument
-        }
+        ErrorCode::InvalidEnvelope
+        | ErrorCode::InvalidSessionId
+        | ErrorCode::InvalidPolicyDefinition
+        | ErrorCode::InvalidRequest => Code::InvalidArgument,
         ErrorCode::SessionAlreadyExists => Code::AlreadyExists,
         ErrorCode::SessionNotOpen
         | ErrorCode::UnsupportedProtocolVersion
         | ErrorCode::ModeNotSupported
-        | ErrorCode::UnknownPolicyVersion
-        | ErrorCode::PolicyDenied => Code::FailedPrecondition,
+        | ErrorCode::ReceiptUnavailable
+        | ErrorCode::HistoryUnavailable
+        | ErrorCode::RegistryReadOnly => Code::FailedPrecondition,
     }
 }
 
@@ -94,6 +97,12 @@ pub fn macp_error(session_id: &str, message_id: &str, e: KernelError) -> MacpErr
 /// A registry RPC's `error` string (its responses have no code field).
 pub fn registry_error(e: &KernelError) -> String {
     format!("{}: {}", e.code, e.message)
+}
+
+/// RESOURCE_EXHAUSTED tagged STREAM_LAGGED: a subscriber fell behind and
+/// was closed; the client resubscribes.
+pub fn lagged(message: impl Into<String>) -> Status {
+    error_status(ErrorCode::StreamLagged, message)
 }
 
 /// The runtime is stopping: retryable.

@@ -55,4 +55,27 @@ async fn error_statuses_carry_the_registry_code() {
 
     let init = InitializeRequest { supported_protocol_versions: vec!["2.0".into()], ..Default::default() };
     check(i.initialize(init).await.unwrap_err(), Code::FailedPrecondition, "UNSUPPORTED_PROTOCOL_VERSION");
+
+    // A malformed non-envelope request is INVALID_REQUEST (SDK 0.22 table).
+    let list = ListSessionsRequest { page_size: 1, page_token: "not a token".into() };
+    check(i.list_sessions(list).await.unwrap_err(), Code::InvalidArgument, "INVALID_REQUEST");
+}
+
+/// Every registry code has its gRPC status, including the control-plane
+/// codes `macp-sdk-python` 0.22 knows; the status carries the code.
+#[test]
+fn the_new_control_plane_codes_map_like_the_sdk_expects() {
+    use macp_kernel::{ErrorCode, KernelError};
+    use macp_transport_grpc::status::status as status_of;
+    for (code, status, name) in [
+        (ErrorCode::ReceiptUnavailable, Code::FailedPrecondition, "RECEIPT_UNAVAILABLE"),
+        (ErrorCode::HistoryUnavailable, Code::FailedPrecondition, "HISTORY_UNAVAILABLE"),
+        (ErrorCode::RegistryReadOnly, Code::FailedPrecondition, "REGISTRY_READ_ONLY"),
+        (ErrorCode::StreamLagged, Code::ResourceExhausted, "STREAM_LAGGED"),
+        (ErrorCode::InvalidRequest, Code::InvalidArgument, "INVALID_REQUEST"),
+        (ErrorCode::PolicyDenied, Code::PermissionDenied, "POLICY_DENIED"),
+        (ErrorCode::UnknownPolicyVersion, Code::NotFound, "UNKNOWN_POLICY_VERSION"),
+    ] {
+        check(status_of(KernelError::new(code, "m")), status, name);
+    }
 }

@@ -23,14 +23,15 @@ fn temp_dir(tag: &str) -> std::path::PathBuf {
     d
 }
 
-#[tokio::test]
-async fn tls_with_generated_certificate() {
+/// A TLS server with a certificate generated here, static tokens and
+/// `extra` flags; a client channel that trusts it; the temp dir to remove.
+async fn tls_server(extra: &[&str]) -> (Server, Channel, std::path::PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = temp_dir("tls");
     let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
     std::fs::write(&cert_path, ck.cert.pem()).unwrap();
     std::fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
-    let cfg = Config::parse_from([
+    let mut args = vec![
         "macp-runtime",
         "--memory-only",
         "--bind-addr",
@@ -41,9 +42,9 @@ async fn tls_with_generated_certificate() {
         key_path.to_str().unwrap(),
         "--auth-tokens-json",
         TOKENS,
-    ])
-    .resolve()
-    .expect("TLS config with tokens needs no insecure opt-in");
+    ];
+    args.extend_from_slice(extra);
+    let cfg = Config::parse_from(args).resolve().expect("TLS config with tokens needs no insecure opt-in");
     let srv = Server::start_with(cfg).await;
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ck.cert.pem())).domain_name("localhost");
     let channel = Channel::from_shared(format!("https://{}", srv.addr))
@@ -53,6 +54,12 @@ async fn tls_with_generated_certificate() {
         .connect()
         .await
         .unwrap();
+    (srv, channel, dir)
+}
+
+#[tokio::test]
+async fn tls_with_generated_certificate() {
+    let (srv, channel, dir) = tls_server(&[]).await;
     let mut c = MacpRuntimeServiceClient::with_interceptor(channel, Auth::Bearer("tok-admin".into()));
     let r =
         c.initialize(InitializeRequest { supported_protocol_versions: vec!["1.0".into()], ..Default::default() }).await;
@@ -69,6 +76,29 @@ async fn tls_with_generated_certificate() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The connection deadlines see requests through TLS too: a stream opened
+/// over TLS outlives both the handshake and the idle timeout, while a TCP
+/// connection that never completes a TLS handshake is closed after the
+/// handshake timeout.
+#[tokio::test]
+async fn tls_connections_are_held_to_the_handshake_deadline_but_streams_stay() {
+    use tokio::io::AsyncReadExt;
+    let (srv, channel, dir) = tls_server(&["--handshake-timeout-secs", "1", "--idle-timeout-secs", "1"]).await;
+    let mut c = MacpRuntimeServiceClient::with_interceptor(channel, Auth::Bearer("tok-admin".into()));
+    let mut watch = c.watch_sessions(WatchSessionsRequest {}).await.unwrap().into_inner();
+    let mut silent = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), silent.read(&mut [0u8; 64])).await;
+    assert!(closed.is_ok(), "a connection without a TLS handshake was kept");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "closed too early");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let s = sid();
+    assert!(send(&mut c, start_env(&s, &["admin", "A"])).await.ok);
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(5), watch.message()).await.unwrap();
+    assert_eq!(ev.expect("the TLS stream was cut").unwrap().event.unwrap().session.unwrap().session_id, s);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn plaintext_and_missing_auth_are_refused_unless_allowed() {
     let e = Config::parse_from(["macp-runtime", "--auth-tokens-json", TOKENS]).resolve().unwrap_err();
@@ -81,18 +111,7 @@ fn plaintext_and_missing_auth_are_refused_unless_allowed() {
 }
 
 async fn token_server() -> Server {
-    let cfg = Config::parse_from([
-        "macp-runtime",
-        "--memory-only",
-        "--allow-insecure",
-        "--bind-addr",
-        "127.0.0.1:0",
-        "--auth-tokens-json",
-        TOKENS,
-    ])
-    .resolve()
-    .unwrap();
-    Server::start_with(cfg).await
+    Server::start_insecure(&["--auth-tokens-json", TOKENS]).await
 }
 
 #[tokio::test]
@@ -144,4 +163,79 @@ async fn spoofed_sender_is_unauthenticated() {
     let mut e = start_env(&sid(), &["coordinator"]);
     e.sender = "admin".into();
     assert_eq!(code(&send(&mut c, e).await), "UNAUTHENTICATED");
+}
+
+/// Hostile-client finding (main 724c279): with two `authorization`
+/// headers the first won, so `Bearer tok-coord` followed by `Bearer nope`
+/// was accepted as the coordinator. A request with more than one credential
+/// is now refused, whatever the order or the second value.
+#[tokio::test]
+async fn two_authorization_headers_are_unauthenticated() {
+    let srv = token_server().await;
+    for headers in [
+        [("authorization", "Bearer tok-coord"), ("authorization", "Bearer nope")],
+        [("authorization", "Bearer nope"), ("authorization", "Bearer tok-coord")],
+        [("authorization", "Bearer tok-coord"), ("authorization", "Bearer tok-coord")],
+        [("authorization", "Bearer tok-coord"), ("x-macp-token", "tok-admin")],
+    ] {
+        let mut c = srv.with_headers(&headers).await;
+        assert_eq!(
+            code(&send(&mut c, start_env(&sid(), &["coordinator", "worker"])).await),
+            "UNAUTHENTICATED",
+            "{headers:?}"
+        );
+        let e = c.get_session(GetSessionRequest { session_id: sid() }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{headers:?}");
+    }
+    // One credential still works.
+    let mut c = srv.with_headers(&[("authorization", "Bearer tok-coord")]).await;
+    assert!(send(&mut c, start_env(&sid(), &["coordinator", "worker"])).await.ok);
+}
+
+/// A bearer credential plus an `x-macp-agent-id` naming someone else is a
+/// conflict, refused with or without dev identities; naming the same
+/// sender is fine.
+#[tokio::test]
+async fn agent_id_disagreeing_with_the_bearer_is_unauthenticated() {
+    let srv = token_server().await;
+    let mut c = srv.with_headers(&[("authorization", "Bearer tok-coord"), ("x-macp-agent-id", "admin")]).await;
+    assert_eq!(code(&send(&mut c, start_env(&sid(), &["coordinator", "worker"])).await), "UNAUTHENTICATED");
+    let mut c = srv.with_headers(&[("authorization", "Bearer tok-coord"), ("x-macp-agent-id", "coordinator")]).await;
+    assert!(send(&mut c, start_env(&sid(), &["coordinator", "worker"])).await.ok);
+
+    let dev = Server::start(&[]).await;
+    let mut c = dev.with_headers(&[("authorization", "Bearer alice"), ("x-macp-agent-id", "bob")]).await;
+    assert_eq!(code(&send(&mut c, start_env(&sid(), &["alice", "bob"])).await), "UNAUTHENTICATED");
+    let mut c = dev.with_headers(&[("x-macp-agent-id", "bob"), ("x-macp-agent-id", "alice")]).await;
+    assert_eq!(code(&send(&mut c, start_env(&sid(), &["alice", "bob"])).await), "UNAUTHENTICATED");
+}
+
+/// A token file may hold SHA-256 digests instead of the tokens: the server
+/// authenticates the token whose digest is listed, with that entry's grants,
+/// and the digest itself is no credential.
+#[tokio::test]
+async fn hashed_tokens_from_a_file_authenticate() {
+    let hex = |t: &str| {
+        ring::digest::digest(&ring::digest::SHA256, t.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let dir = temp_dir("hashed");
+    let file = dir.join("tokens.json");
+    let json = format!(
+        r#"{{"tokens":[{{"token_sha256":"{}","sender":"worker","can_start_sessions":false}},{{"token_sha256":"{}","sender":"coordinator"}}]}}"#,
+        hex("worker-secret"),
+        hex("coord-secret")
+    );
+    std::fs::write(&file, json).unwrap();
+    let srv = Server::start_insecure(&["--auth-tokens-file", file.to_str().unwrap()]).await;
+    let mut c = srv.bearer("coord-secret").await;
+    assert!(send(&mut c, start_env(&sid(), &["coordinator", "worker"])).await.ok);
+    let mut w = srv.bearer("worker-secret").await;
+    assert_eq!(code(&send(&mut w, start_env(&sid(), &["worker"])).await), "FORBIDDEN", "the entry's grants apply");
+    let mut d = srv.bearer(&hex("coord-secret")).await;
+    assert_eq!(code(&send(&mut d, start_env(&sid(), &["coordinator"])).await), "UNAUTHENTICATED");
+    let _ = std::fs::remove_dir_all(dir);
 }

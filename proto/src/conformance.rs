@@ -45,11 +45,15 @@ pub const MACP_VERSION: &str = "1.0";
 /// [`Vector::check`], so a misspelt expectation cannot silently go unchecked.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Vector {
+    /// What the vector is about, for humans (optional in `schema.json`).
+    #[serde(default)]
+    pub description: Option<String>,
     /// Mode id of the session, e.g. `macp.mode.decision.v1`.
     pub mode: String,
-    /// Sender of the SessionStart; the linter requires it in `participants`.
+    /// Sender of the SessionStart. Not necessarily a participant: initiator
+    /// authority is role-based (SPEC-DELTA §1.4).
     pub initiator: String,
-    /// `SessionStartPayload.participants`.
+    /// `SessionStartPayload.participants`; may be empty (SPEC-DELTA §1.3).
     pub participants: Vec<String>,
     /// `SessionStartPayload.mode_version`.
     pub mode_version: String,
@@ -78,6 +82,11 @@ pub struct Vector {
     /// A JSON object that must be a subset of the mode state projection.
     #[serde(default)]
     pub expected_mode_state: Option<Value>,
+    /// Whether the vector asks for a replay-equivalence check. The kernel
+    /// suite replays every vector's records whatever this says, so the flag
+    /// is only carried.
+    #[serde(default)]
+    pub verify_replay_equivalence: Option<bool>,
     /// Every other key: `_`-prefixed annotations, or typos that
     /// [`Vector::check`] reports.
     #[serde(flatten)]
@@ -92,9 +101,10 @@ pub struct InlinePolicy {
     pub policy_id: String,
     /// The mode the policy applies to, or `*`.
     pub mode: String,
-    /// Rule schema version, 1 or 2.
+    /// Rule schema version, 1, 2 or 3.
     pub schema_version: u32,
-    /// Free text.
+    /// Free text; RegisterPolicy requires it (RFC-MACP-0012 1.5.0), so the
+    /// harness passes an absent one on as empty and lets the runtime refuse.
     #[serde(default)]
     pub description: String,
     /// The rules object; sent JSON-stringified, as RegisterPolicy expects.
@@ -111,8 +121,8 @@ pub struct Step {
     pub sender: String,
     /// Envelope `message_type`.
     pub message_type: String,
-    /// Which protobuf message `payload` is, in short (`decision.Proposal`,
-    /// `Commitment`) or full (`macp.modes.decision.v1.ProposalPayload`) form.
+    /// Which protobuf message `payload` is, by fully-qualified name
+    /// (`macp.modes.decision.v1.ProposalPayload`, `macp.v1.CommitmentPayload`).
     pub payload_type: String,
     /// The payload as JSON with proto field names; see [`encode_payload`].
     pub payload: Value,
@@ -148,6 +158,8 @@ pub enum FinalState {
     Suspended,
     /// `SESSION_STATE_CANCELLED`.
     Cancelled,
+    /// `SESSION_STATE_EXPIRED`.
+    Expired,
 }
 
 impl FinalState {
@@ -158,6 +170,7 @@ impl FinalState {
             FinalState::Resolved => SessionState::Resolved,
             FinalState::Suspended => SessionState::Suspended,
             FinalState::Cancelled => SessionState::Cancelled,
+            FinalState::Expired => SessionState::Expired,
         }
     }
 }
@@ -175,17 +188,15 @@ impl Vector {
     /// encodes every payload, so a vector that cannot mean what it says is an
     /// error here rather than a confusing failure later (or worse, a pass).
     ///
-    /// Checks: no unknown keys (other than `_`-prefixed annotations); the
-    /// initiator and every accepted sender are participants; the inline
-    /// policy's id equals `policy_version`, its schema version is 1 or 2, its
-    /// mode is `*` or the vector's mode and its rules are an object;
-    /// `expected_error_code` only on rejections; expectations are objects;
-    /// every payload encodes.
+    /// Checks: no unknown keys (other than `_`-prefixed annotations); every
+    /// accepted sender is a participant or the initiator (whose authority is
+    /// role-based, so it need not be listed); the inline policy's id equals
+    /// `policy_version`, its schema version is 1, 2 or 3, its mode is `*` or
+    /// the vector's mode and its rules are an object; `expected_error_code`
+    /// only on rejections; expectations are objects; every payload encodes
+    /// under its fully-qualified type name.
     pub fn check(&self) -> Result<(), String> {
         unknown_keys("", &self.annotations)?;
-        if !self.participants.contains(&self.initiator) {
-            return Err(format!("initiator {} is not listed in participants", self.initiator));
-        }
         if let Some(p) = &self.policy {
             unknown_keys("policy.", &p.annotations)?;
             if p.policy_id != self.policy_version {
@@ -194,8 +205,8 @@ impl Vector {
                     p.policy_id, self.policy_version
                 ));
             }
-            if !matches!(p.schema_version, 1 | 2) {
-                return Err(format!("policy.schema_version must be 1 or 2, not {}", p.schema_version));
+            if !matches!(p.schema_version, 1..=3) {
+                return Err(format!("policy.schema_version must be 1, 2 or 3, not {}", p.schema_version));
             }
             if p.mode != "*" && p.mode != self.mode {
                 return Err(format!("policy.mode {:?} is neither \"*\" nor the vector's mode {:?}", p.mode, self.mode));
@@ -207,8 +218,11 @@ impl Vector {
         for (i, s) in self.messages.iter().enumerate() {
             let at = format!("messages[{i}]");
             unknown_keys(&format!("{at}."), &s.annotations)?;
-            if s.expect == Expectation::Accept && !self.participants.contains(&s.sender) {
-                return Err(format!("{at}: sender {} is expected to be accepted but is not a participant", s.sender));
+            if s.expect == Expectation::Accept && !self.participants.contains(&s.sender) && s.sender != self.initiator {
+                return Err(format!(
+                    "{at}: sender {} is expected to be accepted but is neither a participant nor the initiator",
+                    s.sender
+                ));
             }
             if s.expect == Expectation::Accept && s.expected_error_code.is_some() {
                 return Err(format!("{at}: expected_error_code is only meaningful with \"expect\": \"reject\""));
@@ -256,16 +270,23 @@ pub fn load_file(path: &Path) -> Result<Vector, String> {
     Vector::parse(&text)
 }
 
-/// Loads every `*.json` file of `dir`, sorted by file name so runs and
-/// reports are reproducible. The outer error is for a directory that cannot
-/// be listed; a file that cannot be read, parsed or linted becomes a
-/// [`VectorFile`] carrying its error.
+/// The JSON Schema of the fixture format, which the spec ships beside the
+/// fixtures themselves; it describes vectors and is not one.
+pub const FIXTURE_SCHEMA_FILE: &str = "schema.json";
+
+/// Loads every `*.json` file of `dir` except [`FIXTURE_SCHEMA_FILE`], sorted
+/// by file name so runs and reports are reproducible. Subdirectories (such as
+/// `cmt-hash/`, whose vectors are not session transcripts) are not entered.
+/// The outer error is for a directory that cannot be listed; a file that
+/// cannot be read, parsed or linted becomes a [`VectorFile`] carrying its
+/// error.
 pub fn load_dir(dir: &Path) -> Result<Vec<VectorFile>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     let mut paths = Vec::new();
     for entry in entries {
         let path = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?.path();
-        if path.is_file() && path.extension().is_some_and(|x| x == "json") {
+        let is_schema = path.file_name().is_some_and(|n| n == FIXTURE_SCHEMA_FILE);
+        if path.is_file() && !is_schema && path.extension().is_some_and(|x| x == "json") {
             paths.push(path);
         }
     }
@@ -298,12 +319,12 @@ macro_rules! encoder {
     };
 }
 
-/// Every payload type the vectors may name: short name, full protobuf name,
-/// encoder. Six modes plus the core Commitment.
-const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
+/// Every payload type the vectors may name, by its fully-qualified protobuf
+/// name (the only form the spec's `schema.json` allows since the vectors were
+/// renamed), with its encoder. Six modes plus the core Commitment.
+const PAYLOAD_TYPES: &[(&str, Encoder)] = &[
     // decision (RFC-MACP-0007)
     (
-        "decision.Proposal",
         "macp.modes.decision.v1.ProposalPayload",
         encoder!(decision::ProposalPayload {
             proposal_id: string,
@@ -313,7 +334,6 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "decision.Evaluation",
         "macp.modes.decision.v1.EvaluationPayload",
         encoder!(decision::EvaluationPayload {
             proposal_id: string,
@@ -323,18 +343,15 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "decision.Objection",
         "macp.modes.decision.v1.ObjectionPayload",
         encoder!(decision::ObjectionPayload { proposal_id: string, reason: string, severity: string }),
     ),
     (
-        "decision.Vote",
         "macp.modes.decision.v1.VotePayload",
         encoder!(decision::VotePayload { proposal_id: string, vote: string, reason: string }),
     ),
     // proposal (RFC-MACP-0008)
     (
-        "proposal.Proposal",
         "macp.modes.proposal.v1.ProposalPayload",
         encoder!(proposal::ProposalPayload {
             proposal_id: string,
@@ -345,7 +362,6 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "proposal.CounterProposal",
         "macp.modes.proposal.v1.CounterProposalPayload",
         encoder!(proposal::CounterProposalPayload {
             proposal_id: string,
@@ -355,24 +371,17 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
             details: bytes
         }),
     ),
+    ("macp.modes.proposal.v1.AcceptPayload", encoder!(proposal::AcceptPayload { proposal_id: string, reason: string })),
     (
-        "proposal.Accept",
-        "macp.modes.proposal.v1.AcceptPayload",
-        encoder!(proposal::AcceptPayload { proposal_id: string, reason: string }),
-    ),
-    (
-        "proposal.Reject",
         "macp.modes.proposal.v1.RejectPayload",
         encoder!(proposal::RejectPayload { proposal_id: string, terminal: boolean, reason: string }),
     ),
     (
-        "proposal.Withdraw",
         "macp.modes.proposal.v1.WithdrawPayload",
         encoder!(proposal::WithdrawPayload { proposal_id: string, reason: string }),
     ),
     // task (RFC-MACP-0009)
     (
-        "task.TaskRequest",
         "macp.modes.task.v1.TaskRequestPayload",
         encoder!(task::TaskRequestPayload {
             task_id: string,
@@ -384,17 +393,14 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "task.TaskAccept",
         "macp.modes.task.v1.TaskAcceptPayload",
         encoder!(task::TaskAcceptPayload { task_id: string, assignee: string, reason: string }),
     ),
     (
-        "task.TaskReject",
         "macp.modes.task.v1.TaskRejectPayload",
         encoder!(task::TaskRejectPayload { task_id: string, assignee: string, reason: string }),
     ),
     (
-        "task.TaskUpdate",
         "macp.modes.task.v1.TaskUpdatePayload",
         encoder!(task::TaskUpdatePayload {
             task_id: string,
@@ -405,12 +411,10 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "task.TaskComplete",
         "macp.modes.task.v1.TaskCompletePayload",
         encoder!(task::TaskCompletePayload { task_id: string, assignee: string, output: bytes, summary: string }),
     ),
     (
-        "task.TaskFail",
         "macp.modes.task.v1.TaskFailPayload",
         encoder!(task::TaskFailPayload {
             task_id: string,
@@ -422,7 +426,6 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
     ),
     // handoff (RFC-MACP-0010)
     (
-        "handoff.HandoffOffer",
         "macp.modes.handoff.v1.HandoffOfferPayload",
         encoder!(handoff::HandoffOfferPayload {
             handoff_id: string,
@@ -432,12 +435,10 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "handoff.HandoffContext",
         "macp.modes.handoff.v1.HandoffContextPayload",
         encoder!(handoff::HandoffContextPayload { handoff_id: string, content_type: string, context: bytes }),
     ),
     (
-        "handoff.HandoffAccept",
         "macp.modes.handoff.v1.HandoffAcceptPayload",
         encoder!(handoff::HandoffAcceptPayload {
             handoff_id: string,
@@ -447,13 +448,11 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
         }),
     ),
     (
-        "handoff.HandoffDecline",
         "macp.modes.handoff.v1.HandoffDeclinePayload",
         encoder!(handoff::HandoffDeclinePayload { handoff_id: string, declined_by: string, reason: string }),
     ),
     // quorum (RFC-MACP-0011)
     (
-        "quorum.ApprovalRequest",
         "macp.modes.quorum.v1.ApprovalRequestPayload",
         encoder!(quorum::ApprovalRequestPayload {
             request_id: string,
@@ -463,30 +462,13 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
             required_approvals: uint32
         }),
     ),
-    (
-        "quorum.Approve",
-        "macp.modes.quorum.v1.ApprovePayload",
-        encoder!(quorum::ApprovePayload { request_id: string, reason: string }),
-    ),
-    (
-        "quorum.Reject",
-        "macp.modes.quorum.v1.RejectPayload",
-        encoder!(quorum::RejectPayload { request_id: string, reason: string }),
-    ),
-    (
-        "quorum.Abstain",
-        "macp.modes.quorum.v1.AbstainPayload",
-        encoder!(quorum::AbstainPayload { request_id: string, reason: string }),
-    ),
+    ("macp.modes.quorum.v1.ApprovePayload", encoder!(quorum::ApprovePayload { request_id: string, reason: string })),
+    ("macp.modes.quorum.v1.RejectPayload", encoder!(quorum::RejectPayload { request_id: string, reason: string })),
+    ("macp.modes.quorum.v1.AbstainPayload", encoder!(quorum::AbstainPayload { request_id: string, reason: string })),
     // multi_round (ext.multi_round.v1)
-    (
-        "multi_round.Contribute",
-        "macp.modes.multi_round.v1.ContributePayload",
-        encoder!(multi_round::ContributePayload { value: string }),
-    ),
+    ("macp.modes.multi_round.v1.ContributePayload", encoder!(multi_round::ContributePayload { value: string })),
     // core
     (
-        "Commitment",
         "macp.v1.CommitmentPayload",
         encoder!(CommitmentPayload {
             commitment_id: string,
@@ -502,23 +484,16 @@ const PAYLOAD_TYPES: &[(&str, &str, Encoder)] = &[
     ),
 ];
 
-/// Every payload type [`encode_payload`] understands, as
-/// `(short name, full protobuf name)`: for tests that want to prove coverage
-/// and for error messages.
-pub fn payload_types() -> impl Iterator<Item = (&'static str, &'static str)> {
-    PAYLOAD_TYPES.iter().map(|(s, f, _)| (*s, *f))
-}
-
-/// The full protobuf name for a short or full payload type name, or `None`
-/// if the harness does not know it.
-pub fn canonical_payload_type(payload_type: &str) -> Option<&'static str> {
-    PAYLOAD_TYPES.iter().find(|(s, f, _)| *s == payload_type || *f == payload_type).map(|(_, f, _)| *f)
+/// Every payload type [`encode_payload`] understands, by full protobuf name:
+/// for tests that want to prove coverage and for error messages.
+pub fn payload_types() -> impl Iterator<Item = &'static str> {
+    PAYLOAD_TYPES.iter().map(|(f, _)| *f)
 }
 
 /// Encodes a vector's payload JSON as the protobuf message named by
-/// `payload_type` (short `decision.Proposal` / `Commitment`, or full
-/// `macp.modes.decision.v1.ProposalPayload` / `macp.v1.CommitmentPayload`),
-/// following DIGEST §7.2 step 4:
+/// `payload_type`, its fully-qualified protobuf name
+/// (`macp.modes.decision.v1.ProposalPayload`, `macp.v1.CommitmentPayload`),
+/// following DIGEST §7.2 step 4 and SPEC-DELTA §1:
 ///
 /// * keys are proto field names; a key the message lacks is an error, as is
 ///   an unknown payload type — both are almost always vector typos;
@@ -530,12 +505,11 @@ pub fn canonical_payload_type(payload_type: &str) -> Option<&'static str> {
 ///   a missing `outcome_positive` to true; here it is proto's false, and every
 ///   vector sets it explicitly).
 pub fn encode_payload(payload_type: &str, payload: &Value) -> Result<Vec<u8>, String> {
-    let (short, _, encode) =
-        PAYLOAD_TYPES.iter().find(|(s, f, _)| *s == payload_type || *f == payload_type).ok_or_else(|| {
-            let known: Vec<&str> = PAYLOAD_TYPES.iter().map(|(s, _, _)| *s).collect();
-            format!("unknown payload_type {payload_type:?}; known: {} (or their full protobuf names)", known.join(", "))
-        })?;
-    encode(payload, short)
+    let (name, encode) = PAYLOAD_TYPES.iter().find(|(f, _)| *f == payload_type).ok_or_else(|| {
+        let known: Vec<&str> = payload_types().collect();
+        format!("unknown payload_type {payload_type:?}; known (fully-qualified protobuf names): {}", known.join(", "))
+    })?;
+    encode(payload, name)
 }
 
 /// A JSON object being consumed as the fields of one protobuf message.
@@ -1067,12 +1041,13 @@ mod tests {
     }
 
     #[test]
-    fn every_payload_type_encodes_an_empty_object_by_both_names() {
+    fn every_payload_type_encodes_an_empty_object_by_its_full_name_only() {
         let mut n = 0;
-        for (short, full) in payload_types() {
-            assert_eq!(encode_payload(short, &json!({})), Ok(Vec::new()), "{short}");
+        for full in payload_types() {
             assert_eq!(encode_payload(full, &json!({})), Ok(Vec::new()), "{full}");
-            assert_eq!(canonical_payload_type(short), Some(full));
+            // The short names of the old corpus are gone (SPEC-DELTA §1.1).
+            let short = full.rsplit('.').next().unwrap().trim_end_matches("Payload");
+            assert!(encode_payload(short, &json!({})).is_err(), "{short}");
             n += 1;
         }
         // 4 decision + 5 proposal + 6 task + 4 handoff + 4 quorum + 1 multi_round + Commitment.
@@ -1082,7 +1057,7 @@ mod tests {
     #[test]
     fn fields_map_to_their_proto_types() {
         let b = encode_payload(
-            "decision.Proposal",
+            "macp.modes.decision.v1.ProposalPayload",
             &json!({"proposal_id": "p1", "option": "deploy", "supporting_data": "hé"}),
         )
         .unwrap();
@@ -1099,19 +1074,22 @@ mod tests {
         assert_eq!(p.details, vec![1, 2, 255]);
         assert_eq!(p.tags, vec!["a", "b"]);
 
-        let b = encode_payload("quorum.ApprovalRequest", &json!({"required_approvals": 2})).unwrap();
+        let b =
+            encode_payload("macp.modes.quorum.v1.ApprovalRequestPayload", &json!({"required_approvals": 2})).unwrap();
         assert_eq!(decode::<quorum::ApprovalRequestPayload>(&b).required_approvals, 2);
 
-        let b = encode_payload("task.TaskRequest", &json!({"deadline_unix_ms": -5, "input": []})).unwrap();
+        let b = encode_payload("macp.modes.task.v1.TaskRequestPayload", &json!({"deadline_unix_ms": -5, "input": []}))
+            .unwrap();
         assert_eq!(decode::<task::TaskRequestPayload>(&b).deadline_unix_ms, -5);
 
-        let b = encode_payload("decision.Evaluation", &json!({"confidence": 0.7})).unwrap();
+        let b = encode_payload("macp.modes.decision.v1.EvaluationPayload", &json!({"confidence": 0.7})).unwrap();
         assert_eq!(decode::<decision::EvaluationPayload>(&b).confidence, 0.7);
 
-        let b = encode_payload("proposal.Reject", &json!({"terminal": true, "reason": null})).unwrap();
+        let b =
+            encode_payload("macp.modes.proposal.v1.RejectPayload", &json!({"terminal": true, "reason": null})).unwrap();
         assert!(decode::<proposal::RejectPayload>(&b).terminal);
 
-        let b = encode_payload("multi_round.Contribute", &json!({"value": "option_a"})).unwrap();
+        let b = encode_payload("macp.modes.multi_round.v1.ContributePayload", &json!({"value": "option_a"})).unwrap();
         assert_eq!(decode::<multi_round::ContributePayload>(&b).value, "option_a");
 
         let b = encode_payload(
@@ -1129,32 +1107,41 @@ mod tests {
     fn typos_and_wrong_types_are_errors() {
         let e = encode_payload("decision.Proposl", &json!({})).unwrap_err();
         assert!(e.contains("unknown payload_type \"decision.Proposl\""), "{e}");
-        let e = encode_payload("decision.Proposal", &json!({"optoin": "x"})).unwrap_err();
-        assert!(e.contains("decision.Proposal: unknown field \"optoin\""), "{e}");
-        let e = encode_payload("Commitment", &json!({"supersedes": {"hash": "x"}})).unwrap_err();
-        assert!(e.contains("Commitment.supersedes: unknown field \"hash\""), "{e}");
-        let e = encode_payload("quorum.ApprovalRequest", &json!({"required_approvals": -1})).unwrap_err();
-        assert!(e.contains("quorum.ApprovalRequest.required_approvals: expected an integer"), "{e}");
-        let e = encode_payload("quorum.ApprovalRequest", &json!({"required_approvals": 2.5})).unwrap_err();
+        let e = encode_payload("macp.modes.decision.v1.ProposalPayload", &json!({"optoin": "x"})).unwrap_err();
+        assert!(e.contains("macp.modes.decision.v1.ProposalPayload: unknown field \"optoin\""), "{e}");
+        let e = encode_payload("macp.v1.CommitmentPayload", &json!({"supersedes": {"hash": "x"}})).unwrap_err();
+        assert!(e.contains("macp.v1.CommitmentPayload.supersedes: unknown field \"hash\""), "{e}");
+        let e = encode_payload("macp.modes.quorum.v1.ApprovalRequestPayload", &json!({"required_approvals": -1}))
+            .unwrap_err();
+        assert!(
+            e.contains("macp.modes.quorum.v1.ApprovalRequestPayload.required_approvals: expected an integer"),
+            "{e}"
+        );
+        let e = encode_payload("macp.modes.quorum.v1.ApprovalRequestPayload", &json!({"required_approvals": 2.5}))
+            .unwrap_err();
         assert!(e.contains("required_approvals"), "{e}");
-        let e = encode_payload("quorum.ApprovalRequest", &json!({"required_approvals": 4294967296u64})).unwrap_err();
+        let e = encode_payload(
+            "macp.modes.quorum.v1.ApprovalRequestPayload",
+            &json!({"required_approvals": 4294967296u64}),
+        )
+        .unwrap_err();
         assert!(e.contains("uint32"), "{e}");
-        let e = encode_payload("proposal.Proposal", &json!({"details": [256]})).unwrap_err();
-        assert!(e.contains("proposal.Proposal.details[0]: expected an integer 0-255"), "{e}");
-        let e = encode_payload("proposal.Proposal", &json!({"tags": "a"})).unwrap_err();
+        let e = encode_payload("macp.modes.proposal.v1.ProposalPayload", &json!({"details": [256]})).unwrap_err();
+        assert!(e.contains("macp.modes.proposal.v1.ProposalPayload.details[0]: expected an integer 0-255"), "{e}");
+        let e = encode_payload("macp.modes.proposal.v1.ProposalPayload", &json!({"tags": "a"})).unwrap_err();
         assert!(e.contains("an array of strings"), "{e}");
-        let e = encode_payload("proposal.Reject", &json!({"terminal": "yes"})).unwrap_err();
+        let e = encode_payload("macp.modes.proposal.v1.RejectPayload", &json!({"terminal": "yes"})).unwrap_err();
         assert!(e.contains("expected true or false"), "{e}");
-        let e = encode_payload("decision.Vote", &json!({"vote": 1})).unwrap_err();
-        assert!(e.contains("decision.Vote.vote: expected a string, got a number (1)"), "{e}");
-        let e = encode_payload("decision.Vote", &json!(["p1"])).unwrap_err();
+        let e = encode_payload("macp.modes.decision.v1.VotePayload", &json!({"vote": 1})).unwrap_err();
+        assert!(e.contains("macp.modes.decision.v1.VotePayload.vote: expected a string, got a number (1)"), "{e}");
+        let e = encode_payload("macp.modes.decision.v1.VotePayload", &json!(["p1"])).unwrap_err();
         assert!(e.contains("must be a JSON object"), "{e}");
     }
 
     const MINIMAL: &str = r#"{
         "mode": "macp.mode.decision.v1", "initiator": "i", "participants": ["i", "a"],
         "mode_version": "1.0.0", "configuration_version": "cfg-1", "policy_version": "", "ttl_ms": 60000,
-        "messages": [{"sender": "a", "message_type": "Vote", "payload_type": "decision.Vote",
+        "messages": [{"sender": "a", "message_type": "Vote", "payload_type": "macp.modes.decision.v1.VotePayload",
                       "payload": {"proposal_id": "p1"}, "expect": "reject", "_comment": "fine"}],
         "expected_final_state": "Open", "_note": "fine too"
     }"#;
@@ -1185,8 +1172,14 @@ mod tests {
                 }),
                 "sender z is expected to be accepted",
             ),
-            (Box::new(|v| v["initiator"] = json!("x")), "initiator x is not listed"),
-            (Box::new(|v| v["messages"][0]["payload"]["vote_"] = json!("")), "messages[0].payload: decision.Vote"),
+            (
+                Box::new(|v| v["messages"][0]["payload_type"] = json!("decision.Vote")),
+                "unknown payload_type \"decision.Vote\"",
+            ),
+            (
+                Box::new(|v| v["messages"][0]["payload"]["vote_"] = json!("")),
+                "messages[0].payload: macp.modes.decision.v1.VotePayload",
+            ),
             (
                 Box::new(|v| {
                     v.as_object_mut().unwrap().remove("mode");
@@ -1210,9 +1203,9 @@ mod tests {
             (
                 Box::new(|v| {
                     v["policy_version"] = json!("p");
-                    v["policy"] = json!({"policy_id": "p", "mode": "*", "schema_version": 3, "rules": {}});
+                    v["policy"] = json!({"policy_id": "p", "mode": "*", "schema_version": 4, "rules": {}});
                 }),
-                "schema_version must be 1 or 2",
+                "schema_version must be 1, 2 or 3",
             ),
             (
                 Box::new(|v| {
@@ -1228,6 +1221,23 @@ mod tests {
             let e = edit(f).unwrap_err();
             assert!(e.contains(want), "expected {want:?} in {e:?}");
         }
+        // The current corpus's shapes (SPEC-DELTA §1): an empty roster, an
+        // initiator outside it whose own messages are accepted, a
+        // `description`, an Expired final state, and a schema_version 3 policy.
+        let v = edit(|v| {
+            v["participants"] = json!([]);
+            v["messages"][0]["sender"] = json!("i");
+            v["messages"][0]["expect"] = json!("accept");
+            v["description"] = json!("what this pins");
+            v["expected_final_state"] = json!("Expired");
+            v["policy_version"] = json!("p");
+            v["policy"] = json!({"policy_id": "p", "mode": "*", "schema_version": 3, "description": "d",
+                                 "rules": {"_note": "kept"}, "_comment": "ignored"});
+        })
+        .unwrap();
+        assert_eq!(v.expected_final_state.session_state(), SessionState::Expired);
+        assert_eq!(v.description.as_deref(), Some("what this pins"));
+        assert_eq!(policy_descriptor(v.policy.as_ref().unwrap()).unwrap().rules, r#"{"_note":"kept"}"#);
         assert!(Vector::parse("{").unwrap_err().starts_with("not a valid vector"));
         assert!(Vector::parse("[]").is_err());
     }
@@ -1327,7 +1337,7 @@ mod tests {
         let e = run_vector("min.json", &v, &mut t).unwrap_err();
         assert_eq!(
             e,
-            "min.json: messages[0] (decision.Vote Vote from a): expected reject with FORBIDDEN, got rejected X: "
+            "min.json: messages[0] (macp.modes.decision.v1.VotePayload Vote from a): expected reject with FORBIDDEN, got rejected X: "
         );
 
         let mut t = Scripted {
@@ -1353,7 +1363,7 @@ mod tests {
         v.messages[0] = Step {
             sender: "i".into(),
             message_type: "Commitment".into(),
-            payload_type: "Commitment".into(),
+            payload_type: "macp.v1.CommitmentPayload".into(),
             payload: json!({"action": "decision.selected", "outcome_positive": true}),
             expect: Expectation::Accept,
             expected_error_code: None,

@@ -572,6 +572,10 @@ def test_governance_policy(agent, subscribe):
         s.commit(action="decision.selected", authority_scope="x", reason="overrule")
     assert e.value.failure.code == "POLICY_DENIED"
     assert e.value.reasons
+    # The SDK parses the structured denials (code, message, participants).
+    assert [d.code for d in e.value.denials] == ["threshold_not_met"]
+    assert e.value.denials[0].message == e.value.reasons[0]
+    assert set(e.value.denials[0].participants) == {"bob", "carol"}
     ack = s.commit(action="decision.rejected", authority_scope="x", reason="vote failed")
     t.add(ack, "Commitment", "coordinator", RESOLVED)
     assert triples(live.until_end()) == t.entries
@@ -579,14 +583,24 @@ def test_governance_policy(agent, subscribe):
     assert md.state == RESOLVED and md.policy_version == policy.policy_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: build_decision_policy defaults to schema_version 3 (RFC-MACP-0012 §4.1, "
-    "fail-closed empty tally); macp-kernel accepts only 1 and 2 (DIGEST §6.3)",
-)
 def test_policy_schema_version_3(agent):
-    reg = agent("coordinator").register_policy(_majority_policy(schema_version=None))
+    """The SDK builder's default, schema_version 3, registers, and its
+    fail-closed empty tally (RFC-MACP-0012 §4.1) denies a positive commitment
+    before any decisive vote, reported as the structured denial no_votes."""
+    coord, alice = agent("coordinator"), agent("alice")
+    policy = _majority_policy(schema_version=None)
+    assert policy.schema_version == 3
+    reg = coord.register_policy(policy)
     assert reg.ok, reg.error
+    s = DecisionSession(coord, policy_version=policy.policy_id)
+    s.start(intent="x", participants=["coordinator", "alice"], ttl_ms=TTL_MS)
+    s.propose("p1", "ship it")
+    with pytest.raises(MacpAckError) as e:
+        s.commit(action="decision.selected", authority_scope="x", reason="nobody voted")
+    assert [d.code for d in e.value.denials] == ["no_votes"]
+    DecisionSession(alice, session_id=s.session_id, policy_version=policy.policy_id).vote("p1", "APPROVE")
+    ack = s.commit(action="decision.selected", authority_scope="x", reason="one decisive approval")
+    assert ack.ok
 
 
 def test_agent_framework(agent):

@@ -29,6 +29,7 @@ pub(super) fn register_policy(
     mut d: PolicyDescriptor,
 ) -> KResult<String> {
     require_admin(identity)?;
+    tx.state().policies().admit(&d, tx.state().modes())?;
     d.registered_at_unix_ms = now;
     let id = d.policy_id.clone();
     commit(tx, now, Fact::PolicyRegistered(d))?;

@@ -34,6 +34,8 @@ use serde_json::{json, Value};
 
 use super::{util, Message, Mode, ModeState, RuntimeMessage, SessionView};
 use crate::error::{ErrorCode, KResult, KernelError};
+use crate::policy::rules::{admit_common, Level, Shape, SHARED_COMMITMENT};
+use crate::policy::InvalidRules;
 
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.handoff.v1";
@@ -46,6 +48,14 @@ pub const IMPLICIT_ACCEPT_ID_PREFIX: &str = "macp-runtime:implicit-accept:";
 /// The handoff mode. Stateless: everything per session lives in its state.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HandoffMode;
+
+/// The closed shape of a Handoff `rules` object (RFC-MACP-0012 §4.5).
+const SHAPE: Shape = Shape {
+    keys: &[
+        ("acceptance", Level::Object(&Shape { keys: &[("implicit_accept_timeout_ms", Level::Leaf)] })),
+        ("commitment", Level::Object(&SHARED_COMMITMENT)),
+    ],
+};
 
 /// Reads `acceptance.implicit_accept_timeout_ms` (0 = off) out of a policy's
 /// `rules`. Type-level only; unknown keys are ignored.
@@ -160,8 +170,9 @@ impl Mode for HandoffMode {
         descriptor()
     }
 
-    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), String> {
-        parse_timeout(rules).map(|_| ())
+    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), InvalidRules> {
+        admit_common(rules, &SHAPE, "handoff")?;
+        parse_timeout(rules).map(|_| ()).map_err(InvalidRules)
     }
 
     /// The owner hands off to someone else, so it must be listed and there

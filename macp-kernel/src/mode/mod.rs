@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use macp_wire::v1::{CommitmentPayload, ModeDescriptor};
 
 use crate::error::{KResult, KernelError};
-use crate::policy::BoundPolicy;
+use crate::policy::{BoundPolicy, InvalidRules};
 
 mod decision;
 mod handoff;
@@ -27,6 +27,7 @@ mod registry;
 mod task;
 pub mod util;
 
+pub(crate) use decision::rules_equivalent as decision_rules_equivalent;
 pub use registry::{ModeEntry, ModeRegistry, MULTI_ROUND_ALIAS};
 
 /// Read-only facts about the session a mode decides within.
@@ -93,9 +94,12 @@ pub trait Mode: Send + Sync + Debug {
     /// The descriptor served by ListModes / ListExtModes.
     fn descriptor(&self) -> ModeDescriptor;
 
-    /// Checks a policy's `rules` JSON against this mode's rule schema at
-    /// RegisterPolicy time, so a bad policy never reaches a session.
-    fn validate_rules(&self, _rules: &serde_json::Value, _schema_version: u32) -> Result<(), String> {
+    /// Admission: checks a policy's `rules` JSON against this mode's current
+    /// rule schema at RegisterPolicy time (closed objects, value domains,
+    /// floors), so a bad policy never reaches a session. Never called for a
+    /// stored descriptor, which is evaluated as it was admitted. Modes
+    /// without a rule schema accept any JSON object (RFC-MACP-0012 §4.6).
+    fn validate_rules(&self, _rules: &serde_json::Value, _schema_version: u32) -> Result<(), InvalidRules> {
         Ok(())
     }
 

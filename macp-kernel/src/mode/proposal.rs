@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{util, Message, Mode, ModeState, SessionView};
 use crate::error::{ErrorCode, KResult, KernelError};
-use crate::policy::BoundPolicy;
+use crate::policy::rules::{admit_common, Level, Shape, SHARED_COMMITMENT};
+use crate::policy::{BoundPolicy, Denial, DenialCode, InvalidRules};
 
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.proposal.v1";
@@ -63,8 +64,9 @@ impl Mode for ProposalMode {
         })
     }
 
-    fn validate_rules(&self, rules: &serde_json::Value, _schema_version: u32) -> Result<(), String> {
-        ProposalRules::parse(rules).map(|_| ())
+    fn validate_rules(&self, rules: &serde_json::Value, _schema_version: u32) -> Result<(), InvalidRules> {
+        admit_common(rules, &SHAPE, "proposal")?;
+        ProposalRules::parse(rules).map(|_| ()).map_err(InvalidRules)
     }
 
     fn start(&self, session: SessionView<'_>) -> KResult<Box<dyn ModeState>> {
@@ -81,6 +83,16 @@ impl Mode for ProposalMode {
 }
 
 // ----- policy rules ----------------------------------------------------------
+
+/// The closed shape of a Proposal `rules` object (RFC-MACP-0012 §4.3).
+const SHAPE: Shape = Shape {
+    keys: &[
+        ("acceptance", Level::Object(&Shape { keys: &[("criterion", Level::Leaf)] })),
+        ("counter_proposal", Level::Object(&Shape { keys: &[("max_rounds", Level::Leaf)] })),
+        ("rejection", Level::Object(&Shape { keys: &[("terminal_on_any_reject", Level::Leaf)] })),
+        ("commitment", Level::Object(&SHARED_COMMITMENT)),
+    ],
+};
 
 /// `acceptance.criterion`: whose accepts make a proposal converge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -485,9 +497,14 @@ impl ModeState for ProposalState {
             ));
         }
         if commitment.outcome_positive && rules.max_rounds > 0 && self.counter_proposals > rules.max_rounds {
-            return Err(KernelError::policy_denied(vec![format!(
-                "{} counter-proposals exceed counter_proposal.max_rounds {}",
-                self.counter_proposals, rules.max_rounds
+            // No code of the SDK's set names a round limit; clients read an
+            // unknown reason as `unspecified` anyway.
+            return Err(KernelError::policy_denied(vec![Denial::new(
+                DenialCode::Unspecified,
+                format!(
+                    "{} counter-proposals exceed counter_proposal.max_rounds {}",
+                    self.counter_proposals, rules.max_rounds
+                ),
             )]));
         }
         self.phase = Phase::Committed;

@@ -8,13 +8,20 @@
 //! threshold can no longer be reached. The coordinator then commits
 //! `quorum.approved` or `quorum.rejected`.
 //!
-//! Policy: `threshold{type: n_of_m|percentage|weighted, value}` with
-//! `value > 0` *replaces* the request's `required_approvals`, both for
+//! Policy (RFC-MACP-0012 §4.2): `threshold{type: n_of_m|percentage, value}`
+//! with `value > 0` *replaces* the request's `required_approvals`, both for
 //! eligibility and for the gate on a positive Commitment (which then needs
-//! `approvals >= threshold`, POLICY_DENIED otherwise). `n_of_m` (alias
-//! `count`) and `weighted` count approvals (the latest runtime treats
-//! `weighted` as a count); `percentage` needs
-//! `ceil(value / 100 × |participants|)`. `abstention` is informational.
+//! `approvals >= threshold`, POLICY_DENIED otherwise); a threshold above the
+//! electorate is unreachable, which makes the session eligible for a negative
+//! Commitment. `n_of_m` counts approvals; `percentage` is an integer 1–100 of
+//! the participants declared at SessionStart, rounded **up** in exact integer
+//! arithmetic (`(value × n + 99) / 100`), so 50 % of 3 needs 2. `abstention`
+//! is informational.
+//!
+//! Admission takes only the current vocabulary (integer values, no
+//! `weighted` type, no `count` alias); a descriptor stored before that still
+//! evaluates as it always did: `count` and `weighted` as approval counts, a
+//! fractional value rounded up.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +32,8 @@ use serde_json::{json, Value};
 
 use super::{util, Message, Mode, ModeState, SessionView};
 use crate::error::{ErrorCode, KResult, KernelError};
+use crate::policy::rules::{admit_common, kind, opt_bool, opt_section, Level, Shape, SHARED_COMMITMENT};
+use crate::policy::{Denial, DenialCode, InvalidRules};
 
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.quorum.v1";
@@ -45,19 +54,66 @@ struct Threshold {
 }
 
 fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
+    kind(v)
 }
 
-/// Type-level checks of the quorum rules. Returns the threshold type and
-/// value when a threshold with `value > 0` is set (0 or absent: none).
-/// Unknown keys are ignored, so shared sections and newer fields pass.
+/// The closed shape of a Quorum `rules` object (RFC-MACP-0012 §4.2).
+const SHAPE: Shape = Shape {
+    keys: &[
+        ("threshold", Level::Object(&Shape { keys: &[("type", Level::Leaf), ("value", Level::Leaf)] })),
+        (
+            "abstention",
+            Level::Object(&Shape { keys: &[("counts_toward_quorum", Level::Leaf), ("interpretation", Level::Leaf)] }),
+        ),
+        ("commitment", Level::Object(&SHARED_COMMITMENT)),
+    ],
+};
+
+/// RegisterPolicy admission against the current quorum schema: closed
+/// objects, `threshold.type` ∈ {n_of_m, percentage}, `threshold.value` a
+/// whole number > 0 (≤ 100 for a percentage), typed `abstention`.
+fn admit(rules: &Value) -> Result<(), InvalidRules> {
+    admit_common(rules, &SHAPE, "quorum")?;
+    if let Some(t) = opt_section(rules, "threshold")? {
+        match t.get("type") {
+            None => {}
+            Some(Value::String(s)) if s == "n_of_m" || s == "percentage" => {}
+            Some(v) => {
+                return Err(InvalidRules::new(format!(
+                    "rules.threshold.type must be \"n_of_m\" or \"percentage\", got {v} ('weighted' is reserved \
+                     and has no semantics; 'count' is not an alias)"
+                )))
+            }
+        }
+        let value = match t.get("value") {
+            Some(Value::Number(n)) => n.as_u64().filter(|v| *v > 0).ok_or_else(|| {
+                InvalidRules::new(format!("rules.threshold.value must be a whole number > 0, got {n}"))
+            })?,
+            Some(v) => {
+                return Err(InvalidRules::new(format!(
+                    "rules.threshold.value must be a whole number > 0, got {}",
+                    kind(v)
+                )))
+            }
+            None => return Err(InvalidRules::new("rules.threshold needs a value (a whole number > 0)")),
+        };
+        if t.get("type").and_then(Value::as_str) == Some("percentage") && value > 100 {
+            return Err(InvalidRules::new(format!(
+                "rules.threshold.value is a percentage and must be 1 to 100, got {value}"
+            )));
+        }
+    }
+    if let Some(a) = opt_section(rules, "abstention")? {
+        opt_bool(a, "rules.abstention", "counts_toward_quorum")?;
+    }
+    parse_rules(rules).map(|_| ()).map_err(InvalidRules)
+}
+
+/// Type-level checks of stored quorum rules (what evaluation needs).
+/// Returns the threshold type and value when a threshold with `value > 0` is
+/// set (0 or absent: none). Unknown keys are ignored, and the legacy `count`
+/// alias and `weighted` type still evaluate, as approval counts, so recorded
+/// sessions replay.
 fn parse_rules(rules: &Value) -> Result<Option<(String, f64)>, String> {
     let obj = rules.as_object().ok_or("quorum policy rules must be a JSON object")?;
     if let Some(a) = obj.get("abstention").filter(|v| !v.is_null()) {
@@ -102,6 +158,13 @@ fn parse_rules(rules: &Value) -> Result<Option<(String, f64)>, String> {
 /// Approvals a threshold requires among `participants` voters.
 fn required_for(kind: &str, value: f64, participants: usize) -> u32 {
     let n = match kind {
+        // RFC-MACP-0012 §4.2: ceil(value × n / 100) in exact integers.
+        // Values are whole at admission (≤ 100); a fractional one can only
+        // come from a descriptor stored earlier and keeps its old rounding.
+        "percentage" if value.fract() == 0.0 => {
+            let v = value as u128;
+            ((v * participants as u128).div_ceil(100)).min(u128::from(u32::MAX)) as f64
+        }
         // Multiplying first keeps whole results exact (70 × 10 / 100 = 7,
         // where 0.7 × 10 is 7.000000000000001 and would round up to 8).
         "percentage" => (value * participants as f64 / 100.0).ceil(),
@@ -184,8 +247,8 @@ impl Mode for QuorumMode {
         descriptor()
     }
 
-    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), String> {
-        parse_rules(rules).map(|_| ())
+    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), InvalidRules> {
+        admit(rules)
     }
 
     /// The voter pool is the declared participants; the coordinator may stay
@@ -376,9 +439,19 @@ impl ModeState for QuorumState {
         if c.outcome_positive {
             if let Some(th) = &self.threshold {
                 if t.approvals < th.required {
-                    return Err(KernelError::policy_denied(vec![format!(
-                        "threshold ({} {}) needs {} approvals for a positive commitment; there are {}",
-                        th.kind, th.value_text, th.required, t.approvals
+                    let voters: Vec<&String> = self.ballots.keys().collect();
+                    return Err(KernelError::policy_denied(vec![Denial::new(
+                        DenialCode::ThresholdNotMet,
+                        format!(
+                            "threshold ({} {}) needs {} approvals for a positive commitment; there are {}",
+                            th.kind, th.value_text, th.required, t.approvals
+                        ),
+                    )
+                    .with_participants(
+                        voters
+                            .into_iter()
+                            .filter(|w| self.ballots.get(*w).is_some_and(|b| b.choice != Choice::Approve))
+                            .cloned(),
                     )]));
                 }
             }

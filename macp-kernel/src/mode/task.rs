@@ -23,6 +23,8 @@ use serde_json::{json, Value};
 
 use super::{util, Message, Mode, ModeState, SessionView};
 use crate::error::{ErrorCode, KResult, KernelError};
+use crate::policy::rules::{admit_common, Level, Shape, SHARED_COMMITMENT};
+use crate::policy::{Denial, DenialCode, InvalidRules};
 
 /// The canonical mode id.
 pub const MODE_ID: &str = "macp.mode.task.v1";
@@ -30,6 +32,15 @@ pub const MODE_ID: &str = "macp.mode.task.v1";
 /// The task mode. Stateless: everything per session lives in its state.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TaskMode;
+
+/// The closed shape of a Task `rules` object (RFC-MACP-0012 §4.4).
+const SHAPE: Shape = Shape {
+    keys: &[
+        ("assignment", Level::Object(&Shape { keys: &[("allow_reassignment_on_reject", Level::Leaf)] })),
+        ("completion", Level::Object(&Shape { keys: &[("require_output", Level::Leaf)] })),
+        ("commitment", Level::Object(&SHARED_COMMITMENT)),
+    ],
+};
 
 /// The task rules of a bound policy, with their defaults (both off).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,8 +171,9 @@ impl Mode for TaskMode {
         descriptor()
     }
 
-    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), String> {
-        parse_rules(rules).map(|_| ())
+    fn validate_rules(&self, rules: &Value, _schema_version: u32) -> Result<(), InvalidRules> {
+        admit_common(rules, &SHAPE, "task")?;
+        parse_rules(rules).map(|_| ()).map_err(InvalidRules)
     }
 
     /// Needs someone other than the initiator to delegate to; the initiator
@@ -291,10 +303,15 @@ impl TaskState {
             return Err(KernelError::invalid(format!("the task was already accepted by {a}; the first accept wins")));
         }
         if !self.rejections.is_empty() && !self.rules.allow_reassignment_on_reject {
-            return Err(KernelError::policy_denied(vec![format!(
-                "the task was rejected by {} and the policy does not set assignment.allow_reassignment_on_reject",
-                self.rejections.iter().map(|r| r.participant.as_str()).collect::<Vec<_>>().join(", ")
-            )]));
+            let rejecters: Vec<&str> = self.rejections.iter().map(|r| r.participant.as_str()).collect();
+            return Err(KernelError::policy_denied(vec![Denial::new(
+                DenialCode::ReassignmentNotAllowed,
+                format!(
+                    "the task was rejected by {} and the policy does not set assignment.allow_reassignment_on_reject",
+                    rejecters.join(", ")
+                ),
+            )
+            .with_participants(rejecters)]));
         }
         self.active_assignee = Some(msg.sender.to_string());
         self.assignment_history.push(msg.sender.to_string());
@@ -316,11 +333,15 @@ impl TaskState {
         let while_assigned = match &self.active_assignee {
             Some(a) if a == msg.sender => {
                 if !self.rules.allow_reassignment_on_reject {
-                    return Err(KernelError::policy_denied(vec![format!(
-                        "{} is the active assignee; handing the task back needs \
-                         assignment.allow_reassignment_on_reject in the policy",
-                        msg.sender
-                    )]));
+                    return Err(KernelError::policy_denied(vec![Denial::new(
+                        DenialCode::ReassignmentNotAllowed,
+                        format!(
+                            "{} is the active assignee; handing the task back needs \
+                             assignment.allow_reassignment_on_reject in the policy",
+                            msg.sender
+                        ),
+                    )
+                    .with_participants([msg.sender])]));
                 }
                 true
             }
@@ -459,16 +480,17 @@ impl ModeState for TaskState {
             match report {
                 Report::Complete { output, .. } if !output.is_empty() => {}
                 Report::Complete { .. } => {
-                    return Err(KernelError::policy_denied(vec![
-                        "completion.require_output: the TaskComplete carried no output".into(),
-                    ]))
+                    return Err(KernelError::policy_denied(vec![Denial::new(
+                        DenialCode::OutputRequired,
+                        "completion.require_output: the TaskComplete carried no output",
+                    )]))
                 }
                 Report::Fail { .. } => {
-                    return Err(KernelError::policy_denied(vec![
+                    return Err(KernelError::policy_denied(vec![Denial::new(
+                        DenialCode::OutputRequired,
                         "completion.require_output: a positive Commitment needs a TaskComplete with output, \
-                         but the assignee reported TaskFail"
-                            .into(),
-                    ]))
+                         but the assignee reported TaskFail",
+                    )]))
                 }
             }
         }

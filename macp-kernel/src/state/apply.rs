@@ -357,25 +357,11 @@ impl State {
         }
         let b = match fact {
             Fact::PolicyRegistered(d) => {
-                let rules = self
-                    .policies
-                    .check_register(d)
-                    .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
-                // A mode-agnostic policy can bind to a session of any mode,
-                // so it must satisfy every registered mode's rule schema.
-                let checkers: Vec<_> = if d.mode == "*" {
-                    self.modes
-                        .all_ids()
-                        .into_iter()
-                        .filter_map(|m| self.modes.resolve(&m).map(|(_, e)| e.mode.clone()))
-                        .collect()
-                } else {
-                    self.modes.resolve(&d.mode).map(|(_, e)| e.mode.clone()).into_iter().collect()
-                };
-                for mode in checkers {
-                    mode.validate_rules(&rules, d.schema_version)
-                        .map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
-                }
+                // Admission (the current rule schemas) ran before the record
+                // was built; a recorded registration is held only to what
+                // evaluation needs, so a later schema tightening never stops
+                // it from replaying (RFC-MACP-0012 §8 item 4).
+                self.policies.check_stored(d)?;
                 let mut d = d.clone();
                 d.registered_at_unix_ms = at;
                 self.policies.insert(d)?;

@@ -231,18 +231,57 @@ impl H {
         schema_version: u32,
         rules: &str,
     ) -> Result<String, macp_kernel::KernelError> {
-        let descriptor = macp_kernel::macp_wire::v1::PolicyDescriptor {
+        self.register_policy_descriptor(macp_kernel::macp_wire::v1::PolicyDescriptor {
             policy_id: id.into(),
             mode: mode.into(),
             description: "test policy".into(),
             rules: rules.into(),
             schema_version,
             registered_at_unix_ms: 0,
-        };
+        })
+    }
+
+    /// RegisterPolicy of a whole descriptor as an admin.
+    pub fn register_policy_descriptor(
+        &mut self,
+        descriptor: macp_kernel::macp_wire::v1::PolicyDescriptor,
+    ) -> Result<String, macp_kernel::KernelError> {
         self.next_req += 1;
         let request = self.next_req;
         let effects = self.run(Input::RegisterPolicy { request, identity: Identity::new("admin"), descriptor });
         registry_reply(&effects, request)
+    }
+
+    /// Applies a policy registration as if it had been recorded by an
+    /// earlier runtime whose admission rules were looser (the replay path):
+    /// the descriptor bypasses today's RegisterPolicy admission, exactly like
+    /// a registration read back from an old log. The record joins the log,
+    /// so [`H::assert_replay_matches`] replays it too.
+    pub fn register_stored(
+        &mut self,
+        id: &str,
+        mode: &str,
+        schema_version: u32,
+        rules: &str,
+    ) -> Result<(), macp_kernel::KernelError> {
+        use macp_kernel::macp_wire::storage::{record::Fact, Record};
+        let seq = self.records().iter().filter(|r| r.session_id.is_empty()).count() as u64 + 1;
+        let record = Record {
+            session_id: String::new(),
+            seq,
+            at_unix_ms: self.now,
+            fact: Some(Fact::PolicyRegistered(macp_kernel::macp_wire::v1::PolicyDescriptor {
+                policy_id: id.into(),
+                mode: mode.into(),
+                description: String::new(),
+                rules: rules.into(),
+                schema_version,
+                registered_at_unix_ms: self.now,
+            })),
+        };
+        self.k.apply_record(&record)?;
+        self.log.push(Effect::Persist(record));
+        Ok(())
     }
 
     /// UnregisterPolicy as an admin.

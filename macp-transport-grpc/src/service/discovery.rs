@@ -28,7 +28,7 @@ fn capabilities() -> Capabilities {
             register_policy: true,
             list_policies: true,
             list_changed: true,
-            rule_extensions: Vec::new(),
+            rule_extensions: macp_kernel::policy::RULE_EXTENSIONS.iter().map(|k| k.to_string()).collect(),
             what_if_replay: false,
         }),
         decision_receipt: None,

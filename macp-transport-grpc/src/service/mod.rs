@@ -14,6 +14,7 @@ mod registries;
 mod sessions;
 mod streams;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -89,7 +90,9 @@ impl Runtime {
         self.limits.clone()
     }
 
-    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+    /// Borrows only the metadata, so the future stays `Send` for requests
+    /// whose body is not `Sync` (streams).
+    fn identity<'a, T>(&'a self, req: &'a Request<T>) -> impl Future<Output = Result<Identity, Status>> + Send + 'a {
         self.auth.authenticate(req.metadata())
     }
 

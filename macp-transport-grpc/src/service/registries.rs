@@ -77,7 +77,7 @@ pub(super) async fn register_ext_mode(
     rt: &Runtime,
     req: Request<RegisterExtModeRequest>,
 ) -> Result<Response<RegisterExtModeResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let descriptor =
         req.into_inner().mode_descriptor.ok_or_else(|| Status::invalid_argument("mode_descriptor is required"))?;
     Ok(Response::new(match mutate(rt, Input::RegisterExtMode { request: 0, identity, descriptor }).await? {
@@ -90,7 +90,7 @@ pub(super) async fn unregister_ext_mode(
     rt: &Runtime,
     req: Request<UnregisterExtModeRequest>,
 ) -> Result<Response<UnregisterExtModeResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let mode = req.into_inner().mode;
     Ok(Response::new(match mutate(rt, Input::UnregisterExtMode { request: 0, identity, mode }).await? {
         Ok(_) => UnregisterExtModeResponse { ok: true, error: String::new() },
@@ -102,7 +102,7 @@ pub(super) async fn promote_mode(
     rt: &Runtime,
     req: Request<PromoteModeRequest>,
 ) -> Result<Response<PromoteModeResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let r = req.into_inner();
     let input =
         Input::PromoteMode { request: 0, identity, mode: r.mode.clone(), promoted_mode_name: r.promoted_mode_name };
@@ -116,7 +116,7 @@ pub(super) async fn register_policy(
     rt: &Runtime,
     req: Request<RegisterPolicyRequest>,
 ) -> Result<Response<RegisterPolicyResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let descriptor =
         req.into_inner().policy_descriptor.ok_or_else(|| Status::invalid_argument("policy_descriptor is required"))?;
     Ok(Response::new(match mutate(rt, Input::RegisterPolicy { request: 0, identity, descriptor }).await? {
@@ -129,7 +129,7 @@ pub(super) async fn unregister_policy(
     rt: &Runtime,
     req: Request<UnregisterPolicyRequest>,
 ) -> Result<Response<UnregisterPolicyResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let policy_id = req.into_inner().policy_id;
     Ok(Response::new(match mutate(rt, Input::UnregisterPolicy { request: 0, identity, policy_id }).await? {
         Ok(_) => UnregisterPolicyResponse { ok: true, error: String::new() },
@@ -141,7 +141,7 @@ pub(super) async fn get_policy(
     rt: &Runtime,
     req: Request<GetPolicyRequest>,
 ) -> Result<Response<GetPolicyResponse>, Status> {
-    rt.identity(&req)?;
+    rt.identity(&req).await?;
     let policy_id = req.into_inner().policy_id;
     match rt.ask(Query::GetPolicy { policy_id: policy_id.clone() }).await? {
         Answer::Policy(Some(d)) => Ok(Response::new(GetPolicyResponse { policy_descriptor: Some(d) })),
@@ -154,7 +154,7 @@ pub(super) async fn list_policies(
     rt: &Runtime,
     req: Request<ListPoliciesRequest>,
 ) -> Result<Response<ListPoliciesResponse>, Status> {
-    rt.identity(&req)?;
+    rt.identity(&req).await?;
     let mode = req.into_inner().mode;
     Ok(Response::new(ListPoliciesResponse { descriptors: policies(rt, mode).await? }))
 }

@@ -14,13 +14,13 @@ use tonic::{Request, Response, Status};
 use super::{unexpected, RpcStream, Runtime};
 use crate::driver::{now_ms, Binding, Command};
 use crate::limits::Budget;
-use crate::status::{ack, error_status, status};
+use crate::status::{ack, error_status, lagged, status};
 
 /// Room left in a ListSessions reply for everything but the sessions.
 const LIST_REPLY_SLACK: usize = 64 * 1024;
 
 pub(super) async fn send(rt: &Runtime, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-    let identity = rt.identity(&req);
+    let identity = rt.identity(&req).await;
     let envelope =
         req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("SendRequest needs an envelope"))?;
     let ack = send_envelope(rt, identity, envelope, None).await;
@@ -92,7 +92,7 @@ pub(super) async fn send_envelope(
 /// Cancel/Suspend/ResumeSession. An unknown session and a caller without
 /// authority are whole-RPC errors; every other refusal is an Ack.
 pub(super) async fn control(rt: &Runtime, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     if !rt.limits.check(&identity.sender, Budget::Message) {
         return Err(error_status(
             ErrorCode::RateLimited,
@@ -116,7 +116,7 @@ pub(super) async fn get_session(
     rt: &Runtime,
     req: Request<GetSessionRequest>,
 ) -> Result<Response<GetSessionResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let session_id = req.into_inner().session_id;
     match rt.ask(Query::GetSession { identity, session_id }).await? {
         Answer::Session(Ok(md)) => Ok(Response::new(GetSessionResponse { metadata: Some(md) })),
@@ -129,7 +129,7 @@ pub(super) async fn list_sessions(
     rt: &Runtime,
     req: Request<ListSessionsRequest>,
 ) -> Result<Response<ListSessionsResponse>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let r = req.into_inner();
     let byte_budget = rt.max_reply_bytes.saturating_sub(LIST_REPLY_SLACK).max(1);
     let query = Query::ListSessions { identity, page_size: r.page_size, page_token: r.page_token, byte_budget };
@@ -146,7 +146,7 @@ pub(super) async fn watch_sessions(
     rt: &Runtime,
     req: Request<WatchSessionsRequest>,
 ) -> Result<Response<RpcStream<WatchSessionsResponse>>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     // Subscribe before the snapshot so nothing falls between them; live
     // CREATED events for sessions already in the snapshot are dropped.
     let rx = rt.watch.lifecycle.subscribe();
@@ -171,7 +171,7 @@ pub(super) async fn watch_sessions(
                 ev.event_type == session_lifecycle_event::EventType::Created as i32 && synced.contains(&m.session_id);
             (may_read_metadata(&identity, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
         }
-        Err(_) => Some(Err(Status::resource_exhausted("session watcher fell behind; reconnect to resync"))),
+        Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
     });
     Ok(Response::new(Box::pin(first.chain(live))))
 }

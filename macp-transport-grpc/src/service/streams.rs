@@ -12,7 +12,7 @@ use super::sessions::send_envelope;
 use super::{RpcStream, Runtime};
 use crate::driver::{Command, Subscription};
 use crate::hub::{Sequenced, SessionFeed};
-use crate::status::status;
+use crate::status::{lagged, status};
 
 fn error_frame(e: MacpError) -> StreamSessionResponse {
     StreamSessionResponse { response: Some(stream_session_response::Response::Error(e)) }
@@ -69,7 +69,7 @@ async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Se
     }
     if feed.overflowed.load(std::sync::atomic::Ordering::Acquire) {
         let _ = out
-            .send(Some(Err(Status::resource_exhausted(format!(
+            .send(Some(Err(lagged(format!(
                 "subscriber fell behind the live stream; resubscribe with after_sequence={last}"
             )))))
             .await;
@@ -117,7 +117,7 @@ pub(super) async fn stream_session(
     rt: &Runtime,
     req: Request<Streaming<StreamSessionRequest>>,
 ) -> Result<Response<RpcStream<StreamSessionResponse>>, Status> {
-    let identity = rt.identity(&req)?;
+    let identity = rt.identity(&req).await?;
     let mut inbound = req.into_inner();
     let (out, rx) = mpsc::channel::<Frame>(64);
     let rt = rt.clone();
@@ -229,11 +229,10 @@ pub(super) async fn watch_signals(
     rt: &Runtime,
     req: Request<WatchSignalsRequest>,
 ) -> Result<Response<RpcStream<WatchSignalsResponse>>, Status> {
-    rt.identity(&req)?;
+    rt.identity(&req).await?;
     let rx = rt.watch.signals.subscribe();
-    let s = tokio_stream::wrappers::BroadcastStream::new(rx).map(|e| {
-        e.map_err(|_| Status::resource_exhausted("signal watcher fell behind; signals have no backlog, reconnect"))
-    });
+    let s = tokio_stream::wrappers::BroadcastStream::new(rx)
+        .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect")));
     // tonic ends the stream after yielding an error status.
     Ok(Response::new(Box::pin(s)))
 }

@@ -32,6 +32,14 @@ impl Server {
         Self::start_with(Config::parse_from(args).resolve().expect("config")).await
     }
 
+    /// Starts a plaintext `--memory-only` server without dev identities,
+    /// authenticating as `extra` configures.
+    pub async fn start_insecure(extra: &[&str]) -> Server {
+        let mut args = vec!["macp-runtime", "--memory-only", "--allow-insecure", "--bind-addr", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::start_with(Config::parse_from(args).resolve().expect("config")).await
+    }
+
     /// Starts a server with a full configuration.
     pub async fn start_with(cfg: Config) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,6 +79,12 @@ impl Server {
         MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::Bearer(token.to_string()))
     }
 
+    /// A client sending exactly `headers`.
+    pub async fn with_headers(&self, headers: &[(&'static str, &str)]) -> Client {
+        let h = headers.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::Headers(h))
+    }
+
     /// A client with no credentials.
     pub async fn anonymous(&self) -> Client {
         MacpRuntimeServiceClient::with_interceptor(self.channel().await, Auth::None)
@@ -89,6 +103,8 @@ impl Drop for Server {
 pub enum Auth {
     Agent(String),
     Bearer(String),
+    /// Exactly these headers, appended in order (repeats allowed).
+    Headers(Vec<(&'static str, String)>),
     None,
 }
 
@@ -100,6 +116,11 @@ impl tonic::service::Interceptor for Auth {
             }
             Auth::Bearer(t) => {
                 req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {t}")).unwrap());
+            }
+            Auth::Headers(h) => {
+                for (k, v) in h {
+                    req.metadata_mut().append(*k, MetadataValue::try_from(v.as_str()).unwrap());
+                }
             }
             Auth::None => {}
         }

@@ -1,6 +1,23 @@
 //! Governance policies (RFC-MACP-0012): the registry and the rules every mode
 //! shares.
 //!
+//! A descriptor meets three different bars in its life, and keeping them apart
+//! is what lets stored sessions replay identically while admission keeps
+//! getting stricter:
+//!
+//! 1. **Admission** ([`PolicyRegistry::admit`]), once, when RegisterPolicy
+//!    offers it: the current rule schemas in full — closed rule objects,
+//!    floors, `description`, the reserved `policy.std.*` ids.
+//! 2. **Storage** ([`PolicyRegistry::check_stored`]), whenever a recorded
+//!    registration is applied (live or on replay): only what evaluation needs
+//!    (a known schema version, rules that parse). A schema tightening never
+//!    makes a stored descriptor unreplayable (§8 item 4).
+//! 3. **Evaluation**, by the modes at Commitment time, under the
+//!    `schema_version` the descriptor declares (§8 item 3): a session bound to
+//!    a version-1 or -2 policy is evaluated by the legacy rules forever, one
+//!    bound to version 3 by the current ones. Evaluation returns every unmet
+//!    rule as a structured [`Denial`].
+//!
 //! A policy is resolved once, at SessionStart, and frozen on the session as a
 //! [`BoundPolicy`]; later registry changes never reach a running session.
 //! Mode-specific rules (voting, thresholds, …) are parsed and evaluated by the
@@ -14,12 +31,29 @@ use macp_wire::v1::PolicyDescriptor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorCode, KResult, KernelError};
+use crate::mode::ModeRegistry;
+
+pub mod denial;
+mod reserved;
+pub mod rules;
+
+pub use denial::{details_json, Denial, DenialCode};
+pub use reserved::{canonical_profile, STD_PREFIX};
+pub use rules::{InvalidRules, RULE_EXTENSIONS};
 
 /// The reserved, always-registered default policy id.
 pub const DEFAULT_POLICY_ID: &str = "policy.default";
 
-/// Rule schema versions this runtime evaluates.
-pub const SUPPORTED_SCHEMA_VERSIONS: [u32; 2] = [1, 2];
+/// Rule schema versions this runtime evaluates: 1 (original), 2 (adds the
+/// decline fields), 3 (fail-closed empty tally, RFC-MACP-0012 1.1.0).
+pub const SUPPORTED_SCHEMA_VERSIONS: [u32; 3] = [1, 2, 3];
+
+/// Whether a descriptor of this schema version evaluates an empty decisive
+/// tally fail-closed (version ≥ 3) rather than by the legacy rule that lets
+/// `commitment.require_vote_quorum` alone decide (RFC-MACP-0012 §4.1).
+pub const fn empty_tally_fails_closed(schema_version: u32) -> bool {
+    schema_version >= 3
+}
 
 /// Who may send the resolving Commitment (`commitment.authority`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -180,33 +214,79 @@ impl PolicyRegistry {
         self.policies.values().map(|p| &p.descriptor)
     }
 
-    /// Shared RegisterPolicy checks; the mode's rule schema is checked by the
-    /// caller through [`crate::mode::Mode::validate_rules`].
-    pub fn check_register(&self, d: &PolicyDescriptor) -> Result<serde_json::Value, String> {
+    /// What a registration must satisfy whenever it is applied, live or
+    /// replayed from the log: a usable id that is not taken, a mode, a schema
+    /// version this runtime evaluates, and rules that parse. Nothing here may
+    /// ever get stricter, or recorded registrations would stop replaying; new
+    /// admission requirements belong in [`PolicyRegistry::admit`].
+    pub fn check_stored(&self, d: &PolicyDescriptor) -> KResult<serde_json::Value> {
         if d.policy_id.trim().is_empty() {
-            return Err("policy_id must not be empty".into());
+            return Err(KernelError::invalid_policy("policy_id must not be empty"));
         }
         if d.policy_id == DEFAULT_POLICY_ID {
-            return Err("policy.default is reserved and cannot be registered".into());
+            return Err(KernelError::invalid_policy("policy.default is reserved and cannot be registered"));
         }
         if self.policies.contains_key(&d.policy_id) {
-            return Err(format!(
+            return Err(KernelError::invalid_policy(format!(
                 "policy '{}' is already registered; policy ids are never reused, register a new id",
                 d.policy_id
-            ));
+            )));
         }
         if d.mode.trim().is_empty() {
-            return Err("mode must be a mode id or '*'".into());
+            return Err(KernelError::invalid_policy("mode must be a mode id or '*'"));
         }
         if !SUPPORTED_SCHEMA_VERSIONS.contains(&d.schema_version) {
-            return Err(format!("schema_version {} is not supported (supported: 1, 2)", d.schema_version));
+            return Err(KernelError::invalid_policy(format!(
+                "schema_version {} is not supported (supported: 1, 2, 3)",
+                d.schema_version
+            )));
         }
-        let rules = parse_rules_json(&d.rules)?;
-        parse_authority(&rules)?;
+        let rules = parse_rules_json(&d.rules).map_err(KernelError::invalid_policy)?;
+        parse_authority(&rules).map_err(KernelError::invalid_policy)?;
         Ok(rules)
     }
 
-    /// Adds a policy whose rules [`PolicyRegistry::check_register`] accepted
+    /// RegisterPolicy admission (RFC-MACP-0012 §2.2, §3, §4, §7): everything
+    /// [`PolicyRegistry::check_stored`] requires, plus the current schema in
+    /// full — a `description`, the `policy.std.*` reservation, and the rule
+    /// schema of the descriptor's mode (every registered mode's for `*`,
+    /// since such a policy can bind to a session of any of them): closed
+    /// objects, value domains and floors. Changes nothing; every failure is
+    /// INVALID_POLICY_DEFINITION with the offending field named.
+    pub fn admit(&self, d: &PolicyDescriptor, modes: &ModeRegistry) -> KResult<()> {
+        let rules = self.check_stored(d)?;
+        if d.description.is_empty() {
+            // proto3 cannot tell an absent string from an empty one, so the
+            // RFC's "required" can only be enforced as "non-empty".
+            return Err(KernelError::invalid_policy(
+                "description is required: say in words what these governance rules are for (RFC-MACP-0012 §3)",
+            ));
+        }
+        if d.policy_id.starts_with(STD_PREFIX) {
+            reserved::check_std_registration(d, &rules)?;
+        }
+        let checkers: Vec<_> = if d.mode == "*" {
+            modes
+                .all_ids()
+                .iter()
+                .filter_map(|m| modes.resolve(m).map(|(c, e)| (c.to_string(), e.mode.clone())))
+                .collect()
+        } else {
+            modes.resolve(&d.mode).map(|(c, e)| (c.to_string(), e.mode.clone())).into_iter().collect()
+        };
+        for (id, mode) in checkers {
+            mode.validate_rules(&rules, d.schema_version).map_err(|e| {
+                KernelError::invalid_policy(if d.mode == "*" {
+                    format!("{e} (a '*' policy must satisfy every mode's rule schema; this one fails {id}'s)")
+                } else {
+                    e.0
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Adds a policy whose rules [`PolicyRegistry::check_stored`] accepted
     /// (or that a checkpoint recorded); fails only if the rules do not parse.
     pub fn insert(&mut self, d: PolicyDescriptor) -> KResult<()> {
         let id = d.policy_id.clone();
