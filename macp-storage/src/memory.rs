@@ -165,6 +165,19 @@ impl MemoryStorage {
         self.loaded = false;
     }
 
+    /// Another handle on the same stored data, not loaded: what a restart
+    /// would find if memory survived it (tests of recovery paths). Nothing
+    /// appended to `self` but unsynced is visible to it.
+    pub fn reopen(&self) -> MemoryStorage {
+        MemoryStorage {
+            config: self.config.clone(),
+            inner: self.inner.clone(),
+            pending_records: Vec::new(),
+            pending_ended: Vec::new(),
+            loaded: false,
+        }
+    }
+
     /// Changes the limits (tests reopen one store under other settings).
     pub fn set_config(&mut self, config: MemoryConfig) {
         self.config = config;

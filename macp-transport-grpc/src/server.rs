@@ -168,7 +168,7 @@ pub async fn serve(
     tokio::pin!(recovery);
     let recovered = tokio::select! {
         r = &mut recovery => r,
-        _ = stop_rx.wait_for(|s| *s) => {
+        _ = stopped(&mut stop_rx) => {
             cancelled.store(true, Ordering::Relaxed);
             info!("shutdown requested during recovery; stopping it");
             // Recovery polls the flag and returns promptly, releasing the
@@ -252,7 +252,7 @@ pub async fn serve(
     let incoming = limit_incoming(incoming, &limits);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
+        stopped(&mut stop_rx).await;
         let _ = fired_tx.send(());
     };
     let server = builder
@@ -302,6 +302,12 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// TCP keepalive probes, for peers that vanished without a FIN.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Resolves once the shutdown flag is set (or its sender is gone). The
+/// borrowed value is released at once, so the future stays `Send`.
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
 
 /// How long in-flight connections get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -1,47 +1,55 @@
 //! DIGEST §9 row 119: a storage failure acknowledges nothing, and the state
-//! stays equal to what is durable, so a retry is not a duplicate.
+//! stays equal to what is durable, so a retry is not a duplicate. The driver
+//! reopens storage and recovers from it without stopping.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use macp_kernel::{Identity, Input, Kernel, KernelConfig, Reply};
-use macp_transport_grpc::driver::{Command, Driver, History, Journal};
+use macp_kernel::{Identity, Input, KernelConfig, Reply};
+use macp_pipeline::CheckpointPolicy;
+use macp_storage::{
+    LoadEvent, LoadSummary, Maintenance, MemoryStorage, Record, SessionSummary, Storage, StorageError, StorageRead,
+};
+use macp_transport_grpc::driver::{Command, Driver};
 use macp_transport_grpc::hub::Hub;
-use macp_transport_grpc::journal::MemoryJournal;
-use macp_wire::storage::Record;
 use macp_wire::v1::{Envelope, SessionStartPayload};
 use macp_wire::Message;
 use tokio::sync::oneshot;
 
-/// A memory journal whose sync fails while `fail` is set; what failed to
+/// The memory backend, whose sync fails while `fail` is set; what failed to
 /// sync is dropped, as a crashed disk write would be.
-struct FlakyJournal {
-    durable: MemoryJournal,
-    pending: Vec<Record>,
+struct Flaky {
+    inner: MemoryStorage,
     fail: Arc<AtomicBool>,
 }
 
-impl Journal for FlakyJournal {
-    fn append(&mut self, records: Vec<Record>) -> Result<(), String> {
-        self.pending.extend(records);
-        Ok(())
+impl Storage for Flaky {
+    fn load(
+        &mut self,
+        cancelled: &dyn Fn() -> bool,
+        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+    ) -> Result<LoadSummary, StorageError> {
+        self.inner.load(cancelled, visit)
     }
-    fn sync(&mut self) -> Result<(), String> {
-        let batch = std::mem::take(&mut self.pending);
+    fn append(&mut self, records: &[Record], ended: &[SessionSummary]) -> Result<(), StorageError> {
+        self.inner.append(records, ended)
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err("injected fdatasync failure".into());
+            self.inner.crash();
+            return Err(StorageError::io("fdatasync", "/flaky", std::io::Error::other("injected failure")));
         }
-        self.durable.append(batch)
+        self.inner.sync()
     }
-    fn recover(&mut self, config: &KernelConfig) -> Result<Kernel, String> {
-        self.pending.clear();
-        self.durable.recover(config)
+    fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
+        self.sync()?;
+        self.inner.checkpoint(open_state)
     }
-    fn checkpoint(&mut self, _kernel: &Kernel) -> Result<(), String> {
-        Ok(())
+    fn maintain(&mut self, now_ms: i64) -> Result<Maintenance, StorageError> {
+        self.inner.maintain(now_ms)
     }
-    fn history(&self) -> Arc<dyn History> {
-        self.durable.history()
+    fn reader(&self) -> Arc<dyn StorageRead> {
+        self.inner.reader()
     }
 }
 
@@ -78,8 +86,17 @@ async fn submit(tx: &tokio::sync::mpsc::Sender<Command>, e: Envelope) -> macp_wi
 #[tokio::test]
 async fn row_119_storage_failure_acks_nothing() {
     let fail = Arc::new(AtomicBool::new(true));
-    let journal = FlakyJournal { durable: MemoryJournal::default(), pending: Vec::new(), fail: fail.clone() };
-    let (driver, tx) = Driver::new(Kernel::new(KernelConfig::default()), Box::new(journal), Hub::default(), 0);
+    let base = MemoryStorage::default();
+    let storage = Box::new(Flaky { inner: base.reopen(), fail: fail.clone() });
+    let reopen = {
+        let fail = fail.clone();
+        Box::new(move || Ok(Box::new(Flaky { inner: base.reopen(), fail: fail.clone() }) as Box<dyn Storage>))
+    };
+    let (driver, tx, _) =
+        Driver::recover(KernelConfig::default(), storage, reopen, Hub::default(), CheckpointPolicy::default(), &|| {
+            false
+        })
+        .unwrap();
     let task = tokio::spawn(driver.run());
     let ack = submit(&tx, start()).await;
     assert!(!ack.ok);
