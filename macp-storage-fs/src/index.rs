@@ -206,10 +206,42 @@ fn apply_deltas(table: &mut redb::Table<'_, u64, u64>, deltas: &SegDeltas) -> Re
 }
 
 impl Index {
-    /// Opens (creating) the index at `path`, with `cache_bytes` of page
-    /// cache at most.
-    pub fn open<V: Vfs>(vfs: &V, path: &Path, cache_bytes: usize) -> Result<Index, StorageError> {
-        let file = vfs.open(path, true).map_err(|e| StorageError::io("open", path, e))?;
+    /// Opens the index at `path`. A missing index is created only when
+    /// `may_create` (a directory that never had a checkpoint of this
+    /// format): created under a temporary name and renamed once redb has
+    /// made it durable, so a crash mid-creation never leaves a half-made
+    /// database that would refuse to open.
+    pub fn open<V: Vfs>(vfs: &V, path: &Path, cache_bytes: usize, may_create: bool) -> Result<Index, StorageError> {
+        if !vfs.exists(path).map_err(|e| StorageError::io("stat", path, e))? {
+            if !may_create {
+                return Err(StorageError::Damaged {
+                    place: path.display().to_string(),
+                    reason: "the ended-session index is missing but a checkpoint exists (ended sessions would be \
+                             lost); restore the data directory from backup"
+                        .into(),
+                });
+            }
+            Self::create(vfs, path, cache_bytes)?;
+        }
+        let file = vfs.open(path, false).map_err(|e| StorageError::io("open", path, e))?;
+        Self::open_file(file, path, cache_bytes)
+    }
+
+    fn create<V: Vfs>(vfs: &V, path: &Path, cache_bytes: usize) -> Result<(), StorageError> {
+        let tmp = path.with_extension("redb.tmp");
+        if vfs.exists(&tmp).map_err(|e| StorageError::io("stat", &tmp, e))? {
+            vfs.remove_file(&tmp).map_err(|e| StorageError::io("remove", &tmp, e))?;
+        }
+        let file = vfs.open(&tmp, true).map_err(|e| StorageError::io("create", &tmp, e))?;
+        let index = Self::open_file(file, &tmp, cache_bytes)?;
+        // Closing makes everything durable.
+        drop(index);
+        vfs.rename(&tmp, path).map_err(|e| StorageError::io("rename", &tmp, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        vfs.sync_dir(dir).map_err(|e| StorageError::io("fsync", dir, e))
+    }
+
+    fn open_file<F: VfsFile>(file: F, path: &Path, cache_bytes: usize) -> Result<Index, StorageError> {
         let size = Arc::new(AtomicU64::new(file.size().map_err(|e| StorageError::io("stat", path, e))?));
         let backend = VfsBackend { file, size: size.clone() };
         guarded("open", || {

@@ -461,7 +461,11 @@ impl<V: Vfs> FsStorage<V> {
             vfs.create_dir_all(&wal).map_err(|e| StorageError::io("mkdir", &wal, e))?;
             vfs.sync_dir(&dir).map_err(|e| StorageError::io("fsync", &dir, e))?;
         }
-        let index = Index::open(&vfs, &dir.join(INDEX_FILE), cfg.index_cache_bytes)?;
+        // A format-2 checkpoint names no ended session the index lacks: once
+        // one exists, a missing index is damage, not something to recreate.
+        let may_create = format < FORMAT_VERSION
+            || !vfs.exists(&dir.join(CHECKPOINT_FILE)).map_err(|e| StorageError::io("stat", &dir, e))?;
+        let index = Index::open(&vfs, &dir.join(INDEX_FILE), cfg.index_cache_bytes, may_create)?;
         let shared = Arc::new(Shared {
             vfs,
             wal,

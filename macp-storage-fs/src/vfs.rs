@@ -144,6 +144,8 @@ struct Inode {
     durable: Vec<u8>,
     /// `(offset, len)` of every write since the last sync, in order.
     dirty: Vec<(usize, usize)>,
+    /// The length last set with `set_len` since the last sync, if any.
+    resized: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -280,9 +282,10 @@ impl SimFs {
     /// The file system a power cut at this moment could leave behind.
     ///
     /// Each file keeps its synced bytes plus a random prefix of its growth
-    /// since (none, all, or torn anywhere); each in-place overwrite since
-    /// the last sync lands whole, not at all, or torn at a sector boundary;
-    /// a file truncated since its last sync comes back either way. Each
+    /// by writes since (none, all, or torn anywhere); a length set with
+    /// `set_len` since the last sync survives whole or not at all; each
+    /// overwrite since the last sync lands whole, not at all, or torn at a
+    /// sector boundary. Each
     /// directory entry changed since its directory was last synced comes
     /// back old or new.
     pub fn crash_image(&self, seed: u64) -> SimFs {
@@ -301,7 +304,7 @@ impl SimFs {
             let new_ino = *mapped.entry(ino).or_insert_with(|| {
                 let node = &st.inodes[ino];
                 let data = crashed_bytes(node, &mut rng);
-                out.inodes.push(Inode { data: data.clone(), durable: data, dirty: Vec::new() });
+                out.inodes.push(Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None });
                 out.inodes.len() - 1
             });
             out.names.insert(path.clone(), new_ino);
@@ -320,7 +323,7 @@ impl SimFs {
     pub fn write_file_durable(&self, path: &Path, data: Vec<u8>) {
         let mut st = self.lock();
         if let Some(&i) = st.names.get(path) {
-            st.inodes[i] = Inode { data: data.clone(), durable: data, dirty: Vec::new() };
+            st.inodes[i] = Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None };
         }
     }
 
@@ -353,27 +356,35 @@ impl SimFs {
 
 fn crashed_bytes(node: &Inode, rng: &mut SplitMix) -> Vec<u8> {
     let (dl, nl) = (node.durable.len(), node.data.len());
-    // The length: growth survives as a prefix, a truncation either way.
-    let len = if nl >= dl {
-        let extra = (nl - dl) as u64;
-        dl + match rng.below(3) {
+    let prefix = |rng: &mut SplitMix, extra: usize| -> usize {
+        let extra = extra as u64;
+        (match rng.below(3) {
             0 => 0,
             1 => extra,
             _ => rng.below(extra + 1),
-        } as usize
-    } else if rng.below(2) == 0 {
-        dl
-    } else {
-        nl
+        }) as usize
     };
+    // The length, and where growth by appending writes starts. A length
+    // set with set_len is metadata: it survives whole or not at all.
+    // Growth by writes survives as a prefix (torn anywhere), never with
+    // holes: the file system orders data before the size that exposes it.
+    let (len, grown_from) = match node.resized {
+        None if nl >= dl => (dl + prefix(rng, nl - dl), dl),
+        None => (if rng.below(2) == 0 { dl } else { nl }, dl),
+        Some(_) if rng.below(2) == 0 => (dl, dl),
+        Some(l) if nl > l => (l + prefix(rng, nl - l), l.max(dl)),
+        Some(_) => (nl, dl),
+    };
+    let grown_from = grown_from.min(len);
     let mut out = node.durable.clone();
     out.resize(len, 0);
-    if len > dl {
-        out[dl..len].copy_from_slice(&node.data[dl..len]);
+    if grown_from < len {
+        out[grown_from..len].copy_from_slice(&node.data[grown_from..len]);
     }
-    // In-place overwrites of synced bytes: each lands whole, not at all,
-    // or as a sector-aligned prefix (a sector write is atomic).
-    let inplace = dl.min(len).min(nl);
+    // Overwrites below that (synced bytes, or a region set_len made):
+    // each lands whole, not at all, or as a sector-aligned prefix (a
+    // sector write is atomic).
+    let inplace = grown_from.min(nl);
     for &(off, n) in &node.dirty {
         if off >= inplace {
             continue;
@@ -436,7 +447,10 @@ impl VfsFile for SimFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.fs.op()?;
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        self.fs.lock().inodes[self.ino].data.resize(len, 0);
+        let mut st = self.fs.lock();
+        let node = &mut st.inodes[self.ino];
+        node.data.resize(len, 0);
+        node.resized = Some(len);
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -446,6 +460,7 @@ impl VfsFile for SimFile {
         let node = &mut st.inodes[self.ino];
         node.durable = node.data.clone();
         node.dirty.clear();
+        node.resized = None;
         Ok(())
     }
     fn sync_all(&self) -> io::Result<()> {

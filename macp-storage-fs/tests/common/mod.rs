@@ -143,6 +143,17 @@ impl Gen {
         self.run(Input::Envelope { request, identity: Identity::new("I"), envelope: env });
     }
 
+    /// Lets `ms` pass and runs the kernel's timers.
+    pub fn advance(&mut self, ms: i64) {
+        self.now += ms;
+        self.run(Input::Tick);
+    }
+
+    /// What was generated so far.
+    pub fn workload(&self) -> Workload {
+        Workload { records: self.records.clone(), ended: self.ended.clone(), times: self.times.clone() }
+    }
+
     pub fn control(&mut self, sid: &str, op: ControlOp) {
         let request = self.next_req();
         self.run(Input::Control {
