@@ -210,3 +210,35 @@ fn a_reader_left_behind_is_closed_not_pointed_at_a_new_owner() {
     let _new = fresh(dir.path());
     assert!(matches!(old.ended(&sid), Err(StorageError::Closed)), "the old reader must not use the index");
 }
+
+/// A shutdown during a long recovery stops it promptly: `cancelled` is
+/// polled while the tail replays, and loading returns Cancelled.
+#[test]
+fn loading_stops_when_cancelled() {
+    use macp_storage::suite::record;
+    let fs = SimFs::new();
+    let mut st = FsStorage::open_with(fs.clone(), "/d", FsConfig::default()).unwrap();
+    recover_from(&mut st).unwrap();
+    for chunk in (1..=20_000u64).collect::<Vec<_>>().chunks(1_000) {
+        let records: Vec<_> = chunk.iter().map(|&n| record(n, 1)).collect();
+        st.append(&records, &[]).unwrap();
+    }
+    st.sync().unwrap();
+    drop(st);
+    let mut st = FsStorage::open_with(fs, "/d", FsConfig::default()).unwrap();
+    let polls = std::cell::Cell::new(0u32);
+    let mut seen = 0u64;
+    let r = st.load(
+        &|| {
+            polls.set(polls.get() + 1);
+            polls.get() > 3
+        },
+        &mut |_| {
+            seen += 1;
+            Ok(())
+        },
+    );
+    assert!(matches!(r, Err(StorageError::Cancelled)), "{r:?}");
+    assert!(seen < 5_000, "stopped within a few thousand records, not at the end ({seen})");
+    assert!(matches!(st.append(&[], &[]), Err(StorageError::Misuse(_))), "a cancelled load leaves it unloaded");
+}
