@@ -383,7 +383,7 @@ fn replay_tail(
         let sid_at = |r: std::ops::Range<usize>| chunk.bytes.get(r).and_then(|b| std::str::from_utf8(b).ok());
         for f in chunk.found {
             n += 1;
-            if n % 1024 == 0 && cancelled() {
+            if n.is_multiple_of(1024) && cancelled() {
                 return Err(StorageError::Cancelled);
             }
             match f {
@@ -863,7 +863,7 @@ impl<V: Vfs> FsStorage<V> {
         self.sync()?;
         let mut view = self.shared.view_mut()?;
         for (sid, old, new) in moved {
-            let still = view.open.get(&sid).is_some_and(|v| v.iter().any(|l| *l == old));
+            let still = view.open.get(&sid).is_some_and(|v| v.contains(&old));
             if still && view.open.relocate(&sid, new) {
                 m.carried_records += 1;
             }
