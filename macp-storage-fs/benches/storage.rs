@@ -154,9 +154,13 @@ fn append_bench() {
     println!("record size: {} bytes encoded (+16 frame header); {} sessions end", avg_bytes(&records), ended.len());
     // Summaries go with the batch holding their session's last record, as
     // the pipeline hands them over.
+    // MACP_BENCH_NO_SUMMARIES=1 leaves them out, to compare with a build
+    // whose append took records only.
     let mut ends_at: Vec<Vec<SessionSummary>> = vec![Vec::new(); records.len() + 1];
-    for (at, s) in ended {
-        ends_at[at].push(s);
+    if std::env::var_os("MACP_BENCH_NO_SUMMARIES").is_none() {
+        for (at, s) in ended {
+            ends_at[at].push(s);
+        }
     }
     {
         // The CPU side alone (encode, checksum, open map; no write, no sync).

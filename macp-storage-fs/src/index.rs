@@ -95,8 +95,11 @@ impl<F: VfsFile> StorageBackend for VfsBackend<F> {
 /// An ended session on its way into the index.
 #[derive(Clone, Debug)]
 pub(crate) struct EndedEntry {
-    /// What the kernel answers from.
-    pub summary: SessionSummary,
+    /// What the kernel answers from, encoded once at append (the index
+    /// stores these bytes; a reader decodes them).
+    pub summary: Vec<u8>,
+    /// When it ended (retention counts from here).
+    pub ended_at: i64,
     /// Its records, or `None` when storage did not know them (a summary
     /// stored a second time): the index keeps what it has.
     pub locs: Option<Vec<Loc>>,
@@ -150,16 +153,20 @@ fn damaged_entry(sid: &str, reason: impl Into<String>) -> StorageError {
     StorageError::Damaged { place: format!("index entry of session {sid}"), reason: reason.into() }
 }
 
-fn encode_entry(ended_at: i64, end: LogPos, locs: &[Loc], summary: &SessionSummary) -> Vec<u8> {
-    let mut b = Vec::with_capacity(32 + locs.len() * 8 + summary.encoded_len());
+fn encode_entry(ended_at: i64, end: LogPos, locs: &[Loc], summary: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32 + locs.len() * 8 + summary.len());
     b.push(ENTRY_VERSION);
     b.extend_from_slice(&ended_at.to_le_bytes());
     put_varint(&mut b, end.segment);
     put_varint(&mut b, end.offset);
     encode_locs(&mut b, locs);
-    // Encoding into a Vec cannot fail: it grows as needed.
-    let _ = summary.encode(&mut b);
+    b.extend_from_slice(summary);
     b
+}
+
+/// Decodes a summary stored for `sid`.
+pub(crate) fn decode_summary(sid: &str, bytes: &[u8]) -> Result<SessionSummary, StorageError> {
+    SessionSummary::decode(bytes).map_err(|why| damaged_entry(sid, why.to_string()))
 }
 
 /// A decoded entry: end time, end position, locations, summary bytes.
@@ -283,8 +290,7 @@ impl Index {
             let t = r.open_table(ENDED).map_err(ix("open table"))?;
             let Some(g) = t.get(sid).map_err(ix("get"))? else { return Ok(None) };
             let e = decode_entry(g.value()).map_err(|why| damaged_entry(sid, why))?;
-            let s = SessionSummary::decode(e.summary).map_err(|why| damaged_entry(sid, why.to_string()))?;
-            Ok(Some((s, e.locs)))
+            Ok(Some((decode_summary(sid, e.summary)?, e.locs)))
         })
     }
 
@@ -301,7 +307,7 @@ impl Index {
                 }
                 let (k, v) = item.map_err(ix("range"))?;
                 let e = decode_entry(v.value()).map_err(|why| damaged_entry(k.value(), why))?;
-                out.push(SessionSummary::decode(e.summary).map_err(|why| damaged_entry(k.value(), why.to_string()))?);
+                out.push(decode_summary(k.value(), e.summary)?);
             }
             Ok(out)
         })
@@ -338,7 +344,7 @@ impl Index {
                             *deltas.entry(s).or_default() -= 1;
                         }
                     }
-                    let at = e.summary.ended_at_unix_ms;
+                    let at = e.ended_at;
                     ended.insert(sid, encode_entry(at, end, &locs, &e.summary).as_slice()).map_err(ix("insert"))?;
                     by_end.insert((at, sid), (end.segment, end.offset)).map_err(ix("insert"))?;
                     for s in distinct_segments(&locs) {
@@ -460,7 +466,7 @@ mod tests {
     fn entries_roundtrip() {
         let s = SessionSummary { last_seq: 3, ended_at_unix_ms: -5, ..Default::default() };
         let locs = vec![Loc { seq: 1, segment: 4, offset: 16, len: 9 }];
-        let b = encode_entry(-5, LogPos::new(4, 16), &locs, &s);
+        let b = encode_entry(-5, LogPos::new(4, 16), &locs, &s.encode_to_vec());
         let e = decode_entry(&b).expect("decodes");
         assert_eq!((e.ended_at, e.end, &e.locs), (-5, LogPos::new(4, 16), &locs));
         assert_eq!(SessionSummary::decode(e.summary).expect("summary"), s);

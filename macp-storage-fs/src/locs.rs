@@ -63,7 +63,11 @@ pub(crate) struct OpenMap {
 
 impl OpenMap {
     fn count(&mut self, loc: &Loc, add: bool) {
-        let u = self.by_segment.entry(loc.segment).or_default();
+        // Appends go to the newest segment: look there first.
+        let u = match self.by_segment.last_entry() {
+            Some(e) if *e.key() == loc.segment => e.into_mut(),
+            _ => self.by_segment.entry(loc.segment).or_default(),
+        };
         if add {
             u.refs += 1;
             u.bytes += loc.frame_len();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use macp_storage::{summary_id, Record, SessionSummary, StorageError, StorageRead};
 
+use crate::index::{decode_summary, EndedEntry};
 use crate::locs::Loc;
 use crate::storage::Shared;
 use crate::vfs::Vfs;
@@ -70,8 +71,9 @@ impl<V: Vfs> StorageRead for FsReader<V> {
     }
 
     fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
-        if let Some(p) = self.shared.view()?.pending.get(session_id) {
-            return Ok(Some(p.summary.clone()));
+        let pending = self.shared.view()?.pending.get(session_id).cloned();
+        if let Some(p) = pending {
+            return decode_summary(session_id, &p.summary).map(Some);
         }
         Ok(self.shared.with_index(|ix| ix.get(session_id))?.map(|(s, _)| s))
     }
@@ -79,14 +81,18 @@ impl<V: Vfs> StorageRead for FsReader<V> {
     fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         // The pending batch first, then the index (see the module docs).
-        let pending: Vec<SessionSummary> = self
+        let pending: Vec<(Box<str>, Arc<EndedEntry>)> = self
             .shared
             .view()?
             .pending
             .range::<str, _>((lower, Bound::Unbounded))
             .take(limit)
-            .map(|(_, e)| e.summary.clone())
+            .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
+        let pending = pending
+            .iter()
+            .map(|(k, e)| decode_summary(k, &e.summary))
+            .collect::<Result<Vec<SessionSummary>, StorageError>>()?;
         let stored = self.shared.with_index(|ix| ix.list(after, limit))?;
         let mut out = Vec::with_capacity(limit.min(pending.len() + stored.len()));
         let (mut p, mut s) = (pending.into_iter().peekable(), stored.into_iter().peekable());

@@ -278,8 +278,9 @@ pub struct FsStorage<V: Vfs = RealFs> {
     dir_dirty: bool,
     /// Record index → location, for the batch being appended (reused).
     placed: Vec<(usize, Loc)>,
-    /// Summaries appended since the last sync, with the log end then.
-    staged: Vec<(SessionSummary, LogPos)>,
+    /// Summaries appended since the last sync (id, end time, encoding),
+    /// with the log end then.
+    staged: Vec<(Box<str>, i64, Vec<u8>, LogPos)>,
     // --- checkpoint and maintenance ---
     /// Where the latest checkpoint's coverage ends.
     covered: Option<LogPos>,
@@ -655,14 +656,10 @@ impl<V: Vfs> FsStorage<V> {
     /// Makes everything written durable and shows it to readers: moves the
     /// sessions that ended from the open map to the pending index batch.
     fn publish(&mut self) -> Result<(), StorageError> {
-        let staged = std::mem::take(&mut self.staged);
         let mut view = self.shared.view_mut()?;
         view.durable = self.durable;
-        for (summary, end_then) in staged {
-            let sid = summary_id(&summary);
-            if sid.is_empty() {
-                continue;
-            }
+        for (key, ended_at, summary, end_then) in self.staged.drain(..) {
+            let sid: &str = &key;
             let (locs, end) = match view.open.take(sid) {
                 Some(l) => {
                     let end = l.iter().map(Loc::pos).max().unwrap_or(end_then);
@@ -674,8 +671,7 @@ impl<V: Vfs> FsStorage<V> {
                     None => (None, end_then),
                 },
             };
-            let key: Box<str> = sid.into();
-            view.pending.insert(key, Arc::new(EndedEntry { summary, locs, end }));
+            view.pending.insert(key, Arc::new(EndedEntry { summary, ended_at, locs, end }));
         }
         Ok(())
     }
@@ -1118,7 +1114,12 @@ impl<V: Vfs> Storage for FsStorage<V> {
             }
         }
         self.placed = placed;
-        self.staged.extend(ended.iter().map(|s| (s.clone(), self.end)));
+        for s in ended {
+            let sid = summary_id(s);
+            if !sid.is_empty() {
+                self.staged.push((sid.into(), s.ended_at_unix_ms, s.encode_to_vec(), self.end));
+            }
+        }
         Ok(())
     }
 
