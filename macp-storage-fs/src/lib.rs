@@ -102,31 +102,39 @@
 //! ## Retention and compaction
 //!
 //! [`FsConfig::retention`] (`forever` by default: nothing is ever deleted,
-//! and the disk grows with history). Otherwise each `maintain(now)` call
-//! does a bounded amount of work:
-//! 1. writes up to [`FsConfig::maintain_sessions`] pending ended sessions to
-//!    the index (non-durable commit);
-//! 2. deletes up to as many ended sessions past retention, oldest first —
-//!    only those whose terminal record lies before the latest checkpoint,
-//!    so replaying the tail can never bring a deleted session back;
-//! 3. retires segments wholly before the checkpoint's segment that no open
-//!    session uses (now, or in the latest checkpoint's locations, which a
-//!    restart would read) and that no indexed session has records in: one
-//!    durable index commit first (so no index entry can outlive its
-//!    records), then the files;
-//! 4. compaction: an old segment kept only by a few open records (a
-//!    session suspended for days) gets those records carried forward into
-//!    the active segment as `MCPY` frames (loading never replays them, it
-//!    only moves the session's locations), at most
-//!    [`FsConfig::carry_bytes`] per call, and only when open records fill at
-//!    most half the segment, so copying never costs more than it frees. The
-//!    segment is retired after the next checkpoint.
+//! and the disk grows with history). Each `maintain(now)` call does a
+//! bounded amount of work and pays for at most one expensive step:
+//! 1. a durable index commit, when [`FsConfig::maintain_sessions`] × 4
+//!    sessions of non-durable index work piled up, or when deletions just
+//!    emptied a segment (alone in its call: it writes out what the
+//!    non-durable commits left in redb's cache, so doing it regularly keeps
+//!    each one — and the one in `checkpoint` — small);
+//! 2. otherwise: writes up to `maintain_sessions` pending ended sessions to
+//!    the index and deletes up to as many sessions past retention, oldest
+//!    first (both non-durable, no sync) — only sessions whose terminal
+//!    record lies before the latest checkpoint, so replaying the tail can
+//!    never bring a deleted session back;
+//! 3. retires up to two segments wholly before the checkpoint's segment
+//!    that no open session uses (now, or in the latest checkpoint's
+//!    locations, which a restart would read) and that no indexed session
+//!    has records in — *durably* so: a segment emptied by deletions a power
+//!    cut could undo waits for the next durable commit, so no index entry
+//!    can outlive its records. Deleting the file needs no directory sync: a
+//!    file a power cut brings back is retired again;
+//! 4. once nothing expired is left, compaction: an old segment kept only by
+//!    a few open records (a session suspended for days) gets those records
+//!    carried forward into the active segment as `MCPY` frames (loading
+//!    never replays them, it only moves the session's locations), at most
+//!    [`FsConfig::carry_bytes`] per call and one fdatasync, and only when
+//!    open records fill at most half the segment, so copying never costs
+//!    more than it frees. The segment is retired after the next checkpoint.
 //!
-//! No call starts a further stage after 10 ms; [`macp_storage::Maintenance`]
-//! says what was done and whether more is waiting. Deletions are
-//! non-durable until the next checkpoint or retirement: a power cut may
-//! bring back sessions deleted since, which the next `maintain` deletes
-//! again; it never brings back records whose segment was retired.
+//! [`macp_storage::Maintenance`] says what was done and whether more is
+//! waiting. A power cut may bring back sessions deleted since the last
+//! durable index commit (the next `maintain` deletes them again); it never
+//! brings back records whose segment was retired, and never a session whose
+//! deletion a checkpoint or a durable commit covered
+//! ([`FsStats::durable_index_commits`] counts them).
 //!
 //! ## Failures (DECISIONS 16)
 //!

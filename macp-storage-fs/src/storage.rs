@@ -44,8 +44,13 @@ pub const WAL_DIR: &str = "wal";
 pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_TAG: &str = "macp-rs-data";
 
-/// Segments retired per [`Storage::maintain`] call at most.
-const RETIRE_PER_CALL: usize = 8;
+/// Segments retired per [`Storage::maintain`] call at most (deleting a
+/// large file takes the file system a few milliseconds).
+const RETIRE_PER_CALL: usize = 2;
+/// A durable index commit once this many batches of non-durable index work
+/// (writes and deletions) piled up since the last one (or sooner, once
+/// deletions emptied segments that could then be retired).
+const DURABLE_EVERY_BATCHES: u64 = 4;
 /// Compaction carries the open records out of an old segment only when
 /// they fill at most this share (percent) of it, so every byte copied frees
 /// at least as many: write amplification stays bounded. A segment mostly
@@ -118,6 +123,9 @@ pub struct FsStats {
     pub carry_queue: usize,
     /// Segment files held open for reads.
     pub open_files: usize,
+    /// Durable index commits since open (checkpoints and `maintain`):
+    /// each one makes every earlier deletion outlive a power cut.
+    pub durable_index_commits: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,8 +304,21 @@ pub struct FsStorage<V: Vfs = RealFs> {
     /// Segments whose records could not be read for carrying (reported
     /// once; left in place).
     uncarriable: BTreeSet<u64>,
-    /// Non-durable index commits since the last durable one.
-    index_dirty: bool,
+    /// Sessions written to or deleted from the index by non-durable
+    /// commits since the last durable one: a durable commit writes their
+    /// pages, so this bounds its cost.
+    dirty_sessions: u64,
+    /// Segments that lost indexed sessions in those non-durable commits: a
+    /// power cut could bring the sessions back, so the segments wait for
+    /// the next durable commit before they may be retired.
+    dirty_segments: BTreeSet<u64>,
+    /// Segments retired since the index last recorded it (its
+    /// `retired_segments` counter is bumped at the next durable commit).
+    retired_unrecorded: u64,
+    /// The next `maintain` call starts with a durable index commit.
+    durable_due: bool,
+    /// Durable index commits since open.
+    durable_commits: u64,
 }
 
 impl<V: Vfs> std::fmt::Debug for FsStorage<V> {
@@ -496,7 +517,11 @@ impl<V: Vfs> FsStorage<V> {
             seg_sessions: BTreeMap::new(),
             carry: VecDeque::new(),
             uncarriable: BTreeSet::new(),
-            index_dirty: false,
+            dirty_sessions: 0,
+            dirty_segments: BTreeSet::new(),
+            retired_unrecorded: 0,
+            durable_due: false,
+            durable_commits: 0,
         })
     }
 
@@ -541,6 +566,7 @@ impl<V: Vfs> FsStorage<V> {
             pinned_segments: self.pinned.len(),
             carry_queue: self.carry.len(),
             open_files: self.shared.open_files(),
+            durable_index_commits: self.durable_commits,
         }
     }
 
@@ -685,8 +711,11 @@ impl<V: Vfs> FsStorage<V> {
         Ok(checkpoint::parse(buf).map(Some))
     }
 
-    fn apply_deltas(&mut self, deltas: &SegDeltas) {
+    fn apply_deltas(&mut self, deltas: &SegDeltas, durable: bool) {
         for (&seg, &d) in deltas {
+            if d < 0 && !durable {
+                self.dirty_segments.insert(seg);
+            }
             let e = self.seg_sessions.entry(seg).or_default();
             *e = e.saturating_add_signed(d);
             if *e == 0 {
@@ -703,9 +732,18 @@ impl<V: Vfs> FsStorage<V> {
         if batch.is_empty() {
             return Ok(0);
         }
+        let durable = matches!(durability, Durability::Immediate);
+        if durable && self.retired_unrecorded > 0 {
+            // The same commit is the durable point for the counter.
+            self.make_durable()?;
+        }
         let deltas = self.shared.with_index(|ix| ix.write(&batch, durability))?;
-        self.apply_deltas(&deltas);
-        self.index_dirty = !matches!(durability, Durability::Immediate);
+        self.apply_deltas(&deltas, durable);
+        if durable {
+            self.made_durable();
+        } else {
+            self.dirty_sessions += batch.len() as u64;
+        }
         let mut view = self.shared.view_mut()?;
         for (k, e) in &batch {
             if view.pending.get(k).is_some_and(|p| Arc::ptr_eq(p, e)) {
@@ -735,10 +773,9 @@ impl<V: Vfs> FsStorage<V> {
         let pending = self.shared.view()?.pending.len();
         if pending > 0 {
             self.index_pending(pending, Durability::Immediate)?;
-        } else if self.index_dirty {
-            self.shared.with_index(|ix| ix.make_durable(0))?;
+        } else if self.dirty_sessions > 0 || self.retired_unrecorded > 0 {
+            self.make_durable()?;
         }
-        self.index_dirty = false;
         let (bytes, pinned) = {
             let view = self.shared.view()?;
             let bytes = checkpoint::encode(self.end, open_state, &view.open);
@@ -756,37 +793,56 @@ impl<V: Vfs> FsStorage<V> {
         Ok(())
     }
 
-    /// Retires whole segments nothing needs any more.
+    /// A durable index commit: everything written so far outlives a power
+    /// cut, and so does the count of retired segments.
+    fn make_durable(&mut self) -> Result<(), StorageError> {
+        let retired = self.retired_unrecorded;
+        self.shared.with_index(|ix| ix.make_durable(retired))?;
+        self.made_durable();
+        Ok(())
+    }
+
+    fn made_durable(&mut self) {
+        self.durable_commits += 1;
+        self.durable_due = false;
+        self.dirty_sessions = 0;
+        self.dirty_segments.clear();
+        self.retired_unrecorded = 0;
+    }
+
+    /// Whether segment `s` may go: wholly before the checkpoint's segment,
+    /// used by no open session (now, or in the checkpoint a restart reads),
+    /// and holding records of no indexed session — durably so: a segment
+    /// emptied by deletions a power cut could undo waits for the next
+    /// durable commit, so no index entry can ever outlive its records.
+    fn retirable(&self, view: &View, covered: LogPos, s: u64) -> bool {
+        s < covered.segment
+            && !self.pinned.contains(&s)
+            && view.open.segment_use(s).refs == 0
+            && !self.seg_sessions.contains_key(&s)
+            && !self.dirty_segments.contains(&s)
+    }
+
+    /// Deletes up to [`RETIRE_PER_CALL`] segment files nothing needs. No
+    /// directory sync: a retired file a power cut brings back is retired
+    /// again, and the next new segment's directory sync makes it final.
     fn retire(&mut self, covered: LogPos, m: &mut Maintenance) -> Result<(), StorageError> {
         let candidates: Vec<u64> = {
             let view = self.shared.view()?;
             if !view.pending.is_empty() {
                 // Their records' segments are not counted yet.
-                m.more = true;
                 return Ok(());
             }
             self.segments
                 .keys()
                 .copied()
                 .take_while(|&s| s < covered.segment)
-                .filter(|s| {
-                    !self.pinned.contains(s)
-                        && view.open.segment_use(*s).refs == 0
-                        && !self.seg_sessions.contains_key(s)
-                })
+                .filter(|&s| self.retirable(&view, covered, s))
                 .take(RETIRE_PER_CALL + 1)
                 .collect()
         };
-        if candidates.is_empty() {
-            return Ok(());
-        }
-        let n = candidates.len().min(RETIRE_PER_CALL);
-        m.more |= candidates.len() > n;
-        // The deletions that emptied these segments must outlive a power
-        // cut before the records go, or the index would name lost bytes.
-        self.shared.with_index(|ix| ix.make_durable(n as u64))?;
-        self.index_dirty = false;
-        for &s in &candidates[..n] {
+        m.more |= candidates.len() > RETIRE_PER_CALL;
+        for s in candidates.into_iter().take(RETIRE_PER_CALL) {
             self.shared.forget_file(s);
             let path = self.shared.segment_path(s);
             match self.shared.vfs.remove_file(&path) {
@@ -795,10 +851,10 @@ impl<V: Vfs> FsStorage<V> {
                 Err(e) => return Err(StorageError::io("remove", path, e)),
             }
             self.segments.remove(&s);
-            self.dir_dirty = true;
+            self.retired_unrecorded += 1;
             m.retired_segments += 1;
         }
-        self.sync_wal_dir()
+        Ok(())
     }
 
     /// Carries open records out of an old segment that only they keep.
@@ -867,9 +923,21 @@ impl<V: Vfs> FsStorage<V> {
         Ok(())
     }
 
+    /// One bounded step of upkeep. A call pays for at most one expensive
+    /// thing — a durable index commit, deleting segment files, or carrying
+    /// records forward (one fdatasync) — besides one batch of index writes
+    /// and one batch of deletions (non-durable, no sync).
     fn maintain_inner(&mut self, now_ms: i64, m: &mut Maintenance) -> Result<(), StorageError> {
         let started = Instant::now();
         let limit = self.cfg.maintain_sessions.max(1);
+        // Non-durable index work piles up until a durable commit writes it
+        // out; doing that regularly, in a call of its own, keeps each one
+        // (here or in a checkpoint) small, and lets emptied segments go.
+        if self.durable_due || self.dirty_sessions >= DURABLE_EVERY_BATCHES * limit as u64 {
+            self.make_durable()?;
+            m.more = true;
+            return Ok(());
+        }
         let indexed = self.index_pending(limit, Durability::None)?;
         m.more |= indexed == limit && !self.shared.view()?.pending.is_empty();
         // A migrating directory replays from segment 1 until its first
@@ -879,18 +947,29 @@ impl<V: Vfs> FsStorage<V> {
             return Ok(());
         }
         let (n, more, deltas) = self.shared.with_index(|ix| ix.delete_expired(cutoff, covered, limit))?;
-        self.apply_deltas(&deltas);
-        self.index_dirty |= n > 0;
+        self.apply_deltas(&deltas, false);
+        self.dirty_sessions += n;
         m.expired_sessions += n;
-        m.more |= more;
-        if started.elapsed() > MAINTAIN_TIME_BUDGET {
+        let emptied = {
+            let view = self.shared.view()?;
+            self.dirty_segments.iter().any(|&s| {
+                s < covered.segment
+                    && !self.pinned.contains(&s)
+                    && view.open.segment_use(s).refs == 0
+                    && !self.seg_sessions.contains_key(&s)
+            })
+        };
+        if emptied {
+            // Segments just emptied become retirable after a durable
+            // commit: make it the next call's work.
+            self.durable_due = true;
             m.more = true;
             return Ok(());
         }
         self.retire(covered, m)?;
-        if m.retired_segments > 0 || started.elapsed() > MAINTAIN_TIME_BUDGET {
-            // One durable index commit per call is stall enough; compaction
-            // waits for the next call.
+        if more || m.retired_segments > 0 || started.elapsed() > MAINTAIN_TIME_BUDGET {
+            // Compaction waits until the expired sessions are gone (it
+            // copies only from segments no indexed session uses).
             m.more = true;
             return Ok(());
         }
@@ -942,10 +1021,16 @@ impl<V: Vfs> Storage for FsStorage<V> {
         let ck = if self.format < FORMAT_VERSION {
             None
         } else {
+            // Only a log never retired can replace a lost checkpoint by a
+            // full replay: the index counts retirements (durably from the
+            // next durable commit on), and a log not starting at segment 1
+            // has lost its start either way. A gap alone replays, reported
+            // as a missing segment.
+            let whole_log = segs.first().is_none_or(|&f| f == 1);
             match self.read_checkpoint(&mut ck_bytes)? {
                 Ok(p) => {
                     let retired = self.shared.with_index(|ix| ix.retired_segments())?;
-                    if p.is_none() && (retired > 0 || segs.first().is_some_and(|&f| f != 1)) {
+                    if p.is_none() && (retired > 0 || !whole_log) {
                         return Err(StorageError::CheckpointCorrupt {
                             path: self.dir.join(CHECKPOINT_FILE),
                             reason: "the file is missing".into(),
@@ -957,7 +1042,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
                     // Without the checkpoint the whole log must replay,
                     // which works only while none of it was retired.
                     let retired = self.shared.with_index(|ix| ix.retired_segments())?;
-                    if retired > 0 || segs.first().is_some_and(|&f| f != 1) {
+                    if retired > 0 || !whole_log {
                         return Err(StorageError::CheckpointCorrupt { path: self.dir.join(CHECKPOINT_FILE), reason });
                     }
                     visit(LoadEvent::Damage(Damage {

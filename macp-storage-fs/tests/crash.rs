@@ -11,7 +11,8 @@
 //! * every ended session within retention, with its whole history (0 ended
 //!   sessions lost);
 //! * no session whose deletion was made durable (by a checkpoint or a
-//!   segment retirement) — replaying the tail never resurrects one;
+//!   durable index commit in `maintain`) — replaying the tail never
+//!   resurrects one;
 //! * every open session's whole history.
 //!
 //! A third image per crash point also crashes during the recovery itself
@@ -136,13 +137,16 @@ fn drive(fs: &SimFs, p: &Plan, snaps: &[Vec<u8>]) -> Outcome {
                 out.acked = b;
                 let now = p.w.times[b - 1];
                 out.max_now = out.max_now.max(now);
+                let durable_before = st.stats().durable_index_commits;
                 st.maintain(now).map(|m| {
                     if std::env::var_os("CRASH_DEBUG").is_some() {
                         eprintln!("maintain at {now} (record {b}): {m:?} {:?}", st.stats());
                     }
                     out.carried += m.carried_records;
                     out.retired += m.retired_segments;
-                    if m.retired_segments > 0 {
+                    // A call that made the index durable did so before
+                    // deleting anything else.
+                    if st.stats().durable_index_commits > durable_before {
                         note_deleted(&st, &p.w, b, &mut out);
                     }
                 })
