@@ -243,23 +243,22 @@ fn index_open_after_a_power_cut_reads_a_bounded_amount() {
     load(&mut st);
     let mut reads = Vec::new();
     let mut n = 0u64;
-    for round in 0..3 {
-        for _ in 0..10 {
-            let records: Vec<_> = (n + 1..=n + 1_000).map(|k| record(k, 1)).collect();
-            let ended: Vec<_> = (n + 1..=n + 1_000).map(|k| summary(k, 1, k as i64)).collect();
-            n += 1_000;
-            st.append(&records, &ended).expect("append");
-            st.sync().expect("sync");
-            st.maintain(0).expect("maintain");
-        }
-        st.checkpoint(b"cp").expect("checkpoint");
-        // Non-durable index commits after the checkpoint, then the power cut.
-        let records: Vec<_> = (n + 1..=n + 500).map(|k| record(k, 1)).collect();
-        let ended: Vec<_> = (n + 1..=n + 500).map(|k| summary(k, 1, k as i64)).collect();
-        n += 500;
+    // `count` more sessions of one record end; the index takes them.
+    let end_sessions = |st: &mut FsStorage<SimFs>, n: &mut u64, count: u64| {
+        let records: Vec<_> = (*n + 1..=*n + count).map(|k| record(k, 1)).collect();
+        let ended: Vec<_> = (*n + 1..=*n + count).map(|k| summary(k, 1, k as i64)).collect();
+        *n += count;
         st.append(&records, &ended).expect("append");
         st.sync().expect("sync");
         st.maintain(0).expect("maintain");
+    };
+    for round in 0..3 {
+        for _ in 0..10 {
+            end_sessions(&mut st, &mut n, 1_000);
+        }
+        st.checkpoint(b"cp").expect("checkpoint");
+        // Non-durable index commits after the checkpoint, then the power cut.
+        end_sessions(&mut st, &mut n, 500);
         let image = st.vfs().crash_image(round);
         drop(st);
         let index_bytes = image.read_file(std::path::Path::new("/d/index.redb")).map_or(0, |b| b.len());
