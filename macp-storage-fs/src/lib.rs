@@ -148,10 +148,11 @@
 //!   looked for at load (that would read history); a history read that
 //!   meets it fails with [`StorageError::Damaged`] naming segment and
 //!   offset.
-//! - An unreadable or missing checkpoint is reported and the whole log
-//!   replayed, if no segment was ever retired; otherwise opening fails
-//!   ([`StorageError::CheckpointCorrupt`]). The runtime never silently
-//!   starts empty.
+//! - An unreadable checkpoint is reported as damage and the whole log
+//!   replayed (a missing one replays it too), if no segment was ever
+//!   retired; otherwise loading fails ([`StorageError::CheckpointCorrupt`]),
+//!   and a missing index next to a checkpoint fails opening. The runtime
+//!   never silently starts empty.
 //! - Fail-stop: the kernel applies a record before it is persisted, so
 //!   once a write or sync fails (log, checkpoint, index or a retirement)
 //!   the backend is **poisoned**: every later call returns
@@ -171,6 +172,28 @@
 //! session's summary, and the first checkpoint writes format 2 after the
 //! new checkpoint file. A crash before that leaves format 1, and the next
 //! open migrates again; nothing is deleted until then.
+//!
+//! ## Choices made beyond the first design, and why
+//!
+//! - Per segment the index keeps the **number** of indexed sessions with
+//!   records in it, not their latest end time: a count says exactly when a
+//!   segment is free (zero), whatever order sessions are deleted in.
+//! - Retirement makes no commit of its own: a segment becomes retirable
+//!   once the deletions that emptied it are durable, and `maintain` makes
+//!   the index durable every few batches in a call of its own. A durable
+//!   commit writes out everything the non-durable ones left behind; done
+//!   at retirement time it cost 160 ms after 150,000 deletions.
+//! - Compaction copies only from segments at most half full of open
+//!   records, so write amplification stays below 1:1; a segment mostly
+//!   made of a long session's records stays until the session ends.
+//! - Readers see a pending ended session from the sync that made it
+//!   durable on, not from the append, so nothing a power cut could take
+//!   back is ever shown.
+//! - Segment files are opened on demand through a small handle cache, not
+//!   held open: the number of files grows with history under `forever`.
+//! - The index file is created under a temporary name and renamed once
+//!   whole; a missing index next to a format-2 checkpoint is damage, never
+//!   recreated empty (that would silently lose every ended session).
 //!
 //! ## Platform
 //!

@@ -201,6 +201,22 @@ fn compaction_frees_segments_pinned_by_a_long_open_session() {
     let long = 1u64;
     let long_history = vec![record(long, 1), record(long, 2), record(long, 3)];
     st.append(&long_history, &[]).expect("append");
+    st.sync().expect("sync");
+    // A reader keeps reading the open session's history while its records
+    // move and their old segments go: it must never see an error or a gap.
+    let reader = st.reader();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, want) = (stop.clone(), long_history.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(reader.history(&sid(1), 0, 9).expect("history while compacting"), want);
+                reads += 1;
+            }
+            reads
+        })
+    };
     let mut carried = 0;
     let mut retired = 0;
     for round in 0..6u64 {
@@ -214,6 +230,9 @@ fn compaction_frees_segments_pinned_by_a_long_open_session() {
         retired += m.retired_segments;
         assert_eq!(st.reader().history(&sid(long), 0, 9).unwrap(), long_history, "round {round}");
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = watcher.join().expect("the reader saw no error");
+    assert!(reads > 0);
     assert!(carried >= 3, "the open session's records were carried ({carried})");
     assert!(retired >= 2, "segments retired ({retired})");
     let first = dir.path().join("wal").join(format!("{:020}.seg", 1));
