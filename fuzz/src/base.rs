@@ -116,7 +116,7 @@ impl Builder {
             match e {
                 Effect::Persist(r) => self.records.push(r),
                 Effect::Reply { reply: r, .. } => reply = Some(r),
-                Effect::Broadcast(_) => {}
+                Effect::Broadcast(_) | Effect::Ended(_) => {}
             }
         }
         reply.expect("every request gets a reply")

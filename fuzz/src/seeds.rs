@@ -242,7 +242,8 @@ pub fn config_parse() -> BTreeMap<String, Vec<u8>> {
 
 /// Damage to the data directory built from the vectors' records (see
 /// [`crate::wal`]): none, a flipped byte in a segment header, a frame header
-/// and a payload, a torn tail, a replaced segment and a garbage checkpoint.
+/// and a payload, a torn tail, a replaced segment, a garbage checkpoint and
+/// overwritten index pages.
 pub fn wal_recover() -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut add = |name: &str, bytes: Vec<u8>| {
@@ -257,5 +258,7 @@ pub fn wal_recover() -> BTreeMap<String, Vec<u8>> {
     add("segment-cut", vec![2, 1, 100, 0]);
     add("segment-replaced", vec![1, 2, 0, 0, b'M', b'A', b'C', b'P']);
     add("checkpoint-garbage", vec![3, 1, 2, 3, 4]);
+    add("index-header", vec![4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    add("index-page", vec![4, 3, 64, 0, 0x00, 0x01, 0x02]);
     out
 }

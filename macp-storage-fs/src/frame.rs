@@ -7,6 +7,12 @@
 //! magic "MREC" | len u32 LE | payload crc32c u32 LE | header crc u32 LE
 //! ```
 //!
+//! The magic is the frame's kind: `MREC` is a record the kernel accepted
+//! (replayed at load), `MCPY` a copy of an earlier record that compaction
+//! carried forward out of an old segment (never replayed: at load it only
+//! moves its session's location). The header checksum covers the magic, so
+//! damage cannot turn one kind into the other.
+//!
 //! The header checksum covers the segment number and the frame's own
 //! offset as well as the first 12 header bytes. A frame is therefore valid
 //! only at the place it was written: when recovery resynchronises after
@@ -21,8 +27,38 @@ use std::ops::Range;
 pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"MACPSEG1";
 /// Segment header: magic + segment number (u64 LE).
 pub(crate) const SEGMENT_HEADER_LEN: u64 = 16;
-/// Bytes at the start of every frame.
+/// Bytes at the start of a record frame.
 pub(crate) const FRAME_MAGIC: &[u8; 4] = b"MREC";
+/// Bytes at the start of a carried copy of a record (compaction).
+pub(crate) const CARRY_MAGIC: &[u8; 4] = b"MCPY";
+
+/// What a frame holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FrameKind {
+    /// A record the kernel accepted, in log order.
+    Record,
+    /// A copy of an earlier record, written by compaction.
+    Carried,
+}
+
+impl FrameKind {
+    fn magic(self) -> &'static [u8; 4] {
+        match self {
+            FrameKind::Record => FRAME_MAGIC,
+            FrameKind::Carried => CARRY_MAGIC,
+        }
+    }
+
+    fn of(magic: &[u8]) -> Option<FrameKind> {
+        if magic == FRAME_MAGIC {
+            Some(FrameKind::Record)
+        } else if magic == CARRY_MAGIC {
+            Some(FrameKind::Carried)
+        } else {
+            None
+        }
+    }
+}
 /// Frame header length.
 pub(crate) const FRAME_HEADER_LEN: usize = 16;
 
@@ -53,18 +89,18 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, segment: u64, offset: u64, payload
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     out.extend_from_slice(payload);
-    seal_frame(&mut out[start..], segment, offset);
+    seal_frame(&mut out[start..], segment, offset, FrameKind::Record);
 }
 
 /// Fills in the header of a frame whose payload already follows 16
 /// reserved bytes in `frame`, so records are encoded straight into the
 /// write buffer without a copy.
-pub(crate) fn seal_frame(frame: &mut [u8], segment: u64, offset: u64) {
+pub(crate) fn seal_frame(frame: &mut [u8], segment: u64, offset: u64, kind: FrameKind) {
     let (h, payload) = frame.split_at_mut(FRAME_HEADER_LEN.min(frame.len()));
     if h.len() < FRAME_HEADER_LEN {
         return;
     }
-    h[..4].copy_from_slice(FRAME_MAGIC);
+    h[..4].copy_from_slice(kind.magic());
     h[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     h[8..12].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     let hc = header_crc(segment, offset, &h[..12]);
@@ -79,6 +115,8 @@ fn u32_at(b: &[u8], i: usize) -> Option<u32> {
 /// A frame header that passed its checksum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct FrameHeader {
+    /// What the frame holds.
+    pub kind: FrameKind,
     /// Payload length.
     pub len: u32,
     /// Expected payload checksum.
@@ -100,31 +138,29 @@ pub(crate) enum FrameError {
 /// segment `segment`.
 pub(crate) fn parse_header(bytes: &[u8], at: usize, segment: u64, offset: u64, max_len: u32) -> Option<FrameHeader> {
     let h = bytes.get(at..at.checked_add(FRAME_HEADER_LEN)?)?;
-    if &h[..4] != FRAME_MAGIC {
-        return None;
-    }
+    let kind = FrameKind::of(&h[..4])?;
     let len = u32_at(h, 4)?;
     let crc = u32_at(h, 8)?;
     let hc = u32_at(h, 12)?;
     if hc != header_crc(segment, offset, &h[..12]) || len == 0 || len > max_len {
         return None;
     }
-    Some(FrameHeader { len, crc })
+    Some(FrameHeader { kind, len, crc })
 }
 
 /// Why a frame did not read, with its header when that much verified
 /// (the header says how long the damaged payload is).
 pub(crate) type FrameFailure = (FrameError, Option<FrameHeader>);
 
-/// Reads the frame at `bytes[at..]` (file offset `offset`): its payload
-/// and the index just past it.
+/// Reads the frame at `bytes[at..]` (file offset `offset`): its kind, its
+/// payload and the index just past it.
 pub(crate) fn read_frame(
     bytes: &[u8],
     at: usize,
     segment: u64,
     offset: u64,
     max_len: u32,
-) -> Result<(&[u8], usize), FrameFailure> {
+) -> Result<(FrameKind, &[u8], usize), FrameFailure> {
     let h = parse_header(bytes, at, segment, offset, max_len).ok_or((FrameError::BadHeader, None))?;
     let start = at + FRAME_HEADER_LEN;
     let end = start.checked_add(h.len as usize).ok_or((FrameError::Truncated, Some(h)))?;
@@ -132,7 +168,7 @@ pub(crate) fn read_frame(
     if crc32c::crc32c(payload) != h.crc {
         return Err((FrameError::BadPayload, Some(h)));
     }
-    Ok((payload, end))
+    Ok((h.kind, payload, end))
 }
 
 /// Finds the next index `>= from` where a valid frame header starts, for
@@ -141,7 +177,7 @@ pub(crate) fn find_next_header(bytes: &[u8], from: usize, segment: u64, base: u6
     let mut i = from;
     while i + FRAME_HEADER_LEN <= bytes.len() {
         let window = bytes.get(i..)?;
-        let rel = window.windows(4).position(|w| w == FRAME_MAGIC)?;
+        let rel = window.windows(4).position(|w| FrameKind::of(w).is_some())?;
         let at = i + rel;
         if parse_header(bytes, at, segment, base.wrapping_add(at as u64), max_len).is_some() {
             return Some(at);
@@ -152,8 +188,8 @@ pub(crate) fn find_next_header(bytes: &[u8], from: usize, segment: u64, base: u6
 }
 
 /// A record's identity read straight from its protobuf bytes (field 1
-/// `session_id`, field 2 `seq`) without decoding the rest: recovery indexes
-/// every record this way, and salvages the session of a damaged frame.
+/// `session_id`, field 2 `seq`) without decoding the rest: loading moves a
+/// carried copy's location this way.
 ///
 /// Returns where the session id lies in `payload` (checked to be UTF-8;
 /// empty for registry records) and the sequence number.
@@ -241,7 +277,8 @@ mod tests {
         let payload = rec("s1", 7).encode_to_vec();
         let mut buf = vec![0u8; 16];
         encode_frame(&mut buf, 3, 16, &payload);
-        let (p, end) = read_frame(&buf, 16, 3, 16, 1 << 20).expect("frame");
+        let (kind, p, end) = read_frame(&buf, 16, 3, 16, 1 << 20).expect("frame");
+        assert_eq!(kind, FrameKind::Record);
         assert_eq!(p, payload.as_slice());
         assert_eq!(end, buf.len());
         // The same bytes at another offset or segment are not a frame.
@@ -263,6 +300,18 @@ mod tests {
         buf[1] ^= 0xff;
         assert_eq!(read_frame(&buf, 0, 1, 0, 1 << 20).unwrap_err().0, FrameError::BadHeader);
         assert_eq!(find_next_header(&buf, 1, 1, 0, 1 << 20), Some(second));
+    }
+
+    #[test]
+    fn the_kind_is_covered_by_the_header_checksum() {
+        let payload = rec("s1", 2).encode_to_vec();
+        let mut buf = vec![0u8; FRAME_HEADER_LEN];
+        buf.extend_from_slice(&payload);
+        seal_frame(&mut buf, 5, 64, FrameKind::Carried);
+        assert_eq!(read_frame(&buf, 0, 5, 64, 1 << 20).expect("frame").0, FrameKind::Carried);
+        assert_eq!(find_next_header(&buf, 0, 5, 64, 1 << 20), Some(0));
+        buf[..4].copy_from_slice(FRAME_MAGIC);
+        assert!(read_frame(&buf, 0, 5, 64, 1 << 20).is_err(), "a carried copy cannot pass for a record");
     }
 
     proptest! {

@@ -1,149 +1,216 @@
 //! # macp-storage-fs
 //!
-//! Durable storage for macp-rs: one segmented, group-committed write-ahead
-//! log shared by all sessions, checkpoints of the kernel state, and crash
-//! recovery that rebuilds the kernel through [`macp_kernel::Kernel::apply_record`].
-//!
-//! Why a shared log: a file per session costs several `fdatasync`s and a
-//! rename per message and hundreds of thousands of files to reopen. Here
-//! every record accepted since the last sync goes out with **one**
-//! `fdatasync`, and a restart reads one checkpoint plus the log tail.
-//!
-//! ## Using it
+//! The file backend of macp-rs: [`FsStorage`] implements the storage
+//! contract of `macp-storage` ([`macp_storage::Storage`] to write,
+//! [`macp_storage::StorageRead`] to read) with a segmented, group-committed
+//! write-ahead log of our own and an index of ended sessions in an embedded
+//! [redb](https://docs.rs/redb) database. It knows records and summaries,
+//! never the kernel: replaying records is `macp-pipeline`'s recovery.
 //!
 //! ```no_run
-//! use macp_storage_fs::{recover, FsConfig, FsStorage, Storage};
-//! # fn main() -> Result<(), macp_storage_fs::StorageError> {
-//! let mut storage = FsStorage::open("/var/lib/macp", FsConfig::default())?;
-//! let recovered = recover(&mut storage, Default::default())?;
-//! if !recovered.report.is_clean() {
-//!     eprintln!("storage damage: {}", recovered.report);
-//! }
-//! let mut kernel = recovered.kernel;
-//! // Driver loop: drain queued inputs; append every Effect::Persist record
-//! // and remember the returned ticket per reply; then one sync; release
-//! // each reply whose ticket <= the durable position the sync returned.
-//! # let records = Vec::new();
-//! let ticket = storage.append(&records)?;
-//! let durable = storage.sync()?;
-//! assert!(ticket <= durable);
-//! // Now and then: storage.checkpoint(&kernel.snapshot())?;
-//! # let _ = &mut kernel;
-//! # Ok(()) }
+//! use macp_storage::Storage as _;
+//! use macp_storage_fs::{FsConfig, FsStorage};
+//! # fn main() -> Result<(), macp_storage::StorageError> {
+//! let cfg = FsConfig { retention: "30d".parse().expect("a retention"), ..FsConfig::default() };
+//! let mut storage = FsStorage::open("/var/lib/macp", cfg)?;
+//! // macp_pipeline::recover(kernel_config, &mut storage, options) loads it,
+//! // then the pipeline appends, syncs, checkpoints; now and then:
+//! let done = storage.maintain(1_700_000_000_000)?;
+//! # let _ = done; Ok(()) }
 //! ```
 //!
-//! [`Storage`] is the contract; [`FsStorage`] is the filesystem backend and
-//! [`MemoryStorage`] the in-memory one (tests, the simulator,
-//! `MACP_MEMORY_ONLY=1`). [`recover`] works on either.
+//! ## What is ours, what is redb's, and why
 //!
-//! ## Data directory layout (format 1)
+//! - **The log is ours.** Every accepted record goes into one append-only
+//!   log shared by all sessions, and one `fdatasync` makes a whole batch
+//!   durable (group commit): appending to a file and syncing it once per
+//!   batch is the fastest way to make a batch durable, and nothing a B-tree
+//!   store does on its commit path (page copies, two syncs per durable
+//!   commit) can beat it. A file per session would cost several syncs and a
+//!   rename per message.
+//! - **The ended-session index is redb's.** Finding an ended session by id,
+//!   listing them in id order and deleting them in end-time order is a
+//!   B-tree problem; redb is a well-kept, dependency-free, crash-safe
+//!   B-tree store (copy-on-write pages, checksummed commits), and it reaches
+//!   its file through our [`Vfs`], so it runs on [`SimFs`] with fault
+//!   injection and power cuts in tests and the simulator. Index writes are
+//!   off the hot path: `maintain` writes them without a sync, `checkpoint`
+//!   makes them durable.
+//!
+//! ## Data directory layout (format 2)
 //!
 //! ```text
-//! <dir>/FORMAT          "macp-rs-data 1\n": format marker. A newer version is
-//!                       refused with StorageError::NewerFormat; a directory
-//!                       with files but no marker is refused as not ours.
-//! <dir>/LOCK            advisory exclusive lock (flock) held while open, so
-//!                       two processes never write one log.
-//! <dir>/checkpoint      latest kernel snapshot + the log position it covers.
-//!                       Written as checkpoint.tmp, fsynced, renamed, and the
-//!                       directory fsynced, so it is always whole.
+//! <dir>/FORMAT       "macp-rs-data 2\n". A newer version is refused
+//!                    (StorageError::NewerFormat); format 1 is migrated (below);
+//!                    a directory with files but no marker is refused as not ours.
+//! <dir>/LOCK         advisory exclusive lock, held while open.
+//! <dir>/checkpoint   the open state (opaque bytes from the kernel), the open
+//!                    sessions' record locations, and the log position both
+//!                    cover. Written as checkpoint.tmp, fsynced, renamed, and
+//!                    the directory fsynced, so it is always whole.
+//! <dir>/index.redb   ended sessions: id → summary + record locations + end
+//!                    position; (end time, id) for retention; segment → number
+//!                    of ended sessions with records in it.
 //! <dir>/wal/NNNNNNNNNNNNNNNNNNNN.seg
-//!                       log segments, 20-digit number from 1, in order.
+//!                    log segments, 20-digit number from 1, in order; retired
+//!                    segments leave gaps below the checkpoint's segment.
 //! ```
 //!
 //! A segment starts with a 16-byte header (`"MACPSEG1"`, segment number u64
-//! LE) followed by frames. A frame is `"MREC"`, payload length (u32 LE),
+//! LE) followed by frames. A frame is a 4-byte kind (`"MREC"`: a record;
+//! `"MCPY"`: a copy compaction carried forward), payload length (u32 LE),
 //! CRC32C of the payload, and a CRC32C of those 12 bytes *plus the frame's
 //! own segment number and offset*, then the payload: the protobuf encoding
-//! of a `macp_rs.storage.v1.Record`, which carries the session id and its
-//! sequence number. Binding the header checksum to the position means a frame
-//! is valid only where it was written, so resynchronising after damage can
-//! never accept a frame embedded in a client's payload. A segment is closed
-//! once the next frame would pass [`FsConfig::segment_bytes`].
+//! of a `macp_rs.storage.v1.Record`. Binding the header checksum to the
+//! position means a frame is valid only where it was written, so
+//! resynchronising after damage can never accept a frame embedded in a
+//! client's payload. A segment is closed once the next frame would pass
+//! [`FsConfig::segment_bytes`].
 //!
-//! The checkpoint file is `"MACPCKP1"`, covered position (segment u64,
-//! offset u64), snapshot length u64, snapshot CRC32C u32, header CRC32C u32,
-//! then the [`macp_kernel::Kernel::snapshot`] bytes.
+//! ## What is in memory, and what a restart reads
+//!
+//! Memory follows open sessions, never sessions ever: the open map (session
+//! → its records' locations, for open sessions only), the ended sessions
+//! appended since `maintain` last wrote the index (bounded by the end rate
+//! between two calls), one size per segment file, and redb's page cache
+//! ([`FsConfig::index_cache_bytes`]). When a session ends its locations
+//! leave memory for the index. [`FsStorage::stats`] shows the counts.
+//!
+//! A restart reads the checkpoint (open state + open locations, both
+//! following open sessions), opens the index (redb records its allocator
+//! state with every commit, so even after a crash this is O(1), not a scan),
+//! and reads the log **after** the checkpoint position only. Ended sessions
+//! are not read at all until someone asks for one. Segments are read and
+//! decoded on a helper thread while the caller's thread replays; `cancelled`
+//! is polled every 1,024 records.
 //!
 //! ## Durability and group commit
 //!
-//! [`Storage::append`] only encodes frames into a buffer and returns a
-//! ticket (the [`LogPos`] after the last record). [`Storage::sync`] writes
-//! the buffer and calls `fdatasync` once (plus a directory fsync after a new
-//! segment was created), then returns the durable position. A driver that
-//! drains its whole input queue before syncing gets batches that grow with
-//! load, while a lone client pays exactly one sync and no timer. Before a new
-//! segment is created the previous one is synced (and the directory, if a
-//! segment was created since), so only the last segment can ever end torn.
+//! [`macp_storage::Storage::append`] encodes frames into a buffer and
+//! notes the sessions that ended; `sync` writes the buffer and calls
+//! `fdatasync` once (plus a directory fsync after a new segment), then
+//! publishes: the new records, and the ended sessions moved from the open
+//! map into the pending index batch, become visible to readers. Before a
+//! new segment is created the previous one is synced, so only the last
+//! segment can ever end torn. `checkpoint` syncs, writes every pending
+//! ended session to the index with a durable commit, and only then writes
+//! the checkpoint file: a session that ended before a checkpoint is always
+//! durably indexed. Sessions that end in the tail after a crash are
+//! replayed by recovery, which hands their summaries back; storing a
+//! summary twice replaces it.
 //!
-//! ## Recovery and faults (DECISIONS 16)
+//! ## Retention and compaction
 //!
-//! [`recover`] restores the checkpoint and replays the records after it
-//! through the kernel. Records the checkpoint covers are read only far
-//! enough to check that every session's stored history is gapless, and to
-//! build an in-memory index session → (segment, offset) so
-//! [`Storage::history`] reads bytes on demand for passive subscribers
-//! (about 24 bytes of memory per record, no record kept in memory).
-//! Segments are read, checksummed and decoded on a helper thread while the
-//! caller's thread restores the checkpoint and applies records, with a
-//! bounded hand-over so memory stays bounded.
+//! [`FsConfig::retention`] (`forever` by default: nothing is ever deleted,
+//! and the disk grows with history). Each `maintain(now)` call does a
+//! bounded amount of work and pays for at most one expensive step:
+//! 1. a durable index commit, when [`FsConfig::maintain_sessions`] × 4
+//!    sessions of non-durable index work piled up, or when deletions just
+//!    emptied a segment (alone in its call: it writes out what the
+//!    non-durable commits left in redb's cache, so doing it regularly keeps
+//!    each one — and the one in `checkpoint` — small);
+//! 2. otherwise: writes up to `maintain_sessions` pending ended sessions to
+//!    the index and deletes up to as many sessions past retention, oldest
+//!    first (both non-durable, no sync) — only sessions whose terminal
+//!    record lies before the latest checkpoint, so replaying the tail can
+//!    never bring a deleted session back;
+//! 3. retires up to two segments wholly before the checkpoint's segment
+//!    that no open session uses (now, or in the latest checkpoint's
+//!    locations, which a restart would read) and that no indexed session
+//!    has records in — *durably* so: a segment emptied by deletions a power
+//!    cut could undo waits for the next durable commit, so no index entry
+//!    can outlive its records. Deleting the file needs no directory sync: a
+//!    file a power cut brings back is retired again;
+//! 4. once nothing expired is left, compaction: an old segment kept only by
+//!    a few open records (a session suspended for days) gets those records
+//!    carried forward into the active segment as `MCPY` frames (loading
+//!    never replays them, it only moves the session's locations), at most
+//!    [`FsConfig::carry_bytes`] per call and one fdatasync, and only when
+//!    open records fill at most half the segment, so copying never costs
+//!    more than it frees. The segment is retired after the next checkpoint.
 //!
-//! - A damaged tail of the **last** segment (bytes after which no valid frame
-//!   follows) is a crash mid-write: it is truncated and reported as
-//!   [`TornTail`]. It was never synced, so no reply covered it.
-//! - Any other damage — a bad frame followed by valid ones, a bad frame in an
-//!   earlier segment, a missing segment, a log shorter than the checkpoint —
-//!   is reported as [`Damage`] with segment and offset. Framing resumes at
-//!   the next valid frame. Sessions whose history then has a gap, whose
-//!   records do not apply, whose history stops short of their checkpointed
-//!   state, or whose damaged frame names them, are quarantined with
-//!   [`macp_kernel::Kernel::quarantine_session`] and listed in the
-//!   [`RecoveryReport`]. Every other session recovers.
-//! - An unreadable checkpoint is reported and the whole log replayed; if the
-//!   log no longer starts at segment 1 that is impossible, and opening fails
-//!   ([`StorageError::CheckpointCorrupt`]). Recovery never silently starts
-//!   empty.
+//! [`macp_storage::Maintenance`] says what was done and whether more is
+//! waiting. A power cut may bring back sessions deleted since the last
+//! durable index commit (the next `maintain` deletes them again); it never
+//! brings back records whose segment was retired, and never a session whose
+//! deletion a checkpoint or a durable commit covered
+//! ([`FsStats::durable_index_commits`] counts them).
 //!
-//! ## Fail-stop, not rollback
+//! ## Failures (DECISIONS 16)
 //!
-//! The kernel applies a record before emitting it for persistence, so once
-//! a write or sync fails the kernel is already ahead of the disk and cannot
-//! be rolled back. Any failure of `append`, `sync` or `checkpoint` therefore
-//! **poisons** the backend: that call and every later one return an error
-//! ([`StorageError::Poisoned`]), no reply waiting on it may be released, and
-//! the driver must drop the kernel and the backend and recover from disk
-//! again (or exit). After a failed `fdatasync` the page cache cannot be
-//! trusted either (the kernel may have dropped the dirty pages), which is
-//! another reason to re-read rather than retry.
+//! - A damaged tail of the **last** segment (bytes after which no valid
+//!   frame follows) is a crash mid-write: truncated and reported as
+//!   [`macp_storage::TornTail`]. It was never synced, so no reply covered it.
+//! - Any other damage in the tail — a bad frame followed by valid ones, a
+//!   missing segment, a log shorter than the checkpoint — is reported as
+//!   [`macp_storage::Damage`] with segment and offset (recovery quarantines
+//!   the sessions it names). Damage in history before the checkpoint is not
+//!   looked for at load (that would read history); a history read that
+//!   meets it fails with [`StorageError::Damaged`] naming segment and
+//!   offset.
+//! - An unreadable checkpoint is reported as damage and the whole log
+//!   replayed (a missing one replays it too), if no segment was ever
+//!   retired; otherwise loading fails ([`StorageError::CheckpointCorrupt`]),
+//!   and a missing index next to a checkpoint fails opening. The runtime
+//!   never silently starts empty.
+//! - Fail-stop: the kernel applies a record before it is persisted, so
+//!   once a write or sync fails (log, checkpoint, index or a retirement)
+//!   the backend is **poisoned**: every later call returns
+//!   [`StorageError::Poisoned`] and the driver must recover from disk
+//!   again. A record unreadable for compaction fails that `maintain` call
+//!   only. A reader left behind after the storage was dropped gets
+//!   [`StorageError::Closed`].
+//! - redb may panic on a file damaged outside its own writes; every call
+//!   into it is guarded, so that becomes [`StorageError::Damaged`].
 //!
-//! ## Retention
+//! ## Format 1 directories
 //!
-//! Segments are never deleted: passive subscribers may ask for any
-//! session's history, terminal sessions included, and the kernel keeps every
-//! session, so every record is needed by some possible reader. Checkpoints
-//! make restarts replay only the tail; the covered part of the log is still
-//! scanned for the history index (checksums and two protobuf fields per
-//! record), which is cheap but grows with the log. There is no compaction and
-//! no retirement yet; both need a retention rule (the kernel forgetting
-//! sessions, or an archive format for their history) that does not exist.
+//! Format 1 had no index and checkpointed every session, in a kernel
+//! snapshot format this build no longer restores; its log was never
+//! retired. Opening one migrates it: the old checkpoint is ignored, the
+//! whole log replays from segment 1, recovery hands back every ended
+//! session's summary, and the first checkpoint writes format 2 after the
+//! new checkpoint file. A crash before that leaves format 1, and the next
+//! open migrates again; nothing is deleted until then.
+//!
+//! ## Choices made beyond the first design, and why
+//!
+//! - Per segment the index keeps the **number** of indexed sessions with
+//!   records in it, not their latest end time: a count says exactly when a
+//!   segment is free (zero), whatever order sessions are deleted in.
+//! - Retirement makes no commit of its own: a segment becomes retirable
+//!   once the deletions that emptied it are durable, and `maintain` makes
+//!   the index durable every few batches in a call of its own. A durable
+//!   commit writes out everything the non-durable ones left behind; done
+//!   at retirement time it cost 160 ms after 150,000 deletions.
+//! - Compaction copies only from segments at most half full of open
+//!   records, so write amplification stays below 1:1; a segment mostly
+//!   made of a long session's records stays until the session ends.
+//! - Readers see a pending ended session from the sync that made it
+//!   durable on, not from the append, so nothing a power cut could take
+//!   back is ever shown.
+//! - Segment files are opened on demand through a small handle cache, not
+//!   held open: the number of files grows with history under `forever`.
+//! - The index file is created under a temporary name and renamed once
+//!   whole; a missing index next to a format-2 checkpoint is damage, never
+//!   recreated empty (that would silently lose every ended session).
 //!
 //! ## Platform
 //!
-//! Unix only (positioned reads and writes, `flock`-style locks).
+//! Unix (positioned reads and writes, `flock`-style locks).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod error;
+mod checkpoint;
 mod frame;
-mod fs;
-mod memory;
-mod recover;
+mod index;
+mod locs;
+mod reader;
+mod scan;
 mod storage;
 mod vfs;
 
-pub use error::StorageError;
-pub use fs::{FsConfig, FsStorage, CHECKPOINT_FILE, FORMAT_FILE, FORMAT_VERSION, LOCK_FILE, WAL_DIR};
-pub use memory::MemoryStorage;
-pub use recover::{recover, Recovered, RecoveryReport, Rejected};
-pub use storage::{Damage, DamageKind, LoadEvent, LoadSummary, LogPos, Storage, TornTail};
+pub use storage::{
+    FsConfig, FsStats, FsStorage, CHECKPOINT_FILE, FORMAT_FILE, FORMAT_VERSION, INDEX_FILE, LOCK_FILE, WAL_DIR,
+};
 pub use vfs::{RealFs, SimFile, SimFs, SimLock, SplitMix, Vfs, VfsFile};

@@ -1,11 +1,15 @@
-//! The file-system calls the write-ahead log makes, behind a trait.
+//! The file-system calls the storage makes, behind a trait.
 //!
 //! [`RealFs`] is the operating system. [`SimFs`] is an in-memory file
 //! system that remembers which bytes and directory entries were synced, can
 //! fail any chosen operation, and can produce the image a power cut would
-//! leave (unsynced bytes dropped or torn at a random point, unsynced renames
-//! and creations either kept or lost). The crash tests — and a simulator
-//! that wants disk faults — run the real storage code on it.
+//! leave: a file's growth since its last sync survives as a random prefix
+//! (none, all, or torn anywhere), each in-place overwrite since then lands
+//! or not (or torn at a 512-byte sector boundary), and unsynced renames,
+//! creations and removals are either kept or lost. The crash tests — and a
+//! simulator that wants disk faults — run the real storage code on it, the
+//! write-ahead log and the embedded index database alike (the index reaches
+//! its file through the same trait, see `index.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -15,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An open file: positioned reads and writes, truncation, syncs.
-pub trait VfsFile {
+///
+/// `Send + Sync + 'static` because readers on other threads read segments
+/// through shared handles, and the index database owns its file.
+pub trait VfsFile: Send + Sync + 'static {
     /// Current size in bytes.
     fn size(&self) -> io::Result<u64>;
     /// Fills `buf` from `offset`; short files are an error.
@@ -30,13 +37,14 @@ pub trait VfsFile {
     fn sync_all(&self) -> io::Result<()>;
 }
 
-/// The directory-level calls. `Sync` because recovery reads segments on a
-/// helper thread while the caller's thread replays.
-pub trait Vfs: Sync {
+/// The directory-level calls. `Clone + Send + Sync + 'static` because
+/// readers on other threads open segments on demand, and loading reads
+/// segments on a helper thread while the caller's thread replays.
+pub trait Vfs: Clone + Send + Sync + 'static {
     /// Its open files.
     type File: VfsFile;
     /// Held while the data directory is owned; released on drop.
-    type Lock;
+    type Lock: Send;
     /// `mkdir -p`.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Names of the entries in a directory (empty if it does not exist).
@@ -134,6 +142,10 @@ struct Inode {
     data: Vec<u8>,
     /// What survives a crash for sure.
     durable: Vec<u8>,
+    /// `(offset, len)` of every write since the last sync, in order.
+    dirty: Vec<(usize, usize)>,
+    /// The length last set with `set_len` since the last sync, if any.
+    resized: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +158,7 @@ struct SimState {
     ops: u64,
     data_syncs: u64,
     dir_syncs: u64,
+    bytes_read: u64,
     fail_at: Option<u64>,
     failed: bool,
 }
@@ -247,6 +260,12 @@ impl SimFs {
         (st.data_syncs, st.dir_syncs)
     }
 
+    /// Bytes read through all files so far: tests check that opening a
+    /// data directory reads a bounded amount, not the whole history.
+    pub fn bytes_read(&self) -> u64 {
+        self.lock().bytes_read
+    }
+
     /// Whether an injected fault has fired.
     pub fn has_failed(&self) -> bool {
         self.lock().failed
@@ -262,10 +281,13 @@ impl SimFs {
 
     /// The file system a power cut at this moment could leave behind.
     ///
-    /// Each file keeps its synced bytes plus a random prefix of the bytes
-    /// written since (none, all, or torn anywhere); a file truncated since
-    /// its last sync comes back either way. Each directory entry changed
-    /// since its directory was last synced comes back old or new.
+    /// Each file keeps its synced bytes plus a random prefix of its growth
+    /// by writes since (none, all, or torn anywhere); a length set with
+    /// `set_len` since the last sync survives whole or not at all; each
+    /// overwrite since the last sync lands whole, not at all, or torn at a
+    /// sector boundary. Each
+    /// directory entry changed since its directory was last synced comes
+    /// back old or new.
     pub fn crash_image(&self, seed: u64) -> SimFs {
         let st = self.lock();
         let mut rng = SplitMix::new(seed);
@@ -282,7 +304,7 @@ impl SimFs {
             let new_ino = *mapped.entry(ino).or_insert_with(|| {
                 let node = &st.inodes[ino];
                 let data = crashed_bytes(node, &mut rng);
-                out.inodes.push(Inode { data: data.clone(), durable: data });
+                out.inodes.push(Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None });
                 out.inodes.len() - 1
             });
             out.names.insert(path.clone(), new_ino);
@@ -301,7 +323,7 @@ impl SimFs {
     pub fn write_file_durable(&self, path: &Path, data: Vec<u8>) {
         let mut st = self.lock();
         if let Some(&i) = st.names.get(path) {
-            st.inodes[i] = Inode { data: data.clone(), durable: data };
+            st.inodes[i] = Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None };
         }
     }
 
@@ -333,19 +355,52 @@ impl SimFs {
 }
 
 fn crashed_bytes(node: &Inode, rng: &mut SplitMix) -> Vec<u8> {
-    if node.data.starts_with(&node.durable) {
-        let extra = (node.data.len() - node.durable.len()) as u64;
-        let keep = match rng.below(3) {
+    let (dl, nl) = (node.durable.len(), node.data.len());
+    let prefix = |rng: &mut SplitMix, extra: usize| -> usize {
+        let extra = extra as u64;
+        (match rng.below(3) {
             0 => 0,
             1 => extra,
             _ => rng.below(extra + 1),
-        };
-        node.data[..node.durable.len() + keep as usize].to_vec()
-    } else if rng.below(2) == 0 {
-        node.durable.clone()
-    } else {
-        node.data.clone()
+        }) as usize
+    };
+    // The length, and where growth by appending writes starts. A length
+    // set with set_len is metadata: it survives whole or not at all.
+    // Growth by writes survives as a prefix (torn anywhere), never with
+    // holes: the file system orders data before the size that exposes it.
+    let (len, grown_from) = match node.resized {
+        None if nl >= dl => (dl + prefix(rng, nl - dl), dl),
+        None => (if rng.below(2) == 0 { dl } else { nl }, dl),
+        Some(_) if rng.below(2) == 0 => (dl, dl),
+        Some(l) if nl > l => (l + prefix(rng, nl - l), l.max(dl)),
+        Some(_) => (nl, dl),
+    };
+    let grown_from = grown_from.min(len);
+    let mut out = node.durable.clone();
+    out.resize(len, 0);
+    if grown_from < len {
+        out[grown_from..len].copy_from_slice(&node.data[grown_from..len]);
     }
+    // Overwrites below that (synced bytes, or a region set_len made):
+    // each lands whole, not at all, or as a sector-aligned prefix (a
+    // sector write is atomic).
+    let inplace = grown_from.min(nl);
+    for &(off, n) in &node.dirty {
+        if off >= inplace {
+            continue;
+        }
+        let end = off.saturating_add(n).min(inplace);
+        let keep = match rng.below(3) {
+            0 => 0,
+            1 => end - off,
+            _ => {
+                let sectors = (end - off).div_ceil(512) as u64;
+                ((rng.below(sectors + 1) as usize) * 512).min(end - off)
+            }
+        };
+        out[off..off + keep].copy_from_slice(&node.data[off..off + keep]);
+    }
+    out
 }
 
 fn parent_of(p: &Path) -> &Path {
@@ -357,7 +412,8 @@ impl VfsFile for SimFile {
         Ok(self.fs.lock().inodes[self.ino].data.len() as u64)
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let st = self.fs.lock();
+        let mut st = self.fs.lock();
+        st.bytes_read += buf.len() as u64;
         let data = &st.inodes[self.ino].data;
         let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         let src = start
@@ -378,17 +434,23 @@ impl VfsFile for SimFile {
             }
         };
         let mut st = self.fs.lock();
-        let data = &mut st.inodes[self.ino].data;
-        let start = offset as usize;
-        if data.len() < start + buf.len() {
-            data.resize(start + buf.len(), 0);
+        let node = &mut st.inodes[self.ino];
+        let start = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if node.data.len() < end {
+            node.data.resize(end, 0);
         }
-        data[start..start + buf.len()].copy_from_slice(buf);
+        node.data[start..end].copy_from_slice(buf);
+        node.dirty.push((start, buf.len()));
         result
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.fs.op()?;
-        self.fs.lock().inodes[self.ino].data.resize(len as usize, 0);
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut st = self.fs.lock();
+        let node = &mut st.inodes[self.ino];
+        node.data.resize(len, 0);
+        node.resized = Some(len);
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -397,6 +459,8 @@ impl VfsFile for SimFile {
         st.data_syncs += 1;
         let node = &mut st.inodes[self.ino];
         node.durable = node.data.clone();
+        node.dirty.clear();
+        node.resized = None;
         Ok(())
     }
     fn sync_all(&self) -> io::Result<()> {

@@ -1,18 +1,22 @@
-//! Damage that is not a crash-torn tail: it must be reported with segment
-//! and offset, the sessions it touches quarantined, and everything else
-//! recovered exactly (DECISIONS 16).
+//! Damage that is not a crash-torn tail: in the log after the checkpoint it
+//! must be reported with segment and offset at load, the sessions it
+//! touches quarantined (by the pipeline's recovery) and everything else
+//! recovered exactly (DECISIONS 16). In history before the checkpoint it is
+//! not looked for at load (a restart does not read history); the read that
+//! meets it fails with segment and offset. Arbitrary damage to any file,
+//! the index included, never panics.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{replay, Gen, TempDir};
+use common::{prefix_snapshots, recover_from, Gen, Pipe, TempDir};
 use macp_kernel::macp_wire::storage::Record;
 use macp_kernel::macp_wire::Message as _;
 use macp_kernel::{Kernel, KernelConfig};
-use macp_storage_fs::{
-    recover, DamageKind, FsConfig, FsStorage, Recovered, Storage, StorageError, CHECKPOINT_FILE, WAL_DIR,
-};
+use macp_pipeline::{RecoveryError, RecoveryReport};
+use macp_storage::{DamageKind, Retention, Storage, StorageError};
+use macp_storage_fs::{FsConfig, FsStorage, SimFs, CHECKPOINT_FILE, INDEX_FILE, WAL_DIR};
 
 /// Six sessions whose records interleave, so damage in the middle of a
 /// segment sits between records of other sessions.
@@ -29,16 +33,13 @@ fn interleaved() -> Vec<Record> {
 
 fn write_log(dir: &Path, records: &[Record], cfg: FsConfig, checkpoint_after: Option<usize>) {
     let mut st = FsStorage::open(dir, cfg).expect("open");
-    recover(&mut st, KernelConfig::default()).expect("fresh recover");
-    let mut k = Kernel::new(KernelConfig::default());
+    recover_from(&mut st).expect("fresh recover");
+    let snaps = prefix_snapshots(records);
     for (i, chunk) in records.chunks(5).enumerate() {
-        st.append(chunk).expect("append");
+        st.append(chunk, &[]).expect("append");
         st.sync().expect("sync");
-        for r in chunk {
-            k.apply_record(r).expect("applies");
-        }
         if checkpoint_after == Some((i + 1) * 5) {
-            st.checkpoint(&k.snapshot()).expect("checkpoint");
+            st.checkpoint(&snaps[(i + 1) * 5]).expect("checkpoint");
         }
     }
 }
@@ -61,16 +62,19 @@ fn frames(bytes: &[u8]) -> Vec<(usize, std::ops::Range<usize>, Record)> {
     out
 }
 
-fn reopen(dir: &Path, cfg: FsConfig) -> (FsStorage, Recovered) {
+fn reopen(dir: &Path, cfg: FsConfig) -> (FsStorage, Pipe, RecoveryReport) {
     let mut st = FsStorage::open(dir, cfg).expect("reopen");
-    let rec = recover(&mut st, KernelConfig::default()).expect("recovery must not fail on isolated damage");
-    (st, rec)
+    let (pipe, report) = recover_from(&mut st).expect("recovery must not fail on isolated damage");
+    (st, pipe, report)
 }
 
 /// The expected state: everything replayed, then the damaged sessions
 /// quarantined.
 fn expected(records: &[Record], quarantined: &[&str]) -> Vec<u8> {
-    let mut k = replay(records);
+    let mut k = Kernel::new(KernelConfig::default());
+    for r in records {
+        k.apply_record(r).expect("applies");
+    }
     for s in quarantined {
         k.quarantine_session(s);
     }
@@ -79,10 +83,12 @@ fn expected(records: &[Record], quarantined: &[&str]) -> Vec<u8> {
 
 fn check_others(st: &FsStorage, records: &[Record], victim: &str) {
     let mut sids: Vec<&str> = records.iter().map(|r| r.session_id.as_str()).filter(|s| !s.is_empty()).collect();
+    sids.sort_unstable();
     sids.dedup();
+    let r = st.reader();
     for sid in sids.into_iter().filter(|s| *s != victim) {
         let want: Vec<Record> = records.iter().filter(|r| r.session_id == sid).cloned().collect();
-        assert_eq!(st.history(sid, 0).expect("history"), want, "history of {sid}");
+        assert_eq!(r.history(sid, 0, u64::MAX).expect("history"), want, "history of {sid}");
     }
 }
 
@@ -100,17 +106,16 @@ fn corrupted_record_mid_segment_quarantines_only_its_session() {
     bytes[range.end - 3] ^= 0x5a;
     std::fs::write(&seg, &bytes).unwrap();
 
-    let (st, rec) = reopen(dir.path(), FsConfig::default());
-    let r = &rec.report;
+    let (st, pipe, r) = reopen(dir.path(), FsConfig::default());
     assert!(r.torn_tail.is_none(), "mid-segment damage is not a torn tail: {r}");
     assert_eq!(r.damage.len(), 1, "{r}");
     let d = &r.damage[0];
     assert_eq!((d.segment, d.offset, &d.kind), (1, off as u64, &DamageKind::BadChecksum));
     assert_eq!(d.session_hint.as_deref(), Some(victim.session_id.as_str()));
     assert_eq!(r.quarantined.keys().collect::<Vec<_>>(), vec![&victim.session_id], "{r}");
-    assert!(rec.kernel.quarantined().contains(&victim.session_id));
-    assert!(rec.kernel.session(&victim.session_id).is_none());
-    assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
+    assert!(pipe.kernel().quarantined().contains(&victim.session_id));
+    assert!(pipe.kernel().session(&victim.session_id).is_none());
+    assert_eq!(pipe.kernel().snapshot(), expected(&records, &[&victim.session_id]));
     check_others(&st, &records, &victim.session_id);
     // The report is meant for humans too.
     let text = r.to_string();
@@ -133,44 +138,42 @@ fn destroyed_frame_header_resyncs_and_quarantines_by_gap() {
     }
     std::fs::write(&seg, &bytes).unwrap();
 
-    let (st, rec) = reopen(dir.path(), FsConfig::default());
-    let r = &rec.report;
+    let (st, pipe, r) = reopen(dir.path(), FsConfig::default());
     assert_eq!(r.damage.len(), 1, "{r}");
     assert_eq!((r.damage[0].segment, r.damage[0].offset), (1, off as u64));
     assert_eq!(r.damage[0].kind, DamageKind::BadFrame);
     assert_eq!(r.damage[0].len, (range.end - off) as u64, "resync lands on the next frame");
     assert_eq!(r.quarantined.keys().collect::<Vec<_>>(), vec![&victim.session_id], "{r}");
-    assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
+    assert_eq!(pipe.kernel().snapshot(), expected(&records, &[&victim.session_id]));
     check_others(&st, &records, &victim.session_id);
 }
 
 #[test]
-fn damage_under_a_checkpoint_still_quarantines() {
-    // The checkpoint holds the state, but the history a passive subscriber
-    // would read is damaged: the session is quarantined all the same.
+fn damage_before_the_checkpoint_is_found_by_the_read_that_meets_it() {
+    // A restart does not read history: damage under the checkpoint is not
+    // looked for at load, and the history read that meets it fails with
+    // the place, instead of returning a history with a hole.
     let records = interleaved();
     let dir = TempDir::new("corrupt-covered");
     write_log(dir.path(), &records, FsConfig::default(), Some(35));
     let seg = segment_path(dir.path(), 1);
     let mut bytes = std::fs::read(&seg).unwrap();
     let all = frames(&bytes);
-    // A session's last record before the checkpoint, header and payload start wiped.
-    let (off, range, victim) = all[..35]
-        .iter()
-        .rev()
-        .find(|(_, _, r)| !r.session_id.is_empty() && all[35..].iter().all(|(_, _, o)| o.session_id != r.session_id))
-        .or_else(|| all[..35].iter().rev().find(|(_, _, r)| r.seq > 1))
-        .cloned()
-        .unwrap();
-    for b in &mut bytes[off..range.start + 12] {
-        *b = 0;
-    }
+    let (off, range, victim) = all[..35].iter().find(|(_, _, r)| r.seq == 2).cloned().unwrap();
+    bytes[range.end - 1] ^= 0x11;
     std::fs::write(&seg, &bytes).unwrap();
-    let (_st, rec) = reopen(dir.path(), FsConfig::default());
-    assert!(rec.report.checkpoint.is_some());
-    assert!(rec.report.quarantined.contains_key(&victim.session_id), "{}", rec.report);
-    assert_eq!(rec.report.quarantined.len(), 1, "{}", rec.report);
-    assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
+    let (st, pipe, r) = reopen(dir.path(), FsConfig::default());
+    assert!(r.checkpoint && r.is_clean(), "{r}");
+    assert_eq!(pipe.kernel().snapshot(), expected(&records, &[]));
+    match st.reader().history(&victim.session_id, 0, u64::MAX) {
+        Err(StorageError::Damaged { place, reason }) => {
+            assert_eq!(place, format!("segment 1 offset {off}"));
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        other => panic!("expected a damage error, got {other:?}"),
+    }
+    assert_eq!(st.reader().history(&victim.session_id, 2, u64::MAX).unwrap().len(), 5, "other records still read");
+    check_others(&st, &records, &victim.session_id);
 }
 
 /// Re-frames `payload` in place at `off` of segment `seg` with valid
@@ -181,7 +184,8 @@ fn reframe(bytes: &mut [u8], seg: u64, off: usize, payload_range: std::ops::Rang
     let mut pos = Vec::new();
     pos.extend_from_slice(&seg.to_le_bytes());
     pos.extend_from_slice(&(off as u64).to_le_bytes());
-    let hc = crc32c::crc32c_append(crc32c::crc32c(&pos), &bytes[off..off + 12]);
+    pos.extend_from_slice(&bytes[off..off + 12]);
+    let hc = crc32c::crc32c(&pos);
     bytes[off + 12..off + 16].copy_from_slice(&hc.to_le_bytes());
 }
 
@@ -213,13 +217,12 @@ fn checksummed_but_undecodable_record_names_its_session() {
     }
     reframe(&mut bytes, 1, off, range);
     std::fs::write(&seg, &bytes).unwrap();
-    let (_st, rec) = reopen(dir.path(), FsConfig::default());
-    let r = &rec.report;
+    let (_st, pipe, r) = reopen(dir.path(), FsConfig::default());
     assert_eq!(r.damage.len(), 1, "{r}");
     assert!(matches!(r.damage[0].kind, DamageKind::Undecodable(_)), "{r}");
     assert_eq!(r.damage[0].offset, off as u64);
     assert_eq!(r.quarantined.keys().collect::<Vec<_>>(), vec![&victim.session_id], "{r}");
-    assert_eq!(rec.kernel.snapshot(), expected(&records, &[&victim.session_id]));
+    assert_eq!(pipe.kernel().snapshot(), expected(&records, &[&victim.session_id]));
 }
 
 fn message_id_of(r: &Record) -> String {
@@ -241,8 +244,7 @@ fn truncated_earlier_segment_is_damage_not_a_torn_tail() {
     let all = frames(&bytes);
     let (off, _, _) = all.last().cloned().unwrap();
     std::fs::write(&seg, &bytes[..off + 20]).unwrap();
-    let (_st, rec) = reopen(dir.path(), cfg);
-    let r = &rec.report;
+    let (_st, _pipe, r) = reopen(dir.path(), cfg);
     assert!(r.torn_tail.is_none(), "{r}");
     assert_eq!(r.damage.len(), 1, "{r}");
     assert_eq!((r.damage[0].segment, r.damage[0].offset), (2, off as u64));
@@ -256,11 +258,10 @@ fn missing_segment_is_reported_and_sessions_quarantined() {
     let cfg = FsConfig { segment_bytes: 1500, ..FsConfig::default() };
     write_log(dir.path(), &records, cfg.clone(), None);
     std::fs::remove_file(segment_path(dir.path(), 2)).unwrap();
-    let (_st, rec) = reopen(dir.path(), cfg);
-    let r = &rec.report;
+    let (_st, pipe, r) = reopen(dir.path(), cfg);
     assert!(r.damage.iter().any(|d| d.kind == DamageKind::MissingSegment && d.segment == 2), "{r}");
     assert!(!r.quarantined.is_empty(), "{r}");
-    assert!(rec.kernel.session_count() + r.quarantined.len() >= 6);
+    assert!(pipe.kernel().session_count() + r.quarantined.len() >= 6);
 }
 
 #[test]
@@ -273,11 +274,20 @@ fn unreadable_checkpoint_replays_the_whole_log() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&ck, &bytes).unwrap();
-    let (_st, rec) = reopen(dir.path(), FsConfig::default());
-    assert!(matches!(rec.report.damage[..], [ref d] if matches!(d.kind, DamageKind::CheckpointUnreadable(_))));
-    assert!(rec.report.checkpoint.is_none());
-    assert!(rec.report.quarantined.is_empty());
-    assert_eq!(rec.kernel.snapshot(), replay(&records).snapshot());
+    let (_st, pipe, r) = reopen(dir.path(), FsConfig::default());
+    assert!(matches!(r.damage[..], [ref d] if matches!(d.kind, DamageKind::CheckpointUnreadable(_))));
+    assert!(!r.checkpoint);
+    assert!(r.quarantined.is_empty());
+    assert_eq!(pipe.kernel().snapshot(), expected(&records, &[]));
+}
+
+fn refuses_to_start(dir: &Path, cfg: FsConfig) -> StorageError {
+    let mut st = FsStorage::open(dir, cfg).unwrap();
+    match recover_from(&mut st) {
+        Err(RecoveryError::Storage(e)) => e,
+        Err(e) => panic!("expected a storage error, got {e}"),
+        Ok((_, r)) => panic!("recovered: {r}"),
+    }
 }
 
 #[test]
@@ -288,36 +298,79 @@ fn unreadable_checkpoint_without_the_full_log_refuses_to_start() {
     write_log(dir.path(), &records, cfg.clone(), Some(40));
     std::fs::write(dir.path().join(CHECKPOINT_FILE), b"garbage").unwrap();
     std::fs::remove_file(segment_path(dir.path(), 1)).unwrap();
-    let mut st = FsStorage::open(dir.path(), cfg).unwrap();
-    let err = recover(&mut st, KernelConfig::default()).unwrap_err();
+    let err = refuses_to_start(dir.path(), cfg);
     assert!(matches!(err, StorageError::CheckpointCorrupt { .. }), "{err}");
+}
+
+/// Once a segment was retired, a lost checkpoint cannot be replaced by a
+/// full replay, even if the log happens to start at segment 1 again.
+#[test]
+fn a_lost_checkpoint_after_retirement_refuses_to_start() {
+    let dir = TempDir::new("lost-checkpoint");
+    let cfg = FsConfig { segment_bytes: 1200, retention: Retention::from_secs(1), ..FsConfig::default() };
+    let mut g = Gen::new(5);
+    for _ in 0..12 {
+        let s = g.start(60_000);
+        g.note(&s, "I", 40);
+        g.commit(&s);
+        g.advance(5_000);
+    }
+    let w = g.workload();
+    let snaps = prefix_snapshots(&w.records);
+    let mut st = FsStorage::open(dir.path(), cfg.clone()).unwrap();
+    recover_from(&mut st).unwrap();
+    let n = w.records.len();
+    st.append(&w.records, &w.ended_in(0, n)).unwrap();
+    st.checkpoint(&snaps[n]).unwrap();
+    let mut retired = 0;
+    for _ in 0..100 {
+        let m = st.maintain(g.now + 60_000).unwrap();
+        retired += m.retired_segments;
+        if !m.more {
+            break;
+        }
+    }
+    assert!(retired > 0, "the test needs a retired segment");
+    drop(st);
+    std::fs::remove_file(dir.path().join(CHECKPOINT_FILE)).unwrap();
+    let err = refuses_to_start(dir.path(), cfg.clone());
+    assert!(matches!(err, StorageError::CheckpointCorrupt { .. }), "{err}");
+    assert!(err.to_string().contains("restore from backup"), "{err}");
+    // And a lost index next to a checkpoint is damage, never recreated empty.
+    let dir2 = TempDir::new("lost-index");
+    write_log(dir2.path(), &interleaved(), FsConfig::default(), Some(20));
+    std::fs::remove_file(dir2.path().join(INDEX_FILE)).unwrap();
+    let err = FsStorage::open(dir2.path(), FsConfig::default()).unwrap_err();
+    assert!(matches!(err, StorageError::Damaged { .. }), "{err}");
 }
 
 mod fuzz {
     use super::*;
-    use macp_storage_fs::SimFs;
     use proptest::prelude::*;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-        /// Arbitrary damage to segments and checkpoint: recovery returns a
-        /// report or an error, never panics, and whatever it recovers is
-        /// consistent (every live session has a readable, gapless history).
+        /// Arbitrary damage to segments, checkpoint and index: opening and
+        /// recovery return a report or an error, never panic, and whatever
+        /// recovers is consistent (every open session's history reads back
+        /// or fails with a typed error; the storage stays appendable).
         #[test]
         fn arbitrary_damage_never_panics(
             seed in 0u64..1000,
             edits in proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u8>()), 1..8),
         ) {
-            let records = common::workload(seed, 40);
+            let w = common::workload_with_summaries(seed, 40);
+            let snaps = prefix_snapshots(&w.records);
             let fs = SimFs::new();
             let cfg = FsConfig { segment_bytes: 900, ..FsConfig::default() };
             {
                 let mut st = FsStorage::open_with(fs.clone(), "/d", cfg.clone()).unwrap();
-                recover(&mut st, KernelConfig::default()).unwrap();
-                st.append(&records[..25]).unwrap();
-                st.checkpoint(&replay(&records[..25]).snapshot()).unwrap();
-                st.append(&records[25..]).unwrap();
+                recover_from(&mut st).unwrap();
+                st.append(&w.records[..25], &w.ended_in(0, 25)).unwrap();
+                st.checkpoint(&snaps[25]).unwrap();
+                st.append(&w.records[25..], &w.ended_in(25, 40)).unwrap();
                 st.sync().unwrap();
+                st.maintain(0).unwrap();
             }
             let paths: Vec<PathBuf> = fs.paths().into_iter().filter(|p| !p.ends_with("FORMAT")).collect();
             for (which, at, val) in edits {
@@ -333,12 +386,18 @@ mod fuzz {
                 }
                 fs.write_file_durable(path, bytes);
             }
-            let mut st = FsStorage::open_with(fs, "/d", cfg).unwrap();
-            if let Ok(rec) = recover(&mut st, KernelConfig::default()) {
-                for m in rec.kernel.all_sessions() {
-                    let h = st.history(&m.session_id, 0).unwrap();
-                    prop_assert!(h.iter().enumerate().all(|(i, r)| r.seq == i as u64 + 1));
+            let Ok(mut st) = FsStorage::open_with(fs, "/d", cfg) else { return Ok(()) };
+            if let Ok((pipe, _)) = recover_from(&mut st) {
+                let r = st.reader();
+                for m in pipe.kernel().all_sessions() {
+                    if let Ok(h) = r.history(&m.session_id, 0, u64::MAX) {
+                        prop_assert!(h.iter().all(|x| x.session_id == m.session_id));
+                    }
                 }
+                for s in w.ended_before(40) {
+                    let _ = r.ended(macp_storage::summary_id(s));
+                }
+                let _ = r.list_ended(None, 100);
                 // The log is still appendable.
                 prop_assert!(st.sync().is_ok());
             }

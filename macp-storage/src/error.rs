@@ -89,6 +89,11 @@ pub enum StorageError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The storage this reader belongs to was closed (dropped, usually to
+    /// recover after a failure); its index may now belong to a new owner of
+    /// the data directory, so the read is refused rather than risked.
+    #[error("the storage behind this reader was closed; read through the reader of the storage that replaced it")]
+    Closed,
     /// Loading stopped because the process is shutting down.
     #[error("loading was cancelled (the runtime is shutting down)")]
     Cancelled,

@@ -63,6 +63,7 @@ pub fn run_all<H: Harness>(h: &mut H) {
         forever_keeps_everything,
         appending_before_loading_is_refused,
         reads_work_from_another_thread,
+        reads_see_only_synced_records_and_summaries,
     );
 }
 
@@ -418,5 +419,24 @@ pub fn reads_work_from_another_thread<H: Harness>(ctx: &mut H) {
     let seen = t.join().expect("reader thread");
     assert!(seen >= 1);
     assert_eq!(s.reader().history(&sid(1), 0, u64::MAX).expect("history").len(), 100);
+    ctx.stop(s);
+}
+
+/// Readers see what a sync made durable, never what was only appended:
+/// a reply released after the sync can point a reader at it, and nothing
+/// a power cut could take back is ever shown.
+pub fn reads_see_only_synced_records_and_summaries<H: Harness>(ctx: &mut H) {
+    let mut s = ctx.open(Retention::Forever);
+    load(&mut s);
+    append(&mut s, &[record(1, 1), record(2, 1)], &[]);
+    s.sync().expect("sync");
+    append(&mut s, &[record(1, 2), record(2, 2)], &[summary(2, 2, 5_000)]);
+    let r = s.reader();
+    assert_eq!(r.history(&sid(1), 0, 9).expect("history"), vec![record(1, 1)], "an appended record is not shown");
+    assert_eq!(r.ended(&sid(2)).expect("ended"), None, "an appended summary is not shown");
+    s.sync().expect("sync");
+    assert_eq!(r.history(&sid(1), 0, 9).expect("history"), vec![record(1, 1), record(1, 2)]);
+    assert_eq!(r.ended(&sid(2)).expect("ended"), Some(summary(2, 2, 5_000)));
+    assert_eq!(r.history(&sid(2), 0, 9).expect("history"), vec![record(2, 1), record(2, 2)]);
     ctx.stop(s);
 }

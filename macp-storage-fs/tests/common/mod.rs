@@ -1,14 +1,17 @@
-//! Workloads for storage tests and benchmarks: real kernel records produced
-//! by driving a kernel with an extension mode (a passthrough mode, so no
-//! built-in mode has to exist), plus a scratch-directory helper.
+//! Workloads for storage tests and benchmarks: real kernel records (and the
+//! summaries of the sessions they end) produced by driving a kernel with an
+//! extension mode (a passthrough mode, so no built-in mode has to exist),
+//! plus recovery through the pipeline and a scratch-directory helper.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use macp_kernel::macp_wire::storage::Record;
+use macp_kernel::macp_wire::storage::{Record, SessionSummary};
 use macp_kernel::macp_wire::v1::{CommitmentPayload, Envelope, ModeDescriptor, SessionStartPayload};
 use macp_kernel::macp_wire::Message as _;
 use macp_kernel::{ControlOp, Effect, Identity, Input, Kernel, KernelConfig};
+use macp_pipeline::{recover, Pipeline, RecoverOptions, RecoveryError, RecoveryReport};
+use macp_storage::Storage;
 use macp_storage_fs::SplitMix;
 
 pub const T0: i64 = 1_700_000_000_000;
@@ -26,6 +29,10 @@ pub struct Gen {
     pub sessions: Vec<String>,
     /// Every persisted record, in order.
     pub records: Vec<Record>,
+    /// `(records persisted before it, summary)` of every session that ended.
+    pub ended: Vec<(usize, SessionSummary)>,
+    /// Kernel time when each record was persisted.
+    pub times: Vec<i64>,
 }
 
 pub fn descriptor(mode: &str) -> ModeDescriptor {
@@ -49,6 +56,8 @@ impl Gen {
             modes: 0,
             sessions: Vec::new(),
             records: Vec::new(),
+            ended: Vec::new(),
+            times: Vec::new(),
         };
         g.run(Input::RegisterExtMode { request: 0, identity: Identity::new("admin"), descriptor: descriptor(MODE) });
         g
@@ -56,10 +65,16 @@ impl Gen {
 
     fn run(&mut self, input: Input) {
         for e in self.k.handle(self.now, input) {
-            if let Effect::Persist(r) = e {
-                self.records.push(r);
+            match e {
+                Effect::Persist(r) => {
+                    self.records.push(r);
+                    self.times.push(self.now);
+                }
+                Effect::Ended(s) => self.ended.push((self.records.len(), *s)),
+                _ => {}
             }
         }
+        self.k.settle_ended();
     }
 
     fn next_req(&mut self) -> u64 {
@@ -128,6 +143,17 @@ impl Gen {
         self.run(Input::Envelope { request, identity: Identity::new("I"), envelope: env });
     }
 
+    /// Lets `ms` pass and runs the kernel's timers.
+    pub fn advance(&mut self, ms: i64) {
+        self.now += ms;
+        self.run(Input::Tick);
+    }
+
+    /// What was generated so far.
+    pub fn workload(&self) -> Workload {
+        Workload { records: self.records.clone(), ended: self.ended.clone(), times: self.times.clone() }
+    }
+
     pub fn control(&mut self, sid: &str, op: ControlOp) {
         let request = self.next_req();
         self.run(Input::Control {
@@ -184,14 +210,53 @@ impl Gen {
     }
 }
 
-/// At least `n` records of random valid traffic (deterministic per seed).
-pub fn workload(seed: u64, n: usize) -> Vec<Record> {
+/// Exactly `n` records of random valid traffic (deterministic per seed),
+/// with the summaries of the sessions they end and the time of each.
+pub struct Workload {
+    pub records: Vec<Record>,
+    pub ended: Vec<(usize, SessionSummary)>,
+    pub times: Vec<i64>,
+}
+
+impl Workload {
+    /// Summaries of the sessions whose terminal record is in `records[a..b]`.
+    pub fn ended_in(&self, a: usize, b: usize) -> Vec<SessionSummary> {
+        self.ended.iter().filter(|(at, _)| *at > a && *at <= b).map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Summaries of sessions that ended within `records[..m]`.
+    pub fn ended_before(&self, m: usize) -> impl Iterator<Item = &SessionSummary> {
+        self.ended.iter().filter(move |(at, _)| *at <= m).map(|(_, s)| s)
+    }
+
+    /// The records of one session within `records[..m]`.
+    pub fn history(&self, sid: &str, m: usize) -> Vec<Record> {
+        self.records[..m].iter().filter(|r| r.session_id == sid).cloned().collect()
+    }
+}
+
+pub fn workload_with_summaries(seed: u64, n: usize) -> Workload {
     let mut g = Gen::new(seed);
     while g.records.len() < n {
         g.step();
     }
     g.records.truncate(n);
-    g.records
+    g.times.truncate(n);
+    g.ended.retain(|(at, _)| *at <= n);
+    Workload { records: g.records, ended: g.ended, times: g.times }
+}
+
+/// At least `n` records of random valid traffic (deterministic per seed).
+pub fn workload(seed: u64, n: usize) -> Vec<Record> {
+    workload_with_summaries(seed, n).records
+}
+
+/// The pipeline as the server builds it, over any storage.
+pub type Pipe = Pipeline<u64, u64>;
+
+/// Recovers from `storage` through the pipeline, as the server does.
+pub fn recover_from(storage: &mut dyn Storage) -> Result<(Pipe, RecoveryReport), RecoveryError> {
+    recover(KernelConfig::default(), storage, RecoverOptions::default())
 }
 
 /// `snaps[i]` is the kernel snapshot after applying `records[..i]`.
@@ -200,6 +265,7 @@ pub fn prefix_snapshots(records: &[Record]) -> Vec<Vec<u8>> {
     let mut out = vec![k.snapshot()];
     for r in records {
         k.apply_record(r).expect("workload record applies");
+        k.settle_ended();
         out.push(k.snapshot());
     }
     out
