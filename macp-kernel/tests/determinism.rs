@@ -215,7 +215,7 @@ fn run_forgetful(ops: &[Op]) -> (Kernel, Vec<Effect>, MapEnded) {
     let mut store = MapEnded::default();
     let mut now = T0;
     let mut effects = Vec::new();
-    let mut step = |k: &mut Kernel, store: &mut MapEnded, now: i64, input: Input, effects: &mut Vec<Effect>| {
+    let step = |k: &mut Kernel, store: &mut MapEnded, now: i64, input: Input, effects: &mut Vec<Effect>| {
         let start = effects.len();
         k.handle_with(now, input, store, effects);
         for e in &effects[start..] {

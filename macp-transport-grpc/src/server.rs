@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use macp_kernel::{KernelConfig, SessionIdPolicy};
 use macp_pipeline::{CheckpointPolicy, RecoveryError};
 use macp_storage::{MemoryConfig, MemoryStorage, Storage, StorageError};
+use macp_storage_fs::{FsConfig, FsStorage};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
@@ -110,10 +111,8 @@ pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
             history_limit_bytes: cfg.memory_history_limit.bytes(),
         })));
     }
-    // The file backend moves onto the new storage contract in the next
-    // commit; until then only memory-only storage is served.
-    let _ = cfg;
-    Err(StorageError::Misuse("file storage is not wired to this build yet"))
+    let fs = FsConfig { retention: cfg.retention, ..FsConfig::default() };
+    Ok(Box::new(FsStorage::open(&cfg.data_dir, fs)?))
 }
 
 /// How the driver reopens storage after a failed write.
