@@ -92,6 +92,7 @@ impl Checked {
         let mut phase = 0;
         let mut replies = Vec::new();
         let mut persisted = Vec::new();
+        let mut ended = Vec::new();
         for e in &effects {
             match e {
                 Effect::Persist(r) => {
@@ -102,6 +103,15 @@ impl Checked {
                     assert!(phase == 0, "a second Reply or a Reply after a Broadcast: {effects:#?}");
                     phase = 1;
                     replies.push((*r, reply.clone()));
+                }
+                Effect::Ended(summary) => {
+                    assert_eq!(phase, 0, "an Ended after a Reply or Broadcast: {effects:#?}");
+                    let sid = summary.metadata.as_ref().map_or("", |m| m.session_id.as_str());
+                    assert!(
+                        persisted.iter().any(|r| r.session_id == sid),
+                        "Ended for {sid} without a record of that session before it: {effects:#?}"
+                    );
+                    ended.push(sid.to_string());
                 }
                 Effect::Broadcast(_) => phase = 2,
             }
@@ -174,15 +184,28 @@ impl Checked {
         let touched: BTreeSet<&str> =
             persisted.iter().map(|r| r.session_id.as_str()).filter(|s| !s.is_empty()).collect();
         for sid in touched {
-            let Some(s) = self.kernel.session(sid) else {
+            let Some(state) = self.kernel.session_state(sid) else {
                 panic!("session {sid} got a record but does not exist");
             };
+            let terminal = !matches!(state, SessionState::Open | SessionState::Suspended);
+            // A session leaves the working set exactly when it ends, and
+            // says so with one Ended effect.
+            assert_eq!(
+                self.kernel.session(sid).is_none(),
+                terminal,
+                "session {sid} is {state:?} but the kernel holds it: {}",
+                self.kernel.session(sid).is_some()
+            );
+            assert_eq!(
+                ended.iter().any(|e| e == sid),
+                terminal,
+                "session {sid} became {state:?}; Ended effects: {ended:?}"
+            );
             let resolution = self.kernel.resolution(sid);
             assert_eq!(
                 resolution.is_some(),
-                s.state == SessionState::Resolved,
-                "session {sid} is {:?} with resolution {resolution:?}",
-                s.state
+                state == SessionState::Resolved,
+                "session {sid} is {state:?} with resolution {resolution:?}"
             );
             if let Some(r) = resolution {
                 match self.resolutions.get(sid) {
@@ -192,8 +215,8 @@ impl Checked {
                     }
                 }
             }
-            if s.is_terminal() {
-                self.terminal.insert(sid.to_string(), s.state);
+            if terminal {
+                self.terminal.insert(sid.to_string(), state);
             }
         }
         self.records.extend(persisted);
@@ -215,7 +238,7 @@ impl Checked {
     /// record rebuilds the live kernel, and so does its checkpoint.
     pub fn finish(self) {
         for (sid, state) in &self.terminal {
-            let now = self.kernel.session(sid).map(|s| s.state);
+            let now = self.kernel.session_state(sid);
             assert_eq!(now, Some(*state), "terminal session {sid} changed state");
         }
         if self.records.is_empty() && self.current.as_ref() == Some(&self.start) {

@@ -89,7 +89,7 @@ fn register(k: &mut Kernel, d: &PolicyDescriptor) -> Result<Vec<Record>, macp_ke
         match e {
             Effect::Persist(r) => records.push(r),
             Effect::Reply { reply: r, .. } => reply = Some(r),
-            Effect::Broadcast(_) => {}
+            Effect::Broadcast(_) | Effect::Ended(_) => {}
         }
     }
     match reply.expect("RegisterPolicy gets a reply") {

@@ -126,6 +126,10 @@ impl Default for RecoverOptions<'_> {
     }
 }
 
+/// How many sessions may end during replay before the kernel's ended cache
+/// is trimmed back to its configured size.
+const SETTLE_EVERY: u64 = 256;
+
 struct Replay {
     config: KernelConfig,
     kernel: Option<Kernel>,
@@ -172,6 +176,13 @@ impl Replay {
                     Ok(Some(summary)) => {
                         self.report.ended += 1;
                         self.ended.push(summary);
+                        // The summaries are kept here until storage has
+                        // them; the kernel need not keep the whole ended
+                        // sessions too, so its cache stays bounded however
+                        // long the replayed tail is.
+                        if self.report.ended % SETTLE_EVERY == 0 {
+                            self.kernel().settle_ended();
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => {

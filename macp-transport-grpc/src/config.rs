@@ -201,7 +201,8 @@ impl std::str::FromStr for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size: use bytes, or a number with KiB, MiB or GiB"))?;
+        let n: u64 =
+            num.parse().map_err(|_| format!("'{s}' is not a size: use bytes, or a number with KiB, MiB or GiB"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "K" | "KiB" | "k" => 1 << 10,
@@ -233,11 +234,9 @@ impl Config {
     /// that would otherwise fail confusingly later.
     pub fn resolve(mut self) -> Result<Self, String> {
         self.retention = match (self.history_retention, self.session_disk_retention_secs) {
-            (Some(r), Some(secs)) if r != Retention::from_secs(secs) => {
-                return Err(format!(
-                    "MACP_HISTORY_RETENTION ({r}) and MACP_SESSION_DISK_RETENTION_SECS ({secs}) disagree; set one of them"
-                ))
-            }
+            (Some(r), Some(secs)) if r != Retention::from_secs(secs) => return Err(format!(
+                "MACP_HISTORY_RETENTION ({r}) and MACP_SESSION_DISK_RETENTION_SECS ({secs}) disagree; set one of them"
+            )),
             (Some(r), _) => r,
             (None, Some(secs)) => Retention::from_secs(secs),
             (None, None) => Retention::Forever,

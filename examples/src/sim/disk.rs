@@ -55,6 +55,9 @@ impl PowerCut for MemoryStorage {
     }
 }
 
+// One value per simulated server, built once per run: the size difference
+// between variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Media {
     Memory(MemoryStorage),
     Fs { fs: SimFs, storage: Option<FsStorage<SimFs>> },
@@ -82,7 +85,13 @@ impl Disk {
 
     /// A disk of a custom backend (planted bugs); no faults are injected.
     pub fn custom(storage: Box<dyn PowerCut>, retention: Retention, rng: Rng) -> Self {
-        Disk { media: Media::Custom(storage), dir: PathBuf::from("/macp-data"), retention, faults: Faults::default(), rng }
+        Disk {
+            media: Media::Custom(storage),
+            dir: PathBuf::from("/macp-data"),
+            retention,
+            faults: Faults::default(),
+            rng,
+        }
     }
 
     /// The backend's name for reports.

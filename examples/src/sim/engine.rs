@@ -19,7 +19,6 @@ use macp_kernel::macp_wire::v1::SessionState;
 use macp_kernel::{ErrorCode, Identity, Input, KernelConfig, Query, Reply};
 use macp_pipeline::{recover, CheckpointPolicy, Pipeline, RecoverOptions};
 
-
 use super::disk::{Disk, PowerCut};
 use super::oracle::{Oracle, Violation};
 use super::rng::Rng;

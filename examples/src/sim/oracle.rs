@@ -138,7 +138,9 @@ impl Oracle {
         }
         let ended = match self.shadow.apply_record(r) {
             Ok(e) => e,
-            Err(e) => return Err(violation("replay-equals-live", format!("durable record {r:?} does not replay: {e}"))),
+            Err(e) => {
+                return Err(violation("replay-equals-live", format!("durable record {r:?} does not replay: {e}")))
+            }
         };
         self.durable_records += 1;
         if !sid.is_empty() {
@@ -180,7 +182,11 @@ impl Oracle {
         if live.next_deadline() != self.shadow.next_deadline() {
             return Err(violation(
                 "replay-equals-live",
-                format!("live timers {:?} differ from replayed {:?}", live.next_deadline(), self.shadow.next_deadline()),
+                format!(
+                    "live timers {:?} differ from replayed {:?}",
+                    live.next_deadline(),
+                    self.shadow.next_deadline()
+                ),
             ));
         }
         Ok(())
@@ -304,8 +310,7 @@ impl Oracle {
             .map_err(|e| violation("no-acked-record-lost", format!("reading session {}: {e}", a.session_id)))?;
         Ok(match summary {
             Some(s) => {
-                s.last_seq >= a.seq
-                    && a.message_id.as_ref().is_none_or(|m| s.message_ids.binary_search(m).is_ok())
+                s.last_seq >= a.seq && a.message_id.as_ref().is_none_or(|m| s.message_ids.binary_search(m).is_ok())
             }
             None => self.may_be_deleted(&a.session_id),
         })
@@ -379,7 +384,10 @@ impl Oracle {
                 Some(s) => return Err(bad(format!("session {sid} reads back as {s:?}, expected {expected:?}"))),
                 None if self.may_be_deleted(sid) => {
                     if !history.is_empty() {
-                        return Err(bad(format!("session {sid} was deleted but {} of its records remain", history.len())));
+                        return Err(bad(format!(
+                            "session {sid} was deleted but {} of its records remain",
+                            history.len()
+                        )));
                     }
                 }
                 None => return Err(bad(format!("ended session {sid} is gone before its retention passed"))),
@@ -427,9 +435,12 @@ impl Oracle {
             .all_sessions()
             .map(|m| (m.mode, SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified)))
             .collect();
-        out.extend(self.ended.values().filter_map(|s| s.metadata.as_ref()).map(|m| {
-            (m.mode.clone(), SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified))
-        }));
+        out.extend(
+            self.ended
+                .values()
+                .filter_map(|s| s.metadata.as_ref())
+                .map(|m| (m.mode.clone(), SessionState::try_from(m.state).unwrap_or(SessionState::Unspecified))),
+        );
         out
     }
 }

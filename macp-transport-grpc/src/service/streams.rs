@@ -94,7 +94,9 @@ async fn read_history(
     let records = tokio::task::spawn_blocking(move || reader.history(&sid, after, upto))
         .await
         .map_err(|e| KernelError::new(ErrorCode::InternalError, format!("history read failed: {e}")))?
-        .map_err(|e| KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}")))?;
+        .map_err(|e| {
+            KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}"))
+        })?;
     let complete = records.len() as u64 == upto - after && records.iter().zip(after + 1..).all(|(r, seq)| r.seq == seq);
     if !complete {
         return Err(KernelError::new(
