@@ -73,8 +73,10 @@ impl Workload {
 /// How many signals one generated sender emits before the worker moves on
 /// to a fresh one (below the default 600/min message budget).
 pub const SIGNALS_PER_SENDER: u64 = 500;
-/// Longest run accepted, so a typo cannot start an endless load test.
-pub const MAX_RUN: Duration = Duration::from_secs(600);
+/// Longest run accepted, so a typo cannot start an endless load test; a
+/// week, so soaks fit (latency is a fixed-size histogram whatever the
+/// length).
+pub const MAX_RUN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Per-request timeout; a request that exceeds it counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

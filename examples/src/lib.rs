@@ -10,6 +10,7 @@
 //! * [`modes`]: one complete, valid session script per coordination mode.
 //! * [`watch`]: following a session's stream and the session lifecycle.
 //! * [`fuzz`]: malformed and random envelopes, and the check that each is cleanly refused.
+//! * [`retention`]: the end-to-end check of what ended sessions still answer, run after a soak.
 //! * [`bench`]: the closed-loop load generator behind the `macp-bench` binary.
 //! * [`rng`]: a tiny seeded generator, so fuzz runs can be replayed.
 //! * [`cli`]: the command-line flags the programs share.
@@ -25,6 +26,7 @@ pub mod envelopes;
 pub mod fuzz;
 pub mod ids;
 pub mod modes;
+pub mod retention;
 pub mod rng;
 /// The deterministic simulator (`macp-sim`): clients, network, crashes and storage faults around the real kernel.
 pub mod sim;

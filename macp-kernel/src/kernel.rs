@@ -56,6 +56,14 @@ impl Kernel {
         crate::admit::handle(&self.config, &mut self.state, storage, now_ms, input, out)
     }
 
+    /// Retention passed for every session that ended before `cutoff_ms`:
+    /// the ended-session cache forgets them, so the kernel answers for
+    /// them exactly as storage does (not found). The pipeline calls it
+    /// after each storage upkeep.
+    pub fn forget_ended_before(&mut self, cutoff_ms: i64) {
+        self.state.forget_ended_before(cutoff_ms)
+    }
+
     /// Tells the kernel that every session that ended so far is in storage
     /// (its summary was persisted): the ended-session cache may shrink back
     /// to [`KernelConfig::ended_cache`] entries. Until then it keeps every

@@ -14,7 +14,7 @@
 //!         Err(e)  => { answer(pipeline.fail(commit, e)); pipeline = recover(...) }
 //!     }
 //!     if pipeline.checkpoint_due(now) { pipeline.checkpoint(&mut storage) }
-//!     now and then: storage.maintain(now)               // retention, compaction
+//!     now and then: pipeline.maintain(&mut storage, now) // retention, compaction
 //! }
 //! ```
 //!

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 
 use macp_kernel::{Answer, Broadcast, Effect, ErrorCode, Input, Kernel, KernelConfig, KernelError, Query, Reply};
-use macp_storage::{Record, SessionSummary, Storage, StorageError, StorageRead};
+use macp_storage::{Maintenance, Record, SessionSummary, Storage, StorageError, StorageRead};
 
 use crate::ended::StorageEnded;
 
@@ -362,6 +362,18 @@ impl<T, Q> Pipeline<T, Q> {
         self.records_since_checkpoint = 0;
         self.first_record_since_checkpoint = None;
         Ok(())
+    }
+
+    /// One bounded slice of storage upkeep ([`Storage::maintain`]:
+    /// retention, compaction), then the kernel forgets cached ended
+    /// sessions that retention has passed, so it never answers for a
+    /// session storage has deleted. Call it between commits.
+    pub fn maintain(&mut self, storage: &mut dyn Storage, now_ms: i64) -> Result<Maintenance, StorageError> {
+        let m = storage.maintain(now_ms)?;
+        if let Some(cutoff) = m.retention_cutoff_ms {
+            self.kernel.forget_ended_before(cutoff);
+        }
+        Ok(m)
     }
 
     /// Asks a question of the current state directly. Only correct when

@@ -1240,6 +1240,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
             Err(e) => return self.poisoned(e),
         }
         m.bytes = self.bytes();
+        m.retention_cutoff_ms = self.cfg.retention.cutoff(now_ms);
         Ok(m)
     }
 

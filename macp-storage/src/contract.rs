@@ -159,6 +159,11 @@ pub struct Maintenance {
     /// True when the call stopped at its work bound with work left: call
     /// again soon.
     pub more: bool,
+    /// Sessions that ended before this time (kernel clock) are past
+    /// retention: storage deletes them as its work bound allows, and
+    /// nothing in front of storage (the kernel's ended-session cache) may
+    /// answer for them any longer. `None`: retention is forever.
+    pub retention_cutoff_ms: Option<i64>,
 }
 
 /// The writing side of storage. See the module docs for what it keeps.

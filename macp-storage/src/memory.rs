@@ -291,6 +291,7 @@ impl Storage for MemoryStorage {
         }
         m.more = (m.expired_sessions + m.evicted_sessions) as usize == MAINTAIN_BATCH;
         m.bytes = inner.ended_bytes + inner.open_bytes;
+        m.retention_cutoff_ms = cutoff;
         Ok(m)
     }
 

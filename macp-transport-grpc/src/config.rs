@@ -234,9 +234,11 @@ impl Config {
     /// that would otherwise fail confusingly later.
     pub fn resolve(mut self) -> Result<Self, String> {
         self.retention = match (self.history_retention, self.session_disk_retention_secs) {
-            (Some(r), Some(secs)) if r != Retention::from_secs(secs) => return Err(format!(
+            (Some(r), Some(secs)) if r != Retention::from_secs(secs) => {
+                return Err(format!(
                 "MACP_HISTORY_RETENTION ({r}) and MACP_SESSION_DISK_RETENTION_SECS ({secs}) disagree; set one of them"
-            )),
+            ))
+            }
             (Some(r), _) => r,
             (None, Some(secs)) => Retention::from_secs(secs),
             (None, None) => Retention::Forever,

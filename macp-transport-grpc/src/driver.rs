@@ -382,7 +382,7 @@ impl Driver {
     /// One bounded slice of storage upkeep.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
-        match self.storage.maintain(now_ms()) {
+        match self.pipeline.maintain(&mut *self.storage, now_ms()) {
             Ok(m) => {
                 self.maintenance_backlog = m.more;
                 if m.expired_sessions + m.retired_segments + m.carried_records > 0 {

@@ -8,6 +8,8 @@
 //! macp-bench --workload open-sessions --sessions 100000 --concurrency 64
 //! # wait until a (re)starting server answers and has recovered two sessions
 //! macp-bench probe --timeout 600s --expect-session <id> --expect-session <id>
+//! # what an ended session still answers, and that it is gone past retention
+//! macp-bench retention-check --retention 30s
 //! ```
 
 use std::process::ExitCode;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use macp_examples::bench::{open_sessions, parse_duration, probe, run, BenchConfig, OpenConfig, ProbeConfig, Workload};
 use macp_examples::client::{AuthMode, DEFAULT_ADDR};
+use macp_examples::retention::{check, RetentionConfig};
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +94,27 @@ enum Command {
         #[arg(long = "expect-session")]
         expect_sessions: Vec<String>,
     },
+    /// Check what an ended session still answers, end to end (after a soak).
+    ///
+    /// Runs one decision session to resolution; checks GetSession (RESOLVED),
+    /// a passive subscribe replay (every envelope, identical) and a resent
+    /// message id (duplicate). With --retention, waits until the session is
+    /// past it and checks the documented codes. Leaves one session open and
+    /// prints its id, for `probe --expect-session` after a restart.
+    RetentionCheck {
+        /// Runtime address; must resolve to loopback.
+        #[arg(long, env = "MACP_ADDR", default_value = DEFAULT_ADDR)]
+        addr: String,
+        /// How dev identities are sent.
+        #[arg(long, value_enum, default_value_t = AuthMode::AgentHeader)]
+        auth: AuthMode,
+        /// The server's history retention (omit for forever).
+        #[arg(long, value_parser = parse_duration)]
+        retention: Option<Duration>,
+        /// How long past the retention deletion may take.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        grace: Duration,
+    },
 }
 
 #[tokio::main]
@@ -102,6 +126,13 @@ async fn main() -> ExitCode {
                 print!("{}", r.table());
                 println!("{}", r.json());
                 r.ready
+            })
+        }
+        Some(Command::RetentionCheck { addr, auth, retention, grace }) => {
+            check(RetentionConfig { addr, auth, retention, grace }).await.map(|r| {
+                print!("{}", r.table());
+                println!("{}", r.json());
+                r.ok(retention)
             })
         }
         None => match a.workload {

@@ -545,7 +545,7 @@ impl<'c> Sim<'c> {
             self.stats.checkpoints += 1;
         }
         let maintained = match self.node.disk.storage() {
-            Some(st) => st.maintain(now),
+            Some(st) => p.maintain(st, now),
             None => Err(macp_storage::StorageError::Misuse("the disk is off")),
         };
         match maintained {

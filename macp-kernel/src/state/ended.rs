@@ -113,6 +113,25 @@ impl EndedCache {
         }
     }
 
+    /// Drops every session that ended before `cutoff_ms` (retention passed:
+    /// storage no longer answers for them, so the cache must not either).
+    pub fn forget_ended_before(&mut self, cutoff_ms: i64) {
+        let first_unsettled = self.order.len() - self.unsettled;
+        let entries = &mut self.entries;
+        let (mut index, mut unsettled) = (0, 0);
+        self.order.retain(|id| {
+            let keep = entries.get(id).is_some_and(|e| e.summary.ended_at_unix_ms >= cutoff_ms);
+            if !keep {
+                entries.remove(id);
+            } else if index >= first_unsettled {
+                unsettled += 1;
+            }
+            index += 1;
+            keep
+        });
+        self.unsettled = unsettled;
+    }
+
     /// Drops a session from the cache (quarantine).
     pub fn forget(&mut self, id: &str) {
         if self.entries.remove(id).is_some() {
@@ -179,5 +198,44 @@ pub fn summarize(s: &Session, ended_at: i64) -> SessionSummary {
         ended_at_unix_ms: ended_at,
         message_ids: s.seen.iter().map(str::to_string).collect(),
         controllers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use macp_wire::v1::SessionMetadata;
+
+    use super::*;
+
+    fn summary(id: &str, ended_at: i64) -> SessionSummary {
+        SessionSummary {
+            metadata: Some(SessionMetadata { session_id: id.into(), ..Default::default() }),
+            ended_at_unix_ms: ended_at,
+            ..Default::default()
+        }
+    }
+
+    fn ended(id: &str, at: i64) -> Ended {
+        Ended { summary: summary(id, at), session: None }
+    }
+
+    #[test]
+    fn retention_forgets_old_entries_and_keeps_the_unsettled_count() {
+        let mut c = EndedCache::default();
+        c.insert_ended("a".into(), ended("a", 10));
+        c.insert_ended("b".into(), ended("b", 20));
+        c.settle(10);
+        c.insert_ended("c".into(), ended("c", 5));
+        c.insert_ended("d".into(), ended("d", 30));
+        c.insert_loaded(summary("e", 1));
+        c.forget_ended_before(15);
+        assert!(c.get("a").is_none() && c.get("c").is_none() && c.get("e").is_none());
+        assert!(c.get("b").is_some() && c.get("d").is_some());
+        // `d` is still unsettled (storage may not have it yet): trimming
+        // keeps it and drops the settled `b`.
+        c.trim(0);
+        assert!(c.get("b").is_none() && c.get("d").is_some());
+        c.settle(0);
+        assert_eq!(c.len(), 0, "a settled cache of size 0 is empty");
     }
 }

@@ -221,6 +221,12 @@ impl State {
         self.ended.settle(self.ended_keep);
     }
 
+    /// Retention passed for sessions that ended before `cutoff_ms`: the
+    /// cache forgets them.
+    pub fn forget_ended_before(&mut self, cutoff_ms: i64) {
+        self.ended.forget_ended_before(cutoff_ms);
+    }
+
     /// Moves a session that reached a terminal state out of the working
     /// set; returns its summary.
     fn end_session(&mut self, sid: &str, at: i64) -> SessionSummary {
