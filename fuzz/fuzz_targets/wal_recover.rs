@@ -5,4 +5,10 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(init: macp_fuzz::seeds::write_if_asked("wal_recover"), |data: &[u8]| macp_fuzz::wal::run(data));
+fuzz_target!(
+    init: {
+        macp_fuzz::seeds::write_if_asked("wal_recover");
+        macp_fuzz::wal::contain_index_panics();
+    },
+    |data: &[u8]| macp_fuzz::wal::run(data)
+);

@@ -32,6 +32,24 @@ use macp_storage_fs::{FsConfig, FsStorage, SimFs, CHECKPOINT_FILE, INDEX_FILE, W
 
 use crate::base;
 
+/// Lets panics raised inside redb unwind to the storage crate instead of
+/// aborting: `macp-storage-fs` runs every call into redb under
+/// `catch_unwind` and turns a panic (redb does not checksum its pages, and
+/// some damaged files make it panic) into a `Damaged` error, which is what
+/// the server does too. libFuzzer's panic hook aborts on every panic, caught
+/// or not, so this target installs a hook that lets panics located in redb's
+/// source pass; any other panic still aborts (a crash), and a redb panic
+/// that escaped the guard aborts too when it unwinds out of the target.
+pub fn contain_index_panics() {
+    let abort = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_redb = info.location().is_some_and(|l| l.file().contains("/redb-"));
+        if !in_redb {
+            abort(info);
+        }
+    }));
+}
+
 /// Where the data directory lives on the simulated file system.
 const DIR: &str = "/macp-data";
 
