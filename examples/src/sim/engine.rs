@@ -54,7 +54,7 @@ type MakeStorage<'a> = Box<dyn FnOnce(Rng) -> Box<dyn PowerCut> + 'a>;
 fn run_seed_with(seed: u64, config: &SimConfig, storage: Option<MakeStorage<'_>>) -> Result<Stats, Failure> {
     let mut sim = Sim::new(seed, config, storage);
     match sim.run() {
-        Ok(()) => Ok(sim.stats),
+        Ok(()) => Ok(Stats { ids_reused_after_retention: sim.oracle.reincarnated(), ..sim.stats }),
         Err(v) => Err(Failure {
             seed,
             step: sim.step,

@@ -226,6 +226,9 @@ pub struct Stats {
     pub segments_retired: u64,
     /// Records of long-open sessions carried forward.
     pub records_carried: u64,
+    /// Session ids started again after retention deleted their first
+    /// session (a late retried SessionStart).
+    pub ids_reused_after_retention: u64,
     /// Simulation steps.
     pub steps: u64,
 }
@@ -261,6 +264,7 @@ impl AddAssign<&Stats> for Stats {
         self.timer_records += o.timer_records;
         self.clock_steps_back += o.clock_steps_back;
         self.probes += o.probes;
+        self.ids_reused_after_retention += o.ids_reused_after_retention;
         self.expired_deleted += o.expired_deleted;
         self.segments_retired += o.segments_retired;
         self.records_carried += o.records_carried;
@@ -306,8 +310,8 @@ impl fmt::Display for Stats {
         )?;
         write!(
             f,
-            "\n  retention: ended sessions deleted {}  segments retired {}  records carried forward {}  GetSession probes {}",
-            self.expired_deleted, self.segments_retired, self.records_carried, self.probes
+            "\n  retention: ended sessions deleted {}  segments retired {}  records carried forward {}  GetSession probes {}  ids reused after retention {}",
+            self.expired_deleted, self.segments_retired, self.records_carried, self.probes, self.ids_reused_after_retention
         )
     }
 }

@@ -74,6 +74,8 @@ pub struct Oracle {
     resolutions: BTreeMap<String, u32>,
     committed: BTreeMap<String, Vec<u8>>,
     resolved_broadcasts: BTreeMap<String, u32>,
+    /// Session ids started again after retention deleted their first session.
+    reincarnated: u64,
     acked: Vec<Acked>,
     /// The latest server time storage upkeep ran at: retention may have
     /// deleted what ended before it by more than the retention period.
@@ -94,6 +96,7 @@ impl Oracle {
             resolutions: BTreeMap::new(),
             committed: BTreeMap::new(),
             resolved_broadcasts: BTreeMap::new(),
+            reincarnated: 0,
             acked: Vec::new(),
             maintained_at: None,
         }
@@ -102,6 +105,12 @@ impl Oracle {
     /// Records known durable so far.
     pub fn durable_records(&self) -> usize {
         self.durable_records
+    }
+
+    /// Session ids started again after retention deleted their first
+    /// session.
+    pub fn reincarnated(&self) -> u64 {
+        self.reincarnated
     }
 
     /// Sessions whose Commitment a client saw accepted.
@@ -130,6 +139,19 @@ impl Oracle {
     /// Applies one durable record to the shadow, checking the history rules.
     fn apply_durable(&mut self, r: &Record) -> Result<(), Violation> {
         let sid = r.session_id.clone();
+        if matches!(r.fact, Some(Fact::Started(_))) && self.may_be_deleted(&sid) {
+            // Past retention an ended session is forgotten, its id with it
+            // (remembering every id ever used would grow without bound): a
+            // SessionStart with that id — a very late retry, or a reuse —
+            // starts a new session. The old one's facts leave the model.
+            self.ended.remove(&sid);
+            self.histories.remove(&sid);
+            self.resolutions.remove(&sid);
+            self.committed.remove(&sid);
+            self.resolved_broadcasts.remove(&sid);
+            self.acked.retain(|a| a.session_id != sid);
+            self.reincarnated += 1;
+        }
         if !sid.is_empty() && self.ended.contains_key(&sid) {
             return Err(violation(
                 "nothing-accepted-after-terminal",

@@ -101,7 +101,11 @@ impl State {
         if record.seq != 1 || env.session_id != record.session_id {
             return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
         }
-        if self.sessions.contains_key(&record.session_id) || self.ended.get(&record.session_id).is_some() {
+        // Only a held session makes this record impossible. An id the
+        // ended-session cache still knows may start again: admission
+        // accepted it because retention had passed for the old session
+        // (storage forgot it), and replay must accept the same record.
+        if self.sessions.contains_key(&record.session_id) {
             return Err(KernelError::new(
                 ErrorCode::SessionAlreadyExists,
                 format!("session {} already exists", record.session_id),
@@ -161,6 +165,7 @@ impl State {
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
         let metadata = emit.then(|| session.metadata());
         self.timers.reindex(&mut session);
+        self.ended.forget(&record.session_id);
         self.sessions.insert(record.session_id.clone(), Box::new(session));
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
