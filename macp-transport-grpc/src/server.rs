@@ -115,6 +115,18 @@ pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
     Ok(Box::new(FsStorage::open(&cfg.data_dir, fs)?))
 }
 
+/// The storage backend as the logs name it.
+fn storage_label(cfg: &Config) -> String {
+    if cfg.memory_only {
+        format!(
+            "memory only (nothing survives a restart; ended sessions' history capped at {})",
+            cfg.memory_history_limit
+        )
+    } else {
+        cfg.data_dir.display().to_string()
+    }
+}
+
 /// How the driver reopens storage after a failed write.
 fn reopen(cfg: &Config) -> Reopen {
     let cfg = cfg.clone();
@@ -153,6 +165,7 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let started = Instant::now();
+    info!("recovering storage: {}", storage_label(&cfg));
     let cancelled = Arc::new(AtomicBool::new(false));
     let recovery = {
         let (cfg, kcfg, cancelled) = (cfg.clone(), kcfg.clone(), cancelled.clone());
@@ -172,7 +185,16 @@ pub async fn serve(
             info!("shutdown requested during recovery; stopping it");
             // Recovery polls the flag and returns promptly, releasing the
             // data directory; nothing was written.
-            let _ = (&mut recovery).await;
+            match (&mut recovery).await {
+                Ok(Err(RecoveryError::Storage(StorageError::Cancelled))) => {
+                    info!("recovery stopped after {:.2?}; nothing was changed", started.elapsed())
+                }
+                // It finished (or failed) before it saw the flag: what it
+                // wrote, it synced; stop without serving either way.
+                Ok(Ok(_)) => info!("recovery had just finished; stopping without serving"),
+                Ok(Err(e)) => warn!("recovery failed while stopping: {e}"),
+                Err(e) => warn!("the recovery task failed while stopping: {e}"),
+            }
             return Ok(());
         }
     };
@@ -193,11 +215,7 @@ pub async fn serve(
         auth.token_count(),
         auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
-        if cfg.memory_only {
-            format!("memory only (nothing survives a restart; ended sessions' history capped at {})", cfg.memory_history_limit)
-        } else {
-            cfg.data_dir.display().to_string()
-        },
+        storage_label(&cfg),
         cfg.retention,
         driver.open_sessions(),
     );
