@@ -149,21 +149,29 @@ pub fn checkpoint_policy(cfg: &Config) -> CheckpointPolicy {
 
 /// Runs the server on an already-bound listener until `shutdown` resolves.
 /// Returns after the driver has synced and checkpointed. A shutdown that
-/// arrives while storage is still being recovered stops the recovery
-/// promptly and returns `Ok` (nothing was changed yet, nothing is lost).
+/// arrives before serving — while JWT keys are fetched or storage is still
+/// being recovered — stops the start promptly and returns `Ok` (nothing
+/// was changed yet, nothing is lost).
 pub async fn serve(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
-    let auth = load_auth(&cfg).await?;
-    // The shutdown signal may come at any time, recovery included.
+    // The shutdown signal may come at any time, the start included.
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    // A JWKS fetch may take up to its timeout; do not make a shutdown wait.
+    let auth = tokio::select! {
+        auth = load_auth(&cfg) => auth?,
+        _ = stopped(&mut stop_rx) => {
+            info!("shutdown requested while loading the authentication configuration; stopping");
+            return Ok(());
+        }
+    };
     let started = Instant::now();
     info!("recovering storage: {}", storage_label(&cfg));
     let cancelled = Arc::new(AtomicBool::new(false));
@@ -330,18 +338,40 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// On Unix the handlers are installed when this is called, not when the
+/// future is first polled: from then on either signal is seen, however
+/// long it takes until something awaits the future (the JWKS fetch,
+/// storage recovery), instead of killing the process with the default
+/// action (exit 130/143, no clean shutdown). Call it first thing; it needs
+/// a tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let mut term = signal(SignalKind::terminate()).ok();
+        async move {
+            tokio::select! { _ = recv(&mut int) => {}, _ = recv(&mut term) => {} }
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    info!("shutdown signal received");
+    let signals = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    async move {
+        signals.await;
+        info!("shutdown signal received");
+    }
+}
+
+/// The next delivery of `s`; never, if it could not be installed.
+#[cfg(unix)]
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }

@@ -1,8 +1,9 @@
-//! A shutdown signal during a long recovery: the real binary starts on a
-//! data directory holding many open sessions and no checkpoint (so it must
-//! replay every record), gets SIGINT (then, on a second start, SIGTERM)
-//! while still replaying, and must exit 0 within two seconds without having
-//! finished. The next start must then recover every session.
+//! Shutdown signals before the server serves. A long recovery: the real
+//! binary starts on a data directory holding many open sessions and no
+//! checkpoint (so it must replay every record), gets SIGINT (then, on a
+//! second start, SIGTERM) while still replaying, and must exit 0 within two
+//! seconds without having finished. The next start must then recover every
+//! session. And a JWKS fetch that hangs: SIGINT must not wait for it.
 //!
 //! Its own test binary, so no other test competes for the CPU while it
 //! measures how promptly the server stops.
@@ -109,10 +110,17 @@ struct Server {
 }
 
 impl Server {
+    /// Starts the binary on data directory `dir`.
     fn start(dir: &Path) -> Server {
+        Self::start_with(&["--data-dir", dir.to_str().unwrap()])
+    }
+
+    /// Starts the binary with `--dev` and `args`.
+    fn start_with(args: &[&str]) -> Server {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_macp-runtime"))
-            .args(["--dev", "--bind-addr", &format!("127.0.0.1:{port}"), "--data-dir", dir.to_str().unwrap()])
+            .args(["--dev", "--bind-addr", &format!("127.0.0.1:{port}")])
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -285,4 +293,51 @@ fn a_signal_during_recovery_exits_zero_promptly_and_loses_nothing() {
     let status = server.wait_exit(Duration::from_secs(60));
     eprintln!("shutdown after serving (final checkpoint) took {:.2?}", t.elapsed());
     assert_eq!(status.code(), Some(0), "shutdown after serving: {status}; log:\n{}", server.log());
+}
+
+#[test]
+fn a_signal_while_jwt_keys_are_fetched_exits_zero_promptly() {
+    let dir = TempDir(std::env::temp_dir().join(format!("macp-jwks-signal-{}-{}", std::process::id(), sid())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, ck.cert.pem()).unwrap();
+    // A JWKS endpoint that accepts and never answers: the fetch at start
+    // hangs until its timeout (5 s), before storage is even opened.
+    let endpoint = StdListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://localhost:{}/jwks.json", endpoint.local_addr().unwrap().port());
+    let issuer = "https://issuer.test";
+    let ca = ca_file.to_str().unwrap();
+    let mut server = Server::start_with(&[
+        "--memory-only",
+        "--auth-issuer",
+        issuer,
+        "--auth-jwks-url",
+        &url,
+        "--auth-jwks-ca-file",
+        ca,
+    ]);
+    // Once it connected, the server is waiting for the key set.
+    endpoint.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let _conn = loop {
+        match endpoint.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the server never fetched its JWT keys");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    let sent = Instant::now();
+    server.signal("INT");
+    let status = server.wait_exit(EXIT_WITHIN);
+    let took = sent.elapsed();
+    let log = server.log();
+    assert_eq!(status.code(), Some(0), "SIGINT during the JWKS fetch: {status}; log:\n{log}");
+    assert!(server.logged(SIGNALLED), "SIGINT was not observed; log:\n{log}");
+    assert!(server.logged("while loading the authentication"), "not stopped during the fetch; log:\n{log}");
+    assert!(!server.logged(LISTENING), "the server started serving despite SIGINT; log:\n{log}");
+    assert!(took <= EXIT_WITHIN, "exited {took:?} after the signal");
 }
