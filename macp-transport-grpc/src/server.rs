@@ -165,7 +165,10 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     // A JWKS fetch may take up to its timeout; do not make a shutdown wait.
+    // Biased: a configuration error found at once is reported, not
+    // swallowed by a shutdown that is already pending.
     let auth = tokio::select! {
+        biased;
         auth = load_auth(&cfg) => auth?,
         _ = stopped(&mut stop_rx) => {
             info!("shutdown requested while loading the authentication configuration; stopping");
