@@ -194,8 +194,9 @@ pub async fn serve(
         _ = stopped(&mut stop_rx) => {
             cancelled.store(true, Ordering::Relaxed);
             info!("shutdown requested during recovery; stopping it");
-            // Recovery polls the flag and returns promptly, releasing the
-            // data directory; nothing was written.
+            // Recovery polls the flag while it replays the log and returns
+            // promptly, releasing the data directory; nothing was written.
+            // (Restoring a checkpoint does not poll: it runs to its end.)
             match (&mut recovery).await {
                 Ok(Err(RecoveryError::Storage(StorageError::Cancelled))) => {
                     info!("recovery stopped after {:.2?}; nothing was changed", started.elapsed())

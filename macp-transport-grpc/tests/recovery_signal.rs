@@ -5,8 +5,8 @@
 //! seconds without having finished. The next start must then recover every
 //! session. And a JWKS fetch that hangs: SIGINT must not wait for it.
 //!
-//! Its own test binary, so no other test competes for the CPU while it
-//! measures how promptly the server stops.
+//! Its own test binary, so no heavy test (kill.rs's load) competes for the
+//! CPU while it measures how promptly the server stops.
 
 mod common;
 
