@@ -12,6 +12,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
+    // Before anything else: from here on SIGINT/SIGTERM stop the process
+    // cleanly (exit 0) instead of killing it.
+    let shutdown = shutdown_signal();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -29,7 +32,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = serve(cfg, listener, shutdown_signal()).await {
+    if let Err(e) = serve(cfg, listener, shutdown).await {
         eprintln!("macp-runtime: {e}");
         std::process::exit(1);
     }

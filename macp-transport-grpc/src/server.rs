@@ -115,6 +115,18 @@ pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
     Ok(Box::new(FsStorage::open(&cfg.data_dir, fs)?))
 }
 
+/// The storage backend as the logs name it.
+fn storage_label(cfg: &Config) -> String {
+    if cfg.memory_only {
+        format!(
+            "memory only (nothing survives a restart; ended sessions' history capped at {})",
+            cfg.memory_history_limit
+        )
+    } else {
+        cfg.data_dir.display().to_string()
+    }
+}
+
 /// How the driver reopens storage after a failed write.
 fn reopen(cfg: &Config) -> Reopen {
     let cfg = cfg.clone();
@@ -137,22 +149,34 @@ pub fn checkpoint_policy(cfg: &Config) -> CheckpointPolicy {
 
 /// Runs the server on an already-bound listener until `shutdown` resolves.
 /// Returns after the driver has synced and checkpointed. A shutdown that
-/// arrives while storage is still being recovered stops the recovery
-/// promptly and returns `Ok` (nothing was changed yet, nothing is lost).
+/// arrives before serving — while JWT keys are fetched or storage is still
+/// being recovered — stops the start promptly and returns `Ok` (nothing
+/// was changed yet, nothing is lost).
 pub async fn serve(
     cfg: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
-    let auth = load_auth(&cfg).await?;
-    // The shutdown signal may come at any time, recovery included.
+    // The shutdown signal may come at any time, the start included.
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    // A JWKS fetch may take up to its timeout; do not make a shutdown wait.
+    // Biased: a configuration error found at once is reported, not
+    // swallowed by a shutdown that is already pending.
+    let auth = tokio::select! {
+        biased;
+        auth = load_auth(&cfg) => auth?,
+        _ = stopped(&mut stop_rx) => {
+            info!("shutdown requested while loading the authentication configuration; stopping");
+            return Ok(());
+        }
+    };
     let started = Instant::now();
+    info!("recovering storage: {}", storage_label(&cfg));
     let cancelled = Arc::new(AtomicBool::new(false));
     let recovery = {
         let (cfg, kcfg, cancelled) = (cfg.clone(), kcfg.clone(), cancelled.clone());
@@ -170,9 +194,19 @@ pub async fn serve(
         _ = stopped(&mut stop_rx) => {
             cancelled.store(true, Ordering::Relaxed);
             info!("shutdown requested during recovery; stopping it");
-            // Recovery polls the flag and returns promptly, releasing the
-            // data directory; nothing was written.
-            let _ = (&mut recovery).await;
+            // Recovery polls the flag while it replays the log and returns
+            // promptly, releasing the data directory; nothing was written.
+            // (Restoring a checkpoint does not poll: it runs to its end.)
+            match (&mut recovery).await {
+                Ok(Err(RecoveryError::Storage(StorageError::Cancelled))) => {
+                    info!("recovery stopped after {:.2?}; nothing was changed", started.elapsed())
+                }
+                // It finished (or failed) before it saw the flag: what it
+                // wrote, it synced; stop without serving either way.
+                Ok(Ok(_)) => info!("recovery had just finished; stopping without serving"),
+                Ok(Err(e)) => warn!("recovery failed while stopping: {e}"),
+                Err(e) => warn!("the recovery task failed while stopping: {e}"),
+            }
             return Ok(());
         }
     };
@@ -193,11 +227,7 @@ pub async fn serve(
         auth.token_count(),
         auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
-        if cfg.memory_only {
-            format!("memory only (nothing survives a restart; ended sessions' history capped at {})", cfg.memory_history_limit)
-        } else {
-            cfg.data_dir.display().to_string()
-        },
+        storage_label(&cfg),
         cfg.retention,
         driver.open_sessions(),
     );
@@ -312,18 +342,40 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// On Unix the handlers are installed when this is called, not when the
+/// future is first polled: from then on either signal is seen, however
+/// long it takes until something awaits the future (the JWKS fetch,
+/// storage recovery), instead of killing the process with the default
+/// action (exit 130/143, no clean shutdown). Call it first thing; it needs
+/// a tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let mut term = signal(SignalKind::terminate()).ok();
+        async move {
+            tokio::select! { _ = recv(&mut int) => {}, _ = recv(&mut term) => {} }
         }
     };
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    info!("shutdown signal received");
+    let signals = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    async move {
+        signals.await;
+        info!("shutdown signal received");
+    }
+}
+
+/// The next delivery of `s`; never, if it could not be installed.
+#[cfg(unix)]
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
