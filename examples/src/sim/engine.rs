@@ -557,8 +557,12 @@ impl<'c> Sim<'c> {
             }
             Err(e) => {
                 // Upkeep failing is not fatal in the server either; a
-                // poisoned backend shows at the next commit.
+                // poisoned backend shows at the next commit. It may have
+                // done part of its work first (deleted sessions past
+                // retention from its index, then failed to sync), which
+                // retention permits: from now on those sessions may be gone.
                 self.trace(|| format!("upkeep failed: {e}"));
+                self.oracle.on_maintained(now);
             }
         }
         self.node.pipeline = Some(p);

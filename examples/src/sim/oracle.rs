@@ -347,14 +347,29 @@ impl Oracle {
         let maybe = std::mem::take(&mut self.maybe);
         let mut candidate = Kernel::restore(self.config.clone(), &self.shadow.snapshot())
             .map_err(|e| violation("replay-equals-live", format!("the shadow's checkpoint does not restore: {e}")))?;
+        // Which prefix of the unsynced records survived? The kernel's
+        // snapshot holds open sessions only, so a prefix that starts and
+        // ends a session looks like the one without it: among the prefixes
+        // that match, take the longest whose last record storage holds.
+        let stored = |r: &Record| -> Result<bool, Violation> {
+            if r.session_id.is_empty() {
+                return Ok(true);
+            }
+            let h = reader
+                .history(&r.session_id, r.seq.saturating_sub(1), r.seq)
+                .map_err(|e| violation("no-acked-record-lost", format!("reading {}: {e}", r.session_id)))?;
+            Ok(h.first() == Some(r))
+        };
         let mut found = None;
         for k in 0..=maybe.len() {
             if k > 0 && candidate.apply_record(&maybe[k - 1]).is_err() {
                 break;
             }
-            if candidate.snapshot() == target && candidate.next_deadline() == deadline {
+            if candidate.snapshot() == target
+                && candidate.next_deadline() == deadline
+                && (k == 0 || stored(&maybe[k - 1])?)
+            {
                 found = Some(k);
-                break;
             }
         }
         let Some(k) = found else {
