@@ -46,13 +46,38 @@ impl Default for MemoryConfig {
 /// call never stalls the driver for long.
 const MAINTAIN_BATCH: usize = 4096;
 
+/// One session's durable records and, once it ended, its summary, both
+/// kept encoded: an ended session's history is read rarely (passive
+/// subscribe replay, WhatIf, a restart) and held for the whole retention,
+/// so its memory is what [`MemoryConfig::history_limit_bytes`] counts, not
+/// three or four times that in decoded structs.
 #[derive(Debug, Default)]
 struct History {
-    records: Vec<Record>,
+    /// The records, length-delimited, in order.
+    records: Vec<u8>,
+    /// Bytes charged to this session: encodings plus [`PER_SESSION_BYTES`].
     bytes: u64,
-    summary: Option<SessionSummary>,
+    /// The encoded summary, once the session ended.
+    summary: Option<Box<[u8]>>,
+    /// The summary's end time (retention and eviction order).
+    ended_at: i64,
     /// The checkpoint generation in which the session ended.
     ended_in: u64,
+}
+
+/// What a session costs besides its encodings (map entries, the id twice):
+/// charged so the history limit holds for many small sessions too.
+const PER_SESSION_BYTES: u64 = 160;
+
+impl History {
+    fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        let mut buf = &self.records[..];
+        std::iter::from_fn(move || if buf.is_empty() { None } else { Record::decode_length_delimited(&mut buf).ok() })
+    }
+
+    fn summary(&self) -> Option<SessionSummary> {
+        self.summary.as_deref().and_then(|b| SessionSummary::decode(b).ok())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -77,48 +102,63 @@ struct Inner {
 
 impl Inner {
     fn add_record(&mut self, r: Record) {
-        let bytes = r.encoded_len() as u64;
         if r.session_id.is_empty() {
             self.tail.push((String::new(), r.seq));
             self.registry_tail.push(r);
             return;
         }
         self.tail.push((r.session_id.clone(), r.seq));
+        let fresh = !self.sessions.contains_key(&r.session_id);
         let h = self.sessions.entry(r.session_id.clone()).or_default();
+        let before = h.records.len();
+        // Encoding into a Vec cannot fail.
+        let _ = r.encode_length_delimited(&mut h.records);
+        let bytes = (h.records.len() - before) as u64 + if fresh { PER_SESSION_BYTES } else { 0 };
         h.bytes += bytes;
         if h.summary.is_some() {
             self.ended_bytes += bytes;
         } else {
             self.open_bytes += bytes;
         }
-        h.records.push(r);
     }
 
     fn add_summary(&mut self, s: SessionSummary) {
         let id = summary_id(&s).to_string();
         let generation = self.generation;
+        let fresh = !self.sessions.contains_key(&id);
         let h = self.sessions.entry(id.clone()).or_default();
-        let sbytes = s.encoded_len() as u64;
-        match h.summary.replace(s) {
+        if fresh {
+            h.bytes = PER_SESSION_BYTES;
+            self.open_bytes += PER_SESSION_BYTES;
+        }
+        let encoded = s.encode_to_vec().into_boxed_slice();
+        let sbytes = encoded.len() as u64;
+        let ended_at = s.ended_at_unix_ms;
+        match h.summary.replace(encoded) {
             Some(old) => {
-                self.by_end.remove(&(old.ended_at_unix_ms, id.clone()));
-                self.ended_bytes = self.ended_bytes - old.encoded_len() as u64 + sbytes;
+                self.by_end.remove(&(h.ended_at, id.clone()));
+                self.ended_bytes = self.ended_bytes - old.len() as u64 + sbytes;
             }
             None => {
+                // An ended session's records are final: drop the spare
+                // capacity the appends left.
+                h.records.shrink_to_fit();
                 self.open_bytes -= h.bytes;
                 self.ended_bytes += h.bytes + sbytes;
                 h.ended_in = generation;
             }
         }
-        let ended_at = h.summary.as_ref().map_or(0, |s| s.ended_at_unix_ms);
+        h.ended_at = ended_at;
         self.by_end.insert((ended_at, id));
     }
 
     fn delete(&mut self, id: &str) {
         if let Some(h) = self.sessions.remove(id) {
             if let Some(s) = &h.summary {
-                self.by_end.remove(&(s.ended_at_unix_ms, id.to_string()));
-                self.ended_bytes -= h.bytes + s.encoded_len() as u64;
+                self.by_end.remove(&(h.ended_at, id.to_string()));
+                self.ended_bytes -= h.bytes + s.len() as u64;
+            } else {
+                self.open_bytes -= h.bytes;
             }
         }
     }
@@ -220,7 +260,7 @@ impl Storage for MemoryStorage {
             let record = if sid.is_empty() {
                 registry.next().cloned()
             } else {
-                inner.sessions.get(sid).and_then(|h| h.records.iter().find(|r| r.seq == *seq)).cloned()
+                inner.sessions.get(sid).and_then(|h| h.records().find(|r| r.seq == *seq))
             };
             let record = record.ok_or(StorageError::Damaged {
                 place: format!("record {i}"),
@@ -306,12 +346,12 @@ impl StorageRead for MemoryReader {
     fn history(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Record>, StorageError> {
         let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
         let Some(h) = inner.sessions.get(session_id) else { return Ok(Vec::new()) };
-        Ok(h.records.iter().filter(|r| r.seq > after && r.seq <= upto).cloned().collect())
+        Ok(h.records().filter(|r| r.seq > after && r.seq <= upto).collect())
     }
 
     fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
         let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
-        Ok(inner.sessions.get(session_id).and_then(|h| h.summary.clone()))
+        Ok(inner.sessions.get(session_id).and_then(History::summary))
     }
 
     fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
@@ -324,7 +364,7 @@ impl StorageRead for MemoryReader {
         Ok(inner
             .sessions
             .range::<str, _>((lower, Bound::Unbounded))
-            .filter_map(|(_, h)| h.summary.clone())
+            .filter_map(|(_, h)| h.summary())
             .take(limit)
             .collect())
     }
