@@ -13,7 +13,10 @@
 //! * an input that persisted nothing (a rejection, a duplicate, a signal,
 //!   an idle tick) left the kernel byte-for-byte unchanged;
 //! * no record is ever persisted for a session already in a terminal state,
-//!   and a terminal session never changes state again;
+//!   and a terminal session never changes state again, nor comes back into
+//!   the working set (ended sessions are looked up in an [`EndedStore`], as
+//!   the server looks them up in storage, so a restart that empties the
+//!   kernel's ended-session cache forgets nothing);
 //! * a resolved session has exactly one resolution, which never changes;
 //! * every record survives its protobuf encoding unchanged;
 //! * at the end, replaying every persisted record onto the starting state
@@ -22,15 +25,44 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use macp_kernel::macp_wire::storage::{record::Fact, Record};
+use macp_kernel::macp_wire::storage::{record::Fact, Record, SessionSummary};
 use macp_kernel::macp_wire::v1::SessionState;
-use macp_kernel::{record, Effect, Input, Kernel, Reply};
+use macp_kernel::{record, Effect, EndedSessions, Input, KResult, Kernel, Reply};
 
 use crate::base;
+
+/// What storage holds of ended sessions: the summary of every [`Effect::Ended`]
+/// the checked kernel emitted (retention forever). The kernel consults it
+/// the way the server's kernel consults storage, for sessions its cache no
+/// longer holds — after a restart from a checkpoint, none.
+#[derive(Default)]
+pub struct EndedStore(BTreeMap<String, SessionSummary>);
+
+impl EndedStore {
+    fn state(&self, sid: &str) -> Option<SessionState> {
+        let m = self.0.get(sid)?.metadata.as_ref()?;
+        SessionState::try_from(m.state).ok()
+    }
+}
+
+impl EndedSessions for EndedStore {
+    fn get(&self, session_id: &str) -> KResult<Option<SessionSummary>> {
+        Ok(self.0.get(session_id).cloned())
+    }
+
+    fn list(&self, after: Option<&str>, limit: usize) -> KResult<Vec<SessionSummary>> {
+        let from = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(self.0.range((from, std::ops::Bound::Unbounded)).take(limit).map(|(_, s)| s.clone()).collect())
+    }
+}
 
 /// A kernel under invariant checks, with its own clock.
 pub struct Checked {
     kernel: Kernel,
+    ended_store: EndedStore,
     start: Vec<u8>,
     records: Vec<Record>,
     terminal: BTreeMap<String, SessionState>,
@@ -54,6 +86,7 @@ impl Checked {
     pub fn new(kernel: Kernel, start: Vec<u8>, now: i64) -> Self {
         Checked {
             kernel,
+            ended_store: EndedStore::default(),
             current: Some(start.clone()),
             start,
             records: Vec::new(),
@@ -86,7 +119,8 @@ impl Checked {
             Input::Tick => (None, None),
         };
         let before = self.current.take().unwrap_or_else(|| self.kernel.snapshot());
-        let effects = self.kernel.handle(self.now, input);
+        let mut effects = Vec::new();
+        self.kernel.handle_with(self.now, input, &self.ended_store, &mut effects);
 
         // Order: Persist* Reply? Broadcast*.
         let mut phase = 0;
@@ -112,6 +146,7 @@ impl Checked {
                         "Ended for {sid} without a record of that session before it: {effects:#?}"
                     );
                     ended.push(sid.to_string());
+                    self.ended_store.0.insert(sid.to_string(), (**summary).clone());
                 }
                 Effect::Broadcast(_) => phase = 2,
             }
@@ -238,7 +273,8 @@ impl Checked {
     /// record rebuilds the live kernel, and so does its checkpoint.
     pub fn finish(self) {
         for (sid, state) in &self.terminal {
-            let now = self.kernel.session_state(sid);
+            assert!(self.kernel.session(sid).is_none(), "terminal session {sid} is back in the working set");
+            let now = self.kernel.session_state(sid).or_else(|| self.ended_store.state(sid));
             assert_eq!(now, Some(*state), "terminal session {sid} changed state");
         }
         if self.records.is_empty() && self.current.as_ref() == Some(&self.start) {

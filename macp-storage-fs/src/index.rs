@@ -114,8 +114,28 @@ pub(crate) type SegDeltas = BTreeMap<u64, i64>;
 
 /// The open index database.
 pub(crate) struct Index {
-    db: Database,
+    /// Always `Some` until the index is dropped: [`Drop`] takes it out to
+    /// close it under the panic guard.
+    db: Option<Database>,
     size: Arc<AtomicU64>,
+}
+
+/// Closing the database runs redb code that reads its file (a damaged file
+/// can make it panic, as any other call into redb can), so the close runs
+/// under the same guard and its error, having nowhere to go, is dropped: the
+/// call that wrote the index has already reported whether it was durable.
+/// While the thread is already unwinding, a second panic would abort the
+/// process, so the database is then leaked instead of closed (its pages stay
+/// as the last commit left them, which is what the next open recovers from).
+impl Drop for Index {
+    fn drop(&mut self) {
+        let Some(db) = self.db.take() else { return };
+        if std::thread::panicking() {
+            std::mem::forget(db);
+        } else {
+            let _ = guarded("close", move || db.close().map_err(ix("close")));
+        }
+    }
 }
 
 impl fmt::Debug for Index {
@@ -253,10 +273,10 @@ impl Index {
         let backend = VfsBackend { file, size: size.clone() };
         guarded("open", || {
             let db = Builder::new().set_cache_size(cache_bytes).create_with_backend(backend).map_err(ix("open"))?;
-            let index = Index { db, size };
+            let index = Index { db: Some(db), size };
             // Create the tables once, so readers never meet a missing one.
             let fresh = {
-                let r = index.db.begin_read().map_err(ix("read"))?;
+                let r = index.db().begin_read().map_err(ix("read"))?;
                 r.open_table(META).is_err()
             };
             if fresh {
@@ -271,13 +291,17 @@ impl Index {
         })
     }
 
+    fn db(&self) -> &Database {
+        self.db.as_ref().expect("the index database is present until the index is dropped")
+    }
+
     /// Bytes of the index file.
     pub fn bytes(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
 
     fn begin(&self, durability: Durability) -> Result<redb::WriteTransaction, StorageError> {
-        let mut txn = self.db.begin_write().map_err(ix("begin write"))?;
+        let mut txn = self.db().begin_write().map_err(ix("begin write"))?;
         txn.set_durability(durability).map_err(ix("set durability"))?;
         txn.set_quick_repair(true);
         Ok(txn)
@@ -286,7 +310,7 @@ impl Index {
     /// The stored entry of `sid`: its summary and locations.
     pub fn get(&self, sid: &str) -> Result<Option<(SessionSummary, Vec<Loc>)>, StorageError> {
         guarded("get", || {
-            let r = self.db.begin_read().map_err(ix("read"))?;
+            let r = self.db().begin_read().map_err(ix("read"))?;
             let t = r.open_table(ENDED).map_err(ix("open table"))?;
             let Some(g) = t.get(sid).map_err(ix("get"))? else { return Ok(None) };
             let e = decode_entry(g.value()).map_err(|why| damaged_entry(sid, why))?;
@@ -297,7 +321,7 @@ impl Index {
     /// Up to `limit` summaries in id order after `after`.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
         guarded("list", || {
-            let r = self.db.begin_read().map_err(ix("read"))?;
+            let r = self.db().begin_read().map_err(ix("read"))?;
             let t = r.open_table(ENDED).map_err(ix("open table"))?;
             let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
             let mut out = Vec::new();
@@ -428,7 +452,7 @@ impl Index {
     /// Segments ever retired.
     pub fn retired_segments(&self) -> Result<u64, StorageError> {
         guarded("read", || {
-            let r = self.db.begin_read().map_err(ix("read"))?;
+            let r = self.db().begin_read().map_err(ix("read"))?;
             let t = r.open_table(META).map_err(ix("open table"))?;
             Ok(t.get(META_RETIRED).map_err(ix("get"))?.map_or(0, |g| g.value()))
         })
@@ -438,7 +462,7 @@ impl Index {
     /// one row per segment, not per session).
     pub fn segment_counts(&self) -> Result<BTreeMap<u64, u64>, StorageError> {
         guarded("read", || {
-            let r = self.db.begin_read().map_err(ix("read"))?;
+            let r = self.db().begin_read().map_err(ix("read"))?;
             let t = r.open_table(SEGMENTS).map_err(ix("open table"))?;
             let mut out = BTreeMap::new();
             for item in t.iter().map_err(ix("range"))? {
