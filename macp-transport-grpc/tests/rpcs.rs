@@ -44,7 +44,7 @@ async fn row_01_initialize_selects_version() {
     assert!(r.supported_modes.contains(&DECISION.to_string()));
     let caps = r.capabilities.unwrap();
     assert!(caps.sessions.unwrap().stream);
-    assert!(!caps.policy_registry.unwrap().what_if_replay, "only what works is advertised");
+    assert!(caps.policy_registry.unwrap().what_if_replay, "WhatIfReplay is implemented (tests/what_if_replay.rs)");
     assert!(caps.decision_receipt.is_none());
 }
 
@@ -599,7 +599,6 @@ async fn roots_and_unimplemented_rpcs() {
     assert!(c.list_roots(ListRootsRequest {}).await.unwrap().into_inner().roots.is_empty());
     let mut w = c.watch_roots(WatchRootsRequest {}).await.unwrap().into_inner();
     assert!(next(&mut w).await.change.is_some());
-    assert_eq!(c.what_if_replay(WhatIfReplayRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
     assert_eq!(
         c.get_decision_receipt(GetDecisionReceiptRequest::default()).await.unwrap_err().code(),
         Code::Unimplemented
