@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use macp_kernel::macp_wire::modes::decision::{EvaluationPayload, ObjectionPayload, ProposalPayload, VotePayload};
-use macp_kernel::macp_wire::storage::{record::Fact, Record};
+use macp_kernel::macp_wire::storage::{record::Fact, Record, SessionStarted};
 use macp_kernel::macp_wire::v1::{
     what_if_entry_outcome::Kind, PolicyDescriptor, SessionState, WhatIfEntryOutcome, WhatIfReplayResponse,
 };
@@ -38,6 +38,16 @@ fn unanimous(id: &str) -> PolicyDescriptor {
 /// The stored records of one session, in order.
 fn history(h: &H, sid: &str) -> Vec<Record> {
     h.records().into_iter().filter(|r| r.session_id == sid).collect()
+}
+
+/// The stored records of one session with its SessionStart record edited.
+fn history_with_start(h: &H, sid: &str, edit: impl FnOnce(&mut SessionStarted)) -> Vec<Record> {
+    let mut records = history(h, sid);
+    match &mut records[0].fact {
+        Some(Fact::Started(st)) => edit(st),
+        other => panic!("first record is not a SessionStart: {other:?}"),
+    }
+    records
 }
 
 fn replay(h: &H, sid: &str, candidate: &PolicyDescriptor) -> KResult<WhatIfReplayResponse> {
@@ -166,10 +176,7 @@ fn a_candidate_that_refuses_the_start_leaves_no_session() {
     // A recorded SessionStart that no policy can replay (its mode left the
     // registry): after the refused SessionStart every entry is NO_SESSION,
     // in both runs.
-    let mut records = history(&h, &sid);
-    if let Some(Fact::Started(st)) = &mut records[0].fact {
-        st.canonical_mode = "ext.gone.v1".into();
-    }
+    let records = history_with_start(&h, &sid, |st| st.canonical_mode = "ext.gone.v1".into());
     let cand = PolicyDescriptor { mode: "*".into(), ..default_policy() };
     let r = what_if::replay(&records, 5, &cand, h.k.modes(), "macp-runtime").unwrap();
     assert_eq!(kind(&r.entries[0].candidate), Kind::Refused);
@@ -327,10 +334,7 @@ fn default_policy_id_is_reported_for_an_unbound_start() {
     // default policy id.
     let mut h = H::new();
     let sid = split_vote_session(&mut h);
-    let mut records = history(&h, &sid);
-    if let Some(Fact::Started(st)) = &mut records[0].fact {
-        st.policy = None;
-    }
+    let records = history_with_start(&h, &sid, |st| st.policy = None);
     let r = what_if::replay(&records, 5, &default_policy(), h.k.modes(), "macp-runtime").unwrap();
     assert_eq!(r.recorded_policy_id, DEFAULT_POLICY_ID);
 }

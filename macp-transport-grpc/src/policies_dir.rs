@@ -78,6 +78,8 @@ pub struct FilePolicy {
 }
 
 /// Reads and validates every `*.json` file of `dir`, in file-name order.
+/// Runs before storage is opened, so a bad file stops the start having
+/// changed nothing; the server then records the result (see [`plan`]).
 pub fn load(dir: &Path) -> Result<Vec<FilePolicy>, PolicyFileError> {
     let at = |path: &Path, reason: String| PolicyFileError { path: path.to_path_buf(), reason };
     let entries = std::fs::read_dir(dir).map_err(|e| at(dir, format!("cannot list the policies directory: {e}")))?;
@@ -111,7 +113,7 @@ pub fn load(dir: &Path) -> Result<Vec<FilePolicy>, PolicyFileError> {
 }
 
 /// Parses one policy file (see the module docs for the format).
-pub fn parse(text: &str) -> Result<PolicyDescriptor, String> {
+fn parse(text: &str) -> Result<PolicyDescriptor, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let Value::Object(fields) = value else {
         return Err("a policy file holds one JSON object (a PolicyDescriptor)".into());

@@ -90,13 +90,7 @@ async fn file_policies_are_listed_enforced_and_read_only() {
 
     let ids = policy_ids(i.list_policies(ListPoliciesRequest::default()).await.unwrap().into_inner());
     assert_eq!(ids, ["policy.default", "policy.team.unanimous", "policy.team.vote"]);
-    let d = i
-        .get_policy(GetPolicyRequest { policy_id: "policy.team.unanimous".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .policy_descriptor
-        .unwrap();
+    let d = get_policy(&mut i, "policy.team.unanimous").await;
     assert_eq!((d.mode.as_str(), d.schema_version), (DECISION, 3));
     assert_eq!(d.rules, r#"{"voting":{"algorithm":"unanimous"}}"#);
 

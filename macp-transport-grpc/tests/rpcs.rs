@@ -555,13 +555,7 @@ async fn policy_rpcs() {
     let mut watch = c.watch_policies(WatchPoliciesRequest {}).await.unwrap().into_inner();
     let initial = next(&mut watch).await.descriptors;
     assert!(initial.iter().any(|d| d.policy_id == "policy.default"));
-    let d = c
-        .get_policy(GetPolicyRequest { policy_id: "policy.default".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .policy_descriptor
-        .unwrap();
+    let d = get_policy(&mut c, "policy.default").await;
     assert_eq!(d.mode, "*");
     let p = PolicyDescriptor {
         policy_id: "policy.team.majority".into(),

@@ -104,13 +104,7 @@ async fn a_stricter_candidate_diverges_at_the_commitment_and_nothing_changes() {
     assert!(candidate.resolution.is_empty());
 
     // The recorded policy itself: no divergence.
-    let default = i
-        .get_policy(GetPolicyRequest { policy_id: "policy.default".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .policy_descriptor
-        .unwrap();
+    let default = get_policy(&mut i, "policy.default").await;
     let r = i.what_if_replay(request(&s, default)).await.unwrap().into_inner();
     assert_eq!(r.first_divergence, None);
     assert!(r.denials.is_empty());
