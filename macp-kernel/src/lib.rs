@@ -50,6 +50,7 @@ pub mod record;
 pub mod session;
 mod state;
 pub mod validate;
+pub mod what_if;
 
 pub use config::{KernelConfig, SessionIdPolicy};
 pub use error::{ErrorCode, KResult, KernelError};

@@ -177,6 +177,13 @@ pub struct Config {
     #[arg(long, env = "MACP_MEMORY_HISTORY_LIMIT", default_value = "256MiB")]
     pub memory_history_limit: ByteSize,
 
+    /// Directory of governance policies, one `*.json` PolicyDescriptor per
+    /// file, loaded at start; the policy registry is then read-only
+    /// (RegisterPolicy and UnregisterPolicy are refused), so policies are
+    /// changed by changing the files and restarting.
+    #[arg(long, env = "MACP_POLICIES_DIR")]
+    pub policies_dir: Option<PathBuf>,
+
     /// The retention in effect (resolved from the two retention settings).
     #[arg(skip)]
     pub retention: Retention,

@@ -23,6 +23,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use macp_kernel::mode::ModeRegistry;
 use macp_kernel::{Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
 use macp_pipeline::{recover, CheckpointPolicy, Pipeline, RecoverOptions, RecoveryError, RecoveryReport, Release};
 use macp_storage::{Storage, StorageError, StorageRead};
@@ -40,6 +41,20 @@ pub struct Subscription {
     pub upto: u64,
     /// Where to read the replay from.
     pub history: Arc<dyn StorageRead>,
+}
+
+/// What a caller needs to read one session's history away from the
+/// driver: where its stored records end, a reader of the storage that
+/// holds them, and the mode registry the records were accepted under.
+pub struct HistoryAccess {
+    /// Sequence number of the session's last record at the time of asking
+    /// (durable: asked after the batch in flight).
+    pub upto: u64,
+    /// Where to read the records from.
+    pub history: Arc<dyn StorageRead>,
+    /// The kernel's mode registry then (a session's mode may be an
+    /// extension, which a replay must know).
+    pub modes: ModeRegistry,
 }
 
 /// A stream binding made while handling an envelope frame.
@@ -77,6 +92,17 @@ pub enum Command {
         /// The outcome.
         reply: SubscribeReply,
     },
+    /// Read access to a session's stored history, for work done off the
+    /// driver (WhatIfReplay): the same access rule as passive subscribe,
+    /// without a live feed.
+    History {
+        /// Who asks.
+        identity: Identity,
+        /// Which session.
+        session_id: String,
+        /// The outcome.
+        reply: oneshot::Sender<Result<HistoryAccess, KernelError>>,
+    },
     /// Write a checkpoint now (tests, operators).
     Checkpoint,
     /// Finish the current batch, sync, checkpoint and stop, even if some
@@ -90,6 +116,7 @@ enum Asked {
     Answer(oneshot::Sender<Answer>),
     Bind { tx: oneshot::Sender<Option<Binding>>, session_id: String, from: u64 },
     Subscribe { tx: SubscribeReply, session_id: String },
+    History(oneshot::Sender<Result<HistoryAccess, KernelError>>),
 }
 
 type Pipe = Pipeline<oneshot::Sender<Reply>, Asked>;
@@ -181,6 +208,39 @@ impl Driver {
         self.pipeline.kernel().session_count()
     }
 
+    /// The policy registry as recovered (start-up configuration compares
+    /// it with the policies directory).
+    pub fn policies(&self) -> Vec<macp_wire::v1::PolicyDescriptor> {
+        self.pipeline.kernel().policies().all().cloned().collect()
+    }
+
+    /// Runs inputs through the kernel and makes their records durable
+    /// before the driver serves anything: start-up configuration that is
+    /// recorded like any other change (the policies directory), so a
+    /// restart replays it and checkpoints hold it. Returns the replies in
+    /// input order; on a storage failure every reply is an error, as for a
+    /// batch of requests.
+    pub fn apply_before_serving(&mut self, inputs: Vec<Input>) -> Result<Vec<Reply>, DriverError> {
+        let now = now_ms();
+        let mut waiting = Vec::with_capacity(inputs.len());
+        for mut input in inputs {
+            self.next_request += 1;
+            set_request(&mut input, self.next_request);
+            let (tx, rx) = oneshot::channel();
+            self.pipeline.submit(now, input, tx);
+            waiting.push(rx);
+        }
+        self.commit()?;
+        Ok(waiting
+            .into_iter()
+            .map(|mut rx| {
+                rx.try_recv().unwrap_or_else(|_| {
+                    Reply::Registry(Err(KernelError::new(ErrorCode::InternalError, "the input was not answered")))
+                })
+            })
+            .collect())
+    }
+
     /// Access to the hub's watch channels (before the task starts).
     pub fn hub(&self) -> &Hub {
         &self.hub
@@ -260,6 +320,9 @@ impl Driver {
                 Command::Subscribe { identity, session_id, reply } => {
                     let q = Query::Subscribe { identity, session_id: session_id.clone() };
                     self.pipeline.ask(q, Asked::Subscribe { tx: reply, session_id });
+                }
+                Command::History { identity, session_id, reply } => {
+                    self.pipeline.ask(Query::Subscribe { identity, session_id }, Asked::History(reply));
                 }
                 Command::Checkpoint => checkpoint = true,
                 Command::Shutdown => stop = true,
@@ -361,6 +424,18 @@ impl Driver {
                         }),
                         Answer::Subscription(Err(e)) => Err(e),
                         _ => Err(KernelError::new(ErrorCode::InternalError, "a subscription got an unexpected answer")),
+                    };
+                    let _ = tx.send(outcome);
+                }
+                Asked::History(tx) => {
+                    let outcome = match answer {
+                        Answer::Subscription(Ok(p)) => Ok(HistoryAccess {
+                            upto: p.upto,
+                            history: self.pipeline.reader().clone(),
+                            modes: self.pipeline.kernel().modes().clone(),
+                        }),
+                        Answer::Subscription(Err(e)) => Err(e),
+                        _ => Err(KernelError::new(ErrorCode::InternalError, "a history read got an unexpected answer")),
                     };
                     let _ = tx.send(outcome);
                 }

@@ -43,6 +43,9 @@ pub enum StartError {
     /// The JWT key configuration was refused.
     #[error("JWT keys: {0}")]
     Jwks(#[from] JwksError),
+    /// A file of the policies directory was refused (its path and why).
+    #[error("MACP_POLICIES_DIR: {0}")]
+    Policies(#[from] crate::policies_dir::PolicyFileError),
     /// Storage could not be opened or recovered.
     #[error("storage: {0}")]
     Storage(String),
@@ -175,6 +178,8 @@ pub async fn serve(
             return Ok(());
         }
     };
+    // Before storage is touched: a bad policy file changes nothing.
+    let file_policies = cfg.policies_dir.as_deref().map(crate::policies_dir::load).transpose()?;
     let started = Instant::now();
     info!("recovering storage: {}", storage_label(&cfg));
     let cancelled = Arc::new(AtomicBool::new(false));
@@ -210,7 +215,7 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let (driver, tx, report) = match recovered {
+    let (mut driver, tx, report) = match recovered {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(StartError::Storage(e.to_string())),
         Err(e) => return Err(StartError::Storage(format!("the recovery task failed: {e}"))),
@@ -219,6 +224,10 @@ pub async fn serve(
         info!("recovered in {:.2?}: {report}", started.elapsed());
     } else {
         warn!("recovered in {:.2?} WITH DAMAGE: {report}", started.elapsed());
+    }
+    if let (Some(policies), Some(dir)) = (&file_policies, &cfg.policies_dir) {
+        sync_policies(&mut driver, policies, &kcfg.runtime_id)?;
+        info!("policy registry: read-only, {} policy file(s) from {}", policies.len(), dir.display());
     }
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
@@ -237,7 +246,9 @@ pub async fn serve(
     let mut driver_task = tokio::spawn(driver.run());
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
     let driver_tx = tx.clone();
-    let runtime = Runtime::new(tx, auth, limits, watch, kcfg).with_max_reply_bytes(cfg.max_grpc_message_bytes);
+    let runtime = Runtime::new(tx, auth, limits, watch, kcfg)
+        .with_max_reply_bytes(cfg.max_grpc_message_bytes)
+        .with_read_only_policies(cfg.policies_dir.is_some());
     // Forget senders whose budgets refilled, so the limiter's memory stays
     // bounded by the senders active in the last few seconds. A budget
     // refills within seconds of a sender's last message (a cell is a
@@ -326,6 +337,46 @@ pub async fn serve(
         Err(e) => return Err(StartError::Storage(format!("the driver task failed: {e}"))),
     }
     info!("shutdown complete");
+    Ok(())
+}
+
+/// Records the registry changes that make the recovered policy registry
+/// equal the policies directory (see [`crate::policies_dir`]); nothing when
+/// they already agree. A change the kernel refuses (for example a policy
+/// whose mode is an extension with its own rule schema) stops the start
+/// with the file it came from.
+fn sync_policies(
+    driver: &mut Driver,
+    policies: &[crate::policies_dir::FilePolicy],
+    operator: &str,
+) -> Result<(), StartError> {
+    let inputs = crate::policies_dir::plan(&driver.policies(), policies, &macp_kernel::Identity::new(operator));
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = inputs
+        .iter()
+        .map(|i| match i {
+            macp_kernel::Input::RegisterPolicy { descriptor, .. } => descriptor.policy_id.clone(),
+            macp_kernel::Input::UnregisterPolicy { policy_id, .. } => policy_id.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    let replies = driver.apply_before_serving(inputs).map_err(|e| StartError::Storage(e.to_string()))?;
+    for (id, reply) in ids.iter().zip(&replies) {
+        if let Some(e) = reply.error() {
+            let path = policies.iter().find(|p| p.descriptor.policy_id == *id).map(|p| p.path.clone());
+            return Err(match path {
+                Some(path) => {
+                    StartError::Policies(crate::policies_dir::PolicyFileError { path, reason: e.to_string() })
+                }
+                None => {
+                    StartError::Storage(format!("unregistering policy '{id}' (not in the policies directory): {e}"))
+                }
+            });
+        }
+    }
+    info!("policy registry synced with the policies directory: {} change(s) recorded", replies.len());
     Ok(())
 }
 

@@ -44,7 +44,7 @@ async fn row_01_initialize_selects_version() {
     assert!(r.supported_modes.contains(&DECISION.to_string()));
     let caps = r.capabilities.unwrap();
     assert!(caps.sessions.unwrap().stream);
-    assert!(!caps.policy_registry.unwrap().what_if_replay, "only what works is advertised");
+    assert!(caps.policy_registry.unwrap().what_if_replay, "WhatIfReplay is implemented (tests/what_if_replay.rs)");
     assert!(caps.decision_receipt.is_none());
 }
 
@@ -555,13 +555,7 @@ async fn policy_rpcs() {
     let mut watch = c.watch_policies(WatchPoliciesRequest {}).await.unwrap().into_inner();
     let initial = next(&mut watch).await.descriptors;
     assert!(initial.iter().any(|d| d.policy_id == "policy.default"));
-    let d = c
-        .get_policy(GetPolicyRequest { policy_id: "policy.default".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .policy_descriptor
-        .unwrap();
+    let d = get_policy(&mut c, "policy.default").await;
     assert_eq!(d.mode, "*");
     let p = PolicyDescriptor {
         policy_id: "policy.team.majority".into(),
@@ -599,7 +593,6 @@ async fn roots_and_unimplemented_rpcs() {
     assert!(c.list_roots(ListRootsRequest {}).await.unwrap().into_inner().roots.is_empty());
     let mut w = c.watch_roots(WatchRootsRequest {}).await.unwrap().into_inner();
     assert!(next(&mut w).await.change.is_some());
-    assert_eq!(c.what_if_replay(WhatIfReplayRequest::default()).await.unwrap_err().code(), Code::Unimplemented);
     assert_eq!(
         c.get_decision_receipt(GetDecisionReceiptRequest::default()).await.unwrap_err().code(),
         Code::Unimplemented

@@ -18,6 +18,13 @@ from macp_sdk import AuthConfig, MacpClient, MacpStream
 TIMEOUT = float(os.environ.get("MACP_INTEROP_TIMEOUT", "10"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "readonly: needs a runtime started with --policies-dir tests/interop/policies (run.sh's readonly pass)",
+    )
+
+
 @pytest.fixture(scope="session")
 def target() -> str:
     value = os.environ.get("MACP_INTEROP_TARGET")

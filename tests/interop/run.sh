@@ -14,9 +14,13 @@
 # Needs only the Rust toolchain, python3 (with venv) and network access to
 # PyPI the first time. Exits non-zero if anything fails.
 #
+# A third pass ("readonly") starts the server with --memory-only and
+# --policies-dir tests/interop/policies and runs only the tests marked
+# `readonly` (the read-only policy registry); the other passes run all others.
+#
 # Environment: PYTHON (default python3), MACP_INTEROP_BACKENDS (default
-# "memory fs"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default 10),
-# extra pytest arguments are passed through ("$@").
+# "memory fs readonly"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default
+# 10), extra pytest arguments are passed through ("$@").
 set -euo pipefail
 
 SDK_VERSION=0.22.0
@@ -26,7 +30,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 VENV="$TARGET_DIR/interop-venv"
 PYTHON="${PYTHON:-python3}"
-BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs}"
+BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs readonly}"
 
 log() { printf '== interop: %s\n' "$*"; }
 
@@ -132,16 +136,17 @@ start_server() {
 failed=0
 for backend in $BACKENDS; do
     case "$backend" in
-        memory) flags=(--memory-only) ;;
-        fs) mkdir -p "$WORK/data"; flags=(--data-dir "$WORK/data") ;;
-        *) echo "interop: unknown backend '$backend' (memory, fs)" >&2; exit 2 ;;
+        memory) flags=(--memory-only); select=(-m "not readonly") ;;
+        fs) mkdir -p "$WORK/data"; flags=(--data-dir "$WORK/data"); select=(-m "not readonly") ;;
+        readonly) flags=(--memory-only --policies-dir "$ROOT/tests/interop/policies"); select=(-m readonly) ;;
+        *) echo "interop: unknown backend '$backend' (memory, fs, readonly)" >&2; exit 2 ;;
     esac
     logf="$WORK/server-$backend.log"
     start_server "$logf" "${flags[@]}"
     log "backend $backend: macp-runtime pid $SERVER_PID on 127.0.0.1:$PORT; macp-sdk-python $SDK_VERSION"
     start=$(date +%s)
     if MACP_INTEROP_TARGET="127.0.0.1:$PORT" PYTHONDONTWRITEBYTECODE=1 \
-        "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfExX "$ROOT/tests/interop" "$@"; then
+        "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfExX "${select[@]}" "$ROOT/tests/interop" "$@"; then
         log "backend $backend: passed in $(($(date +%s) - start)) s"
     else
         failed=1

@@ -603,6 +603,117 @@ def test_policy_schema_version_3(agent):
     assert ack.ok
 
 
+def _decision_policy(label: str, **kwargs):
+    """`build_decision_policy` with a fresh id; every other argument is the
+    builder's default unless given."""
+    import uuid
+
+    from macp_sdk.policy import build_decision_policy
+
+    return build_decision_policy(
+        f"policy.interop.{label}.{uuid.uuid4().hex[:12]}", f"{label}, from the SDK's policy builder", **kwargs
+    )
+
+
+def _split_vote(coord, alice, bob, policy_id: str) -> DecisionSession:
+    """A Decision session bound to `policy_id`: the coordinator proposes,
+    alice approves, bob rejects (history entries 0-3)."""
+    s = DecisionSession(coord, policy_version=policy_id)
+    s.start(intent="x", participants=["coordinator", "alice", "bob"], ttl_ms=TTL_MS)
+    s.propose("p1", "ship it")
+    DecisionSession(alice, session_id=s.session_id, policy_version=policy_id).vote("p1", "APPROVE")
+    DecisionSession(bob, session_id=s.session_id, policy_version=policy_id).vote("p1", "REJECT")
+    return s
+
+
+def test_default_decision_policy_and_what_if_replay(agent):
+    """`build_decision_policy()` with every default (schema_version 3, no
+    voting algorithm, initiator-only commitment) registers and is enforced;
+    then the SDK's `what_if_replay` on the resolved session: a stricter
+    (unanimous) candidate diverges at the Commitment with a structured
+    POLICY_DENIED, the recorded policy shows no divergence, and nothing is
+    registered."""
+    from macp.v1 import policy_pb2
+    from macp_sdk.errors import parse_error_details
+    from macp_sdk.policy import VotingRules
+
+    coord, alice, bob = agent("coordinator"), agent("alice"), agent("bob")
+    init = coord.initialize()
+    assert init.capabilities.policy_registry.what_if_replay
+    policy = _decision_policy("defaults")
+    assert policy.schema_version == 3
+    reg = coord.register_policy(policy)
+    assert reg.ok, reg.error
+    s = _split_vote(coord, alice, bob, policy.policy_id)
+    with pytest.raises(MacpAckError) as e:
+        DecisionSession(alice, session_id=s.session_id, policy_version=policy.policy_id).commit(
+            action="decision.selected", authority_scope="x", reason="not alice's call"
+        )
+    assert e.value.failure.code == "FORBIDDEN", "commitment.authority initiator_only is enforced"
+    ack = s.commit(action="decision.selected", authority_scope="x", reason="the initiator decides")
+    assert ack.ok and ack.session_state == RESOLVED
+    assert coord.get_session(s.session_id).metadata.policy_version == policy.policy_id
+
+    Kind = policy_pb2.WhatIfEntryOutcome
+    stricter = _decision_policy("unanimous", voting=VotingRules(algorithm="unanimous"))
+    r = bob.what_if_replay(s.session_id, stricter)
+    assert (r.recorded_policy_id, r.candidate_policy_id) == (policy.policy_id, stricter.policy_id)
+    assert [e.message_type for e in r.entries] == ["SessionStart", "Proposal", "Vote", "Vote", "Commitment"]
+    assert r.HasField("first_divergence") and r.first_divergence == 4
+    commit = r.entries[4]
+    assert commit.recorded.kind == Kind.KIND_APPLIED and commit.recorded.state == RESOLVED
+    assert commit.candidate.kind == Kind.KIND_REFUSED and commit.candidate.error_code == "POLICY_DENIED"
+    assert [d.code for d in parse_error_details(commit.candidate.details).denials] == ["threshold_not_met"]
+    assert [(d.history_index, d.message_id) for d in r.denials] == [(4, commit.message_id)]
+    assert r.recorded.state == RESOLVED and r.recorded.resolved_by_message_id == commit.message_id
+    assert r.candidate.state == OPEN and not r.candidate.resolution
+
+    recorded = coord.get_policy(policy.policy_id).policy_descriptor
+    r = coord.what_if_replay(s.session_id, recorded)
+    assert not r.HasField("first_divergence")
+    assert not r.denials
+    assert all(e.recorded == e.candidate for e in r.entries)
+    assert r.candidate.state == RESOLVED
+
+    listed = {d.policy_id for d in coord.list_policies().descriptors}
+    assert policy.policy_id in listed and stricter.policy_id not in listed, "a candidate is never registered"
+    with pytest.raises(MacpTransportError) as e:
+        agent("outsider").what_if_replay(s.session_id, stricter)
+    assert e.value.macp_code == "FORBIDDEN"
+
+
+READONLY_POLICY_ID = "policy.interop.files.unanimous"  # tests/interop/policies/unanimous.json
+
+
+@pytest.mark.readonly
+def test_read_only_registry(agent):
+    """A runtime started with a policies directory serves the file's policy,
+    enforces it, advertises register_policy = false, and refuses the SDK's
+    `register_policy` and `unregister_policy` with REGISTRY_READ_ONLY."""
+    from macp_sdk import REGISTRY_READ_ONLY
+
+    coord, alice, bob = agent("coordinator"), agent("alice"), agent("bob")
+    caps = coord.initialize().capabilities.policy_registry
+    assert not caps.register_policy and caps.list_policies
+    assert READONLY_POLICY_ID in {d.policy_id for d in coord.list_policies().descriptors}
+    assert coord.get_policy(READONLY_POLICY_ID).policy_descriptor.schema_version == 3
+
+    with pytest.raises(MacpAckError) as e:
+        coord.register_policy(_decision_policy("adhoc"))
+    assert e.value.failure.code == "FAILED_PRECONDITION"
+    assert e.value.macp_code == REGISTRY_READ_ONLY
+    with pytest.raises(MacpAckError) as e:
+        coord.unregister_policy(READONLY_POLICY_ID)
+    assert e.value.failure.code == "FAILED_PRECONDITION"
+    assert e.value.macp_code == REGISTRY_READ_ONLY
+    assert READONLY_POLICY_ID in {d.policy_id for d in coord.list_policies().descriptors}
+
+    s = _split_vote(coord, alice, bob, READONLY_POLICY_ID)
+    with pytest.raises(MacpAckError) as e:
+        s.commit(action="decision.selected", authority_scope="x", reason="split vote")
+    assert [d.code for d in e.value.denials] == ["threshold_not_met"], "the file's unanimity is enforced"
+
+
 def test_agent_framework(agent):
     """The SDK's agent loop (macp_sdk.agent.Participant): three agents in
     threads, each following the session over its own subscribe stream and

@@ -26,7 +26,10 @@
 //!   event is broadcast per session;
 //! * **nothing accepted after a terminal state**: no durable record follows
 //!   a session's terminal record, and every accepted envelope is covered by
-//!   a record.
+//!   a record;
+//! * **what-if replay agrees**: every ended session's stored history,
+//!   replayed by WhatIfReplay under the policy it was recorded under,
+//!   applies every entry, never diverges and ends as storage says.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -417,6 +420,7 @@ impl Oracle {
                             self.histories.get(sid).map_or(0, Vec::len)
                         )));
                     }
+                    self.check_what_if(sid, &history, &s, kernel)?;
                 }
                 Some(s) => return Err(bad(format!("session {sid} reads back as {s:?}, expected {expected:?}"))),
                 None if self.may_be_deleted(sid) => {
@@ -460,6 +464,45 @@ impl Oracle {
         for m in kernel.all_sessions() {
             if ended.contains(&m.session_id) {
                 return Err(bad(format!("session {} is both open and ended", m.session_id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// WhatIfReplay of an ended session's stored history under the policy
+    /// it was recorded under (`macp_kernel::what_if`) must agree with the
+    /// recording: every entry applied, no divergence, no denial, and the
+    /// final state and resolution storage keeps for the session.
+    fn check_what_if(
+        &self,
+        sid: &str,
+        history: &[Record],
+        summary: &SessionSummary,
+        kernel: &Kernel,
+    ) -> Result<(), Violation> {
+        let bad = |d: String| violation("what-if-replay-agrees", format!("session {sid}: {d}"));
+        let recorded = match history.first().map(|r| &r.fact) {
+            Some(Some(Fact::Started(st))) => st.policy.clone().unwrap_or_else(macp_kernel::policy::default_policy),
+            _ => return Err(bad("the stored history does not start with a SessionStart".into())),
+        };
+        let last = history.last().map_or(0, |r| r.seq);
+        let r = macp_kernel::what_if::replay(history, last, &recorded, kernel.modes(), &self.config.runtime_id)
+            .map_err(|e| bad(format!("replay under the recorded policy failed: {e}")))?;
+        let applied = macp_kernel::macp_wire::v1::what_if_entry_outcome::Kind::Applied as i32;
+        if let Some(e) = r.entries.iter().find(|e| e.recorded.as_ref().is_none_or(|o| o.kind != applied)) {
+            return Err(bad(format!("entry {} was not applied on replay: {e:?}", e.history_index)));
+        }
+        if r.first_divergence.is_some() || !r.denials.is_empty() || r.recorded != r.candidate {
+            return Err(bad(format!("diverged at {:?} with {} denial(s)", r.first_divergence, r.denials.len())));
+        }
+        let outcome = r.recorded.unwrap_or_default();
+        let state = summary.metadata.as_ref().map_or(0, |m| m.state);
+        if outcome.state != state {
+            return Err(bad(format!("replay ends in state {}, storage says {state}", outcome.state)));
+        }
+        if let Some(payload) = self.committed.get(sid) {
+            if outcome.resolution != *payload {
+                return Err(bad("replay resolves with another Commitment than the accepted one".into()));
             }
         }
         Ok(())

@@ -220,9 +220,7 @@ impl PolicyRegistry {
     /// ever get stricter, or recorded registrations would stop replaying; new
     /// admission requirements belong in [`PolicyRegistry::admit`].
     pub fn check_stored(&self, d: &PolicyDescriptor) -> KResult<serde_json::Value> {
-        if d.policy_id.trim().is_empty() {
-            return Err(KernelError::invalid_policy("policy_id must not be empty"));
-        }
+        check_id(d)?;
         if d.policy_id == DEFAULT_POLICY_ID {
             return Err(KernelError::invalid_policy("policy.default is reserved and cannot be registered"));
         }
@@ -232,18 +230,7 @@ impl PolicyRegistry {
                 d.policy_id
             )));
         }
-        if d.mode.trim().is_empty() {
-            return Err(KernelError::invalid_policy("mode must be a mode id or '*'"));
-        }
-        if !SUPPORTED_SCHEMA_VERSIONS.contains(&d.schema_version) {
-            return Err(KernelError::invalid_policy(format!(
-                "schema_version {} is not supported (supported: 1, 2, 3)",
-                d.schema_version
-            )));
-        }
-        let rules = parse_rules_json(&d.rules).map_err(KernelError::invalid_policy)?;
-        parse_authority(&rules).map_err(KernelError::invalid_policy)?;
-        Ok(rules)
+        check_evaluable(d)
     }
 
     /// RegisterPolicy admission (RFC-MACP-0012 §2.2, §3, §4, §7): everything
@@ -255,37 +242,20 @@ impl PolicyRegistry {
     /// INVALID_POLICY_DEFINITION with the offending field named.
     pub fn admit(&self, d: &PolicyDescriptor, modes: &ModeRegistry) -> KResult<()> {
         let rules = self.check_stored(d)?;
-        if d.description.is_empty() {
-            // proto3 cannot tell an absent string from an empty one, so the
-            // RFC's "required" can only be enforced as "non-empty".
-            return Err(KernelError::invalid_policy(
-                "description is required: say in words what these governance rules are for (RFC-MACP-0012 §3)",
-            ));
-        }
-        if d.policy_id.starts_with(STD_PREFIX) {
-            reserved::check_std_registration(d, &rules)?;
-        }
-        let checkers: Vec<_> = if d.mode == "*" {
-            modes
-                .all_ids()
-                .iter()
-                .filter_map(|m| modes.resolve(m).map(|(c, e)| (c.to_string(), e.mode.clone())))
-                .collect()
-        } else {
-            modes.resolve(&d.mode).map(|(c, e)| (c.to_string(), e.mode.clone())).into_iter().collect()
-        };
-        for (id, mode) in checkers {
-            mode.validate_rules(&rules, d.schema_version).map_err(|e| {
-                KernelError::invalid_policy(if d.mode == "*" {
-                    format!("{e} (a '*' policy must satisfy every mode's rule schema; this one fails {id}'s)")
-                } else {
-                    e.0
-                })
-            })?;
-        }
-        Ok(())
+        check_current_schema(d, &rules, modes)
     }
 
+    /// WhatIfReplay's admission of a candidate (RFC-MACP-0012 §8.1): the
+    /// same bar as [`PolicyRegistry::admit`] except the registry's own
+    /// constraints, because a candidate is never registered. Its id may be
+    /// taken (replaying a session under the very policy it is bound to is
+    /// the baseline a caller compares against) and may be `policy.default`.
+    /// A registry is not needed for that, hence an associated function.
+    pub fn admit_candidate(d: &PolicyDescriptor, modes: &ModeRegistry) -> KResult<()> {
+        check_id(d)?;
+        let rules = check_evaluable(d)?;
+        check_current_schema(d, &rules, modes)
+    }
     /// Adds a policy whose rules [`PolicyRegistry::check_stored`] accepted
     /// (or that a checkpoint recorded); fails only if the rules do not parse.
     pub fn insert(&mut self, d: PolicyDescriptor) -> KResult<()> {
@@ -335,4 +305,61 @@ impl PolicyRegistry {
         }
         Ok(Arc::clone(p))
     }
+}
+
+/// A usable policy id: not blank.
+fn check_id(d: &PolicyDescriptor) -> KResult<()> {
+    if d.policy_id.trim().is_empty() {
+        return Err(KernelError::invalid_policy("policy_id must not be empty"));
+    }
+    Ok(())
+}
+
+/// What evaluation needs of a descriptor, whatever registry holds it: a
+/// mode, a schema version this runtime evaluates, and rules that parse
+/// (with a satisfiable commitment authority). Part of
+/// [`PolicyRegistry::check_stored`], so it may never get stricter.
+fn check_evaluable(d: &PolicyDescriptor) -> KResult<serde_json::Value> {
+    if d.mode.trim().is_empty() {
+        return Err(KernelError::invalid_policy("mode must be a mode id or '*'"));
+    }
+    if !SUPPORTED_SCHEMA_VERSIONS.contains(&d.schema_version) {
+        return Err(KernelError::invalid_policy(format!(
+            "schema_version {} is not supported (supported: 1, 2, 3)",
+            d.schema_version
+        )));
+    }
+    let rules = parse_rules_json(&d.rules).map_err(KernelError::invalid_policy)?;
+    parse_authority(&rules).map_err(KernelError::invalid_policy)?;
+    Ok(rules)
+}
+
+/// The admission-time bar of the current rule schemas (see
+/// [`PolicyRegistry::admit`]); never applied to a stored descriptor.
+fn check_current_schema(d: &PolicyDescriptor, rules: &serde_json::Value, modes: &ModeRegistry) -> KResult<()> {
+    if d.description.is_empty() {
+        // proto3 cannot tell an absent string from an empty one, so the
+        // RFC's "required" can only be enforced as "non-empty".
+        return Err(KernelError::invalid_policy(
+            "description is required: say in words what these governance rules are for (RFC-MACP-0012 §3)",
+        ));
+    }
+    if d.policy_id.starts_with(STD_PREFIX) {
+        reserved::check_std_registration(d, rules)?;
+    }
+    let checkers: Vec<_> = if d.mode == "*" {
+        modes.all_ids().iter().filter_map(|m| modes.resolve(m).map(|(c, e)| (c.to_string(), e.mode.clone()))).collect()
+    } else {
+        modes.resolve(&d.mode).map(|(c, e)| (c.to_string(), e.mode.clone())).into_iter().collect()
+    };
+    for (id, mode) in checkers {
+        mode.validate_rules(rules, d.schema_version).map_err(|e| {
+            KernelError::invalid_policy(if d.mode == "*" {
+                format!("{e} (a '*' policy must satisfy every mode's rule schema; this one fails {id}'s)")
+            } else {
+                e.0
+            })
+        })?;
+    }
+    Ok(())
 }

@@ -92,6 +92,13 @@ impl State {
         }
     }
 
+    /// An empty state over a given mode registry, for replaying one
+    /// session's records outside the working set (WhatIfReplay): the
+    /// session's mode may be an extension the live registry holds.
+    pub fn for_replay(runtime_id: &str, modes: ModeRegistry) -> Self {
+        State { modes, ..State::new(runtime_id, 1) }
+    }
+
     // ----- reads -----------------------------------------------------------
 
     /// A session, if the kernel holds it.

@@ -15,8 +15,10 @@ use crate::driver::now_ms;
 use crate::status::error_status;
 
 /// What this runtime can do, exactly as implemented: a client switches
-/// features on from these flags, so none may be advertised early.
-fn capabilities() -> Capabilities {
+/// features on from these flags, so none may be advertised early. A
+/// registry loaded from `MACP_POLICIES_DIR` advertises `register_policy =
+/// false`, as RFC-MACP-0012 §9 describes a file-loaded registry.
+fn capabilities(rt: &Runtime) -> Capabilities {
     Capabilities {
         sessions: Some(SessionsCapability { stream: true, list_sessions: true, watch_sessions: true }),
         cancellation: Some(CancellationCapability { cancel_session: true }),
@@ -25,11 +27,11 @@ fn capabilities() -> Capabilities {
         mode_registry: Some(ModeRegistryCapability { list_modes: true, list_changed: true }),
         roots: Some(RootsCapability { list_roots: true, list_changed: false }),
         policy_registry: Some(PolicyRegistryCapability {
-            register_policy: true,
+            register_policy: !rt.policies_read_only,
             list_policies: true,
             list_changed: true,
             rule_extensions: macp_kernel::policy::RULE_EXTENSIONS.iter().map(|k| k.to_string()).collect(),
-            what_if_replay: false,
+            what_if_replay: true,
         }),
         decision_receipt: None,
         experimental: Some(ExperimentalCapabilities {
@@ -72,7 +74,7 @@ pub(super) async fn initialize(
             description: "Rust runtime for the Multi-Agent Coordination Protocol".into(),
             website_url: String::new(),
         }),
-        capabilities: Some(capabilities()),
+        capabilities: Some(capabilities(rt)),
         supported_modes,
         instructions: "Authenticate every call; use Send for per-message acks and StreamSession (or passive subscribe) to follow a session.".into(),
     }))

@@ -5,14 +5,15 @@
 //! limits; every decision that depends on session state is the kernel's.
 //! One file per group of RPCs: [`sessions`] (Send, GetSession, control,
 //! listings and watches of sessions), [`streams`] (StreamSession and
-//! WatchSignals), [`registries`] (modes and policies), [`discovery`]
-//! (Initialize, manifest, roots). Errors become wire answers only in
+//! WatchSignals), [`registries`] (modes and policies), [`what_if`]
+//! (WhatIfReplay), [`discovery`] (Initialize, manifest, roots). Errors become wire answers only in
 //! [`crate::status`].
 
 mod discovery;
 mod registries;
 mod sessions;
 mod streams;
+mod what_if;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,6 +58,9 @@ pub struct Runtime {
     kernel_config: Arc<KernelConfig>,
     /// The largest reply the transport will encode; listings stay below it.
     max_reply_bytes: usize,
+    /// The policy registry comes from `MACP_POLICIES_DIR`: RegisterPolicy
+    /// and UnregisterPolicy are refused with REGISTRY_READ_ONLY.
+    policies_read_only: bool,
 }
 
 impl Runtime {
@@ -75,7 +79,16 @@ impl Runtime {
             watch,
             kernel_config: Arc::new(kernel_config),
             max_reply_bytes: 4 * 1024 * 1024,
+            policies_read_only: false,
         }
+    }
+
+    /// Makes the policy registry read-only for clients (it was loaded from
+    /// `MACP_POLICIES_DIR`): Initialize advertises `register_policy = false`
+    /// and the mutating policy RPCs answer REGISTRY_READ_ONLY.
+    pub fn with_read_only_policies(mut self, read_only: bool) -> Self {
+        self.policies_read_only = read_only;
+        self
     }
 
     /// Sets the largest reply the transport encodes (its
@@ -275,9 +288,9 @@ impl MacpRuntimeService for Runtime {
 
     async fn what_if_replay(
         &self,
-        _req: Request<WhatIfReplayRequest>,
+        req: Request<WhatIfReplayRequest>,
     ) -> Result<Response<WhatIfReplayResponse>, Status> {
-        Err(Status::unimplemented("WhatIfReplay is not implemented (policy_registry.what_if_replay = false)"))
+        what_if::what_if_replay(self, req).await
     }
 
     async fn get_decision_receipt(

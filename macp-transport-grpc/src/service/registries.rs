@@ -2,8 +2,9 @@
 //! WatchModeRegistry) and governance policies (Register/Unregister/Get/
 //! List, and WatchPolicies).
 //!
-//! A caller without `can_manage_mode_registry` gets a FORBIDDEN status;
-//! every other refusal is the response's `ok=false` with the registry code
+//! A caller without `can_manage_mode_registry` gets a FORBIDDEN status, and
+//! a policy change on a registry loaded from `MACP_POLICIES_DIR` a
+//! REGISTRY_READ_ONLY (FAILED_PRECONDITION) status; every other refusal is the response's `ok=false` with the registry code
 //! and reason in `error` (these responses have no code field).
 
 use macp_kernel::{Answer, ErrorCode, Input, KernelError, ModeList, Query, Reply};
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::{unexpected, RpcStream, Runtime};
 use crate::driver::now_ms;
 use crate::hub::RegistryEvent;
-use crate::status::{registry_error, status};
+use crate::status::{error_status, registry_error, status};
 
 /// Runs a registry mutation: `Ok(id)`, or the refusal for the response body.
 async fn mutate(rt: &Runtime, input: Input) -> Result<Result<String, KernelError>, Status> {
@@ -112,11 +113,26 @@ pub(super) async fn promote_mode(
     }))
 }
 
+/// REGISTRY_READ_ONLY (FAILED_PRECONDITION) when the policy registry was
+/// loaded from `MACP_POLICIES_DIR`: its files are the only way to change it.
+fn refuse_if_read_only(rt: &Runtime, rpc: &str) -> Result<(), Status> {
+    if rt.policies_read_only {
+        return Err(error_status(
+            ErrorCode::RegistryReadOnly,
+            format!(
+                "{rpc} refused: the policy registry is read-only (loaded from MACP_POLICIES_DIR); change the policy files and restart the runtime"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) async fn register_policy(
     rt: &Runtime,
     req: Request<RegisterPolicyRequest>,
 ) -> Result<Response<RegisterPolicyResponse>, Status> {
     let identity = rt.identity(&req).await?;
+    refuse_if_read_only(rt, "RegisterPolicy")?;
     let descriptor =
         req.into_inner().policy_descriptor.ok_or_else(|| Status::invalid_argument("policy_descriptor is required"))?;
     Ok(Response::new(match mutate(rt, Input::RegisterPolicy { request: 0, identity, descriptor }).await? {
@@ -130,6 +146,7 @@ pub(super) async fn unregister_policy(
     req: Request<UnregisterPolicyRequest>,
 ) -> Result<Response<UnregisterPolicyResponse>, Status> {
     let identity = rt.identity(&req).await?;
+    refuse_if_read_only(rt, "UnregisterPolicy")?;
     let policy_id = req.into_inner().policy_id;
     Ok(Response::new(match mutate(rt, Input::UnregisterPolicy { request: 0, identity, policy_id }).await? {
         Ok(_) => UnregisterPolicyResponse { ok: true, error: String::new() },

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use clap::Parser;
 use macp_transport_grpc::config::Config;
 use macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
-use macp_wire::v1::{Ack, CommitmentPayload, Envelope, SendRequest, SessionStartPayload};
+use macp_wire::v1::{
+    Ack, CommitmentPayload, Envelope, GetPolicyRequest, PolicyDescriptor, SendRequest, SessionStartPayload,
+};
 use macp_wire::Message;
 use tokio::sync::oneshot;
 use tonic::metadata::MetadataValue;
@@ -216,4 +218,10 @@ pub async fn start_session(i: &mut Client) -> String {
     let ack = send(i, start_env(&s, &["I", "A", "B"])).await;
     assert!(ack.ok, "{:?}", ack.error);
     s
+}
+
+/// GetPolicy of a policy that must exist.
+pub async fn get_policy(c: &mut Client, policy_id: &str) -> PolicyDescriptor {
+    let r = c.get_policy(GetPolicyRequest { policy_id: policy_id.into() }).await.expect("GetPolicy");
+    r.into_inner().policy_descriptor.expect("a descriptor")
 }

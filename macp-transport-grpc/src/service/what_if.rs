@@ -1,0 +1,57 @@
+//! WhatIfReplay (RFC-MACP-0012 §8.1): a session's accepted history replayed
+//! under a candidate policy, as `macp_kernel::what_if::replay` computes it.
+//!
+//! The driver only decides who may ask and where the history ends (the
+//! passive-subscribe rule: initiator, declared participant or observer;
+//! SESSION_NOT_FOUND or FORBIDDEN otherwise) and hands out a storage reader
+//! with the mode registry. Reading the records and both replays then run on
+//! a blocking thread, never on the driver: a long history costs its caller,
+//! not everyone's Sends. History comes from storage, not from the kernel,
+//! because a session that ended has left the kernel's working set.
+//!
+//! Read-only by construction: the replay works on copies in a private state,
+//! and nothing here submits an input, so nothing is persisted, registered or
+//! broadcast.
+
+use macp_kernel::{ErrorCode, KernelError};
+use macp_wire::v1::{WhatIfReplayRequest, WhatIfReplayResponse};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::Runtime;
+use crate::driver::{Command, HistoryAccess};
+use crate::limits::Budget;
+use crate::status::{error_status, shutting_down, status};
+
+pub(super) async fn what_if_replay(
+    rt: &Runtime,
+    req: Request<WhatIfReplayRequest>,
+) -> Result<Response<WhatIfReplayResponse>, Status> {
+    let identity = rt.identity(&req).await?;
+    // A replay reads and re-evaluates a whole session: it spends from the
+    // same budget as a message.
+    if !rt.limits.check(&identity.sender, Budget::Message) {
+        return Err(error_status(
+            ErrorCode::RateLimited,
+            format!("{} exceeded its per-minute message limit", identity.sender),
+        ));
+    }
+    let WhatIfReplayRequest { session_id, candidate } = req.into_inner();
+    let candidate = candidate.ok_or_else(|| {
+        error_status(ErrorCode::InvalidPolicyDefinition, "candidate is required: the PolicyDescriptor to replay under")
+    })?;
+    let (reply, rx) = oneshot::channel();
+    let ask = Command::History { identity, session_id: session_id.clone(), reply };
+    rt.tx.send(ask).await.map_err(|_| shutting_down())?;
+    let HistoryAccess { upto, history, modes } = rx.await.map_err(|_| shutting_down())?.map_err(status)?;
+    let runtime_id = rt.kernel_config.runtime_id.clone();
+    let replayed = tokio::task::spawn_blocking(move || {
+        let records = history.history(&session_id, 0, upto).map_err(|e| {
+            KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}"))
+        })?;
+        macp_kernel::what_if::replay(&records, upto, &candidate, &modes, &runtime_id)
+    })
+    .await
+    .map_err(|e| error_status(ErrorCode::InternalError, format!("the replay task failed: {e}")))?;
+    replayed.map(Response::new).map_err(status)
+}
