@@ -23,7 +23,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use macp_kernel::{Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
+use macp_kernel::{
+    Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply, SubscribePoint,
+};
 use macp_pipeline::{recover, CheckpointPolicy, Pipeline, RecoverOptions, RecoveryError, RecoveryReport, Release};
 use macp_storage::{Storage, StorageError, StorageRead};
 use tokio::sync::{mpsc, oneshot};
@@ -39,6 +41,18 @@ pub struct Subscription {
     /// Last sequence number covered by history at subscription time.
     pub upto: u64,
     /// Where to read the replay from.
+    pub history: Arc<dyn StorageRead>,
+}
+
+/// A session's whole stored history, for requests that read it without
+/// following the session (decision receipts): how far it reaches, whether
+/// it can still grow, and where to read it.
+pub struct HistoryView {
+    /// Sequence number of the session's last accepted record.
+    pub upto: u64,
+    /// Whether the session can still change (OPEN or SUSPENDED).
+    pub live: bool,
+    /// Where to read the records from.
     pub history: Arc<dyn StorageRead>,
 }
 
@@ -77,6 +91,16 @@ pub enum Command {
         /// The outcome.
         reply: SubscribeReply,
     },
+    /// Read access to a session's stored history, under the same rule as
+    /// GetSession and passive subscribe.
+    History {
+        /// Who asks.
+        identity: Identity,
+        /// Which session.
+        session_id: String,
+        /// The outcome.
+        reply: oneshot::Sender<Result<HistoryView, KernelError>>,
+    },
     /// Write a checkpoint now (tests, operators).
     Checkpoint,
     /// Finish the current batch, sync, checkpoint and stop, even if some
@@ -90,6 +114,15 @@ enum Asked {
     Answer(oneshot::Sender<Answer>),
     Bind { tx: oneshot::Sender<Option<Binding>>, session_id: String, from: u64 },
     Subscribe { tx: SubscribeReply, session_id: String },
+    History(oneshot::Sender<Result<HistoryView, KernelError>>),
+}
+
+/// The subscribe point a [`Query::Subscribe`] was answered with.
+fn subscribe_point(answer: Answer) -> Result<SubscribePoint, KernelError> {
+    match answer {
+        Answer::Subscription(point) => point,
+        _ => Err(KernelError::new(ErrorCode::InternalError, "a session read got an unexpected answer")),
+    }
 }
 
 type Pipe = Pipeline<oneshot::Sender<Reply>, Asked>;
@@ -261,6 +294,9 @@ impl Driver {
                     let q = Query::Subscribe { identity, session_id: session_id.clone() };
                     self.pipeline.ask(q, Asked::Subscribe { tx: reply, session_id });
                 }
+                Command::History { identity, session_id, reply } => {
+                    self.pipeline.ask(Query::Subscribe { identity, session_id }, Asked::History(reply));
+                }
                 Command::Checkpoint => checkpoint = true,
                 Command::Shutdown => stop = true,
             }
@@ -353,15 +389,19 @@ impl Driver {
                     let _ = tx.send(binding);
                 }
                 Asked::Subscribe { tx, session_id } => {
-                    let outcome = match answer {
-                        Answer::Subscription(Ok(p)) => Ok(Subscription {
-                            feed: self.feed_for(&session_id, p.live),
-                            upto: p.upto,
-                            history: self.pipeline.reader().clone(),
-                        }),
-                        Answer::Subscription(Err(e)) => Err(e),
-                        _ => Err(KernelError::new(ErrorCode::InternalError, "a subscription got an unexpected answer")),
-                    };
+                    let outcome = subscribe_point(answer).map(|p| Subscription {
+                        feed: self.feed_for(&session_id, p.live),
+                        upto: p.upto,
+                        history: self.pipeline.reader().clone(),
+                    });
+                    let _ = tx.send(outcome);
+                }
+                Asked::History(tx) => {
+                    let outcome = subscribe_point(answer).map(|p| HistoryView {
+                        upto: p.upto,
+                        live: p.live,
+                        history: self.pipeline.reader().clone(),
+                    });
                     let _ = tx.send(outcome);
                 }
             }

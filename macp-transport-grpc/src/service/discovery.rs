@@ -16,7 +16,8 @@ use crate::status::error_status;
 
 /// What this runtime can do, exactly as implemented: a client switches
 /// features on from these flags, so none may be advertised early.
-fn capabilities() -> Capabilities {
+/// `signed_receipts`: whether a receipt signing key is configured.
+fn capabilities(signed_receipts: bool) -> Capabilities {
     Capabilities {
         sessions: Some(SessionsCapability { stream: true, list_sessions: true, watch_sessions: true }),
         cancellation: Some(CancellationCapability { cancel_session: true }),
@@ -31,7 +32,7 @@ fn capabilities() -> Capabilities {
             rule_extensions: macp_kernel::policy::RULE_EXTENSIONS.iter().map(|k| k.to_string()).collect(),
             what_if_replay: false,
         }),
-        decision_receipt: None,
+        decision_receipt: Some(DecisionReceiptCapability { get_decision_receipt: true, signed: signed_receipts }),
         experimental: Some(ExperimentalCapabilities {
             features: BTreeMap::from([("ext_mode_lifecycle".to_string(), "true".to_string())]),
         }),
@@ -72,7 +73,7 @@ pub(super) async fn initialize(
             description: "Rust runtime for the Multi-Agent Coordination Protocol".into(),
             website_url: String::new(),
         }),
-        capabilities: Some(capabilities()),
+        capabilities: Some(capabilities(rt.receipts.is_signed())),
         supported_modes,
         instructions: "Authenticate every call; use Send for per-message acks and StreamSession (or passive subscribe) to follow a session.".into(),
     }))

@@ -6,10 +6,12 @@
 //! One file per group of RPCs: [`sessions`] (Send, GetSession, control,
 //! listings and watches of sessions), [`streams`] (StreamSession and
 //! WatchSignals), [`registries`] (modes and policies), [`discovery`]
-//! (Initialize, manifest, roots). Errors become wire answers only in
-//! [`crate::status`].
+//! (Initialize, manifest, roots), [`receipts`] (decision receipts and their
+//! keys). Errors become wire answers only in [`crate::status`].
 
 mod discovery;
+mod history;
+mod receipts;
 mod registries;
 mod sessions;
 mod streams;
@@ -19,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use macp_kernel::{Answer, Identity, Input, KernelConfig, Query, Reply};
+use macp_receipt::ReceiptKeys;
 use macp_wire::v1::*;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -57,6 +60,8 @@ pub struct Runtime {
     kernel_config: Arc<KernelConfig>,
     /// The largest reply the transport will encode; listings stay below it.
     max_reply_bytes: usize,
+    /// What decision receipts are signed with and GetReceiptKeys publishes.
+    receipts: Arc<ReceiptKeys>,
 }
 
 impl Runtime {
@@ -75,7 +80,15 @@ impl Runtime {
             watch,
             kernel_config: Arc::new(kernel_config),
             max_reply_bytes: 4 * 1024 * 1024,
+            receipts: Arc::new(ReceiptKeys::unsigned()),
         }
+    }
+
+    /// Sets the keys decision receipts are signed with (unsigned, and an
+    /// empty published key set, until this is called).
+    pub fn with_receipt_keys(mut self, keys: ReceiptKeys) -> Self {
+        self.receipts = Arc::new(keys);
+        self
     }
 
     /// Sets the largest reply the transport encodes (its
@@ -282,15 +295,15 @@ impl MacpRuntimeService for Runtime {
 
     async fn get_decision_receipt(
         &self,
-        _req: Request<GetDecisionReceiptRequest>,
+        req: Request<GetDecisionReceiptRequest>,
     ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
-        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+        receipts::get_decision_receipt(self, req).await
     }
 
     async fn get_receipt_keys(
         &self,
-        _req: Request<GetReceiptKeysRequest>,
+        req: Request<GetReceiptKeysRequest>,
     ) -> Result<Response<GetReceiptKeysResponse>, Status> {
-        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+        receipts::get_receipt_keys(self, req).await
     }
 }
