@@ -40,7 +40,8 @@
 //! `b64url(header) "." b64url(body)`; the signature is pure Ed25519 over it;
 //! the attestation is `{"type":"jws","jws":"<b64url(header)>..<b64url(sig)>"}`.
 //! The served text is the JCS form of the whole receipt, so a verifier that
-//! re-canonicalizes what it parsed signs-checks exactly what was signed.
+//! re-canonicalizes what it parsed checks the signature over exactly the
+//! bytes that were signed.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -62,7 +63,7 @@ fn b64url(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// `sha256:` and 64 lowercase hex digits of SHA-256 over `bytes`: the shape
+/// `sha256:` and the 64 lowercase hex digits of a SHA-256 digest: the shape
 /// every digest in a receipt has.
 fn sha256_prefixed(digest: ring::digest::Digest) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
