@@ -32,7 +32,7 @@ pub(super) async fn read_records(
         return Err(KernelError::new(
             ErrorCode::HistoryUnavailable,
             format!(
-                "session {session_id}'s history after sequence {after} is no longer complete (retention deleted it)"
+                "session {session_id}'s history after sequence {after} is no longer complete (deleted past its retention or the memory history limit)"
             ),
         ));
     }
