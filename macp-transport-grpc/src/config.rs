@@ -16,8 +16,9 @@ use macp_storage::Retention;
 #[derive(Clone, Debug, Parser)]
 #[command(name = "macp-runtime", version, about = "MACP coordination runtime (gRPC)")]
 pub struct Config {
-    /// Development mode: plaintext and dev identities (`x-macp-agent-id`, or
-    /// `Authorization: Bearer <agent-id>`). Never use in production.
+    /// Development mode: plaintext, dev identities (`x-macp-agent-id`, or
+    /// `Authorization: Bearer <agent-id>`) and, unless a receipt keys file is
+    /// given, an ephemeral receipt signing key. Never use in production.
     #[arg(long)]
     pub dev: bool,
 
@@ -93,6 +94,15 @@ pub struct Config {
     /// Clock skew tolerated on JWT `exp` and `nbf`, in seconds.
     #[arg(long, env = "MACP_AUTH_LEEWAY_SECS", default_value_t = 30)]
     pub auth_leeway_secs: u64,
+
+    /// Decision receipt signing keys: a JWK Set of Ed25519 keys (the first,
+    /// with its private `d`, signs; all are published by GetReceiptKeys, so
+    /// an old key can stay behind a new one) or a PEM file of PKCS#8 Ed25519
+    /// private keys as `openssl genpkey -algorithm ed25519` writes them.
+    /// Without it receipts are served unsigned (integrity only), except
+    /// under --dev, which signs with a key that lives as long as the process.
+    #[arg(long, env = "MACP_RECEIPT_KEYS_FILE")]
+    pub receipt_keys_file: Option<PathBuf>,
 
     /// Largest envelope payload in bytes.
     #[arg(long, env = "MACP_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use macp_kernel::mode::ModeRegistry;
-use macp_kernel::{Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply};
+use macp_kernel::{
+    Answer, ErrorCode, Identity, Input, Kernel, KernelConfig, KernelError, Query, Reply, SubscribePoint,
+};
 use macp_pipeline::{recover, CheckpointPolicy, Pipeline, RecoverOptions, RecoveryError, RecoveryReport, Release};
 use macp_storage::{Storage, StorageError, StorageRead};
 use tokio::sync::{mpsc, oneshot};
@@ -43,13 +45,17 @@ pub struct Subscription {
     pub history: Arc<dyn StorageRead>,
 }
 
-/// What a caller needs to read one session's history away from the
-/// driver: where its stored records end, a reader of the storage that
-/// holds them, and the mode registry the records were accepted under.
+/// What a caller needs to read one session's whole stored history away
+/// from the driver, without following the session (WhatIfReplay, decision
+/// receipts): where its stored records end, whether it can still grow, a
+/// reader of the storage that holds them, and the mode registry the records
+/// were accepted under.
 pub struct HistoryAccess {
     /// Sequence number of the session's last record at the time of asking
     /// (durable: asked after the batch in flight).
     pub upto: u64,
+    /// Whether the session can still change (OPEN or SUSPENDED).
+    pub live: bool,
     /// Where to read the records from.
     pub history: Arc<dyn StorageRead>,
     /// The kernel's mode registry then (a session's mode may be an
@@ -93,8 +99,8 @@ pub enum Command {
         reply: SubscribeReply,
     },
     /// Read access to a session's stored history, for work done off the
-    /// driver (WhatIfReplay): the same access rule as passive subscribe,
-    /// without a live feed.
+    /// driver (WhatIfReplay, decision receipts): the same access rule as
+    /// GetSession and passive subscribe, without a live feed.
     History {
         /// Who asks.
         identity: Identity,
@@ -117,6 +123,14 @@ enum Asked {
     Bind { tx: oneshot::Sender<Option<Binding>>, session_id: String, from: u64 },
     Subscribe { tx: SubscribeReply, session_id: String },
     History(oneshot::Sender<Result<HistoryAccess, KernelError>>),
+}
+
+/// The subscribe point a [`Query::Subscribe`] was answered with.
+fn subscribe_point(answer: Answer) -> Result<SubscribePoint, KernelError> {
+    match answer {
+        Answer::Subscription(point) => point,
+        _ => Err(KernelError::new(ErrorCode::InternalError, "a session read got an unexpected answer")),
+    }
 }
 
 type Pipe = Pipeline<oneshot::Sender<Reply>, Asked>;
@@ -416,27 +430,20 @@ impl Driver {
                     let _ = tx.send(binding);
                 }
                 Asked::Subscribe { tx, session_id } => {
-                    let outcome = match answer {
-                        Answer::Subscription(Ok(p)) => Ok(Subscription {
-                            feed: self.feed_for(&session_id, p.live),
-                            upto: p.upto,
-                            history: self.pipeline.reader().clone(),
-                        }),
-                        Answer::Subscription(Err(e)) => Err(e),
-                        _ => Err(KernelError::new(ErrorCode::InternalError, "a subscription got an unexpected answer")),
-                    };
+                    let outcome = subscribe_point(answer).map(|p| Subscription {
+                        feed: self.feed_for(&session_id, p.live),
+                        upto: p.upto,
+                        history: self.pipeline.reader().clone(),
+                    });
                     let _ = tx.send(outcome);
                 }
                 Asked::History(tx) => {
-                    let outcome = match answer {
-                        Answer::Subscription(Ok(p)) => Ok(HistoryAccess {
-                            upto: p.upto,
-                            history: self.pipeline.reader().clone(),
-                            modes: self.pipeline.kernel().modes().clone(),
-                        }),
-                        Answer::Subscription(Err(e)) => Err(e),
-                        _ => Err(KernelError::new(ErrorCode::InternalError, "a history read got an unexpected answer")),
-                    };
+                    let outcome = subscribe_point(answer).map(|p| HistoryAccess {
+                        upto: p.upto,
+                        live: p.live,
+                        history: self.pipeline.reader().clone(),
+                        modes: self.pipeline.kernel().modes().clone(),
+                    });
                     let _ = tx.send(outcome);
                 }
             }

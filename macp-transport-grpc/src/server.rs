@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use macp_kernel::{KernelConfig, SessionIdPolicy};
 use macp_pipeline::{CheckpointPolicy, RecoveryError};
+use macp_receipt::{KeyFileError, ReceiptKeys};
 use macp_storage::{MemoryConfig, MemoryStorage, Storage, StorageError};
 use macp_storage_fs::{FsConfig, FsStorage};
 use tokio::net::TcpListener;
@@ -46,6 +47,9 @@ pub enum StartError {
     /// A file of the policies directory was refused (its path and why).
     #[error("MACP_POLICIES_DIR: {0}")]
     Policies(#[from] crate::policies_dir::PolicyFileError),
+    /// The receipt key file was refused (file name and reason).
+    #[error("MACP_RECEIPT_KEYS_FILE {0}")]
+    ReceiptKeys(#[from] KeyFileError),
     /// Storage could not be opened or recovered.
     #[error("storage: {0}")]
     Storage(String),
@@ -106,6 +110,29 @@ async fn load_auth(cfg: &Config) -> Result<Authenticator, StartError> {
     Ok(auth.with_jwt(JwtVerifier::new(settings, jwks)))
 }
 
+/// The receipt keys the configuration asks for: the key file; else, under
+/// `--dev`, a key generated now; else none (receipts served unsigned).
+pub fn receipt_keys(cfg: &Config) -> Result<ReceiptKeys, StartError> {
+    match &cfg.receipt_keys_file {
+        Some(path) => Ok(ReceiptKeys::load(path)?),
+        None if cfg.dev => ReceiptKeys::ephemeral()
+            .map_err(|e| StartError::Config(format!("cannot generate the --dev receipt signing key: {e}"))),
+        None => Ok(ReceiptKeys::unsigned()),
+    }
+}
+
+/// How receipts are signed, as the start-up line says it.
+fn receipts_label(keys: &ReceiptKeys) -> String {
+    match keys.signer() {
+        Some(k) if keys.is_ephemeral() => format!(
+            "signed with EPHEMERAL key {} (--dev: generated at start, so receipts stop verifying after a restart; set MACP_RECEIPT_KEYS_FILE to keep one)",
+            k.kid()
+        ),
+        Some(k) => format!("signed with key {} ({} key(s) published)", k.kid(), keys.published_count()),
+        None => "unsigned, integrity only (set MACP_RECEIPT_KEYS_FILE to sign them)".into(),
+    }
+}
+
 /// Opens the configured storage backend (not yet loaded).
 pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
     if cfg.memory_only {
@@ -161,6 +188,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
+    // A bad key file stops the start before anything else is touched.
+    let receipts = receipt_keys(&cfg)?;
     // The shutdown signal may come at any time, the start included.
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -231,13 +260,14 @@ pub async fn serve(
     }
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}{}; storage: {}; history retention: {}; {} open session(s)",
+        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}{}; storage: {}; history retention: {}; decision receipts: {}; {} open session(s)",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
         auth.token_count(),
         auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
         storage_label(&cfg),
         cfg.retention,
+        receipts_label(&receipts),
         driver.open_sessions(),
     );
     let hub = driver.hub();
@@ -248,7 +278,8 @@ pub async fn serve(
     let driver_tx = tx.clone();
     let runtime = Runtime::new(tx, auth, limits, watch, kcfg)
         .with_max_reply_bytes(cfg.max_grpc_message_bytes)
-        .with_read_only_policies(cfg.policies_dir.is_some());
+        .with_read_only_policies(cfg.policies_dir.is_some())
+        .with_receipt_keys(receipts);
     // Forget senders whose budgets refilled, so the limiter's memory stays
     // bounded by the senders active in the last few seconds. A budget
     // refills within seconds of a sender's last message (a cell is a

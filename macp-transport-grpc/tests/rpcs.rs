@@ -45,7 +45,8 @@ async fn row_01_initialize_selects_version() {
     let caps = r.capabilities.unwrap();
     assert!(caps.sessions.unwrap().stream);
     assert!(caps.policy_registry.unwrap().what_if_replay, "WhatIfReplay is implemented (tests/what_if_replay.rs)");
-    assert!(caps.decision_receipt.is_none());
+    // --dev signs receipts with an ephemeral key (tests/receipts.rs).
+    assert_eq!(caps.decision_receipt, Some(DecisionReceiptCapability { get_decision_receipt: true, signed: true }));
 }
 
 #[tokio::test]
@@ -593,11 +594,6 @@ async fn roots_and_unimplemented_rpcs() {
     assert!(c.list_roots(ListRootsRequest {}).await.unwrap().into_inner().roots.is_empty());
     let mut w = c.watch_roots(WatchRootsRequest {}).await.unwrap().into_inner();
     assert!(next(&mut w).await.change.is_some());
-    assert_eq!(
-        c.get_decision_receipt(GetDecisionReceiptRequest::default()).await.unwrap_err().code(),
-        Code::Unimplemented
-    );
-    assert_eq!(c.get_receipt_keys(GetReceiptKeysRequest {}).await.unwrap_err().code(), Code::Unimplemented);
 }
 
 #[tokio::test]

@@ -5,9 +5,11 @@
 #   bash tests/interop/run.sh
 #
 # Creates (or reuses) a virtualenv in target/interop-venv with the pinned SDK
-# and pytest, builds the server (debug), then runs tests/interop/ against a
-# fresh `macp-runtime --dev` on a free loopback port, once with
-# --memory-only and once with a data directory in a temporary directory (the
+# (with its `receipts` extra, which brings `cryptography` for Ed25519
+# signatures) and pytest, builds the server (debug), then runs
+# tests/interop/ against a fresh `macp-runtime --dev` on a free loopback
+# port, once with --memory-only and once with a data directory in a
+# temporary directory (the
 # "fs" pass; while macp-transport-grpc/src/fs_journal.rs is still a stub it
 # only exercises the data-dir configuration, and it covers the filesystem
 # journal as soon as that is wired in).
@@ -41,6 +43,7 @@ venv_ok() {
 import sys
 from importlib.metadata import version
 import pytest  # noqa: F401
+import cryptography  # noqa: F401  (the SDK's receipts extra: verify_receipt)
 sys.exit(0 if version("macp-sdk-python") == sys.argv[1] else 1)
 EOF
 }
@@ -50,7 +53,7 @@ else
     log "creating $VENV with macp-sdk-python==$SDK_VERSION"
     rm -rf "$VENV"
     mkdir -p "$TARGET_DIR"
-    pip_args=(install --quiet --disable-pip-version-check --no-input "macp-sdk-python==$SDK_VERSION" "pytest>=7")
+    pip_args=(install --quiet --disable-pip-version-check --no-input "macp-sdk-python[receipts]==$SDK_VERSION" "pytest>=7")
     if "$PYTHON" -m venv "$VENV"; then
         "$VENV/bin/python" -m pip "${pip_args[@]}"
     else

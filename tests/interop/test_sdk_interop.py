@@ -5,13 +5,16 @@ One complete session per standards-track mode, each agent on its own
 helpers. Every session has a passive subscriber attached live (right after
 SessionStart) and one attached after resolution; both must see exactly the
 accepted history, in order, ending with the Commitment, after which the
-runtime ends the stream. Plus: discovery, error paths, cancellation,
-suspend/resume, the asyncio client, the bidirectional stream, governance
-policies and the SDK's agent framework.
+runtime ends the stream. Decision, Quorum and Task sessions also get a
+decision receipt checked with the SDK's own verifier. Plus: discovery, error
+paths, cancellation, suspend/resume, the asyncio client, the bidirectional
+stream, governance policies and the SDK's agent framework.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -117,6 +120,42 @@ def finish(
         assert md.policy_version == "policy.default"
 
 
+def history_digest(envelopes) -> str:
+    """The receipt's transcript digest (`macp-rs-history-sha256/1`, defined in
+    macp-receipt/src/transcript.rs), recomputed from replayed envelopes."""
+    h = hashlib.sha256(b"macp-rs-history-sha256/1:")
+    for env in envelopes:
+        encoded = env.SerializeToString()
+        h.update(len(encoded).to_bytes(8, "big"))
+        h.update(encoded)
+    return "sha256:" + h.hexdigest()
+
+
+def check_receipt(client, session_id: str, history) -> None:
+    """The runtime's receipt for a resolved session: attested by the SDK's
+    `verify_receipt` with the keys from `get_receipt_keys()`, the same bytes
+    on every call, covering exactly the replayed `history`, and `unverified`
+    once a byte of the recorded commitment is changed."""
+    from macp_sdk.receipt import trusted_keys_from_jwks, verify_receipt
+
+    result = client.get_decision_receipt(session_id)
+    keys = trusted_keys_from_jwks(client.get_receipt_keys())
+    assert keys, "a --dev runtime signs receipts"
+    outcome = verify_receipt(result.receipt, keys)
+    assert outcome == {"integrity": "match", "attestations": ["valid"], "verdict": "attested"}, outcome
+    assert client.get_decision_receipt(session_id).raw == result.raw
+    receipt = result.receipt
+    assert receipt["session_id"] == session_id
+    commitment = core_pb2.CommitmentPayload.FromString(history[-1].payload)
+    assert receipt["commitment"]["commitment_id"] == commitment.commitment_id
+    assert receipt["transcript"]["digest"] == history_digest(history)
+    assert receipt["transcript"]["message_count"] == len(history)
+    # One byte of the recorded decision changed: the hash no longer matches.
+    at = result.raw.index('"reason":"') + len('"reason":"')
+    changed = result.raw[:at] + ("X" if result.raw[at] != "X" else "Y") + result.raw[at + 1 :]
+    assert verify_receipt(json.loads(changed), keys)["verdict"] == "unverified"
+
+
 def test_initialize_and_discovery(agent):
     c = agent("coordinator")
     init = c.initialize()
@@ -124,6 +163,9 @@ def test_initialize_and_discovery(agent):
     assert init.capabilities.sessions.stream
     assert init.capabilities.cancellation.cancel_session
     assert set(STANDARD_MODES) <= set(init.supported_modes)
+    # run.sh starts `--dev`, which signs receipts with an ephemeral key.
+    assert init.capabilities.decision_receipt.get_decision_receipt
+    assert init.capabilities.decision_receipt.signed
     listed = {m.mode for m in c.list_modes().modes}
     assert listed == set(STANDARD_MODES)
     assert c.get_manifest().manifest.agent_id
@@ -154,6 +196,7 @@ def test_decision(agent, subscribe):
         t, MODE_DECISION, live, late, DecisionProjection(), "decision.selected", True,
         [coord, alice, auditor], "coordinator", participants, [s, a, b],
     )
+    check_receipt(auditor, s.session_id, late.received)
 
 
 def test_proposal(agent, subscribe):
@@ -206,6 +249,7 @@ def test_task(agent, subscribe):
         t, MODE_TASK, live, late, TaskProjection(), "task.completed", True,
         [coord, worker, auditor], "coordinator", participants, [s, w],
     )
+    check_receipt(coord, s.session_id, late.received)
 
 
 def test_handoff(agent, subscribe):
@@ -262,6 +306,7 @@ def test_quorum(agent, subscribe):
     )
     assert projection.approval_count("r1") == 2
     assert projection.rejection_count("r1") == 1
+    check_receipt(carol, s.session_id, late.received)
 
 
 def test_rejections_surface_as_sdk_errors(agent, subscribe):
@@ -325,6 +370,23 @@ def test_rejections_surface_as_sdk_errors(agent, subscribe):
     with pytest.raises(MacpAckError) as e:
         s.commit(action="decision.selected", authority_scope="x", reason="again")
     assert e.value.failure.code == "SESSION_NOT_OPEN"
+
+
+def test_receipt_errors(agent):
+    """No receipt before a Commitment resolves the session, and none for an
+    agent that may not read it; the codes reach the SDK's errors."""
+    coord, mallory = agent("coordinator"), agent("mallory")
+    s = DecisionSession(coord)
+    s.start(intent="x", participants=["coordinator"], ttl_ms=TTL_MS)
+    with pytest.raises(MacpTransportError) as e:
+        coord.get_decision_receipt(s.session_id)
+    assert (e.value.code, e.value.macp_code) == ("FAILED_PRECONDITION", "RECEIPT_UNAVAILABLE")
+    with pytest.raises(MacpTransportError) as e:
+        mallory.get_decision_receipt(s.session_id)
+    assert (e.value.code, e.value.macp_code) == ("PERMISSION_DENIED", "FORBIDDEN")
+    with pytest.raises(MacpTransportError) as e:
+        coord.get_decision_receipt(DecisionSession(coord).session_id)
+    assert (e.value.code, e.value.macp_code) == ("NOT_FOUND", "SESSION_NOT_FOUND")
 
 
 def build_vote(session: DecisionSession, proposal_id: str) -> envelope_pb2.Envelope:

@@ -30,12 +30,19 @@
 //! * **what-if replay agrees**: every ended session's stored history,
 //!   replayed by WhatIfReplay under the policy it was recorded under,
 //!   applies every entry, never diverges and ends as storage says.
+//! * **receipts verify and never change**: when a session resolves in the
+//!   durable history, the receipt `macp_receipt::issue` makes from that
+//!   history verifies with the run's key; after the next crash and
+//!   recovery, and again at the end (after a last crash), the receipt issued
+//!   from what storage returns is byte-identical to it (until retention may
+//!   have deleted the session).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use macp_kernel::macp_wire::storage::{record::Fact, Record, SessionSummary};
 use macp_kernel::macp_wire::v1::{session_lifecycle_event::EventType, SessionState};
 use macp_kernel::{Answer, Broadcast, ErrorCode, Kernel, KernelConfig, Reply};
+use macp_receipt::{ReceiptKeys, SigningKey, Verdict};
 use macp_storage::{Retention, StorageRead};
 
 use super::rng::Rng;
@@ -83,12 +90,31 @@ pub struct Oracle {
     /// The latest server time storage upkeep ran at: retention may have
     /// deleted what ended before it by more than the retention period.
     maintained_at: Option<i64>,
+    /// The run's receipt signing key, fixed so receipts are reproducible,
+    /// and the key set a holder would verify with.
+    receipt_keys: ReceiptKeys,
+    receipt_jwks: String,
+    /// Each resolved session's receipt, issued from the durable history
+    /// when it resolved.
+    receipts: BTreeMap<String, String>,
+    /// Sessions resolved since the last recovery, whose receipts the next
+    /// recovery checks against storage. (Checking every receipt at every
+    /// recovery doubled the run time; the end of the run checks them all.)
+    receipts_unchecked: BTreeSet<String>,
 }
 
 impl Oracle {
     /// An oracle for a server starting empty with `config` and `retention`.
     pub fn new(config: KernelConfig, retention: Retention) -> Self {
+        let receipt_keys = match SigningKey::from_seed(&[0x5e; 32], Some("sim".into())) {
+            Ok(key) => ReceiptKeys::signed_by(key),
+            Err(_) => ReceiptKeys::unsigned(),
+        };
         Oracle {
+            receipt_jwks: receipt_keys.jwks_json(),
+            receipt_keys,
+            receipts: BTreeMap::new(),
+            receipts_unchecked: BTreeSet::new(),
             shadow: Kernel::new(config.clone()),
             config,
             retention,
@@ -152,6 +178,7 @@ impl Oracle {
             self.resolutions.remove(&sid);
             self.committed.remove(&sid);
             self.resolved_broadcasts.remove(&sid);
+            self.receipts.remove(&sid);
             self.acked.retain(|a| a.session_id != sid);
             self.reincarnated += 1;
         }
@@ -179,8 +206,51 @@ impl Oracle {
                 if *n > 1 {
                     return Err(violation("one-resolution", format!("session {sid} resolved a second time by {r:?}")));
                 }
+                let receipt = self.receipt_of(&sid, self.histories.get(&sid).map_or(&[][..], Vec::as_slice))?;
+                match macp_receipt::verify(&receipt, &self.receipt_jwks) {
+                    Ok(Verdict::Attested { .. }) => {}
+                    other => {
+                        return Err(violation(
+                            "receipts",
+                            format!("session {sid}'s receipt does not verify: {other:?}"),
+                        ))
+                    }
+                }
+                self.receipts.insert(sid.clone(), receipt);
+                self.receipts_unchecked.insert(sid.clone());
             }
             self.ended.insert(sid, summary);
+        }
+        Ok(())
+    }
+
+    /// The receipt of resolved session `sid` issued from `history`.
+    fn receipt_of(&self, sid: &str, history: &[Record]) -> Result<String, Violation> {
+        macp_receipt::issue(history, &self.config.runtime_id, self.receipt_keys.signer())
+            .map_err(|e| violation("receipts", format!("no receipt for resolved session {sid}: {e}")))
+    }
+
+    /// Each of `sids` that resolved and that storage still holds gets, from
+    /// its stored history, exactly the receipt issued when it resolved.
+    fn check_receipts<'a>(
+        &self,
+        sids: impl IntoIterator<Item = &'a String>,
+        reader: &dyn StorageRead,
+    ) -> Result<(), Violation> {
+        for sid in sids {
+            let Some(issued) = self.receipts.get(sid) else { continue };
+            if self.may_be_deleted(sid) {
+                continue;
+            }
+            let history = reader
+                .history(sid, 0, u64::MAX)
+                .map_err(|e| violation("receipts", format!("reading {sid}'s history: {e}")))?;
+            if self.receipt_of(sid, &history)? != *issued {
+                return Err(violation(
+                    "receipts",
+                    format!("session {sid}'s receipt issued from storage differs from the one issued when it resolved"),
+                ));
+            }
         }
         Ok(())
     }
@@ -399,6 +469,8 @@ impl Oracle {
                 ));
             }
         }
+        let unchecked = std::mem::take(&mut self.receipts_unchecked);
+        self.check_receipts(&unchecked, reader)?;
         Ok(k)
     }
 
@@ -460,6 +532,7 @@ impl Oracle {
                 return Err(violation("one-resolution", format!("session {sid} ended after {n} resolutions")));
             }
         }
+        self.check_receipts(self.receipts.keys(), reader)?;
         let ended: BTreeSet<&String> = self.ended.keys().collect();
         for m in kernel.all_sessions() {
             if ended.contains(&m.session_id) {

@@ -17,8 +17,10 @@ use crate::status::error_status;
 /// What this runtime can do, exactly as implemented: a client switches
 /// features on from these flags, so none may be advertised early. A
 /// registry loaded from `MACP_POLICIES_DIR` advertises `register_policy =
-/// false`, as RFC-MACP-0012 §9 describes a file-loaded registry.
+/// false`, as RFC-MACP-0012 §9 describes a file-loaded registry; receipts
+/// are advertised as signed only when a signing key is configured.
 fn capabilities(rt: &Runtime) -> Capabilities {
+    let signed_receipts = rt.receipts.is_signed();
     Capabilities {
         sessions: Some(SessionsCapability { stream: true, list_sessions: true, watch_sessions: true }),
         cancellation: Some(CancellationCapability { cancel_session: true }),
@@ -33,7 +35,7 @@ fn capabilities(rt: &Runtime) -> Capabilities {
             rule_extensions: macp_kernel::policy::RULE_EXTENSIONS.iter().map(|k| k.to_string()).collect(),
             what_if_replay: true,
         }),
-        decision_receipt: None,
+        decision_receipt: Some(DecisionReceiptCapability { get_decision_receipt: true, signed: signed_receipts }),
         experimental: Some(ExperimentalCapabilities {
             features: BTreeMap::from([("ext_mode_lifecycle".to_string(), "true".to_string())]),
         }),

@@ -6,10 +6,13 @@
 //! One file per group of RPCs: [`sessions`] (Send, GetSession, control,
 //! listings and watches of sessions), [`streams`] (StreamSession and
 //! WatchSignals), [`registries`] (modes and policies), [`what_if`]
-//! (WhatIfReplay), [`discovery`] (Initialize, manifest, roots). Errors become wire answers only in
+//! (WhatIfReplay), [`discovery`] (Initialize, manifest, roots), [`receipts`]
+//! (decision receipts and their keys). Errors become wire answers only in
 //! [`crate::status`].
 
 mod discovery;
+mod history;
+mod receipts;
 mod registries;
 mod sessions;
 mod streams;
@@ -20,6 +23,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use macp_kernel::{Answer, Identity, Input, KernelConfig, Query, Reply};
+use macp_receipt::ReceiptKeys;
 use macp_wire::v1::*;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::Stream;
@@ -61,6 +65,8 @@ pub struct Runtime {
     /// The policy registry comes from `MACP_POLICIES_DIR`: RegisterPolicy
     /// and UnregisterPolicy are refused with REGISTRY_READ_ONLY.
     policies_read_only: bool,
+    /// What decision receipts are signed with and GetReceiptKeys publishes.
+    receipts: Arc<ReceiptKeys>,
 }
 
 impl Runtime {
@@ -80,6 +86,7 @@ impl Runtime {
             kernel_config: Arc::new(kernel_config),
             max_reply_bytes: 4 * 1024 * 1024,
             policies_read_only: false,
+            receipts: Arc::new(ReceiptKeys::unsigned()),
         }
     }
 
@@ -88,6 +95,13 @@ impl Runtime {
     /// and the mutating policy RPCs answer REGISTRY_READ_ONLY.
     pub fn with_read_only_policies(mut self, read_only: bool) -> Self {
         self.policies_read_only = read_only;
+        self
+    }
+
+    /// Sets the keys decision receipts are signed with (unsigned, and an
+    /// empty published key set, until this is called).
+    pub fn with_receipt_keys(mut self, keys: ReceiptKeys) -> Self {
+        self.receipts = Arc::new(keys);
         self
     }
 
@@ -295,15 +309,15 @@ impl MacpRuntimeService for Runtime {
 
     async fn get_decision_receipt(
         &self,
-        _req: Request<GetDecisionReceiptRequest>,
+        req: Request<GetDecisionReceiptRequest>,
     ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
-        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+        receipts::get_decision_receipt(self, req).await
     }
 
     async fn get_receipt_keys(
         &self,
-        _req: Request<GetReceiptKeysRequest>,
+        req: Request<GetReceiptKeysRequest>,
     ) -> Result<Response<GetReceiptKeysResponse>, Status> {
-        Err(Status::unimplemented("decision receipts are not implemented (no decision_receipt capability)"))
+        receipts::get_receipt_keys(self, req).await
     }
 }

@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::history::read_records;
 use super::sessions::send_envelope;
 use super::{RpcStream, Runtime};
 use crate::driver::{Command, Subscription};
@@ -77,35 +78,20 @@ async fn forward(out: mpsc::Sender<Frame>, mut feed: SessionFeed, replay: Vec<Se
     let _ = out.send(None).await;
 }
 
-/// Reads a session's accepted history `(after, upto]` off the async
-/// threads (the file backend reads segments). Every sequence number in the
-/// range must come back: records that retention deleted in between make the
-/// replay incomplete, which is HISTORY_UNAVAILABLE, never a silent gap.
+/// A session's accepted history `(after, upto]` as the envelopes a passive
+/// subscriber replays (see [`read_records`] for completeness).
 async fn read_history(
     reader: std::sync::Arc<dyn macp_storage::StorageRead>,
     session_id: String,
     after: u64,
     upto: u64,
 ) -> Result<Vec<Sequenced>, KernelError> {
-    if after >= upto {
-        return Ok(Vec::new());
-    }
-    let sid = session_id.clone();
-    let records = tokio::task::spawn_blocking(move || reader.history(&sid, after, upto))
-        .await
-        .map_err(|e| KernelError::new(ErrorCode::InternalError, format!("history read failed: {e}")))?
-        .map_err(|e| {
-            KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}"))
-        })?;
-    let complete = records.len() as u64 == upto - after && records.iter().zip(after + 1..).all(|(r, seq)| r.seq == seq);
-    if !complete {
-        return Err(KernelError::new(
-            ErrorCode::HistoryUnavailable,
-            format!(
-                "session {session_id}'s history after sequence {after} is no longer complete (retention deleted it); subscribe without history or from a later after_sequence"
-            ),
-        ));
-    }
+    let records = read_records(reader, session_id, after, upto).await.map_err(|mut e| {
+        if e.code == ErrorCode::HistoryUnavailable {
+            e.message.push_str("; subscribe without history or from a later after_sequence");
+        }
+        e
+    })?;
     Ok(records
         .into_iter()
         .filter_map(|r| {

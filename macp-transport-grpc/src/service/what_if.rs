@@ -13,7 +13,7 @@
 //! and nothing here submits an input, so nothing is persisted, registered or
 //! broadcast.
 
-use macp_kernel::{ErrorCode, KernelError};
+use macp_kernel::ErrorCode;
 use macp_wire::v1::{WhatIfReplayRequest, WhatIfReplayResponse};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -43,12 +43,10 @@ pub(super) async fn what_if_replay(
     let (reply, rx) = oneshot::channel();
     let ask = Command::History { identity, session_id: session_id.clone(), reply };
     rt.tx.send(ask).await.map_err(|_| shutting_down())?;
-    let HistoryAccess { upto, history, modes } = rx.await.map_err(|_| shutting_down())?.map_err(status)?;
+    let HistoryAccess { upto, history, modes, .. } = rx.await.map_err(|_| shutting_down())?.map_err(status)?;
     let runtime_id = rt.kernel_config.runtime_id.clone();
+    let records = super::history::read_records(history, session_id, 0, upto).await.map_err(status)?;
     let replayed = tokio::task::spawn_blocking(move || {
-        let records = history.history(&session_id, 0, upto).map_err(|e| {
-            KernelError::new(ErrorCode::InternalError, format!("reading session {session_id}'s history failed: {e}"))
-        })?;
         macp_kernel::what_if::replay(&records, upto, &candidate, &modes, &runtime_id)
     })
     .await
