@@ -66,7 +66,12 @@ pub struct WalBase {
 }
 
 fn cfg() -> FsConfig {
-    FsConfig { segment_bytes: 2048, index_cache_bytes: 1 << 20, ..FsConfig::default() }
+    FsConfig {
+        segment_bytes: 2048,
+        index_cache_bytes: 1 << 20,
+        maintain_time_budget: std::time::Duration::MAX,
+        ..FsConfig::default()
+    }
 }
 
 /// Every record of the base kernel and of each vector's run, in one

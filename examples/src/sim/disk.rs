@@ -108,7 +108,13 @@ impl Disk {
         match &mut self.media {
             Media::Memory(_) | Media::Custom(_) => Ok(()),
             Media::Fs { fs, storage } => {
-                let cfg = FsConfig { segment_bytes: SEGMENT_BYTES, retention: self.retention, ..FsConfig::default() };
+                // No wall-clock budget: a seed must replay the same operations.
+                let cfg = FsConfig {
+                    segment_bytes: SEGMENT_BYTES,
+                    retention: self.retention,
+                    maintain_time_budget: std::time::Duration::MAX,
+                    ..FsConfig::default()
+                };
                 *storage = Some(FsStorage::open_with(fs.clone(), &self.dir, cfg)?);
                 Ok(())
             }
