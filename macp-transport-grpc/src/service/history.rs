@@ -1,11 +1,27 @@
 //! Reading a session's accepted history from storage, for passive
-//! subscribe replay and decision receipts: off the async threads (the file
-//! backend reads segments), and complete or not at all.
+//! subscribe replay, WhatIfReplay and decision receipts: access decided by
+//! the driver, records read off the async threads (the file backend reads
+//! segments), and complete or not at all.
 
 use std::sync::Arc;
 
-use macp_kernel::{ErrorCode, KernelError};
+use macp_kernel::{ErrorCode, Identity, KernelError};
 use macp_storage::{Record, StorageRead};
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use super::Runtime;
+use crate::driver::{Command, HistoryAccess};
+use crate::status::{shutting_down, status};
+
+/// Asks the driver whether `identity` may read `session_id` (the GetSession
+/// rule) and where its stored history ends; errors are wire statuses.
+pub(super) async fn access(rt: &Runtime, identity: Identity, session_id: &str) -> Result<HistoryAccess, Status> {
+    let (reply, rx) = oneshot::channel();
+    let ask = Command::History { identity, session_id: session_id.to_string(), reply };
+    rt.tx.send(ask).await.map_err(|_| shutting_down())?;
+    rx.await.map_err(|_| shutting_down())?.map_err(status)
+}
 
 /// The records of `session_id` with `after < seq <= upto`. Every sequence
 /// number in the range must come back: records that retention deleted in

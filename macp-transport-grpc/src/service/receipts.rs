@@ -10,13 +10,11 @@
 
 use macp_kernel::{ErrorCode, KernelError};
 use macp_wire::v1::*;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::history::read_records;
+use super::history::{access, read_records};
 use super::Runtime;
-use crate::driver::{Command, HistoryAccess};
-use crate::status::{shutting_down, status};
+use crate::status::status;
 
 pub(super) async fn get_decision_receipt(
     rt: &Runtime,
@@ -24,10 +22,7 @@ pub(super) async fn get_decision_receipt(
 ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
     let identity = rt.identity(&req).await?;
     let session_id = req.into_inner().session_id;
-    let (reply, rx) = oneshot::channel();
-    let cmd = Command::History { identity, session_id: session_id.clone(), reply };
-    rt.tx.send(cmd).await.map_err(|_| shutting_down())?;
-    let view: HistoryAccess = rx.await.map_err(|_| shutting_down())?.map_err(status)?;
+    let view = access(rt, identity, &session_id).await?;
     if view.live {
         return Err(status(KernelError::new(
             ErrorCode::ReceiptUnavailable,

@@ -15,13 +15,12 @@
 
 use macp_kernel::ErrorCode;
 use macp_wire::v1::{WhatIfReplayRequest, WhatIfReplayResponse};
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::Runtime;
-use crate::driver::{Command, HistoryAccess};
+use crate::driver::HistoryAccess;
 use crate::limits::Budget;
-use crate::status::{error_status, shutting_down, status};
+use crate::status::{error_status, status};
 
 pub(super) async fn what_if_replay(
     rt: &Runtime,
@@ -40,10 +39,7 @@ pub(super) async fn what_if_replay(
     let candidate = candidate.ok_or_else(|| {
         error_status(ErrorCode::InvalidPolicyDefinition, "candidate is required: the PolicyDescriptor to replay under")
     })?;
-    let (reply, rx) = oneshot::channel();
-    let ask = Command::History { identity, session_id: session_id.clone(), reply };
-    rt.tx.send(ask).await.map_err(|_| shutting_down())?;
-    let HistoryAccess { upto, history, modes, .. } = rx.await.map_err(|_| shutting_down())?.map_err(status)?;
+    let HistoryAccess { upto, history, modes, .. } = super::history::access(rt, identity, &session_id).await?;
     let runtime_id = rt.kernel_config.runtime_id.clone();
     let records = super::history::read_records(history, session_id, 0, upto).await.map_err(status)?;
     let replayed = tokio::task::spawn_blocking(move || {
