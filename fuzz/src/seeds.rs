@@ -208,6 +208,7 @@ pub fn config_parse() -> BTreeMap<String, Vec<u8>> {
         r#"{"tokens":[{"token":"t1","sender":"a","allowed_modes":["macp.mode.task.v1"],"can_start_sessions":false,"max_open_sessions":3,"can_manage_mode_registry":true,"is_observer":true},{"token":"t2","sender":"b"}]}"#,
     );
     add("args-dev", 1, "--dev --bind-addr 127.0.0.1:0 --memory-only");
+    add("args-dev-refused", 1, "--dev --max-connections 0 --history-retention 1m --session-disk-retention-secs 5");
     add("args-tls", 1, "--tls-cert-path c.pem --tls-key-path k.pem --auth-tokens-json [] --session-id-policy lax");
     add(
         "args-insecure",

@@ -246,15 +246,58 @@ impl std::fmt::Display for ByteSize {
     }
 }
 
+/// A configuration the server refuses to start with, found before anything
+/// is opened. Each variant names the setting to change; the binary prints it
+/// and exits 2. Typed so that callers (tests, the fuzz oracle) can tell a
+/// refusal that `--dev` must never produce from one it legitimately can.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Both retention settings are set, to different values.
+    #[error(
+        "MACP_HISTORY_RETENTION ({retention}) and MACP_SESSION_DISK_RETENTION_SECS ({secs}) disagree; set one of them"
+    )]
+    RetentionDisagrees {
+        /// The value of `MACP_HISTORY_RETENTION`.
+        retention: Retention,
+        /// The value of `MACP_SESSION_DISK_RETENTION_SECS`.
+        secs: u64,
+    },
+    /// Only one of the TLS certificate and key is set.
+    #[error("MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH must be set together")]
+    HalfTls,
+    /// Neither TLS nor plaintext is configured.
+    #[error("no TLS configured: set MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH, or allow plaintext with MACP_ALLOW_INSECURE=1 (or --dev for local development)")]
+    NoTls,
+    /// Inline and fetched JWKS are both set.
+    #[error("set one of MACP_AUTH_JWKS_JSON and MACP_AUTH_JWKS_URL, not both")]
+    TwoJwksSources,
+    /// A JWT issuer without keys to verify its tokens.
+    #[error("MACP_AUTH_ISSUER needs JWT keys: set MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL")]
+    IssuerWithoutKeys,
+    /// JWT keys without the issuer tokens must name.
+    #[error("MACP_AUTH_JWKS_JSON/MACP_AUTH_JWKS_URL need MACP_AUTH_ISSUER (the issuer JWTs must name)")]
+    KeysWithoutIssuer,
+    /// An empty issuer or audience would match tokens that name none.
+    #[error("MACP_AUTH_ISSUER and MACP_AUTH_AUDIENCE must not be empty")]
+    EmptyIssuerOrAudience,
+    /// No way for any request to authenticate.
+    #[error("no authentication configured: set MACP_AUTH_TOKENS_JSON or MACP_AUTH_TOKENS_FILE, or MACP_AUTH_ISSUER with JWT keys, or allow dev identities with MACP_ALLOW_DEV_SENDER_HEADER=1 (or --dev)")]
+    NoAuthentication,
+    /// A connection cap of zero would refuse every client.
+    #[error("MACP_MAX_CONNECTIONS must be at least 1")]
+    ZeroMaxConnections,
+    /// A handshake timeout of zero would drop every connection.
+    #[error("MACP_HANDSHAKE_TIMEOUT_SECS must be at least 1")]
+    ZeroHandshakeTimeout,
+}
+
 impl Config {
     /// Applies `--dev` (plaintext + dev identities) and checks combinations
     /// that would otherwise fail confusingly later.
-    pub fn resolve(mut self) -> Result<Self, String> {
+    pub fn resolve(mut self) -> Result<Self, ConfigError> {
         self.retention = match (self.history_retention, self.session_disk_retention_secs) {
             (Some(r), Some(secs)) if r != Retention::from_secs(secs) => {
-                return Err(format!(
-                "MACP_HISTORY_RETENTION ({r}) and MACP_SESSION_DISK_RETENTION_SECS ({secs}) disagree; set one of them"
-            ))
+                return Err(ConfigError::RetentionDisagrees { retention: r, secs })
             }
             (Some(r), _) => r,
             (None, Some(secs)) => Retention::from_secs(secs),
@@ -265,43 +308,31 @@ impl Config {
             self.allow_dev_sender_header = true;
         }
         match (&self.tls_cert_path, &self.tls_key_path) {
-            (Some(_), None) | (None, Some(_)) => {
-                return Err("MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH must be set together".into())
-            }
-            (None, None) if !self.allow_insecure => {
-                return Err("no TLS configured: set MACP_TLS_CERT_PATH and MACP_TLS_KEY_PATH, or allow plaintext with MACP_ALLOW_INSECURE=1 (or --dev for local development)".into())
-            }
+            (Some(_), None) | (None, Some(_)) => return Err(ConfigError::HalfTls),
+            (None, None) if !self.allow_insecure => return Err(ConfigError::NoTls),
             _ => {}
         }
         match (&self.auth_issuer, &self.auth_jwks_json, &self.auth_jwks_url) {
-            (Some(_), Some(_), Some(_)) => {
-                return Err("set one of MACP_AUTH_JWKS_JSON and MACP_AUTH_JWKS_URL, not both".into())
-            }
-            (Some(_), None, None) => {
-                return Err("MACP_AUTH_ISSUER needs JWT keys: set MACP_AUTH_JWKS_JSON or MACP_AUTH_JWKS_URL".into())
-            }
-            (None, Some(_), _) | (None, _, Some(_)) => {
-                return Err(
-                    "MACP_AUTH_JWKS_JSON/MACP_AUTH_JWKS_URL need MACP_AUTH_ISSUER (the issuer JWTs must name)".into()
-                )
-            }
+            (Some(_), Some(_), Some(_)) => return Err(ConfigError::TwoJwksSources),
+            (Some(_), None, None) => return Err(ConfigError::IssuerWithoutKeys),
+            (None, Some(_), _) | (None, _, Some(_)) => return Err(ConfigError::KeysWithoutIssuer),
             _ => {}
         }
         if self.auth_issuer.as_deref().is_some_and(str::is_empty) || self.auth_audience.is_empty() {
-            return Err("MACP_AUTH_ISSUER and MACP_AUTH_AUDIENCE must not be empty".into());
+            return Err(ConfigError::EmptyIssuerOrAudience);
         }
         if self.auth_tokens_json.is_none()
             && self.auth_tokens_file.is_none()
             && self.auth_issuer.is_none()
             && !self.allow_dev_sender_header
         {
-            return Err("no authentication configured: set MACP_AUTH_TOKENS_JSON or MACP_AUTH_TOKENS_FILE, or MACP_AUTH_ISSUER with JWT keys, or allow dev identities with MACP_ALLOW_DEV_SENDER_HEADER=1 (or --dev)".into());
+            return Err(ConfigError::NoAuthentication);
         }
         if self.max_connections == 0 {
-            return Err("MACP_MAX_CONNECTIONS must be at least 1".into());
+            return Err(ConfigError::ZeroMaxConnections);
         }
         if self.handshake_timeout_secs == 0 {
-            return Err("MACP_HANDSHAKE_TIMEOUT_SECS must be at least 1".into());
+            return Err(ConfigError::ZeroHandshakeTimeout);
         }
         self.max_concurrent_requests =
             Some(self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024));
@@ -360,10 +391,10 @@ mod tests {
             Config::parse_from(args).resolve()
         };
         assert!(jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}"]).is_ok(), "JWT alone is authentication");
-        assert!(jwt(&["--auth-issuer", "https://i"]).unwrap_err().contains("needs JWT keys"));
-        assert!(jwt(&["--auth-jwks-url", "https://k"]).unwrap_err().contains("MACP_AUTH_ISSUER"));
+        assert_eq!(jwt(&["--auth-issuer", "https://i"]).unwrap_err(), ConfigError::IssuerWithoutKeys);
+        assert_eq!(jwt(&["--auth-jwks-url", "https://k"]).unwrap_err(), ConfigError::KeysWithoutIssuer);
         let both = jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}", "--auth-jwks-url", "https://k"]);
-        assert!(both.unwrap_err().contains("not both"));
+        assert_eq!(both.unwrap_err(), ConfigError::TwoJwksSources);
         let c = jwt(&["--auth-issuer", "https://i", "--auth-jwks-json", "{}"]).unwrap();
         assert_eq!(c.auth_jwt_algs, crate::auth::jwt::DEFAULT_ALGORITHMS);
         assert_eq!((c.auth_audience.as_str(), c.auth_jwks_ttl_secs, c.auth_leeway_secs), ("macp-runtime", 300, 30));

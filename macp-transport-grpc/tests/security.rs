@@ -6,7 +6,7 @@ mod common;
 
 use clap::Parser;
 use common::*;
-use macp_transport_grpc::config::Config;
+use macp_transport_grpc::config::{Config, ConfigError};
 use macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
 use macp_wire::v1::*;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -102,9 +102,10 @@ async fn tls_connections_are_held_to_the_handshake_deadline_but_streams_stay() {
 #[test]
 fn plaintext_and_missing_auth_are_refused_unless_allowed() {
     let e = Config::parse_from(["macp-runtime", "--auth-tokens-json", TOKENS]).resolve().unwrap_err();
-    assert!(e.contains("TLS"), "{e}");
+    assert_eq!(e, ConfigError::NoTls);
+    assert!(e.to_string().contains("MACP_ALLOW_INSECURE"), "the message names the setting: {e}");
     let e = Config::parse_from(["macp-runtime", "--allow-insecure"]).resolve().unwrap_err();
-    assert!(e.contains("authentication"), "{e}");
+    assert_eq!(e, ConfigError::NoAuthentication);
     assert!(Config::parse_from(["macp-runtime", "--allow-insecure", "--auth-tokens-json", TOKENS]).resolve().is_ok());
     let dev = Config::parse_from(["macp-runtime", "--dev"]).resolve().unwrap();
     assert!(dev.allow_insecure && dev.allow_dev_sender_header);
