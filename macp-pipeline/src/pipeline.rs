@@ -358,7 +358,8 @@ impl<T, Q> Pipeline<T, Q> {
         if self.in_flight.is_some() || !self.batch.records.is_empty() {
             return Err(StorageError::Misuse("checkpoint while records are not yet durable"));
         }
-        storage.checkpoint(&self.kernel.snapshot())?;
+        let open_state = if storage.needs_open_state() { self.kernel.snapshot() } else { Vec::new() };
+        storage.checkpoint(&open_state)?;
         self.records_since_checkpoint = 0;
         self.first_record_since_checkpoint = None;
         Ok(())

@@ -215,6 +215,16 @@ pub trait Storage: Send {
 
     /// A reader for other tasks.
     fn reader(&self) -> Arc<dyn StorageRead>;
+
+    /// Whether [`Storage::checkpoint`] needs the open state's bytes. A
+    /// store that will never be loaded again (the memory-only server's:
+    /// nothing outlives the process) answers false, and the pipeline then
+    /// checkpoints with an empty open state instead of serializing every
+    /// open session — the checkpoint still marks which ended sessions
+    /// retention may delete.
+    fn needs_open_state(&self) -> bool {
+        true
+    }
 }
 
 /// The reading side of storage, shared with every task that serves reads.

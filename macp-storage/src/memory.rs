@@ -34,11 +34,21 @@ pub struct MemoryConfig {
     /// Most bytes (encoded records and summaries) the ended sessions may
     /// hold together; the oldest go first past it.
     pub history_limit_bytes: u64,
+    /// Whether the store can be loaded again ([`MemoryStorage::crash`] or
+    /// [`MemoryStorage::reopen`], then [`Storage::load`]), as tests and the
+    /// simulator do. A memory-only server never loads twice — nothing
+    /// survives its process — so it turns this off: checkpoints then keep
+    /// no copy of the open state ([`Storage::needs_open_state`] is false,
+    /// so the pipeline does not even serialize it) and the log after a
+    /// checkpoint is not indexed. With 100,000 open sessions that copy was
+    /// about 70 MB of the server's memory and a second-long stall per
+    /// checkpoint.
+    pub restartable: bool,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig { retention: Retention::Forever, history_limit_bytes: 256 << 20 }
+        MemoryConfig { retention: Retention::Forever, history_limit_bytes: 256 << 20, restartable: true }
     }
 }
 
@@ -98,16 +108,23 @@ struct Inner {
     ended_bytes: u64,
     /// Bytes held by open sessions.
     open_bytes: u64,
+    /// Whether `tail`, `registry_tail` and `checkpoint` are kept (see
+    /// [`MemoryConfig::restartable`]).
+    restartable: bool,
 }
 
 impl Inner {
     fn add_record(&mut self, r: Record) {
         if r.session_id.is_empty() {
-            self.tail.push((String::new(), r.seq));
-            self.registry_tail.push(r);
+            if self.restartable {
+                self.tail.push((String::new(), r.seq));
+                self.registry_tail.push(r);
+            }
             return;
         }
-        self.tail.push((r.session_id.clone(), r.seq));
+        if self.restartable {
+            self.tail.push((r.session_id.clone(), r.seq));
+        }
         let fresh = !self.sessions.contains_key(&r.session_id);
         let h = self.sessions.entry(r.session_id.clone()).or_default();
         let before = h.records.len();
@@ -188,9 +205,10 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An empty store.
     pub fn new(config: MemoryConfig) -> Self {
+        let inner = Inner { restartable: config.restartable, ..Inner::default() };
         MemoryStorage {
             config,
-            inner: Arc::new(RwLock::new(Inner::default())),
+            inner: Arc::new(RwLock::new(inner)),
             pending_records: Vec::new(),
             pending_ended: Vec::new(),
             loaded: false,
@@ -219,8 +237,9 @@ impl MemoryStorage {
     }
 
     /// Changes the limits (tests reopen one store under other settings).
+    /// [`MemoryConfig::restartable`] is fixed when the store is created.
     pub fn set_config(&mut self, config: MemoryConfig) {
-        self.config = config;
+        self.config = MemoryConfig { restartable: self.config.restartable, ..config };
     }
 
     /// Bytes held by ended sessions (their records and summaries).
@@ -249,6 +268,9 @@ impl Storage for MemoryStorage {
             return Err(StorageError::Misuse("load called twice"));
         }
         let inner = self.inner.read().map_err(|_| StorageError::Poisoned)?;
+        if !inner.restartable && (inner.generation > 0 || !inner.sessions.is_empty()) {
+            return Err(StorageError::Misuse("a memory store that is not restartable cannot be loaded again"));
+        }
         if let Some(cp) = &inner.checkpoint {
             visit(LoadEvent::Checkpoint { open_state: cp })?;
         }
@@ -305,7 +327,7 @@ impl Storage for MemoryStorage {
     fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
         self.sync()?;
         let mut inner = self.write()?;
-        inner.checkpoint = Some(open_state.to_vec());
+        inner.checkpoint = inner.restartable.then(|| open_state.to_vec());
         inner.tail.clear();
         inner.registry_tail.clear();
         inner.generation += 1;
@@ -337,6 +359,10 @@ impl Storage for MemoryStorage {
 
     fn reader(&self) -> Arc<dyn StorageRead> {
         Arc::new(MemoryReader(self.inner.clone()))
+    }
+
+    fn needs_open_state(&self) -> bool {
+        self.config.restartable
     }
 }
 
@@ -403,11 +429,46 @@ mod tests {
         suite::run_all(&mut Mem::default());
     }
 
+    /// A store that is not restartable (the memory-only server's) keeps no
+    /// copy of the open state and no index of the log, still deletes ended
+    /// sessions after a checkpoint, and refuses to be loaded again rather
+    /// than come back empty.
+    #[test]
+    fn a_store_that_is_not_restartable_keeps_no_open_state() {
+        let retention = Retention::For(std::time::Duration::from_millis(10));
+        let config = MemoryConfig { retention, restartable: false, ..MemoryConfig::default() };
+        let mut s = MemoryStorage::new(config.clone());
+        assert!(!s.needs_open_state());
+        assert!(MemoryStorage::new(MemoryConfig::default()).needs_open_state());
+        suite::load(&mut s);
+        s.append(&[record(1, 1), record(1, 2), record(2, 1)], &[summary(1, 2, 1_000)]).unwrap();
+        s.checkpoint(b"").unwrap();
+        {
+            let inner = s.inner.read().unwrap();
+            assert!(inner.checkpoint.is_none() && inner.tail.is_empty() && inner.registry_tail.is_empty());
+        }
+        let r = s.reader();
+        assert_eq!(r.history(&suite::sid(1), 0, 9).unwrap().len(), 2, "history is still served");
+        let m = s.maintain(2_000).unwrap();
+        assert_eq!(m.expired_sessions, 1, "retention still deletes after a checkpoint");
+        assert!(r.ended(&suite::sid(1)).unwrap().is_none());
+        assert_eq!(r.history(&suite::sid(2), 0, 9).unwrap().len(), 1, "open sessions stay");
+        s.crash();
+        let e = s.load(&|| false, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(e, StorageError::Misuse(_)), "{e:?}");
+        s.set_config(MemoryConfig::default());
+        assert!(!s.needs_open_state(), "restartable is fixed at creation");
+    }
+
     /// Past the history limit the oldest ended sessions go first, and only
     /// ended ones; the store stays within the limit.
     #[test]
     fn the_history_limit_evicts_the_oldest_ended_sessions() {
-        let mut s = MemoryStorage::new(MemoryConfig { retention: Retention::Forever, history_limit_bytes: 20_000 });
+        let mut s = MemoryStorage::new(MemoryConfig {
+            retention: Retention::Forever,
+            history_limit_bytes: 20_000,
+            ..MemoryConfig::default()
+        });
         suite::load(&mut s);
         for n in 1..=200u64 {
             s.append(&[record(n, 1), record(n, 2)], &[summary(n, 2, 1_000 + n as i64)]).unwrap();

@@ -139,6 +139,9 @@ pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
         return Ok(Box::new(MemoryStorage::new(MemoryConfig {
             retention: cfg.retention,
             history_limit_bytes: cfg.memory_history_limit.bytes(),
+            // Nothing outlives a memory-only process: no restart will read
+            // a checkpoint, so none keeps a copy of the open sessions.
+            restartable: false,
         })));
     }
     let fs = FsConfig { retention: cfg.retention, ..FsConfig::default() };
