@@ -49,6 +49,7 @@ pub mod query;
 pub mod record;
 pub mod session;
 mod state;
+pub mod text;
 pub mod validate;
 pub mod what_if;
 

@@ -131,8 +131,8 @@ pub fn start_payload(env: &Envelope, cfg: &KernelConfig) -> KResult<StartFields>
         .map_err(|e| KernelError::invalid(format!("SessionStart payload does not decode: {e}")))?;
     if p.participants.len() > cfg.max_participants {
         return Err(KernelError::invalid(format!(
-            "SessionStart declares {} participants; the limit is {}",
-            p.participants.len(),
+            "SessionStart declares {}; the limit is {}",
+            crate::text::Count::of(p.participants.len(), "participant"),
             cfg.max_participants
         )));
     }

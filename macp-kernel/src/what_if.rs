@@ -101,7 +101,7 @@ fn complete_start(history: &[Record], last_seq: u64) -> KResult<&SessionStarted>
     };
     let Some(first) = history.first() else { return Err(unavailable("no record is stored".into())) };
     if history.len() as u64 != last_seq {
-        return Err(unavailable(format!("{} of {last_seq} records are stored", history.len())));
+        return Err(unavailable(format!("{} of its {} stored", history.len(), crate::text::Count(last_seq, "record"))));
     }
     if let Some((i, r)) =
         history.iter().enumerate().find(|(i, r)| r.seq != *i as u64 + 1 || r.session_id != first.session_id)

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use macp_kernel::text::Count;
 use macp_kernel::{Kernel, KernelConfig, SnapshotError};
 use macp_storage::{Damage, LoadEvent, LogPos, Storage, StorageError, TornTail};
 
@@ -72,11 +73,11 @@ impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}, {} records replayed, {} open sessions, {} sessions ended during replay, log ends at {}",
+            "{}, {} replayed, {} open, {} ended during replay, log ends at {}",
             if self.checkpoint { "checkpoint restored" } else { "no checkpoint" },
-            self.replayed,
-            self.open_sessions,
-            self.ended,
+            Count::of(self.replayed, "record"),
+            Count::of(self.open_sessions, "session"),
+            Count::of(self.ended, "session"),
             self.end
         )?;
         if let Some(t) = &self.torn_tail {

@@ -159,10 +159,18 @@ pub struct Config {
     #[arg(long, env = "MACP_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
     pub max_metadata_bytes: usize,
 
-    /// Records between checkpoints (0: no record bound). A checkpoint holds
-    /// open sessions only, so restart replays at most this many records.
-    #[arg(long, env = "MACP_CHECKPOINT_EVERY", default_value_t = 100_000)]
-    pub checkpoint_every: u64,
+    /// Records between checkpoints (0: no record bound) [default: 100000;
+    /// also read from the reference runtime's MACP_CHECKPOINT_INTERVAL]. A
+    /// checkpoint holds open sessions only, so restart replays at most this
+    /// many records.
+    #[arg(long, env = "MACP_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<u64>,
+
+    /// The reference runtime's name for `--checkpoint-every` (log entries
+    /// between checkpoints, 0 = none), read when neither that flag nor
+    /// MACP_CHECKPOINT_EVERY is set.
+    #[arg(long, env = "MACP_CHECKPOINT_INTERVAL", hide = true)]
+    pub checkpoint_interval: Option<u64>,
 
     /// Most seconds between checkpoints while records arrive (0: no time
     /// bound). Retention deletes an ended session only after a checkpoint
@@ -346,6 +354,12 @@ impl Config {
         self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024)
     }
 
+    /// Records between checkpoints: the flag, then MACP_CHECKPOINT_EVERY,
+    /// then MACP_CHECKPOINT_INTERVAL, then 100,000.
+    pub fn checkpoint_every(&self) -> u64 {
+        self.checkpoint_every.or(self.checkpoint_interval).unwrap_or(100_000)
+    }
+
     /// Whether JWT bearer tokens are accepted.
     pub fn jwt(&self) -> bool {
         self.auth_issuer.is_some()
@@ -365,9 +379,10 @@ fn parse_jwt_alg(name: &str) -> Result<jsonwebtoken::Algorithm, crate::auth::jwt
 mod tests {
     use super::*;
 
-    /// The reference runtime's `MACP_CONCURRENCY_LIMIT_PER_CONNECTION` is
-    /// read when neither the flag nor `MACP_MAX_CONCURRENT_REQUESTS` is set.
-    /// (The only test of this binary touching these variables.)
+    /// The reference runtime's names (`MACP_CONCURRENCY_LIMIT_PER_CONNECTION`,
+    /// `MACP_CHECKPOINT_INTERVAL`) are read when neither our flag nor our
+    /// variable is set. (The only test of this binary touching these
+    /// variables.)
     #[test]
     fn reference_alias_for_the_per_connection_limit() {
         let base = ["macp-runtime", "--dev"];
@@ -381,6 +396,19 @@ mod tests {
         std::env::remove_var("MACP_MAX_CONCURRENT_REQUESTS");
         std::env::remove_var("MACP_CONCURRENCY_LIMIT_PER_CONNECTION");
         assert_eq!(Config::parse_from(base).resolve().unwrap().max_concurrent_requests(), 1024, "the default");
+
+        // The reference runtime's MACP_CHECKPOINT_INTERVAL is our
+        // MACP_CHECKPOINT_EVERY (log entries between checkpoints).
+        std::env::remove_var("MACP_CHECKPOINT_EVERY");
+        std::env::set_var("MACP_CHECKPOINT_INTERVAL", "500");
+        assert_eq!(Config::parse_from(base).checkpoint_every(), 500);
+        std::env::set_var("MACP_CHECKPOINT_EVERY", "600");
+        assert_eq!(Config::parse_from(base).checkpoint_every(), 600, "our name wins");
+        let flag = Config::parse_from(["macp-runtime", "--dev", "--checkpoint-every", "0"]);
+        assert_eq!(flag.checkpoint_every(), 0, "the flag wins");
+        std::env::remove_var("MACP_CHECKPOINT_EVERY");
+        std::env::remove_var("MACP_CHECKPOINT_INTERVAL");
+        assert_eq!(Config::parse_from(base).checkpoint_every(), 100_000, "the default");
     }
 
     #[test]

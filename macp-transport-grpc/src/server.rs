@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use macp_kernel::text::Count;
 use macp_kernel::{KernelConfig, SessionIdPolicy};
 use macp_pipeline::{CheckpointPolicy, RecoveryError};
 use macp_receipt::{KeyFileError, ReceiptKeys};
@@ -175,7 +176,7 @@ fn reopen(cfg: &Config) -> Reopen {
 /// The checkpoint policy implied by the configuration.
 pub fn checkpoint_policy(cfg: &Config) -> CheckpointPolicy {
     CheckpointPolicy {
-        every_records: cfg.checkpoint_every,
+        every_records: cfg.checkpoint_every(),
         every_ms: (cfg.checkpoint_interval_secs as i64).saturating_mul(1000),
     }
 }
@@ -259,19 +260,19 @@ pub async fn serve(
     }
     if let (Some(policies), Some(dir)) = (&file_policies, &cfg.policies_dir) {
         sync_policies(&mut driver, policies, &kcfg.runtime_id)?;
-        info!("policy registry: read-only, {} policy file(s) from {}", policies.len(), dir.display());
+        info!("policy registry: read-only, {} from {}", Count::of(policies.len(), "policy file"), dir.display());
     }
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {} static token(s){}{}; storage: {}; history retention: {}; decision receipts: {}; {} open session(s)",
+        "macp-runtime listening on {addr}; TLS {}; auth: {}{}{}; storage: {}; history retention: {}; decision receipts: {}; {} open",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
-        auth.token_count(),
+        Count::of(auth.token_count(), "static token"),
         auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
         if auth.dev() { " + dev identities" } else { "" },
         storage_label(&cfg),
         cfg.retention,
         receipts_label(&receipts),
-        driver.open_sessions(),
+        Count::of(driver.open_sessions(), "session"),
     );
     let hub = driver.hub();
     let watch =

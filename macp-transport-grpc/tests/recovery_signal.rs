@@ -261,10 +261,10 @@ fn a_signal_during_recovery_exits_zero_promptly_and_loses_nothing() {
     let recovered = server.wait_for(RECOVERED, Duration::from_secs(120));
     eprintln!("full recovery: {recovered}");
     // Nothing checkpointed or changed the log: every record replays again.
-    let all = format!("no checkpoint, {SESSIONS} records replayed, {SESSIONS} open sessions");
+    let all = format!("no checkpoint, {SESSIONS} records replayed, {SESSIONS} sessions open");
     assert!(recovered.contains(&all), "expected {all:?} in {recovered:?}");
     let listening = server.wait_for(LISTENING, Duration::from_secs(10));
-    assert!(listening.ends_with(&format!("; {SESSIONS} open session(s)")), "{listening}");
+    assert!(listening.ends_with(&format!("; {SESSIONS} sessions open")), "{listening}");
 
     let port = server.port;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

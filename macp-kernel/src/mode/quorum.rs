@@ -432,8 +432,10 @@ impl ModeState for QuorumState {
         })?;
         if !t.reached() && !t.unreachable() {
             return Err(KernelError::invalid(format!(
-                "the outcome is not decided yet: {} of {} required approvals, {} participants still to vote",
-                t.approvals, t.required, t.remaining
+                "the outcome is not decided yet: {} of {} required, {} still to vote",
+                t.approvals,
+                crate::text::Count::of(t.required, "approval"),
+                crate::text::Count::of(t.remaining, "participant")
             )));
         }
         if c.outcome_positive {
@@ -443,8 +445,11 @@ impl ModeState for QuorumState {
                     return Err(KernelError::policy_denied(vec![Denial::new(
                         DenialCode::ThresholdNotMet,
                         format!(
-                            "threshold ({} {}) needs {} approvals for a positive commitment; there are {}",
-                            th.kind, th.value_text, th.required, t.approvals
+                            "threshold ({} {}) needs {} for a positive commitment; there {}",
+                            th.kind,
+                            th.value_text,
+                            crate::text::Count::of(th.required, "approval"),
+                            if t.approvals == 1 { "is 1".to_string() } else { format!("are {}", t.approvals) }
                         ),
                     )
                     .with_participants(

@@ -240,10 +240,18 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
         if !met {
             let message = match rules.quorum_kind {
                 QuorumKind::Count => {
-                    format!("vote quorum not met: {voters} voter(s), {} required", rules.quorum_value)
+                    format!(
+                        "vote quorum not met: {} voted, {} required",
+                        crate::text::Count::of(voters, "participant"),
+                        rules.quorum_value
+                    )
                 }
                 QuorumKind::Percentage => {
-                    format!("vote quorum not met: {voters} of {n} participants voted, {}% required", rules.quorum_value)
+                    format!(
+                        "vote quorum not met: {voters} of {} voted, {}% required",
+                        crate::text::Count::of(n, "participant"),
+                        rules.quorum_value
+                    )
                 }
             };
             let missing = participants.iter().filter(|p| !tally.voters.contains(*p)).cloned();
