@@ -206,10 +206,12 @@ mod frame;
 mod index;
 mod locs;
 mod reader;
+mod readonly;
 mod scan;
 mod storage;
 mod vfs;
 
+pub use readonly::{CheckpointInfo, LogItem, ReadOnlyFile, ReadOnlyFs, SegmentFile};
 pub use storage::{
     FsConfig, FsStats, FsStorage, CHECKPOINT_FILE, FORMAT_FILE, FORMAT_VERSION, INDEX_FILE, LOCK_FILE, WAL_DIR,
 };
