@@ -8,7 +8,9 @@
 //! - `history` and `sessions` show the workload;
 //! - nothing the tool does changes a byte of the directory;
 //! - `verify` says healthy (exit 0), then, after one flipped byte in a
-//!   segment record, damaged (exit 1) with the segment file and offset.
+//!   segment record, damaged (exit 1) with the segment file and offset;
+//! - `tail` shows the workload live, `receipt --verify` verifies a resolved
+//!   session's receipt with the server's keys.
 
 #[path = "../../macp-transport-grpc/tests/common/mod.rs"]
 mod common;
@@ -140,11 +142,34 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_live_servers_data_exports_as_it_streams_and_is_never_written() {
+async fn a_live_server_tails_then_its_data_exports_as_it_streams_without_a_write() {
     let dir = temp_dir("export");
     let server = server_on(&dir).await;
+    let addr = server.addr.to_string();
+    // tail follows the workload live: lifecycle events and envelopes.
+    let tail = Command::new(env!("CARGO_BIN_EXE_macp-admin"))
+        .args(["tail", "--addr", &addr, "--dev-sender", "I", "--limit", "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tail");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let w = workload(&server).await;
     let d = dir.to_str().unwrap();
+    let tailed = tokio::task::spawn_blocking(move || tail.wait_with_output()).await.unwrap().expect("tail");
+    assert_eq!(tailed.status.code(), Some(0), "{}", text(&tailed.stderr));
+    let tailed = lines(&tailed);
+    assert_eq!(tailed.len(), 8);
+    assert!(tailed.iter().any(|l| l["event"] == "created" && l["session"]["session_id"] == w.resolved[0].as_str()));
+    assert!(tailed.iter().any(|l| l["envelope"]["message_type"] == "SessionStart"), "{tailed:?}");
+
+    // receipt --verify: the dev server signs with a key it generated.
+    let out = admin(&["receipt", "--addr", &addr, "--dev-sender", "I", &w.resolved[0], "--verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", text(&out.stdout), text(&out.stderr));
+    let receipt = &lines(&out)[0];
+    assert_eq!(receipt["receipt_format"], "macp-receipt/1");
+    assert!(text(&out.stderr).contains("verified: attested by key"), "{}", text(&out.stderr));
+    let out = admin(&["receipt", "--addr", &addr, "--dev-sender", "I", &w.open]);
+    assert_eq!(out.status.code(), Some(2), "an open session has no receipt yet");
 
     // (d) The server holds the directory: every data command refuses.
     for cmd in [vec!["verify", d], vec!["sessions", d], vec!["inspect", d]] {
