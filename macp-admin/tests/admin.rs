@@ -308,6 +308,13 @@ async fn verify_reports_a_flipped_byte_with_its_segment_and_offset() {
     let first = &v["problems"][0];
     assert_eq!((first["file"].as_str(), first["offset"].as_u64()), (Some("wal/00000000000000000001.seg"), Some(16)));
 
+    // An unreadable checkpoint is damage too, and is named.
+    std::fs::write(dir.join("checkpoint"), b"not a checkpoint").expect("write checkpoint");
+    let out = admin(&["verify", d]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{report}{}", text(&out.stderr));
+    assert!(report.contains("DAMAGE checkpoint: unreadable"), "{report}");
+
     // A directory that is not one: exit 2.
     let out = admin(&["verify", dir.join("wal").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
