@@ -43,7 +43,8 @@
 //! <dir>/FORMAT       "macp-rs-data 2\n". A newer version is refused
 //!                    (StorageError::NewerFormat); format 1 is migrated (below);
 //!                    a directory with files but no marker is refused as not ours.
-//! <dir>/LOCK         advisory exclusive lock, held while open.
+//! <dir>/LOCK         advisory exclusive lock, held while open; read-only
+//!                    tools ([`FsStorage::open_read_only`]) take it shared.
 //! <dir>/checkpoint   the open state (opaque bytes from the kernel), the open
 //!                    sessions' record locations, and the log position both
 //!                    cover. Written as checkpoint.tmp, fsynced, renamed, and
@@ -206,10 +207,12 @@ mod frame;
 mod index;
 mod locs;
 mod reader;
+mod readonly;
 mod scan;
 mod storage;
 mod vfs;
 
+pub use readonly::{CheckpointInfo, LogItem, ReadOnlyFile, ReadOnlyFs, SegmentFile};
 pub use storage::{
     FsConfig, FsStats, FsStorage, CHECKPOINT_FILE, FORMAT_FILE, FORMAT_VERSION, INDEX_FILE, LOCK_FILE, WAL_DIR,
 };

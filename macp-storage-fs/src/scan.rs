@@ -158,7 +158,13 @@ pub(crate) fn read_segments<V: Vfs>(plan: ReadPlan<'_, V>, tx: SyncSender<Result
 
 /// Scans one segment's bytes (file offset `base` onward) into findings.
 /// Returns `false` if the receiver is gone.
-fn scan_segment(n: u64, bytes: &[u8], base: u64, is_last: bool, sink: &mut dyn FnMut(Found) -> bool) -> bool {
+pub(crate) fn scan_segment(
+    n: u64,
+    bytes: &[u8],
+    base: u64,
+    is_last: bool,
+    sink: &mut dyn FnMut(Found) -> bool,
+) -> bool {
     let max = MAX_FRAME_READ;
     let file_len = base + bytes.len() as u64;
     let mut at = 0usize;

@@ -531,6 +531,11 @@ impl<V: Vfs> FsStorage<V> {
         })
     }
 
+    /// The state shared with readers (the read-only tools in `readonly.rs`).
+    pub(crate) fn shared(&self) -> &Shared<V> {
+        &self.shared
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir

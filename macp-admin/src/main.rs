@@ -1,0 +1,204 @@
+//! # macp-admin
+//!
+//! The operator's tool for macp-rs: look into a data directory, check it,
+//! export it, and watch a running server, without writing code.
+//!
+//! ```text
+//! macp-admin inspect  DATA_DIR [--json]          format, segments, checkpoint, sessions by mode and state, size
+//! macp-admin verify   DATA_DIR [--json]          every checksum + a full replay through the kernel; exit 0 healthy, 1 damaged
+//! macp-admin sessions DATA_DIR [--state S] [--mode M] [--json]
+//! macp-admin history  DATA_DIR SESSION_ID        accepted history as JSON lines, payloads decoded
+//! macp-admin export   DATA_DIR --out FILE        every session's history as JSON lines
+//! macp-admin tail     --addr URL [--token T | --dev-sender S]
+//! macp-admin receipt  --addr URL SESSION_ID [--verify]
+//! ```
+//!
+//! ## Reading a data directory never writes to it
+//!
+//! The data-directory commands open the directory with
+//! `FsStorage::open_read_only` (macp-storage-fs): the same file backend and
+//! the same recovery (`macp_pipeline::recover`) the server runs, over a file
+//! system whose files are opened read-only and whose writes (truncating a
+//! torn tail, redb's bookkeeping) stay in memory. They take the directory's
+//! `LOCK` file **shared**: while a server holds it (exclusively) they refuse
+//! with exit code 2 and say so — stop the server or work on a copy
+//! (`cp -a`); while they hold it, a server refuses to start on the
+//! directory rather than write under a reader. A copy without a `LOCK`
+//! file is read without one.
+//!
+//! ## Exit codes
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | success; for `verify`: healthy (a torn tail, which recovery truncates, is reported but healthy) |
+//! | 1 | `verify`: damage found; `receipt --verify`: the receipt does not verify |
+//! | 2 | usage error, I/O error, not a data directory, locked by a running server, server unreachable |
+//!
+//! ## JSON lines
+//!
+//! `history` and `export` write one JSON object per accepted record:
+//! `session_id`, `seq`, `at_unix_ms`, `kind` (`started`, `accepted`,
+//! `cancelled`, `suspended`, `resumed`, `expired`), and for records that
+//! carry one the `envelope` with its fields, `payload_base64` (the exact
+//! bytes) and `payload` (the payload decoded by message type into proto3
+//! JSON from the wire schema, or `null` with `payload_error` when it does
+//! not decode). The envelopes, in order, are what passive subscribe
+//! (StreamSession from `after_sequence` 0) returns for the session.
+//!
+//! ## Dependencies added for it
+//!
+//! - `indicatif` (no default features): progress of `verify` and `export`
+//!   on a terminal; it draws nothing when stderr is not a terminal, so
+//!   piped and scripted runs stay quiet.
+//! - `prost-reflect` (feature `serde`): decoding payloads by message type
+//!   into proto3 JSON from the descriptor set macp-wire already embeds,
+//!   instead of a hand-written converter per message type.
+#![forbid(unsafe_code)]
+
+mod data;
+mod json;
+mod progress;
+mod remote;
+mod verify;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Operator CLI for macp-rs data directories and running servers.
+#[derive(Parser, Debug)]
+#[command(name = "macp-admin", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Format version, segments, checkpoint, open and ended sessions by mode
+    /// and state, total size.
+    Inspect {
+        /// The data directory (MACP_DATA_DIR of the server).
+        data_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checks every checksum of every segment and replays the whole log
+    /// through the kernel, compared with the checkpoint. Exit code 0:
+    /// healthy; 1: damaged; 2: could not check.
+    Verify {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists sessions (open and ended).
+    Sessions {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Only sessions in this state (open, suspended, resolved, expired,
+        /// cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only sessions of this mode (e.g. macp.mode.decision.v1).
+        #[arg(long)]
+        mode: Option<String>,
+        /// One JSON object per line instead of text columns.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A session's accepted history as JSON lines, payloads decoded.
+    History {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The session.
+        session_id: String,
+    },
+    /// Every session's history (open and ended) as JSON lines.
+    Export {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Where to write (`-` for stdout).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Follows a running server: lifecycle events (WatchSessions) and every
+    /// session's accepted envelopes (passive StreamSession), as JSON lines.
+    Tail {
+        #[command(flatten)]
+        conn: remote::Conn,
+        /// Stop after this many lines (default: follow until interrupted).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Fetches a session's decision receipt (GetDecisionReceipt).
+    Receipt {
+        #[command(flatten)]
+        conn: remote::Conn,
+        /// The session.
+        session_id: String,
+        /// Verify it against the server's keys (GetReceiptKeys); exit 1 if
+        /// it does not verify.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+/// Why a command could not do its work (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The storage layer refused or failed.
+    #[error("{0}")]
+    Storage(#[from] macp_storage::StorageError),
+    /// Recovery could not rebuild the state.
+    #[error("{0}")]
+    Recovery(#[from] macp_pipeline::RecoveryError),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+    /// The server could not be reached or refused.
+    #[error("{0}")]
+    Remote(String),
+    /// The command line asks for something that cannot be.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// What a command ended with, besides errors.
+pub enum Outcome {
+    /// Exit 0.
+    Ok,
+    /// Exit 1: damage found, or a receipt that does not verify.
+    Failed,
+}
+
+fn run(cli: Cli) -> Result<Outcome, AdminError> {
+    match cli.command {
+        Command::Inspect { data_dir, json } => data::inspect(&data_dir, json).map(|()| Outcome::Ok),
+        Command::Verify { data_dir, json } => verify::verify(&data_dir, json),
+        Command::Sessions { data_dir, state, mode, json } => {
+            data::sessions(&data_dir, state.as_deref(), mode.as_deref(), json).map(|()| Outcome::Ok)
+        }
+        Command::History { data_dir, session_id } => data::history(&data_dir, &session_id).map(|()| Outcome::Ok),
+        Command::Export { data_dir, out } => data::export(&data_dir, &out).map(|()| Outcome::Ok),
+        Command::Tail { conn, limit } => remote::tail(&conn, limit).map(|()| Outcome::Ok),
+        Command::Receipt { conn, session_id, verify } => remote::receipt(&conn, &session_id, verify),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::from(1),
+        Err(AdminError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "macp-admin: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
