@@ -397,11 +397,16 @@ where
             let response = status.into_http::<ResBody>().map(|b| TrackedBody { inner: b, _guard: guard });
             return Box::pin(std::future::ready(Ok(response)));
         }
+        let span = crate::trace_context::request_span(req.headers(), req.uri().path());
         let call = self.inner.call(req);
-        Box::pin(async move {
+        let respond = async move {
             let response = call.await?;
             Ok(response.map(|b| TrackedBody { inner: b, _guard: guard }))
-        })
+        };
+        match span {
+            Some(span) => Box::pin(tracing::Instrument::instrument(respond, span)),
+            None => Box::pin(respond),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! The tonic adapter around the macp-rs kernel, and the `macp-runtime`
 //! server binary.
 //!
-//! Request path: connection limits ([`connections`]) → tonic handler →
+//! Request path: connection limits ([`connections`]) and trace context
+//! ([`trace_context`]) → tonic handler →
 //! authentication ([`auth`]) → rate limits
 //! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
 //! task, a thin shell over `macp-pipeline`'s commit pipeline: it batches
@@ -24,6 +25,7 @@ pub mod policies_dir;
 pub mod server;
 pub mod service;
 pub mod status;
+pub mod trace_context;
 
 /// Generated `MACPRuntimeService` server and client.
 #[allow(missing_docs, clippy::all)]
