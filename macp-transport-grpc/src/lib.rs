@@ -20,6 +20,7 @@ pub mod connections;
 pub mod driver;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod policies_dir;
 pub mod server;
 pub mod service;
