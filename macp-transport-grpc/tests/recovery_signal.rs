@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use macp_wire::v1::{GetSessionRequest, SessionState};
-use macp_wire::Message;
 
 /// Open sessions in the generated data directory: one record each, all
 /// replayed at start. Large enough that a test build recovers them in well
