@@ -1251,6 +1251,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
             Err(e) => return self.poisoned(e),
         }
         m.bytes = self.bytes();
+        m.segments = Some(self.segments.len() as u64);
         m.retention_cutoff_ms = self.cfg.retention.cutoff(now_ms);
         Ok(m)
     }

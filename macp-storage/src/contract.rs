@@ -156,6 +156,9 @@ pub struct Maintenance {
     pub carried_records: u64,
     /// Bytes the backend holds after the call (log plus index, or memory).
     pub bytes: u64,
+    /// Log segment files after the call, for a backend that has segments
+    /// (`None` for one that has not, such as memory).
+    pub segments: Option<u64>,
     /// True when the call stopped at its work bound with work left: call
     /// again soon.
     pub more: bool,

@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "MACP_BIND_ADDR", default_value = "127.0.0.1:50051")]
     pub bind_addr: SocketAddr,
 
+    /// Address of the Prometheus metrics endpoint (HTTP: `/metrics`,
+    /// `/healthz`, `/readyz`); off when unset.
+    #[arg(long, env = "MACP_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Data directory for the write-ahead log and checkpoints.
     #[arg(long, env = "MACP_DATA_DIR", default_value = ".macp-data")]
     pub data_dir: PathBuf,

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::hub::{Hub, SessionFeed};
+use crate::metrics::Metrics;
 
 /// A passive subscription: replay `(after_sequence, upto]` from `history`,
 /// then forward `feed` items with `seq > upto`.
@@ -186,6 +187,9 @@ pub struct Driver {
     /// Storage asked to be called again soon.
     maintenance_backlog: bool,
     last_maintenance: Instant,
+    /// Batch sizes, sync latency, accepted envelopes, session lifecycle
+    /// and storage figures, when metrics are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Driver {
@@ -213,8 +217,26 @@ impl Driver {
             policy,
             maintenance_backlog: false,
             last_maintenance: Instant::now(),
+            metrics: None,
         };
         Ok((driver, tx, report))
+    }
+
+    /// Updates `metrics` from now on (and the hub's subscriber counts),
+    /// starting from the sessions recovery rebuilt.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.hub.set_metrics(metrics.clone());
+        self.metrics = metrics;
+        self.count_open_sessions();
+        self
+    }
+
+    /// Sets the open-sessions gauges from what the kernel holds.
+    fn count_open_sessions(&self) {
+        if let Some(m) = &self.metrics {
+            let kernel = self.pipeline.kernel();
+            m.set_open_sessions(kernel.all_sessions().map(|s| s.mode));
+        }
     }
 
     /// Open (and suspended) sessions held: what recovery rebuilt, at start.
@@ -361,7 +383,18 @@ impl Driver {
             return Ok(());
         }
         let commit = self.pipeline.commit();
-        match commit.persist(&mut *self.storage) {
+        let persisted = match &self.metrics {
+            None => commit.persist(&mut *self.storage),
+            Some(m) if !commit.is_empty() => commit.append(&mut *self.storage).and_then(|()| {
+                m.batch_records.observe(commit.records().len() as u64);
+                let started = Instant::now();
+                let synced = commit.sync(&mut *self.storage);
+                m.sync_seconds.observe_duration(started.elapsed());
+                synced
+            }),
+            Some(_) => Ok(()),
+        };
+        match persisted {
             Ok(()) => match self.pipeline.advance(commit) {
                 Ok(release) => {
                     self.release(release);
@@ -405,6 +438,7 @@ impl Driver {
         }
         self.storage = storage;
         self.pipeline = pipeline;
+        self.count_open_sessions();
         for (asked, q) in queries {
             self.pipeline.ask(q, asked);
         }
@@ -449,6 +483,9 @@ impl Driver {
             }
         }
         for b in r.broadcasts {
+            if let Some(m) = &self.metrics {
+                m.broadcast(&b);
+            }
             self.hub.dispatch(b);
         }
     }
@@ -466,6 +503,9 @@ impl Driver {
         self.last_maintenance = Instant::now();
         match self.pipeline.maintain(&mut *self.storage, now_ms()) {
             Ok(m) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.maintenance(&m);
+                }
                 self.maintenance_backlog = m.more;
                 if m.expired_sessions + m.retired_segments + m.carried_records > 0 {
                     debug!(

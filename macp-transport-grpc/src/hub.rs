@@ -14,6 +14,8 @@ use macp_kernel::Broadcast;
 use macp_wire::v1::{Envelope, SessionLifecycleEvent, WatchSignalsResponse};
 use tokio::sync::{broadcast, mpsc};
 
+use crate::metrics::{Dropped, Metrics};
+
 /// Queue depth of one session subscriber; a subscriber further behind than
 /// this is closed and told to resubscribe from its last sequence number.
 pub const SUBSCRIBER_QUEUE: usize = 256;
@@ -59,6 +61,8 @@ pub struct Hub {
     pub signals: broadcast::Sender<WatchSignalsResponse>,
     /// Registry changes (WatchPolicies, WatchModeRegistry).
     pub registry: broadcast::Sender<RegistryEvent>,
+    /// Subscriber counts, when metrics are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for Hub {
@@ -68,6 +72,7 @@ impl Default for Hub {
             lifecycle: broadcast::channel(4096).0,
             signals: broadcast::channel(4096).0,
             registry: broadcast::channel(64).0,
+            metrics: None,
         }
     }
 }
@@ -79,6 +84,11 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// Counts subscribers in `metrics` from now on.
+    pub fn set_metrics(&mut self, metrics: Option<Arc<Metrics>>) {
+        self.metrics = metrics;
+    }
+
     /// Adds a live subscriber to a session.
     pub fn subscribe(&mut self, session_id: &str) -> SessionFeed {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
@@ -87,6 +97,9 @@ impl Hub {
             .entry(session_id.to_string())
             .or_default()
             .push(Subscriber { tx, overflowed: overflowed.clone() });
+        if let Some(m) = &self.metrics {
+            m.subscriber_added();
+        }
         SessionFeed { rx, overflowed }
     }
 
@@ -103,13 +116,22 @@ impl Hub {
             Broadcast::SessionEnvelope { seq, envelope } => {
                 let session_id = envelope.session_id.as_str();
                 if let Some(subs) = self.sessions.get_mut(session_id) {
+                    let metrics = self.metrics.as_deref();
                     subs.retain(|s| match s.tx.try_send(Sequenced { seq, envelope: envelope.clone() }) {
                         Ok(()) => true,
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             s.overflowed.store(true, Ordering::Release);
+                            if let Some(m) = metrics {
+                                m.subscriber_dropped(Dropped::Lagged);
+                            }
                             false
                         }
-                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            if let Some(m) = metrics {
+                                m.subscriber_dropped(Dropped::Closed);
+                            }
+                            false
+                        }
                     });
                     if subs.is_empty() {
                         self.sessions.remove(session_id);
@@ -121,7 +143,10 @@ impl Hub {
                 if matches!(event, EventType::Resolved | EventType::Expired | EventType::Cancelled) {
                     // Nothing more can enter this history: end the feeds so
                     // passive subscribers' streams finish.
-                    self.sessions.remove(&session.session_id);
+                    let ended = self.sessions.remove(&session.session_id);
+                    if let (Some(m), Some(subs)) = (&self.metrics, ended) {
+                        m.subscribers_finished(subs.len());
+                    }
                 }
                 let _ = self.lifecycle.send(SessionLifecycleEvent {
                     event_type: event as i32,
@@ -145,8 +170,15 @@ impl Hub {
 
     /// Drops subscribers whose streams ended (called now and then).
     pub fn prune(&mut self) {
+        let metrics = self.metrics.as_deref();
         self.sessions.retain(|_, subs| {
-            subs.retain(|s| !s.tx.is_closed());
+            subs.retain(|s| {
+                let closed = s.tx.is_closed();
+                if let (true, Some(m)) = (closed, metrics) {
+                    m.subscriber_dropped(Dropped::Closed);
+                }
+                !closed
+            });
             !subs.is_empty()
         });
     }

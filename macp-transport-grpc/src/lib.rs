@@ -14,6 +14,10 @@
 //! stream subscriber has a bounded queue and is closed with an explicit error
 //! when it falls behind. Shutdown: on SIGINT/SIGTERM tonic stops accepting,
 //! in-flight requests finish, the driver drains, syncs and checkpoints.
+//!
+//! Observability: with `--metrics-addr`, [`metrics`] serves Prometheus
+//! metrics, `/healthz` and `/readyz` on a separate HTTP port; the handlers,
+//! the driver and the hub update its handles.
 
 pub mod auth;
 pub mod config;
@@ -21,6 +25,7 @@ pub mod connections;
 pub mod driver;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod policies_dir;
 pub mod server;
 pub mod service;

@@ -25,6 +25,7 @@ use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Reopen};
 use crate::hub::Hub;
 use crate::limits::RateLimits;
+use crate::metrics::Metrics;
 use crate::pb::macp_runtime_service_server::MacpRuntimeServiceServer;
 use crate::service::{Runtime, Watch};
 
@@ -191,9 +192,43 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    serve_with(cfg, listener, None, shutdown).await
+}
+
+/// [`serve`], with the metrics endpoint on an already-bound listener
+/// (tests bind port 0 and read the port back). Without one, the endpoint
+/// listens on `cfg.metrics_addr` if that is set, and metrics are off if
+/// neither is given.
+pub async fn serve_with(
+    cfg: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let kcfg = kernel_config(&cfg);
     // A bad key file stops the start before anything else is touched.
     let receipts = receipt_keys(&cfg)?;
+    // The metrics endpoint comes up first: during a long recovery it
+    // answers /healthz, and /readyz with 503.
+    let metrics_listener = match (metrics_listener, cfg.metrics_addr) {
+        (Some(l), _) => Some(l),
+        (None, Some(addr)) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| StartError::Transport(format!("cannot listen on the metrics address {addr}: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    let metrics = metrics_listener.as_ref().map(|_| Arc::new(Metrics::new()));
+    let _metrics_task = match (metrics_listener, &metrics) {
+        (Some(l), Some(m)) => {
+            if let Ok(a) = l.local_addr() {
+                info!("metrics on http://{a}/metrics (and /healthz, /readyz)");
+            }
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::http::serve(l, m.clone()))))
+        }
+        _ => None,
+    };
     // The shutdown signal may come at any time, the start included.
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -248,11 +283,15 @@ pub async fn serve(
             return Ok(());
         }
     };
-    let (mut driver, tx, report) = match recovered {
+    let (driver, tx, report) = match recovered {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(StartError::Storage(e.to_string())),
         Err(e) => return Err(StartError::Storage(format!("the recovery task failed: {e}"))),
     };
+    if let Some(m) = &metrics {
+        m.recovered_in(started.elapsed());
+    }
+    let mut driver = driver.with_metrics(metrics.clone());
     if report.is_clean() {
         info!("recovered in {:.2?}: {report}", started.elapsed());
     } else {
@@ -283,7 +322,8 @@ pub async fn serve(
     let runtime = Runtime::new(tx, auth, limits, watch, kcfg)
         .with_max_reply_bytes(cfg.max_grpc_message_bytes)
         .with_read_only_policies(cfg.policies_dir.is_some())
-        .with_receipt_keys(receipts);
+        .with_receipt_keys(receipts)
+        .with_metrics(metrics.clone());
     // Forget senders whose budgets refilled, so the limiter's memory stays
     // bounded by the senders active in the last few seconds. A budget
     // refills within seconds of a sender's last message (a cell is a
@@ -341,6 +381,12 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(server);
+    // Recovered, and the gRPC server runs from the first poll just below
+    // (its listener has been accepting into the backlog since before the
+    // start).
+    if let Some(m) = &metrics {
+        m.set_ready();
+    }
     // Graceful shutdown waits for open connections; an idle client that
     // never closes would hold us forever, so give them a bounded grace.
     let grace = async {
@@ -413,6 +459,16 @@ fn sync_policies(
     }
     info!("policy registry synced with the policies directory: {} change(s) recorded", replies.len());
     Ok(())
+}
+
+/// Aborts a background task when dropped (the metrics endpoint stops with
+/// the server, whichever way `serve` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How often the rate limiter forgets senders whose budgets are full again.

@@ -18,11 +18,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use common::*;
-use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, NoEnded};
-use macp_storage::Storage;
-use macp_storage_fs::{FsConfig, FsStorage};
 use macp_wire::v1::{GetSessionRequest, SessionState};
-use macp_wire::Message;
 
 /// Open sessions in the generated data directory: one record each, all
 /// replayed at start. Large enough that a test build recovers them in well
@@ -31,12 +27,8 @@ use macp_wire::Message;
 /// delays, the test fails (the signal no longer lands in a recovery): raise
 /// it then.
 const SESSIONS: usize = 400_000;
-/// Records per append (a batch of the driver's size).
-const BATCH: usize = 4096;
 /// The acceptance bound from the signal to the process's exit.
 const EXIT_WITHIN: Duration = Duration::from_secs(2);
-/// Long enough that no session expires while the test runs.
-const TTL_MS: i64 = 3_600_000;
 
 /// Log lines the test waits for or asserts on (see `server::serve`).
 const RECOVERING: &str = "recovering storage";
@@ -62,52 +54,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Writes `n` open decision sessions to a fresh data directory through the
-/// kernel and the file backend directly (no server, no gRPC), synced and
-/// without a checkpoint, so a start must replay every one of them.
-///
-/// A SessionStart's record depends on its session alone, so a fresh kernel
-/// per batch writes the same log as one kernel for all, in a fraction of
-/// the memory.
-fn write_open_sessions(dir: &Path, n: usize) {
-    let mut kernel = Kernel::new(KernelConfig::default());
-    let mut storage = FsStorage::open(dir, FsConfig::default()).expect("open the data directory");
-    storage.load(&|| false, &mut |_| Ok(())).expect("load the empty directory");
-    let identity = Identity::new("I");
-    let now = macp_transport_grpc::driver::now_ms();
-    let mut effects = Vec::new();
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut written = 0;
-    for i in 0..n {
-        let sid = session_id(i);
-        let mut payload = start_payload(&["I", "A", "B"]);
-        payload.ttl_ms = TTL_MS;
-        let mut envelope = env(&sid, DECISION, "SessionStart", payload.encode_to_vec());
-        envelope.sender = "I".into();
-        let input = Input::Envelope { request: i as u64, identity: identity.clone(), envelope };
-        kernel.handle_with(now, input, &NoEnded, &mut effects);
-        for effect in effects.drain(..) {
-            match effect {
-                Effect::Persist(record) => batch.push(record),
-                Effect::Reply { reply, .. } => assert!(reply.error().is_none(), "{sid} refused: {reply:?}"),
-                Effect::Ended(_) => panic!("{sid} ended at its start"),
-                Effect::Broadcast(_) => {}
-            }
-        }
-        if batch.len() >= BATCH {
-            written += batch.len();
-            storage.append(&batch, &[]).expect("append");
-            batch.clear();
-            kernel = Kernel::new(KernelConfig::default());
-        }
-    }
-    written += batch.len();
-    storage.append(&batch, &[]).expect("append");
-    storage.sync().expect("sync");
-    assert_eq!(written, n, "one record per session");
-    // Dropped without a checkpoint: recovery replays the whole log.
 }
 
 /// The server binary with its log lines (stdout) collected by a thread.
@@ -248,7 +194,7 @@ fn interrupt_recovery(dir: &Path, sig: &str, delay: Duration) {
 fn a_signal_during_recovery_exits_zero_promptly_and_loses_nothing() {
     let dir = TempDir(std::env::temp_dir().join(format!("macp-recovery-signal-{}-{}", std::process::id(), sid())));
     let t = Instant::now();
-    write_open_sessions(&dir.0, SESSIONS);
+    write_open_sessions(&dir.0, SESSIONS, session_id);
     eprintln!("wrote {SESSIONS} open sessions in {:.2?}", t.elapsed());
 
     // Interrupted starts change nothing, so both signals use the same

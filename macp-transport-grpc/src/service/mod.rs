@@ -32,7 +32,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::Authenticator;
 use crate::driver::Command;
 use crate::hub::RegistryEvent;
-use crate::limits::RateLimits;
+use crate::limits::{Budget, RateLimits};
+use crate::metrics::{Metrics, Rpc};
 use crate::pb::macp_runtime_service_server::MacpRuntimeService;
 use crate::status::shutting_down;
 
@@ -67,6 +68,9 @@ pub struct Runtime {
     policies_read_only: bool,
     /// What decision receipts are signed with and GetReceiptKeys publishes.
     receipts: Arc<ReceiptKeys>,
+    /// Request counts, Send latency and rate-limit refusals, when metrics
+    /// are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Runtime {
@@ -87,6 +91,7 @@ impl Runtime {
             max_reply_bytes: 4 * 1024 * 1024,
             policies_read_only: false,
             receipts: Arc::new(ReceiptKeys::unsigned()),
+            metrics: None,
         }
     }
 
@@ -110,6 +115,30 @@ impl Runtime {
     pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
         self.max_reply_bytes = bytes;
         self
+    }
+
+    /// Updates `metrics` (none until this is called).
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts an RPC's outcome, when metrics are on.
+    fn observe<T>(&self, rpc: Rpc, r: Result<T, Status>) -> Result<T, Status> {
+        if let Some(m) = &self.metrics {
+            m.request(rpc, r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        }
+        r
+    }
+
+    /// Takes one unit from `sender`'s budget; false (and counted) when
+    /// exhausted.
+    fn within_limit(&self, sender: &str, budget: Budget) -> bool {
+        let ok = self.limits.check(sender, budget);
+        if let (false, Some(m)) = (ok, &self.metrics) {
+            m.rate_limited(budget);
+        }
+        ok
     }
 
     /// The rate limiters, so the server can prune them periodically.
@@ -148,11 +177,11 @@ fn unexpected(what: &str) -> Status {
 #[tonic::async_trait]
 impl MacpRuntimeService for Runtime {
     async fn initialize(&self, req: Request<InitializeRequest>) -> Result<Response<InitializeResponse>, Status> {
-        discovery::initialize(self, req).await
+        self.observe(Rpc::Initialize, discovery::initialize(self, req).await)
     }
 
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        sessions::send(self, req).await
+        self.observe(Rpc::Send, sessions::send(self, req).await)
     }
 
     type StreamSessionStream = RpcStream<StreamSessionResponse>;
@@ -161,11 +190,11 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<Streaming<StreamSessionRequest>>,
     ) -> Result<Response<Self::StreamSessionStream>, Status> {
-        streams::stream_session(self, req).await
+        self.observe(Rpc::StreamSession, streams::stream_session(self, req).await)
     }
 
     async fn get_session(&self, req: Request<GetSessionRequest>) -> Result<Response<GetSessionResponse>, Status> {
-        sessions::get_session(self, req).await
+        self.observe(Rpc::GetSession, sessions::get_session(self, req).await)
     }
 
     async fn cancel_session(
@@ -173,8 +202,8 @@ impl MacpRuntimeService for Runtime {
         req: Request<CancelSessionRequest>,
     ) -> Result<Response<CancelSessionResponse>, Status> {
         let req = req.map(|r| (r.session_id, r.reason));
-        let ack = sessions::control(self, req, macp_kernel::ControlOp::Cancel).await?;
-        Ok(Response::new(CancelSessionResponse { ack: Some(ack) }))
+        let r = sessions::control(self, req, macp_kernel::ControlOp::Cancel).await;
+        self.observe(Rpc::CancelSession, r.map(|ack| Response::new(CancelSessionResponse { ack: Some(ack) })))
     }
 
     async fn suspend_session(
@@ -182,8 +211,8 @@ impl MacpRuntimeService for Runtime {
         req: Request<SuspendSessionRequest>,
     ) -> Result<Response<SuspendSessionResponse>, Status> {
         let req = req.map(|r| (r.session_id, r.reason));
-        let ack = sessions::control(self, req, macp_kernel::ControlOp::Suspend).await?;
-        Ok(Response::new(SuspendSessionResponse { ack: Some(ack) }))
+        let r = sessions::control(self, req, macp_kernel::ControlOp::Suspend).await;
+        self.observe(Rpc::SuspendSession, r.map(|ack| Response::new(SuspendSessionResponse { ack: Some(ack) })))
     }
 
     async fn resume_session(
@@ -191,16 +220,16 @@ impl MacpRuntimeService for Runtime {
         req: Request<ResumeSessionRequest>,
     ) -> Result<Response<ResumeSessionResponse>, Status> {
         let req = req.map(|r| (r.session_id, r.reason));
-        let ack = sessions::control(self, req, macp_kernel::ControlOp::Resume).await?;
-        Ok(Response::new(ResumeSessionResponse { ack: Some(ack) }))
+        let r = sessions::control(self, req, macp_kernel::ControlOp::Resume).await;
+        self.observe(Rpc::ResumeSession, r.map(|ack| Response::new(ResumeSessionResponse { ack: Some(ack) })))
     }
 
     async fn get_manifest(&self, req: Request<GetManifestRequest>) -> Result<Response<GetManifestResponse>, Status> {
-        discovery::get_manifest(self, req).await
+        self.observe(Rpc::GetManifest, discovery::get_manifest(self, req).await)
     }
 
     async fn list_modes(&self, req: Request<ListModesRequest>) -> Result<Response<ListModesResponse>, Status> {
-        registries::list_modes(self, req).await
+        self.observe(Rpc::ListModes, registries::list_modes(self, req).await)
     }
 
     type WatchModeRegistryStream = RpcStream<WatchModeRegistryResponse>;
@@ -209,42 +238,42 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchModeRegistryRequest>,
     ) -> Result<Response<Self::WatchModeRegistryStream>, Status> {
-        registries::watch_mode_registry(self, req).await
+        self.observe(Rpc::WatchModeRegistry, registries::watch_mode_registry(self, req).await)
     }
 
     async fn list_roots(&self, req: Request<ListRootsRequest>) -> Result<Response<ListRootsResponse>, Status> {
-        discovery::list_roots(self, req).await
+        self.observe(Rpc::ListRoots, discovery::list_roots(self, req).await)
     }
 
     type WatchRootsStream = RpcStream<WatchRootsResponse>;
 
     async fn watch_roots(&self, req: Request<WatchRootsRequest>) -> Result<Response<Self::WatchRootsStream>, Status> {
-        discovery::watch_roots(self, req).await
+        self.observe(Rpc::WatchRoots, discovery::watch_roots(self, req).await)
     }
 
     async fn list_ext_modes(
         &self,
         req: Request<ListExtModesRequest>,
     ) -> Result<Response<ListExtModesResponse>, Status> {
-        registries::list_ext_modes(self, req).await
+        self.observe(Rpc::ListExtModes, registries::list_ext_modes(self, req).await)
     }
 
     async fn register_ext_mode(
         &self,
         req: Request<RegisterExtModeRequest>,
     ) -> Result<Response<RegisterExtModeResponse>, Status> {
-        registries::register_ext_mode(self, req).await
+        self.observe(Rpc::RegisterExtMode, registries::register_ext_mode(self, req).await)
     }
 
     async fn unregister_ext_mode(
         &self,
         req: Request<UnregisterExtModeRequest>,
     ) -> Result<Response<UnregisterExtModeResponse>, Status> {
-        registries::unregister_ext_mode(self, req).await
+        self.observe(Rpc::UnregisterExtMode, registries::unregister_ext_mode(self, req).await)
     }
 
     async fn promote_mode(&self, req: Request<PromoteModeRequest>) -> Result<Response<PromoteModeResponse>, Status> {
-        registries::promote_mode(self, req).await
+        self.observe(Rpc::PromoteMode, registries::promote_mode(self, req).await)
     }
 
     type WatchSignalsStream = RpcStream<WatchSignalsResponse>;
@@ -253,11 +282,11 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchSignalsRequest>,
     ) -> Result<Response<Self::WatchSignalsStream>, Status> {
-        streams::watch_signals(self, req).await
+        self.observe(Rpc::WatchSignals, streams::watch_signals(self, req).await)
     }
 
     async fn list_sessions(&self, req: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
-        sessions::list_sessions(self, req).await
+        self.observe(Rpc::ListSessions, sessions::list_sessions(self, req).await)
     }
 
     type WatchSessionsStream = RpcStream<WatchSessionsResponse>;
@@ -266,29 +295,29 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchSessionsRequest>,
     ) -> Result<Response<Self::WatchSessionsStream>, Status> {
-        sessions::watch_sessions(self, req).await
+        self.observe(Rpc::WatchSessions, sessions::watch_sessions(self, req).await)
     }
 
     async fn register_policy(
         &self,
         req: Request<RegisterPolicyRequest>,
     ) -> Result<Response<RegisterPolicyResponse>, Status> {
-        registries::register_policy(self, req).await
+        self.observe(Rpc::RegisterPolicy, registries::register_policy(self, req).await)
     }
 
     async fn unregister_policy(
         &self,
         req: Request<UnregisterPolicyRequest>,
     ) -> Result<Response<UnregisterPolicyResponse>, Status> {
-        registries::unregister_policy(self, req).await
+        self.observe(Rpc::UnregisterPolicy, registries::unregister_policy(self, req).await)
     }
 
     async fn get_policy(&self, req: Request<GetPolicyRequest>) -> Result<Response<GetPolicyResponse>, Status> {
-        registries::get_policy(self, req).await
+        self.observe(Rpc::GetPolicy, registries::get_policy(self, req).await)
     }
 
     async fn list_policies(&self, req: Request<ListPoliciesRequest>) -> Result<Response<ListPoliciesResponse>, Status> {
-        registries::list_policies(self, req).await
+        self.observe(Rpc::ListPolicies, registries::list_policies(self, req).await)
     }
 
     type WatchPoliciesStream = RpcStream<WatchPoliciesResponse>;
@@ -297,27 +326,27 @@ impl MacpRuntimeService for Runtime {
         &self,
         req: Request<WatchPoliciesRequest>,
     ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
-        registries::watch_policies(self, req).await
+        self.observe(Rpc::WatchPolicies, registries::watch_policies(self, req).await)
     }
 
     async fn what_if_replay(
         &self,
         req: Request<WhatIfReplayRequest>,
     ) -> Result<Response<WhatIfReplayResponse>, Status> {
-        what_if::what_if_replay(self, req).await
+        self.observe(Rpc::WhatIfReplay, what_if::what_if_replay(self, req).await)
     }
 
     async fn get_decision_receipt(
         &self,
         req: Request<GetDecisionReceiptRequest>,
     ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
-        receipts::get_decision_receipt(self, req).await
+        self.observe(Rpc::GetDecisionReceipt, receipts::get_decision_receipt(self, req).await)
     }
 
     async fn get_receipt_keys(
         &self,
         req: Request<GetReceiptKeysRequest>,
     ) -> Result<Response<GetReceiptKeysResponse>, Status> {
-        receipts::get_receipt_keys(self, req).await
+        self.observe(Rpc::GetReceiptKeys, receipts::get_receipt_keys(self, req).await)
     }
 }

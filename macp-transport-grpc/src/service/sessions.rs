@@ -29,8 +29,25 @@ pub(super) async fn send(rt: &Runtime, req: Request<SendRequest>) -> Result<Resp
 
 /// The Send path shared by `Send` and StreamSession envelope frames: shape
 /// checks, authentication, rate limits, then the kernel. Always an Ack:
-/// refusals are answers, not transport errors.
+/// refusals are answers, not transport errors. Timed when metrics are on.
 pub(super) async fn send_envelope(
+    rt: &Runtime,
+    identity: Result<Identity, Status>,
+    envelope: Envelope,
+    bind: Option<oneshot::Sender<Option<Binding>>>,
+) -> Ack {
+    match rt.metrics.as_deref() {
+        None => admit(rt, identity, envelope, bind).await,
+        Some(m) => {
+            let started = std::time::Instant::now();
+            let ack = admit(rt, identity, envelope, bind).await;
+            m.send_seconds.observe_duration(started.elapsed());
+            ack
+        }
+    }
+}
+
+async fn admit(
     rt: &Runtime,
     identity: Result<Identity, Status>,
     envelope: Envelope,
@@ -47,7 +64,7 @@ pub(super) async fn send_envelope(
         Err(_) => return answer(Err(KernelError::new(ErrorCode::Unauthenticated, "missing or invalid credentials"))),
     };
     let budget = if envelope.message_type == "SessionStart" { Budget::SessionStart } else { Budget::Message };
-    if !rt.limits.check(&identity.sender, budget) {
+    if !rt.within_limit(&identity.sender, budget) {
         let what = match budget {
             Budget::SessionStart => "SessionStart",
             Budget::Message => "message",
@@ -93,7 +110,7 @@ pub(super) async fn send_envelope(
 /// authority are whole-RPC errors; every other refusal is an Ack.
 pub(super) async fn control(rt: &Runtime, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
     let identity = rt.identity(&req).await?;
-    if !rt.limits.check(&identity.sender, Budget::Message) {
+    if !rt.within_limit(&identity.sender, Budget::Message) {
         return Err(error_status(
             ErrorCode::RateLimited,
             format!("{} exceeded its per-minute message limit", identity.sender),

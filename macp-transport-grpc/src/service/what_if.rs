@@ -29,7 +29,7 @@ pub(super) async fn what_if_replay(
     let identity = rt.identity(&req).await?;
     // A replay reads and re-evaluates a whole session: it spends from the
     // same budget as a message.
-    if !rt.limits.check(&identity.sender, Budget::Message) {
+    if !rt.within_limit(&identity.sender, Budget::Message) {
         return Err(error_status(
             ErrorCode::RateLimited,
             format!("{} exceeded its per-minute message limit", identity.sender),

@@ -3,8 +3,12 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use clap::Parser;
+use macp_kernel::{Effect, Identity, Input, Kernel, KernelConfig, NoEnded};
+use macp_storage::Storage;
+use macp_storage_fs::{FsConfig, FsStorage};
 use macp_transport_grpc::config::Config;
 use macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
 use macp_wire::v1::{
@@ -224,4 +228,57 @@ pub async fn start_session(i: &mut Client) -> String {
 pub async fn get_policy(c: &mut Client, policy_id: &str) -> PolicyDescriptor {
     let r = c.get_policy(GetPolicyRequest { policy_id: policy_id.into() }).await.expect("GetPolicy");
     r.into_inner().policy_descriptor.expect("a descriptor")
+}
+
+/// Records per append when writing a data directory (a batch of the
+/// driver's size).
+const OPEN_SESSIONS_BATCH: usize = 4096;
+/// Long enough that no written session expires while a test runs.
+const OPEN_SESSIONS_TTL_MS: i64 = 3_600_000;
+
+/// Writes `n` open decision sessions (ids from `session_id`) to a fresh
+/// data directory through the kernel and the file backend directly (no
+/// server, no gRPC), synced and without a checkpoint, so a start must
+/// replay every one of them.
+///
+/// A SessionStart's record depends on its session alone, so a fresh kernel
+/// per batch writes the same log as one kernel for all, in a fraction of
+/// the memory.
+pub fn write_open_sessions(dir: &Path, n: usize, session_id: impl Fn(usize) -> String) {
+    let mut kernel = Kernel::new(KernelConfig::default());
+    let mut storage = FsStorage::open(dir, FsConfig::default()).expect("open the data directory");
+    storage.load(&|| false, &mut |_| Ok(())).expect("load the empty directory");
+    let identity = Identity::new("I");
+    let now = macp_transport_grpc::driver::now_ms();
+    let mut effects = Vec::new();
+    let mut batch = Vec::with_capacity(OPEN_SESSIONS_BATCH);
+    let mut written = 0;
+    for i in 0..n {
+        let sid = session_id(i);
+        let mut payload = start_payload(&["I", "A", "B"]);
+        payload.ttl_ms = OPEN_SESSIONS_TTL_MS;
+        let mut envelope = env(&sid, DECISION, "SessionStart", payload.encode_to_vec());
+        envelope.sender = "I".into();
+        let input = Input::Envelope { request: i as u64, identity: identity.clone(), envelope };
+        kernel.handle_with(now, input, &NoEnded, &mut effects);
+        for effect in effects.drain(..) {
+            match effect {
+                Effect::Persist(record) => batch.push(record),
+                Effect::Reply { reply, .. } => assert!(reply.error().is_none(), "{sid} refused: {reply:?}"),
+                Effect::Ended(_) => panic!("{sid} ended at its start"),
+                Effect::Broadcast(_) => {}
+            }
+        }
+        if batch.len() >= OPEN_SESSIONS_BATCH {
+            written += batch.len();
+            storage.append(&batch, &[]).expect("append");
+            batch.clear();
+            kernel = Kernel::new(KernelConfig::default());
+        }
+    }
+    written += batch.len();
+    storage.append(&batch, &[]).expect("append");
+    storage.sync().expect("sync");
+    assert_eq!(written, n, "one record per session");
+    // Dropped without a checkpoint: recovery replays the whole log.
 }
