@@ -23,6 +23,7 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 
+use macp_kernel::text::Count;
 use macp_kernel::{Kernel, KernelConfig};
 use macp_pipeline::RecoveryError;
 use macp_storage::{LogPos, StorageError};
@@ -178,8 +179,11 @@ pub fn verify(dir: &Path, as_json: bool) -> Result<Outcome, AdminError> {
         println!("{v}");
     } else {
         println!(
-            "{} segments, {total} bytes, {records} records, {ended} ended sessions checked; checkpoint {}",
-            segments.len(),
+            "{}, {}, {}, {} checked; checkpoint {}",
+            Count::of(segments.len(), "segment"),
+            Count::of(total, "byte"),
+            Count::of(records, "record"),
+            Count::of(ended, "ended session"),
             if compared { "compared with a full replay" } else { "not compared" }
         );
         for n in &notes {

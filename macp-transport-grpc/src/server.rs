@@ -130,7 +130,7 @@ fn receipts_label(keys: &ReceiptKeys) -> String {
             "signed with EPHEMERAL key {} (--dev: generated at start, so receipts stop verifying after a restart; set MACP_RECEIPT_KEYS_FILE to keep one)",
             k.kid()
         ),
-        Some(k) => format!("signed with key {} ({} key(s) published)", k.kid(), keys.published_count()),
+        Some(k) => format!("signed with key {} ({} published)", k.kid(), Count::of(keys.published_count(), "key")),
         None => "unsigned, integrity only (set MACP_RECEIPT_KEYS_FILE to sign them)".into(),
     }
 }

@@ -135,7 +135,7 @@ impl KeySet {
             }
         }
         if set.is_empty() {
-            return Err(JwksError::NoUsableKeys(format!("{skipped} key(s) skipped")));
+            return Err(JwksError::NoUsableKeys(format!("{} skipped", macp_kernel::text::Count::of(skipped, "key"))));
         }
         if skipped > 0 {
             debug!(skipped, "JWKS: skipped keys that cannot verify tokens with the allowed algorithms");
