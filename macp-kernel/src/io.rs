@@ -217,6 +217,11 @@ pub enum Broadcast {
         event: EventType,
         /// The session after the change.
         session: Box<SessionMetadata>,
+        /// Its state just before the change (`Unspecified` for `Created`):
+        /// what a gauge of sessions by state needs to move one session from
+        /// one state to another without keeping a per-session entry (a
+        /// session cancelled or expired while suspended leaves `Suspended`).
+        previous: SessionState,
         /// When, on the kernel clock.
         observed_at_unix_ms: i64,
     },

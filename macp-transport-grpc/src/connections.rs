@@ -64,6 +64,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// The limits of [`crate::connections`], from the configuration.
 #[derive(Clone, Debug)]
@@ -101,7 +102,14 @@ impl ConnectionLimits {
 /// Applies the connection cap to accepted TCP connections and wraps each
 /// in a [`LimitedConn`]; accept errors pass through (tonic decides which
 /// are fatal).
-pub fn limit_incoming<S>(incoming: S, limits: &ConnectionLimits) -> impl Stream<Item = io::Result<LimitedConn>>
+///
+/// With `metrics`, open connections and refusals are counted
+/// (`macp_connections_open`, `macp_connections_refused_total`).
+pub fn limit_incoming<S>(
+    incoming: S,
+    limits: &ConnectionLimits,
+    metrics: Option<Arc<Metrics>>,
+) -> impl Stream<Item = io::Result<LimitedConn>>
 where
     S: Stream<Item = io::Result<TcpStream>>,
 {
@@ -111,8 +119,11 @@ where
     incoming.filter_map(move |accepted| match accepted {
         Err(e) => Some(Err(e)),
         Ok(tcp) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(Ok(LimitedConn::new(tcp, permit, &limits))),
+            Ok(permit) => Some(Ok(LimitedConn::new(tcp, Slot::taken(permit, metrics.clone()), &limits))),
             Err(_) => {
+                if let Some(m) = &metrics {
+                    m.connection_refused();
+                }
                 refusals.note(tcp.peer_addr().ok());
                 drop(tcp);
                 None
@@ -211,12 +222,36 @@ impl Drop for RequestGuard {
     }
 }
 
+/// One connection's place under the cap: its semaphore permit, and its
+/// count in `macp_connections_open` while it lives.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Slot {
+    fn taken(permit: OwnedSemaphorePermit, metrics: Option<Arc<Metrics>>) -> Self {
+        if let Some(m) = &metrics {
+            m.connection_opened();
+        }
+        Slot { _permit: permit, metrics }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.connection_closed();
+        }
+    }
+}
+
 /// An accepted TCP connection under the limits: holds its slot of the
 /// connection cap, and fails its reads once it passes a deadline with no
 /// request open (see the module docs).
 pub struct LimitedConn {
     tcp: TcpStream,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
     activity: Arc<Activity>,
     timer: Pin<Box<Sleep>>,
     handshake_timeout: Duration,
@@ -224,12 +259,12 @@ pub struct LimitedConn {
 }
 
 impl LimitedConn {
-    fn new(tcp: TcpStream, permit: OwnedSemaphorePermit, limits: &ConnectionLimits) -> Self {
+    fn new(tcp: TcpStream, slot: Slot, limits: &ConnectionLimits) -> Self {
         let activity = Arc::new(Activity::new());
         let timer = Box::pin(tokio::time::sleep_until(activity.accepted + limits.handshake_timeout));
         LimitedConn {
             tcp,
-            _permit: permit,
+            _slot: slot,
             activity,
             timer,
             handshake_timeout: limits.handshake_timeout,

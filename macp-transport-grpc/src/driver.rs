@@ -235,7 +235,10 @@ impl Driver {
     fn count_open_sessions(&self) {
         if let Some(m) = &self.metrics {
             let kernel = self.pipeline.kernel();
-            m.set_open_sessions(kernel.all_sessions().map(|s| s.mode));
+            m.set_open_sessions(kernel.all_sessions().map(|s| {
+                let state = s.state();
+                (s.mode, state)
+            }));
         }
     }
 

@@ -138,7 +138,7 @@ impl Hub {
                     }
                 }
             }
-            Broadcast::Lifecycle { event, session, observed_at_unix_ms } => {
+            Broadcast::Lifecycle { event, session, observed_at_unix_ms, .. } => {
                 use macp_wire::v1::session_lifecycle_event::EventType;
                 if matches!(event, EventType::Resolved | EventType::Expired | EventType::Cancelled) {
                     // Nothing more can enter this history: end the feeds so
@@ -181,5 +181,76 @@ impl Hub {
             });
             !subs.is_empty()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(session_id: &str, n: u64) -> Broadcast {
+        let envelope = Envelope { session_id: session_id.into(), message_id: format!("m{n}"), ..Default::default() };
+        Broadcast::SessionEnvelope { seq: n, envelope: Arc::new(envelope) }
+    }
+
+    /// The lagged and closed series of `macp_stream_subscribers_dropped_total`
+    /// and the `macp_stream_subscribers` gauge, as the scrape shows them.
+    fn counts(m: &Metrics) -> (String, String, String) {
+        let text = m.encode();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("{prefix}: {text}"))
+        };
+        (
+            line("macp_stream_subscribers_dropped_total{reason=\"lagged\"}"),
+            line("macp_stream_subscribers_dropped_total{reason=\"closed\"}"),
+            line("macp_stream_subscribers "),
+        )
+    }
+
+    #[test]
+    fn a_subscriber_that_falls_behind_is_dropped_as_lagged_and_one_whose_stream_ended_as_closed() {
+        let metrics = Arc::new(Metrics::new());
+        let mut hub = Hub::default();
+        hub.set_metrics(Some(metrics.clone()));
+        let slow = hub.subscribe("s1");
+        let gone = hub.subscribe("s2");
+        let reader = hub.subscribe("s1");
+        assert_eq!(counts(&metrics).2, "macp_stream_subscribers 3");
+
+        // `slow` never reads: the queue holds SUBSCRIBER_QUEUE envelopes, the
+        // next one drops it. `reader` drains as it goes and stays.
+        let mut reader = reader;
+        for n in 1..=SUBSCRIBER_QUEUE as u64 + 1 {
+            hub.dispatch(envelope("s1", n));
+            assert_eq!(reader.rx.try_recv().expect("the reader keeps up").seq, n);
+        }
+        assert!(slow.overflowed.load(Ordering::Acquire), "the slow subscriber is told it lagged");
+        assert!(!reader.overflowed.load(Ordering::Acquire));
+        let (lagged, closed, live) = counts(&metrics);
+        assert_eq!(lagged, "macp_stream_subscribers_dropped_total{reason=\"lagged\"} 1");
+        assert_eq!(closed, "macp_stream_subscribers_dropped_total{reason=\"closed\"} 0");
+        assert_eq!(live, "macp_stream_subscribers 2");
+
+        // `gone`'s stream went away: the next envelope of its session finds
+        // the queue closed.
+        drop(gone);
+        hub.dispatch(envelope("s2", 1));
+        let (lagged, closed, live) = counts(&metrics);
+        assert_eq!(lagged, "macp_stream_subscribers_dropped_total{reason=\"lagged\"} 1");
+        assert_eq!(closed, "macp_stream_subscribers_dropped_total{reason=\"closed\"} 1");
+        assert_eq!(live, "macp_stream_subscribers 1");
+
+        // The reader's stream ends too; a prune (no envelope needed) finds it.
+        drop(reader);
+        hub.prune();
+        let (_, closed, live) = counts(&metrics);
+        assert_eq!(closed, "macp_stream_subscribers_dropped_total{reason=\"closed\"} 2");
+        assert_eq!(live, "macp_stream_subscribers 0");
+        // The slow one's queue still holds what it was sent before the drop.
+        let mut slow = slow;
+        assert_eq!(slow.rx.try_recv().map(|s| s.seq).ok(), Some(1));
     }
 }

@@ -28,7 +28,7 @@
 //! | --- | --- | --- | --- |
 //! | `macp_grpc_requests_total` | counter | `rpc`, `code` | RPC calls by method and gRPC status code (streams: the code of opening the stream) |
 //! | `macp_envelopes_accepted_total` | counter | `mode`, `message_type` | envelopes entered into a session's accepted history (runtime-recorded SessionCancel/Suspend/Resume included), after they are durable |
-//! | `macp_sessions_open` | gauge | `mode` | sessions held open or suspended |
+//! | `macp_sessions_open` | gauge | `mode`, `state` = `open` / `suspended` | sessions held, by mode and state |
 //! | `macp_sessions_started_total` | counter | | sessions created |
 //! | `macp_sessions_resolved_total` | counter | | sessions resolved |
 //! | `macp_sessions_expired_total` | counter | | sessions expired (TTL) |
@@ -38,6 +38,8 @@
 //! | `macp_send_duration_seconds` | histogram | | Send (and stream envelope frames) from arrival to Ack |
 //! | `macp_stream_subscribers` | gauge | | live session subscribers (streams bound or subscribed to a session) |
 //! | `macp_stream_subscribers_dropped_total` | counter | `reason` = `lagged` / `closed` | subscribers the hub dropped: fell behind, or their stream went away |
+//! | `macp_connections_open` | gauge | | accepted TCP connections still open |
+//! | `macp_connections_refused_total` | counter | | connections closed at once because `MACP_MAX_CONNECTIONS` were open |
 //! | `macp_rate_limited_total` | counter | `budget` = `session_start` / `message` | requests refused by the per-sender rate limits |
 //! | `macp_storage_bytes` | gauge | | bytes the storage backend holds (log plus index, or memory) |
 //! | `macp_storage_segments` | gauge | | log segment files (file backend) |
@@ -59,6 +61,7 @@ use std::time::Duration;
 use macp_kernel::Broadcast;
 use macp_storage::Maintenance;
 use macp_wire::v1::session_lifecycle_event::EventType;
+use macp_wire::v1::SessionState;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -211,8 +214,38 @@ struct EnvelopeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModeLabels {
+struct ModeStateLabels {
     mode: Name,
+    state: Static,
+}
+
+/// The states a held session is in, as the `state` label of
+/// `macp_sessions_open` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HeldState {
+    Open = 0,
+    Suspended = 1,
+}
+
+impl HeldState {
+    const ALL: [HeldState; 2] = [HeldState::Open, HeldState::Suspended];
+
+    /// The held state `s` is, or `None` for a state no held session is in
+    /// (ended, or not yet created).
+    fn of(s: SessionState) -> Option<HeldState> {
+        match s {
+            SessionState::Open => Some(HeldState::Open),
+            SessionState::Suspended => Some(HeldState::Suspended),
+            _ => None,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            HeldState::Open => "open",
+            HeldState::Suspended => "suspended",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -337,7 +370,8 @@ pub struct Metrics {
     names: Names,
     requests: Cached<RequestLabels>,
     envelopes: Cached<EnvelopeLabels>,
-    sessions_open: Vec<Gauge>,
+    /// Per mode: `[open, suspended]`.
+    sessions_open: Vec<[Gauge; 2]>,
     started: Counter,
     resolved: Counter,
     expired: Counter,
@@ -351,6 +385,8 @@ pub struct Metrics {
     subscribers: Gauge,
     dropped: [Counter; 2],
     rate_limited: [Counter; 2],
+    connections: Gauge,
+    connections_refused: Counter,
     storage_bytes: Gauge,
     storage_segments: Gauge,
     retention_deleted: Counter,
@@ -384,11 +420,18 @@ impl Metrics {
             "Envelopes entered into a session's accepted history, once durable",
             envelopes.clone(),
         );
-        let open = Family::<ModeLabels, Gauge>::default();
-        r.register("macp_sessions_open", "Sessions held open or suspended, by mode", open.clone());
+        let open = Family::<ModeStateLabels, Gauge>::default();
+        r.register("macp_sessions_open", "Sessions held (open or suspended), by mode and state", open.clone());
         let names = Names::builtin();
-        let sessions_open =
-            names.modes.iter().map(|m| open.get_or_create_owned(&ModeLabels { mode: m.clone() })).collect();
+        let sessions_open = names
+            .modes
+            .iter()
+            .map(|m| {
+                HeldState::ALL.map(|state| {
+                    open.get_or_create_owned(&ModeStateLabels { mode: m.clone(), state: Static(state.label()) })
+                })
+            })
+            .collect();
         let counter = |r: &mut Registry, name: &str, help: &str| {
             let c = Counter::default();
             r.register(name, help, c.clone());
@@ -422,6 +465,13 @@ impl Metrics {
         r.register("macp_rate_limited", "Requests refused by the per-sender rate limits", limited_family.clone());
         let rate_limited = ["session_start", "message"]
             .map(|b| limited_family.get_or_create_owned(&BudgetLabels { budget: Static(b) }));
+        let connections = Gauge::default();
+        r.register("macp_connections_open", "Accepted TCP connections still open", connections.clone());
+        let connections_refused = counter(
+            &mut r,
+            "macp_connections_refused",
+            "Connections closed at once because the connection cap (MACP_MAX_CONNECTIONS) was reached",
+        );
         let storage_bytes = Gauge::default();
         r.register(
             "macp_storage_bytes",
@@ -463,6 +513,8 @@ impl Metrics {
             subscribers,
             dropped,
             rate_limited,
+            connections,
+            connections_refused,
             storage_bytes,
             storage_segments,
             retention_deleted,
@@ -497,6 +549,21 @@ impl Metrics {
         .inc();
     }
 
+    /// A connection was accepted under the cap.
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    /// An accepted connection closed.
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// A connection was refused: the cap was reached.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
     /// A session subscriber was added to the hub.
     pub fn subscriber_added(&self) {
         self.subscribers.inc();
@@ -527,41 +594,44 @@ impl Metrics {
                     })
                     .inc();
             }
-            Broadcast::Lifecycle { event, session, .. } => {
-                let open = &self.sessions_open[self.names.mode(&session.mode)];
-                match event {
-                    EventType::Created => {
-                        self.started.inc();
-                        open.inc();
-                    }
-                    EventType::Resolved => {
-                        self.resolved.inc();
-                        open.dec();
-                    }
-                    EventType::Expired => {
-                        self.expired.inc();
-                        open.dec();
-                    }
-                    EventType::Cancelled => {
-                        self.cancelled.inc();
-                        open.dec();
-                    }
-                    _ => {}
+            Broadcast::Lifecycle { event, session, previous, .. } => {
+                let held = &self.sessions_open[self.names.mode(&session.mode)];
+                let from = HeldState::of(*previous).map(|s| &held[s as usize]);
+                let to = HeldState::of(session.state()).map(|s| &held[s as usize]);
+                let counter = match event {
+                    EventType::Created => Some(&self.started),
+                    EventType::Resolved => Some(&self.resolved),
+                    EventType::Expired => Some(&self.expired),
+                    EventType::Cancelled => Some(&self.cancelled),
+                    _ => None,
+                };
+                if let Some(c) = counter {
+                    c.inc();
+                }
+                if let Some(g) = from {
+                    g.dec();
+                }
+                if let Some(g) = to {
+                    g.inc();
                 }
             }
             _ => {}
         }
     }
 
-    /// Sets the open-sessions gauges to what the kernel holds (after a
-    /// recovery or a rebuild): the modes of every held session.
-    pub fn set_open_sessions<S: AsRef<str>>(&self, modes: impl IntoIterator<Item = S>) {
-        let mut counts = vec![0i64; self.names.modes.len()];
-        for m in modes {
-            counts[self.names.mode(m.as_ref())] += 1;
+    /// Sets the held-sessions gauges to what the kernel holds (after a
+    /// recovery or a rebuild): the mode and state of every held session.
+    pub fn set_open_sessions<S: AsRef<str>>(&self, sessions: impl IntoIterator<Item = (S, SessionState)>) {
+        let mut counts = vec![[0i64; 2]; self.names.modes.len()];
+        for (mode, state) in sessions {
+            if let Some(s) = HeldState::of(state) {
+                counts[self.names.mode(mode.as_ref())][s as usize] += 1;
+            }
         }
-        for (g, n) in self.sessions_open.iter().zip(counts) {
-            g.set(n);
+        for (gauges, n) in self.sessions_open.iter().zip(counts) {
+            for (g, n) in gauges.iter().zip(n) {
+                g.set(n);
+            }
         }
     }
 

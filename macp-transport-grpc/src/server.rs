@@ -368,7 +368,7 @@ pub async fn serve_with(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    let incoming = limit_incoming(incoming, &limits);
+    let incoming = limit_incoming(incoming, &limits, metrics.clone());
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         stopped(&mut stop_rx).await;

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use clap::Parser;
 use common::*;
 use macp_transport_grpc::config::Config;
-use macp_wire::v1::{CancelSessionRequest, GetSessionRequest, SendRequest, SessionState, StreamSessionRequest};
+use macp_wire::v1::{
+    CancelSessionRequest, GetSessionRequest, SendRequest, SessionState, StreamSessionRequest, SuspendSessionRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -133,7 +135,7 @@ async fn a_scripted_workload_moves_each_metric_by_the_expected_amount() {
     assert_eq!(health, 200);
     assert_eq!(get(srv.metrics, "/nothing").await.0, 404);
     let before = srv.scrape().await;
-    assert_eq!(before.get("macp_sessions_open{mode=\"macp.mode.decision.v1\"}"), 0.0);
+    assert_eq!(before.get(&held("macp.mode.decision.v1", "open")), 0.0);
 
     let mut i = srv.client("I").await;
     let mut a = srv.client("A").await;
@@ -208,7 +210,8 @@ async fn a_scripted_workload_moves_each_metric_by_the_expected_amount() {
     assert_eq!(d("macp_sessions_resolved_total"), 1.0);
     assert_eq!(d("macp_sessions_cancelled_total"), 1.0);
     assert_eq!(d("macp_sessions_expired_total"), 0.0);
-    assert_eq!(after.get(&format!("macp_sessions_open{{mode=\"{DEC}\"}}")), 1.0, "s3 is still open");
+    assert_eq!(after.get(&held(DEC, "open")), 1.0, "s3 is still open");
+    assert_eq!(after.get(&held(DEC, "suspended")), 0.0);
     // Rate limits.
     assert_eq!(d("macp_rate_limited_total{budget=\"session_start\"}"), 1.0);
     assert_eq!(d("macp_rate_limited_total{budget=\"message\"}"), 0.0);
@@ -227,6 +230,61 @@ async fn a_scripted_workload_moves_each_metric_by_the_expected_amount() {
     assert_eq!(d("macp_stream_subscribers"), 0.0);
     assert_eq!(d("macp_stream_subscribers_dropped_total{reason=\"lagged\"}"), 0.0);
     assert_eq!(d("macp_stream_subscribers_dropped_total{reason=\"closed\"}"), 0.0);
+
+    // s3 suspended: it moves from open to suspended; cancelled while
+    // suspended, it leaves the suspended count.
+    i.suspend_session(SuspendSessionRequest { session_id: s3.clone(), reason: "pause".into() }).await.unwrap();
+    let suspended = srv.scrape().await;
+    assert_eq!(suspended.get(&held(DEC, "open")), 0.0);
+    assert_eq!(suspended.get(&held(DEC, "suspended")), 1.0);
+    let cancel = i.cancel_session(CancelSessionRequest { session_id: s3.clone(), reason: "done".into() }).await;
+    assert!(cancel.unwrap().into_inner().ack.unwrap().ok);
+    let ended = srv.scrape().await;
+    assert_eq!(ended.get(&held(DEC, "open")), 0.0);
+    assert_eq!(ended.get(&held(DEC, "suspended")), 0.0);
+    assert_eq!(ended.delta(&before, "macp_sessions_cancelled_total"), 2.0);
+    srv.stop().await;
+}
+
+/// The `macp_sessions_open` series of one mode and state.
+fn held(mode: &str, state: &str) -> String {
+    format!("macp_sessions_open{{mode=\"{mode}\",state=\"{state}\"}}")
+}
+
+/// Scrapes until `key` reads `want` (a connection's end reaches the server
+/// a moment after the client closes it); panics after 10 s.
+async fn scrape_until(srv: &Running, key: &str, want: f64) -> Scrape {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = srv.scrape().await;
+        if m.get(key) == want {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{key} stayed at {} (want {want})", m.get(key));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn open_and_refused_connections_are_counted() {
+    let srv = Running::start(&["macp-runtime", "--dev", "--memory-only", "--max-connections", "1"]).await;
+    srv.wait_ready().await;
+    // The scrapes go to the metrics port, which is not under the cap.
+    scrape_until(&srv, "macp_connections_open", 0.0).await;
+    let first = TcpStream::connect(srv.grpc).await.unwrap();
+    scrape_until(&srv, "macp_connections_open", 1.0).await;
+    // The cap is reached: a second connection is closed at once.
+    let mut second = TcpStream::connect(srv.grpc).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), second.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the second connection is closed by the server: {read:?}");
+    let m = srv.scrape().await;
+    assert_eq!(m.get("macp_connections_refused_total"), 1.0);
+    assert_eq!(m.get("macp_connections_open"), 1.0);
+    // The first one closes: its slot is free and no longer counted.
+    drop(first);
+    scrape_until(&srv, "macp_connections_open", 0.0).await;
+    assert_eq!(srv.scrape().await.get("macp_connections_refused_total"), 1.0);
     srv.stop().await;
 }
 
@@ -273,7 +331,7 @@ async fn readyz_is_503_during_recovery_and_200_once_serving() {
         m.get("macp_recovery_duration_seconds"),
         seen.len() - 1
     );
-    assert_eq!(m.get("macp_sessions_open{mode=\"macp.mode.decision.v1\"}"), SESSIONS as f64);
+    assert_eq!(m.get(&held("macp.mode.decision.v1", "open")), SESSIONS as f64);
     assert!(m.get("macp_recovery_duration_seconds") > 0.0);
     srv.stop().await;
 }

@@ -173,6 +173,7 @@ impl State {
             Broadcast::Lifecycle {
                 event: EventType::Created,
                 session: Box::new(metadata),
+                previous: SessionState::Unspecified,
                 observed_at_unix_ms: record.at_unix_ms,
             },
         ])
@@ -270,6 +271,7 @@ impl State {
             out.push(Broadcast::Lifecycle {
                 event: EventType::Resolved,
                 session: Box::new(metadata),
+                previous: SessionState::Open,
                 observed_at_unix_ms: at,
             });
         }
@@ -289,13 +291,19 @@ impl State {
         if let Some(since) = s.suspended_at_ms.take() {
             s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
         }
+        let previous = s.state;
         s.seq += 1;
         s.state = SessionState::Expired;
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
         self.release_live(&initiator);
         Ok(metadata
-            .map(|m| Broadcast::Lifecycle { event: EventType::Expired, session: Box::new(m), observed_at_unix_ms: at })
+            .map(|m| Broadcast::Lifecycle {
+                event: EventType::Expired,
+                session: Box::new(m),
+                previous,
+                observed_at_unix_ms: at,
+            })
             .into_iter()
             .collect())
     }
@@ -342,6 +350,7 @@ impl State {
                 EventType::Resumed
             }
         };
+        let previous = s.state;
         s.seq = seq;
         s.state = to;
         let initiator = s.initiator.clone();
@@ -352,7 +361,7 @@ impl State {
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) },
-            Broadcast::Lifecycle { event, session: Box::new(metadata), observed_at_unix_ms: at },
+            Broadcast::Lifecycle { event, session: Box::new(metadata), previous, observed_at_unix_ms: at },
         ])
     }
 
