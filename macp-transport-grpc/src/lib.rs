@@ -26,6 +26,8 @@ pub mod driver;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod policies_dir;
 pub mod server;
 pub mod service;

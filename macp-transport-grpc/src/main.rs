@@ -2,7 +2,10 @@
 use clap::Parser;
 use macp_transport_grpc::config::Config;
 use macp_transport_grpc::server::{serve, shutdown_signal};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 
 /// mimalloc instead of glibc malloc: every request allocates many small,
 /// short-lived strings and buffers, and the allocator was the largest single
@@ -15,9 +18,27 @@ async fn main() {
     // Before anything else: from here on SIGINT/SIGTERM stop the process
     // cleanly (exit 0) instead of killing it.
     let shutdown = shutdown_signal();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    // RUST_LOG filters the log lines only: the OTLP exporter (when built in
+    // and enabled) takes the request spans whatever the log level.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_filter(filter));
+    #[cfg(feature = "otlp")]
+    let _exporter = match macp_transport_grpc::otlp::layer_from_env() {
+        Ok(Some((layer, exporter))) => {
+            logs.with(layer).init();
+            Some(exporter)
+        }
+        Ok(None) => {
+            logs.init();
+            None
+        }
+        Err(e) => {
+            eprintln!("macp-runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    #[cfg(not(feature = "otlp"))]
+    logs.init();
     let cfg = match Config::parse().resolve() {
         Ok(c) => c,
         Err(e) => {

@@ -9,9 +9,10 @@
 //! that does not parse is ignored, as the W3C spec asks (the request is
 //! served; the server just does not join the caller's trace).
 //!
-//! Exporting spans (OTLP) is not built in: the server's own spans are log
-//! context, not a trace a collector could assemble. The ids in the log
-//! are what ties a call to the caller's trace.
+//! Exporting spans to an OpenTelemetry collector is the cargo feature
+//! `otlp` ([`crate::otlp`]): with it, and `OTEL_EXPORTER_OTLP_ENDPOINT` set,
+//! this span is exported as a child of the caller's span, and requests
+//! without a `traceparent` get a (root) span too.
 
 use std::fmt;
 
@@ -67,16 +68,26 @@ fn is_hex(s: &str, len: usize) -> bool {
 }
 
 /// The span a request runs in when it carries a valid `traceparent`.
+/// (With OTLP export on, every request gets one.)
 pub fn request_span(headers: &http::HeaderMap, path: &str) -> Option<Span> {
-    let value = headers.get(TRACEPARENT)?.to_str().ok()?;
-    let tp = TraceParent::parse(value)?;
-    Some(tracing::info_span!(
+    let tp = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    let Some(tp) = tp else {
+        #[cfg(feature = "otlp")]
+        if crate::otlp::exporting() {
+            return Some(tracing::info_span!("request", rpc = %path));
+        }
+        return None;
+    };
+    let span = tracing::info_span!(
         "request",
         trace_id = %tp.trace_id,
         parent_id = %tp.parent_id,
         sampled = tp.flags & 1 == 1,
         rpc = %path
-    ))
+    );
+    #[cfg(feature = "otlp")]
+    crate::otlp::set_remote_parent(&span, &tp);
+    Some(span)
 }
 
 #[cfg(test)]
