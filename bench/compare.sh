@@ -46,6 +46,11 @@
 # every 500, so no sender comes near a limit. (The reference cannot switch its
 # limiter off: a limit of 0 refuses everything.)
 #
+# Server CPU: macp-bench reads the server process's CPU time (user + system,
+# /proc/PID/stat) at the start and the end of the measured window
+# (--server-pid); the tables give it per successful Send (µs/op), the figure
+# that carries over to a bigger machine.
+#
 # Output: each measurement's raw JSON line is appended to $RESULTS, and the
 # markdown tables are printed at the end (and can be rebuilt from a results
 # file with `bench/compare.sh --table FILE`).
@@ -67,9 +72,10 @@ table() {
 load_table() {
     local results=$1
     echo
-    echo "| workload | concurrency | storage | ours ops/s | ours p50 / p99 µs | reference ops/s | reference p50 / p99 µs | ours / reference |"
-    echo "|---|---:|---|---:|---:|---:|---:|---:|"
+    echo "| workload | concurrency | storage | ours ops/s | ours p50 / p99 µs | reference ops/s | reference p50 / p99 µs | ours / reference | ours CPU µs/op | reference CPU µs/op | CPU ours / reference |"
+    echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     jq -rs '
+      def cpu($r): if $r == null or $r.server_cpu_us_per_op == null then "—" else ($r.server_cpu_us_per_op | tostring) end;
       def cell($r): if $r == null then ["—", "—"]
         else [ ($r.ops_per_s | round | tostring) + (if $r.errors > 0 then " (\($r.errors) errors)" else "" end),
                "\($r.latency_us.p50) / \($r.latency_us.p99)" ] end;
@@ -81,7 +87,10 @@ load_table() {
       | ($l | map(select(.item == $item)) | first) as $any
       | "| \($any.result.workload) | \($any.result.concurrency) | \($any.storage) | \(cell($o)[0]) | \(cell($o)[1]) | \(cell($r)[0]) | \(cell($r)[1]) | "
         + (if $o != null and $r != null and $r.ops_per_s > 0
-           then ((($o.ops_per_s / $r.ops_per_s) * 10 | round) / 10 | tostring) + "×" else "—" end) + " |"
+           then ((($o.ops_per_s / $r.ops_per_s) * 10 | round) / 10 | tostring) + "×" else "—" end)
+        + " | \(cpu($o)) | \(cpu($r)) | "
+        + (if ($o.server_cpu_us_per_op? // null) != null and ($r.server_cpu_us_per_op? // 0) > 0
+           then ((($o.server_cpu_us_per_op / $r.server_cpu_us_per_op) * 100 | round) / 100 | tostring) + "×" else "—" end) + " |"
     ' "$results"
 }
 
@@ -268,10 +277,10 @@ load_item() {
     dir="$WORKDIR/data-$server-$item"
     rm -rf "$dir"
     cmd=$(server_cmd "$server" "$storage" "$dir")
-    bench_cmd="$BENCH --addr 127.0.0.1:$port --auth bearer --workload $workload --concurrency $conc --duration $DURATION --warmup $WARMUP"
-    echo "== $item [$server]: $bench_cmd"
     start_server "$cmd" "$WORKDIR/logs/$server-$item.log" "$port"
     wait_ready "$port"
+    bench_cmd="$BENCH --addr 127.0.0.1:$port --auth bearer --workload $workload --concurrency $conc --duration $DURATION --warmup $WARMUP --server-pid $SERVER_PID"
+    echo "== $item [$server]: $bench_cmd"
     out=$($bench_cmd) || { echo "$out"; echo "compare.sh: macp-bench failed" >&2; exit 1; }
     echo "$out" | grep -v '^{'
     stop_server

@@ -97,6 +97,9 @@ pub struct BenchConfig {
     pub auth: AuthMode,
     /// What to send.
     pub workload: Workload,
+    /// The server's process id, when it runs on this machine: its CPU time
+    /// during the measured window is then reported (per Send, too).
+    pub server_pid: Option<u32>,
 }
 
 /// Latency percentiles in microseconds.
@@ -133,6 +136,9 @@ pub struct BenchReport {
     pub error_codes: BTreeMap<String, u64>,
     /// Per-Send latency of successful and failed Sends alike.
     pub latency: Latency,
+    /// CPU seconds (user + system) the server process used in the measured
+    /// window, when its pid was given.
+    pub server_cpu_secs: Option<f64>,
 }
 
 impl BenchReport {
@@ -144,6 +150,13 @@ impl BenchReport {
     /// Completed sessions per second.
     pub fn sessions_per_sec(&self) -> f64 {
         self.sessions as f64 / self.measured_secs.max(1e-9)
+    }
+
+    /// Server CPU per successful Send, in microseconds: the figure that
+    /// carries over to a bigger machine, where throughput on two shared
+    /// cores is bounded by the load generator too.
+    pub fn server_cpu_us_per_op(&self) -> Option<f64> {
+        self.server_cpu_secs.filter(|_| self.ops > 0).map(|c| c * 1e6 / self.ops as f64)
     }
 
     /// A table for people.
@@ -165,6 +178,9 @@ impl BenchReport {
         let _ = writeln!(s, "ops           {} ({:.0} ops/s)", self.ops, self.ops_per_sec());
         let _ = writeln!(s, "sessions      {} ({:.0} sessions/s)", self.sessions, self.sessions_per_sec());
         let _ = writeln!(s, "errors        {}", self.errors);
+        if let (Some(cpu), Some(per_op)) = (self.server_cpu_secs, self.server_cpu_us_per_op()) {
+            let _ = writeln!(s, "server CPU    {cpu:.2} s ({per_op:.1} µs per op)");
+        }
         for (k, v) in &self.error_codes {
             let _ = writeln!(s, "  {k:<30} {v}");
         }
@@ -194,6 +210,8 @@ impl BenchReport {
             "sessions_per_s": (self.sessions_per_sec() * 10.0).round() / 10.0,
             "errors": self.errors,
             "error_codes": self.error_codes,
+            "server_cpu_s": self.server_cpu_secs.map(|c| (c * 1000.0).round() / 1000.0),
+            "server_cpu_us_per_op": self.server_cpu_us_per_op().map(|c| (c * 10.0).round() / 10.0),
             "latency_us": {
                 "p50": l.p50, "p90": l.p90, "p99": l.p99, "p99_9": l.p999, "max": l.max,
                 "mean": (l.mean * 10.0).round() / 10.0,
@@ -399,6 +417,7 @@ pub async fn run(cfg: BenchConfig) -> crate::Result<BenchReport> {
         };
         tasks.push(tokio::spawn(worker.run(cfg.workload)));
     }
+    let cpu = cfg.server_pid.map(|pid| tokio::spawn(server_cpu_in(pid, window)));
     let hard_stop = cfg.warmup + cfg.duration + REQUEST_TIMEOUT + Duration::from_secs(5);
     let mut total = Tally::new();
     let deadline = tokio::time::Instant::now() + hard_stop;
@@ -418,7 +437,12 @@ pub async fn run(cfg: BenchConfig) -> crate::Result<BenchReport> {
         }
     }
     let latency = latency_of(&total.hist);
+    let server_cpu_secs = match cpu {
+        Some(t) => Some(t.await.map_err(|e| format!("reading the server's CPU time: {e}"))??),
+        None => None,
+    };
     Ok(BenchReport {
+        server_cpu_secs,
         measured_secs: cfg.duration.as_secs_f64(),
         config: cfg,
         ops: total.ops,
@@ -427,6 +451,34 @@ pub async fn run(cfg: BenchConfig) -> crate::Result<BenchReport> {
         error_codes: total.codes,
         latency,
     })
+}
+
+/// Linux's `USER_HZ`: the unit of the CPU times in `/proc/PID/stat`, fixed
+/// at 100 by the kernel's user-space ABI whatever the kernel's own tick.
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far.
+pub fn process_cpu_secs(pid: u32) -> crate::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read /proc/{pid}/stat (is --server-pid a process on this machine?): {e}"))?;
+    // The command name (field 2) may contain spaces and parentheses: the
+    // fields after it start after the last ')'. utime and stime are fields
+    // 14 and 15, so the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("malformed /proc/PID/stat")?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let mut tick = || -> crate::Result<f64> {
+        Ok(fields.next().ok_or("malformed /proc/PID/stat")?.parse::<u64>().map_err(|e| e.to_string())? as f64)
+    };
+    let (utime, stime) = (tick()?, tick()?);
+    Ok((utime + stime) / USER_HZ)
+}
+
+/// The server's CPU seconds between the window's start and its end.
+async fn server_cpu_in(pid: u32, window: Window) -> crate::Result<f64> {
+    tokio::time::sleep_until(window.from.into()).await;
+    let before = process_cpu_secs(pid)?;
+    tokio::time::sleep_until(window.until.into()).await;
+    Ok(process_cpu_secs(pid)? - before)
 }
 
 /// Longest [`open_sessions`] run: opening 100,000 sessions on a slow,

@@ -134,10 +134,18 @@ async fn short_load_run_completes_without_errors() {
             warmup: Duration::from_millis(100),
             auth: AuthMode::Bearer,
             workload,
+            // The server runs in this process: its CPU time is this
+            // process's, load generator included (an upper bound).
+            server_pid: Some(std::process::id()),
         };
         let r = bench::run(cfg).await.unwrap();
         assert!(r.ops > 0, "{}", r.table());
         assert_eq!(r.errors, 0, "{}", r.table());
+        let cpu = r.server_cpu_secs.expect("CPU time read from /proc");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        assert!(cpu > 0.0 && cpu <= 0.4 * cores + 0.05, "CPU {cpu} s in a 0.4 s window on {cores} cores");
+        let per_op = r.server_cpu_us_per_op().unwrap();
+        assert!((per_op - cpu * 1e6 / r.ops as f64).abs() < 1e-6);
         if workload != Workload::Signals {
             assert!(r.sessions > 0, "{}", r.table());
         }
@@ -156,6 +164,7 @@ async fn load_generator_refuses_remote_targets() {
         warmup: Duration::ZERO,
         auth: AuthMode::AgentHeader,
         workload: Workload::Signals,
+        server_pid: None,
     };
     let e = bench::run(cfg).await.unwrap_err().to_string();
     assert!(e.contains("loopback"), "{e}");

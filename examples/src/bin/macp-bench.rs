@@ -53,6 +53,10 @@ struct Args {
     /// open-sessions: how many sessions to open (and leave open, TTL 1 h).
     #[arg(long, default_value_t = 100_000)]
     sessions: u64,
+    /// The server's process id (a server on this machine): report its CPU
+    /// time in the measured window, and per Send. Not used by open-sessions.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 /// The workloads of `--workload`: the timed ones of `bench::run`, plus
@@ -175,6 +179,7 @@ async fn run_timed(a: Args, workload: Workload) -> macp_examples::Result<bool> {
         warmup: a.warmup,
         auth: a.auth,
         workload,
+        server_pid: a.server_pid,
     };
     let r = run(cfg).await?;
     print!("{}", r.table());
