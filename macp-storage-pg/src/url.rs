@@ -23,7 +23,7 @@ pub struct PgUrl {
 #[derive(Debug, thiserror::Error)]
 pub enum BadPgUrl {
     /// Not a connection string at all.
-    #[error("the database URL does not parse (expected postgres://user:password@host:port/database or host=... dbname=...): {0}")]
+    #[error("the database URL does not parse (expected postgres://user:password@host:port/database or host=... dbname=...): {}", causes(.0))]
     Syntax(#[source] tokio_postgres::Error),
     /// No host and no host address: nothing to connect to.
     #[error("the database URL names no host (postgres://user@HOST:port/database)")]
@@ -32,6 +32,19 @@ pub enum BadPgUrl {
     /// sockets only, and must not pretend otherwise.
     #[error("the database URL requires TLS (sslmode=require), which this build does not support yet: connect over a Unix socket, loopback, or a network you trust")]
     TlsRequired,
+}
+
+/// The error and its causes on one line: tokio-postgres's own message is
+/// only the kind ("invalid connection string"), the reason is its cause.
+fn causes(e: &tokio_postgres::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 impl PgUrl {
@@ -123,7 +136,7 @@ mod tests {
             ("postgres://macp:s3cret@h/db?sslmode=require", "TLS"),
             ("postgres://macp:s3cret@h:notaport/db", "does not parse"),
             ("user=macp password=s3cret dbname=db", "no host"),
-            ("postgres://macp:s3cret@h/db?bogus=1", "does not parse"),
+            ("postgres://macp:s3cret@h/db?bogus=1", "unknown option `bogus`"),
         ] {
             let e = PgUrl::parse(url).unwrap_err();
             let msg = format!("{e} {:?}", std::error::Error::source(&e).map(|s| s.to_string()));
