@@ -130,7 +130,9 @@
 //!   again (a new [`PgStorage`], new connections). A commit that timed out
 //!   may still have committed: the reload finds out, and a client's retry
 //!   with the same message id is deduplicated either way.
-//! - A failed read fails that read only.
+//! - A failed read fails that read only. A reader connection found closed
+//!   (a server restart, an operator ending it) is opened again before the
+//!   next read it would serve.
 //! - Database errors are [`macp_storage::StorageError::Io`] naming the
 //!   operation, the URL without its password plus the schema, and
 //!   PostgreSQL's message with its SQLSTATE. Rows that do not decode are

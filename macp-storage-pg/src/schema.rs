@@ -60,11 +60,13 @@ pub(crate) const OUR_TABLES: &str =
 pub(crate) const CURRENT_VERSION: &str = "SELECT coalesce(max(version), 0)::int8 FROM macp_schema_version";
 pub(crate) const RECORD_VERSION: &str = "INSERT INTO macp_schema_version (version, applied_by) VALUES ($1, $2)";
 
-/// One group-committed batch in one statement, so in one transaction and
-/// one commit: records (`pos`, `session_id`, `seq`, `record` arrays) and
-/// ended sessions (`session_id`, `ended_at_ms`, `ended_pos`, `summary`
-/// arrays; a summary stored again replaces the old one).
-pub(crate) const BATCH: &str = "WITH r AS (
+/// The clauses of a batch: records (`pos`, `session_id`, `seq`, `record`
+/// arrays) and ended sessions (`session_id`, `ended_at_ms`, `ended_pos`,
+/// `summary` arrays; a summary stored again replaces the old one), each
+/// inserted by a data-modifying `WITH` clause of one statement.
+macro_rules! batch_clauses {
+    () => {
+        "WITH r AS (
     INSERT INTO macp_records (pos, session_id, seq, record)
     SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::bytea[])
 ), e AS (
@@ -72,22 +74,23 @@ pub(crate) const BATCH: &str = "WITH r AS (
     SELECT * FROM unnest($5::text[], $6::int8[], $7::int8[], $8::bytea[])
     ON CONFLICT (session_id) DO UPDATE
     SET ended_at_ms = EXCLUDED.ended_at_ms, ended_pos = EXCLUDED.ended_pos, summary = EXCLUDED.summary
-) SELECT 1";
+)"
+    };
+}
+
+/// One group-committed batch in one statement, so in one transaction and
+/// one commit.
+pub(crate) const BATCH: &str = concat!(batch_clauses!(), " SELECT 1");
 
 /// [`BATCH`] plus the checkpoint (`covers` = the first log position it
 /// does not cover, the open state), in the same transaction.
-pub(crate) const BATCH_CHECKPOINT: &str = "WITH r AS (
-    INSERT INTO macp_records (pos, session_id, seq, record)
-    SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::bytea[])
-), e AS (
-    INSERT INTO macp_ended (session_id, ended_at_ms, ended_pos, summary)
-    SELECT * FROM unnest($5::text[], $6::int8[], $7::int8[], $8::bytea[])
-    ON CONFLICT (session_id) DO UPDATE
-    SET ended_at_ms = EXCLUDED.ended_at_ms, ended_pos = EXCLUDED.ended_pos, summary = EXCLUDED.summary
-), c AS (
+pub(crate) const BATCH_CHECKPOINT: &str = concat!(
+    batch_clauses!(),
+    ", c AS (
     INSERT INTO macp_checkpoint (id, covers, open_state) VALUES (true, $9::int8, $10::bytea)
     ON CONFLICT (id) DO UPDATE SET covers = EXCLUDED.covers, open_state = EXCLUDED.open_state, taken_at = now()
-) SELECT 1";
+) SELECT 1"
+);
 
 pub(crate) const LOAD_CHECKPOINT: &str = "SELECT covers, open_state FROM macp_checkpoint WHERE id";
 pub(crate) const LOAD_RECORDS: &str =

@@ -182,7 +182,8 @@ pub(crate) enum ReadOp {
     },
 }
 
-/// What the thread needs to start.
+/// What the thread needs to start (and to reconnect a reader).
+#[derive(Clone)]
 pub(crate) struct Start {
     pub url: PgUrl,
     pub cfg: PgConfig,
@@ -220,12 +221,13 @@ pub(crate) fn run(
         if ready.send(Ok(())).is_err() {
             return;
         }
-        let conns = readers.iter().map(|r| r.conn.clone()).collect();
-        let dispatcher = tokio::spawn(serve_reads(conns, reads, start.cfg.timeout, start.place.clone()));
-        let clean = writer.serve(ops).await;
-        dispatcher.abort();
-        if clean {
-            close_readers(readers).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let dispatcher = tokio::spawn(serve_reads(start.clone(), readers, reads, stopped));
+        if writer.serve(ops).await {
+            let _ = stop.send(());
+            if let Ok(readers) = dispatcher.await {
+                close_readers(readers).await;
+            }
         }
     });
     // Dropping the runtime drops whatever is left: after a crash, the
@@ -273,12 +275,18 @@ async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> 
     let st = WriterStatements::prepare(&conn.client, place, t).await?;
     let mut readers = Vec::with_capacity(start.cfg.readers.max(1));
     for _ in 0..start.cfg.readers.max(1) {
-        let r = connect(start, "reader").await?;
-        within(place, "set read-only", t, r.client.batch_execute("SET default_transaction_read_only = on")).await?;
-        let st = ReaderStatements::prepare(&r.client, place, t).await?;
-        readers.push(ReaderConn { conn: Arc::new(Reader { client: r.client, st }), task: r.task });
+        readers.push(open_reader(start).await?);
     }
     Ok((Writer { conn, st, place: place.clone(), timeout: t }, readers))
+}
+
+/// A reader connection: read-only, its statements prepared.
+async fn open_reader(start: &Start) -> Result<ReaderConn, StorageError> {
+    let (place, t) = (&start.place, start.cfg.timeout);
+    let r = connect(start, "reader").await?;
+    within(place, "set read-only", t, r.client.batch_execute("SET default_transaction_read_only = on")).await?;
+    let st = ReaderStatements::prepare(&r.client, place, t).await?;
+    Ok(ReaderConn { conn: Arc::new(Reader { client: r.client, st }), task: r.task })
 }
 
 /// The oid of the schema, created first if missing.
@@ -379,15 +387,22 @@ struct WriterStatements {
     maintain: Statement,
 }
 
+/// Prepares `sql` on `c`. Called for several statements at once, so the
+/// requests are pipelined: one round trip for all.
+async fn prepare(c: &Client, place: &Place, t: Duration, sql: &str) -> Result<Statement, StorageError> {
+    within(place, "prepare", t, c.prepare(sql)).await
+}
+
 impl WriterStatements {
     async fn prepare(c: &Client, place: &Place, t: Duration) -> Result<Self, StorageError> {
-        Ok(WriterStatements {
-            batch: within(place, "prepare", t, c.prepare(schema::BATCH)).await?,
-            batch_checkpoint: within(place, "prepare", t, c.prepare(schema::BATCH_CHECKPOINT)).await?,
-            load_checkpoint: within(place, "prepare", t, c.prepare(schema::LOAD_CHECKPOINT)).await?,
-            load_records: within(place, "prepare", t, c.prepare(schema::LOAD_RECORDS)).await?,
-            maintain: within(place, "prepare", t, c.prepare(schema::MAINTAIN)).await?,
-        })
+        let (batch, batch_checkpoint, load_checkpoint, load_records, maintain) = tokio::try_join!(
+            prepare(c, place, t, schema::BATCH),
+            prepare(c, place, t, schema::BATCH_CHECKPOINT),
+            prepare(c, place, t, schema::LOAD_CHECKPOINT),
+            prepare(c, place, t, schema::LOAD_RECORDS),
+            prepare(c, place, t, schema::MAINTAIN),
+        )?;
+        Ok(WriterStatements { batch, batch_checkpoint, load_checkpoint, load_records, maintain })
     }
 }
 
@@ -505,12 +520,13 @@ struct ReaderStatements {
 
 impl ReaderStatements {
     async fn prepare(c: &Client, place: &Place, t: Duration) -> Result<Self, StorageError> {
-        Ok(ReaderStatements {
-            history: within(place, "prepare", t, c.prepare(schema::HISTORY)).await?,
-            ended: within(place, "prepare", t, c.prepare(schema::ENDED)).await?,
-            list_first: within(place, "prepare", t, c.prepare(schema::LIST_FIRST)).await?,
-            list_after: within(place, "prepare", t, c.prepare(schema::LIST_AFTER)).await?,
-        })
+        let (history, ended, list_first, list_after) = tokio::try_join!(
+            prepare(c, place, t, schema::HISTORY),
+            prepare(c, place, t, schema::ENDED),
+            prepare(c, place, t, schema::LIST_FIRST),
+            prepare(c, place, t, schema::LIST_AFTER),
+        )?;
+        Ok(ReaderStatements { history, ended, list_first, list_after })
     }
 }
 
@@ -527,14 +543,52 @@ struct ReaderConn {
 }
 
 /// Hands each read to the next reader connection, round robin, in a task
-/// of its own so reads never wait for each other's answers.
-async fn serve_reads(readers: Vec<Arc<Reader>>, mut reads: UnboundedReceiver<ReadOp>, t: Duration, place: Place) {
+/// of its own so reads never wait for each other's answers. A reader
+/// connection found closed (the server restarted, or an operator ended
+/// it) is opened again first; if that fails, so does the read. Returns
+/// the connections once `stop` fires, to be closed properly.
+async fn serve_reads(
+    start: Start,
+    mut readers: Vec<ReaderConn>,
+    mut reads: UnboundedReceiver<ReadOp>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<ReaderConn> {
     let mut next = 0usize;
-    while let Some(op) = reads.recv().await {
-        let Some(reader) = readers.get(next % readers.len().max(1)).cloned() else { return };
+    loop {
+        let op = tokio::select! {
+            op = reads.recv() => match op {
+                Some(op) => op,
+                None => break,
+            },
+            _ = &mut stop => break,
+        };
+        let Some(i) = (!readers.is_empty()).then(|| next % readers.len()) else { break };
         next = next.wrapping_add(1);
-        let place = place.clone();
+        if readers[i].conn.client.is_closed() {
+            match open_reader(&start).await {
+                // The old connection's task ended with its connection.
+                Ok(fresh) => readers[i] = fresh,
+                Err(e) => {
+                    op.fail(e);
+                    continue;
+                }
+            }
+        }
+        let (reader, t, place) = (readers[i].conn.clone(), start.cfg.timeout, start.place.clone());
         tokio::spawn(async move { reader.serve(op, t, &place).await });
+    }
+    readers
+}
+
+impl ReadOp {
+    /// Answers the read with `e`.
+    fn fail(self, e: StorageError) {
+        // A reader that stopped waiting needs no answer.
+        match self {
+            ReadOp::History { reply, .. } => drop(reply.send(Err(e))),
+            ReadOp::Ended { reply, .. } => drop(reply.send(Err(e))),
+            ReadOp::List { reply, .. } => drop(reply.send(Err(e))),
+        }
     }
 }
 
@@ -573,10 +627,10 @@ impl Reader {
 
 /// Closes the reader connections properly once in-flight reads are done.
 async fn close_readers(readers: Vec<ReaderConn>) {
+    // Our references go here; the read tasks in flight hold the only
+    // others. Once they finish, the clients drop and the connections end
+    // with a goodbye.
     let tasks: Vec<JoinHandle<()>> = readers.into_iter().map(|r| r.task).collect();
-    // The dispatcher is aborted and the read tasks hold the only other
-    // references: once they finish, the clients drop and the connections
-    // end.
     for task in tasks {
         let _ = tokio::time::timeout(CLOSE_WITHIN, task).await;
     }

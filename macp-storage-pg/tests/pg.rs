@@ -285,3 +285,43 @@ fn errors_name_the_place_but_not_the_password() {
     drop(s);
     assert!(matches!(r.ended(&sid(1)), Err(StorageError::Closed)));
 }
+
+/// Reader connections that were ended (a server restart, an operator) are
+/// opened again; the writer is not involved.
+#[test]
+fn reader_connections_come_back_after_being_ended() {
+    let db = Db::new();
+    let mut s = db.open(&unique_name("readers"));
+    suite::load(&mut s);
+    s.append(&[record(1, 1)], &[]).unwrap();
+    s.sync().unwrap();
+    let r = s.reader();
+    assert_eq!(r.history(&sid(1), 0, 9).unwrap(), vec![record(1, 1)]);
+    let readers = |what: &str| {
+        db.sql(&format!(
+            "SELECT {what} FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'macp-rs reader'",
+            db.name
+        ))
+    };
+    assert_eq!(readers("count(pg_terminate_backend(pid))"), "2");
+    // Until the client has seen the connections go, a read may fail.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    while answered < 4 {
+        match r.history(&sid(1), 0, 9) {
+            Ok(h) => {
+                assert_eq!(h, vec![record(1, 1)]);
+                answered += 1;
+            }
+            Err(e) => {
+                assert!(matches!(e, StorageError::Io { .. }), "{e:?}");
+                answered = 0;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(Instant::now() < deadline, "the readers did not come back");
+    }
+    assert_eq!(readers("count(*)"), "2", "both reader connections are open again");
+    s.append(&[record(1, 2)], &[]).unwrap();
+    s.sync().expect("the writer was not involved");
+}
