@@ -33,7 +33,8 @@
 //!   commit costs what it costs in production.
 //! - **Network**: loopback only (`127.0.0.1` on a free port, found by
 //!   binding port 0; retried on another port if taken meanwhile) and a
-//!   Unix socket in the temporary directory.
+//!   Unix socket in the temporary directory (under `/tmp` when root, or
+//!   when `$TMPDIR` is too long for a socket path; else `$TMPDIR`).
 //! - **Lifetime**: [`PgServer`] stops the server (`pg_ctl stop -m
 //!   immediate`) and deletes the directory when dropped, also when a test
 //!   panics. [`PgServer::shared`] gives every test of one test binary the
@@ -110,7 +111,12 @@ impl PgServer {
     pub fn start() -> Result<PgServer, PgTestError> {
         let bin = find_bindir()?;
         let run_as = if running_as_root() { Some(test_user()?) } else { None };
-        let root = std::env::temp_dir().join(unique_name("macp-pg"));
+        // The server's user must reach the directory (a root-only TMPDIR
+        // would not do), and its socket path must stay within the 107
+        // bytes a Unix socket address holds.
+        let tmp = std::env::temp_dir();
+        let base = if run_as.is_some() || tmp.as_os_str().len() > 60 { PathBuf::from("/tmp") } else { tmp };
+        let root = base.join(unique_name("macp-pg"));
         std::fs::DirBuilder::new().mode(0o700).create(&root).map_err(io_err(format!("creating {}", root.display())))?;
         // From here on, dropping `server` removes the directory.
         let mut server = PgServer { root, bin, run_as, port: 0, started: false };
