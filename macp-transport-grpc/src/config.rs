@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use clap::builder::BoolishValueParser;
 use clap::Parser;
 use macp_storage::Retention;
+use macp_storage_pg::PgUrl;
 
 /// `macp-runtime` configuration.
 #[derive(Clone, Debug, Parser)]
@@ -35,9 +36,24 @@ pub struct Config {
     #[arg(long, env = "MACP_DATA_DIR", default_value = ".macp-data")]
     pub data_dir: PathBuf,
 
-    /// Keep everything in memory (nothing survives a restart).
+    /// Keep everything in memory (nothing survives a restart); the same as
+    /// `--storage memory`.
     #[arg(long, env = "MACP_MEMORY_ONLY", value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub memory_only: bool,
+
+    /// Where the log, checkpoints and ended sessions are kept: `file` (the
+    /// data directory), `memory` (nothing survives a restart) or `postgres`
+    /// (the database of --database-url) [default: file, or memory with
+    /// --memory-only].
+    #[arg(long, env = "MACP_STORAGE", value_enum)]
+    pub storage: Option<StorageKind>,
+
+    /// The PostgreSQL database of `--storage postgres`:
+    /// `postgres://user:password@host:port/database` (or libpq's
+    /// `host=... dbname=...`). Its tables go in schema `macp`, created if
+    /// missing. Never logged with its password.
+    #[arg(long, env = "MACP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
 
     /// Allow plaintext (no TLS).
     #[arg(long, env = "MACP_ALLOW_INSECURE", value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0..=1, default_missing_value = "true")]
@@ -210,6 +226,57 @@ pub struct Config {
     /// The retention in effect (resolved from the two retention settings).
     #[arg(skip)]
     pub retention: Retention,
+
+    /// The database of `--storage postgres`, parsed (resolved from
+    /// `database_url`).
+    #[arg(skip)]
+    pub database: Option<PgUrl>,
+}
+
+/// The storage backends the server can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageKind {
+    /// The data directory: a group-committed write-ahead log and an index
+    /// of ended sessions (`macp-storage-fs`).
+    File,
+    /// Memory only: nothing survives a restart.
+    Memory,
+    /// A PostgreSQL database (`macp-storage-pg`).
+    Postgres,
+}
+
+impl std::fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageKind::File => "file",
+            StorageKind::Memory => "memory",
+            StorageKind::Postgres => "postgres",
+        })
+    }
+}
+
+/// `MACP_DATABASE_URL` as given. Parsed in [`Config::resolve`] rather than
+/// by the argument parser, whose error would repeat the value, password
+/// and all; its `Debug` form shows no password either, so a logged
+/// configuration never holds one.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match PgUrl::parse(&self.0) {
+            Ok(u) => write!(f, "DatabaseUrl({u})"),
+            Err(_) => f.write_str("DatabaseUrl(<unparsable, not shown>)"),
+        }
+    }
 }
 
 /// A size in bytes, written as a number with an optional binary unit
@@ -302,6 +369,23 @@ pub enum ConfigError {
     /// A handshake timeout of zero would drop every connection.
     #[error("MACP_HANDSHAKE_TIMEOUT_SECS must be at least 1")]
     ZeroHandshakeTimeout,
+    /// Memory-only mode together with another storage backend.
+    #[error("MACP_MEMORY_ONLY asks for memory storage but MACP_STORAGE is {0}; set one of them")]
+    StorageConflict(StorageKind),
+    /// PostgreSQL storage without a database to use.
+    #[error("MACP_STORAGE=postgres needs MACP_DATABASE_URL (postgres://user:password@host:port/database)")]
+    PostgresWithoutUrl,
+    /// A database URL no storage backend uses: the operator may believe
+    /// the data goes to PostgreSQL while it goes elsewhere.
+    #[error("MACP_DATABASE_URL is set but the storage is {0}; set MACP_STORAGE=postgres to use the database, or unset MACP_DATABASE_URL")]
+    UrlWithoutPostgres(StorageKind),
+    /// The database URL does not parse (the reason never repeats the URL,
+    /// which may hold a password).
+    #[error("MACP_DATABASE_URL: {reason}")]
+    BadDatabaseUrl {
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 impl Config {
@@ -347,6 +431,22 @@ impl Config {
         if self.handshake_timeout_secs == 0 {
             return Err(ConfigError::ZeroHandshakeTimeout);
         }
+        let storage = match (self.storage, self.memory_only) {
+            (Some(kind), true) if kind != StorageKind::Memory => return Err(ConfigError::StorageConflict(kind)),
+            (Some(kind), _) => kind,
+            (None, true) => StorageKind::Memory,
+            (None, false) => StorageKind::File,
+        };
+        self.database = match (&self.database_url, storage) {
+            (Some(url), StorageKind::Postgres) => {
+                Some(PgUrl::parse(&url.0).map_err(|e| ConfigError::BadDatabaseUrl { reason: e.to_string() })?)
+            }
+            (None, StorageKind::Postgres) => return Err(ConfigError::PostgresWithoutUrl),
+            (Some(_), other) => return Err(ConfigError::UrlWithoutPostgres(other)),
+            (None, _) => None,
+        };
+        self.storage = Some(storage);
+        self.memory_only = storage == StorageKind::Memory;
         self.max_concurrent_requests =
             Some(self.max_concurrent_requests.or(self.concurrency_limit_per_connection).unwrap_or(1024));
         Ok(self)
@@ -363,6 +463,16 @@ impl Config {
     /// then MACP_CHECKPOINT_INTERVAL, then 100,000.
     pub fn checkpoint_every(&self) -> u64 {
         self.checkpoint_every.or(self.checkpoint_interval).unwrap_or(100_000)
+    }
+
+    /// The storage backend: `--storage`, else memory under
+    /// `--memory-only`, else files.
+    pub fn storage(&self) -> StorageKind {
+        match (self.storage, self.memory_only) {
+            (Some(kind), _) => kind,
+            (None, true) => StorageKind::Memory,
+            (None, false) => StorageKind::File,
+        }
     }
 
     /// Whether JWT bearer tokens are accepted.
@@ -414,6 +524,51 @@ mod tests {
         std::env::remove_var("MACP_CHECKPOINT_EVERY");
         std::env::remove_var("MACP_CHECKPOINT_INTERVAL");
         assert_eq!(Config::parse_from(base).checkpoint_every(), 100_000, "the default");
+    }
+
+    /// `--storage` picks the backend; `--memory-only` still means memory;
+    /// combinations that contradict each other, or leave PostgreSQL without
+    /// a database, are refused, and a refused URL is never repeated.
+    #[test]
+    fn storage_selection_is_checked() {
+        let with = |extra: &[&str]| {
+            let mut args = vec!["macp-runtime", "--dev"];
+            args.extend_from_slice(extra);
+            Config::parse_from(args).resolve()
+        };
+        let url = "postgres://macp:s3cret@db.internal:5433/macp";
+        let c = with(&[]).unwrap();
+        assert_eq!((c.storage(), c.memory_only, c.database.is_none()), (StorageKind::File, false, true), "the default");
+        let c = with(&["--memory-only"]).unwrap();
+        assert_eq!((c.storage(), c.memory_only), (StorageKind::Memory, true));
+        let c = with(&["--storage", "memory"]).unwrap();
+        assert_eq!((c.storage(), c.memory_only), (StorageKind::Memory, true), "--storage memory is --memory-only");
+        assert_eq!(with(&["--storage", "memory", "--memory-only"]).unwrap().storage(), StorageKind::Memory);
+        let c = with(&["--storage", "postgres", "--database-url", url]).unwrap();
+        assert_eq!((c.storage(), c.memory_only), (StorageKind::Postgres, false));
+        assert_eq!(
+            c.database.as_ref().map(|u| u.to_string()).as_deref(),
+            Some("postgres://macp@db.internal:5433/macp")
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "the configuration's Debug form shows no password");
+        assert_eq!(with(&["--storage", "postgres"]).unwrap_err(), ConfigError::PostgresWithoutUrl);
+        assert_eq!(
+            with(&["--memory-only", "--storage", "postgres", "--database-url", url]).unwrap_err(),
+            ConfigError::StorageConflict(StorageKind::Postgres)
+        );
+        assert_eq!(
+            with(&["--memory-only", "--storage", "file"]).unwrap_err(),
+            ConfigError::StorageConflict(StorageKind::File)
+        );
+        assert_eq!(with(&["--database-url", url]).unwrap_err(), ConfigError::UrlWithoutPostgres(StorageKind::File));
+        assert_eq!(
+            with(&["--storage", "memory", "--database-url", url]).unwrap_err(),
+            ConfigError::UrlWithoutPostgres(StorageKind::Memory)
+        );
+        let bad = with(&["--storage", "postgres", "--database-url", "postgres://macp:s3cret@h:port/db"]).unwrap_err();
+        assert!(matches!(bad, ConfigError::BadDatabaseUrl { .. }), "{bad:?}");
+        assert!(!bad.to_string().contains("s3cret"), "{bad}");
+        assert!(Config::try_parse_from(["macp-runtime", "--storage", "redis"]).is_err(), "only the three backends");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use macp_pipeline::{CheckpointPolicy, RecoveryError};
 use macp_receipt::{KeyFileError, ReceiptKeys};
 use macp_storage::{MemoryConfig, MemoryStorage, Storage, StorageError};
 use macp_storage_fs::{FsConfig, FsStorage};
+use macp_storage_pg::{PgConfig, PgStorage};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
@@ -20,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::auth::jwks::{Jwks, JwksError, RemoteJwks};
 use crate::auth::{parse_tokens, Authenticator, JwtSettings, JwtVerifier, TokenFileError};
-use crate::config::Config;
+use crate::config::{Config, StorageKind};
 use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Reopen};
 use crate::hub::Hub;
@@ -137,28 +138,38 @@ fn receipts_label(keys: &ReceiptKeys) -> String {
 
 /// Opens the configured storage backend (not yet loaded).
 pub fn open_storage(cfg: &Config) -> Result<Box<dyn Storage>, StorageError> {
-    if cfg.memory_only {
-        return Ok(Box::new(MemoryStorage::new(MemoryConfig {
+    match cfg.storage() {
+        StorageKind::Memory => Ok(Box::new(MemoryStorage::new(MemoryConfig {
             retention: cfg.retention,
             history_limit_bytes: cfg.memory_history_limit.bytes(),
             // Nothing outlives a memory-only process: no restart will read
             // a checkpoint, so none keeps a copy of the open sessions.
             restartable: false,
-        })));
+        }))),
+        StorageKind::File => {
+            let fs = FsConfig { retention: cfg.retention, ..FsConfig::default() };
+            Ok(Box::new(FsStorage::open(&cfg.data_dir, fs)?))
+        }
+        StorageKind::Postgres => {
+            // `Config::resolve` sets it whenever the storage is postgres.
+            let url = cfg.database.as_ref().ok_or(StorageError::Misuse("postgres storage without a database URL"))?;
+            let pg = PgConfig { retention: cfg.retention, ..PgConfig::default() };
+            Ok(Box::new(PgStorage::open(url, pg)?))
+        }
     }
-    let fs = FsConfig { retention: cfg.retention, ..FsConfig::default() };
-    Ok(Box::new(FsStorage::open(&cfg.data_dir, fs)?))
 }
 
-/// The storage backend as the logs name it.
+/// The storage backend as the logs name it (a database URL without its
+/// password).
 fn storage_label(cfg: &Config) -> String {
-    if cfg.memory_only {
-        format!(
+    match (cfg.storage(), &cfg.database) {
+        (StorageKind::Memory, _) => format!(
             "memory only (nothing survives a restart; ended sessions' history capped at {})",
             cfg.memory_history_limit
-        )
-    } else {
-        cfg.data_dir.display().to_string()
+        ),
+        (StorageKind::File, _) => cfg.data_dir.display().to_string(),
+        (StorageKind::Postgres, Some(url)) => format!("PostgreSQL {url} schema {}", PgConfig::default().schema),
+        (StorageKind::Postgres, None) => "PostgreSQL (no database URL)".into(),
     }
 }
 
@@ -166,7 +177,7 @@ fn storage_label(cfg: &Config) -> String {
 fn reopen(cfg: &Config) -> Reopen {
     let cfg = cfg.clone();
     Box::new(move || {
-        if cfg.memory_only {
+        if cfg.storage() == StorageKind::Memory {
             // In memory there is nothing to reopen: what was lost is lost.
             return Err(StorageError::Misuse("memory-only storage cannot be reopened after a failure"));
         }

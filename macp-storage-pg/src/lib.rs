@@ -1,0 +1,160 @@
+//! # macp-storage-pg
+//!
+//! The PostgreSQL backend of macp-rs: [`PgStorage`] implements the storage
+//! contract of `macp-storage` ([`macp_storage::Storage`] to write,
+//! [`macp_storage::StorageRead`] to read) on a PostgreSQL database, the
+//! database our users already run, back up and replicate. Like the file
+//! backend it stores records and summaries and never interprets them:
+//! replaying records is `macp-pipeline`'s recovery.
+//!
+//! ```no_run
+//! use macp_storage::Storage as _;
+//! use macp_storage_pg::{PgConfig, PgStorage, PgUrl};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let url: PgUrl = "postgres://macp:secret@db.internal:5432/macp".parse()?;
+//! let cfg = PgConfig { retention: "30d".parse()?, ..PgConfig::default() };
+//! let mut storage = PgStorage::open(&url, cfg)?;
+//! // macp_pipeline::recover(kernel_config, &mut storage, options) loads it,
+//! // then the pipeline appends, syncs, checkpoints; now and then:
+//! let done = storage.maintain(1_700_000_000_000)?;
+//! # let _ = done; Ok(()) }
+//! ```
+//!
+//! ## Tables (schema version 1)
+//!
+//! All in one schema ([`PgConfig::schema`], `macp` by default, created if
+//! missing); the connections' `search_path` is that schema alone.
+//!
+//! ```text
+//! macp_schema_version  version, applied_at, applied_by: one row per migration
+//! macp_records         pos (the global log position, primary key),
+//!                      session_id, seq (indexed together: history reads),
+//!                      record (the protobuf encoding of a Record)
+//! macp_ended           session_id (primary key: lookups, and listing in id
+//!                      order), ended_at_ms (indexed with the id: retention),
+//!                      ended_pos (the log position after its records),
+//!                      summary (the protobuf encoding of a SessionSummary)
+//! macp_checkpoint      one row: covers (the first log position it does not
+//!                      cover), open_state (the kernel's open state), taken_at
+//! ```
+//!
+//! Session ids are `COLLATE "C"`, so ended sessions list in byte order,
+//! the order the kernel pages its open sessions in, whatever the
+//! database's locale.
+//!
+//! ## Durability and group commit
+//!
+//! [`macp_storage::Storage::append`] only encodes and queues: nothing is
+//! sent. `sync` sends the whole batch as **one statement** (the records
+//! and the summaries as arrays, `INSERT ... SELECT FROM unnest(...)`, in
+//! two data-modifying `WITH` clauses), which PostgreSQL runs as one
+//! transaction: one round trip and one commit per batch however many
+//! Sends it carries, and either all of the batch is there or none of it.
+//! `checkpoint` adds the checkpoint row to the same statement, so a
+//! checkpoint and the records it covers commit together. The commit is as
+//! durable as the server's `synchronous_commit` makes it (`on` by
+//! default: flushed to the server's disk; `remote_apply` with a standby
+//! also waits for the standby).
+//!
+//! Readers see only committed rows, so never anything a crash could take
+//! back. A restart loads the checkpoint and then the records from its
+//! position on, in log order, fetched 2,048 a round trip through a cursor
+//! while the caller replays the previous chunk.
+//!
+//! ## Retention
+//!
+//! [`PgConfig::retention`] (`forever` by default). Each `maintain` call
+//! is one statement deleting at most [`PgConfig::maintain_sessions`]
+//! ended sessions past retention, oldest end first, with their records,
+//! but only sessions whose summary lies before the latest checkpoint (so
+//! replaying the log after it can never bring a deleted session back); and
+//! as many registry records the checkpoint covers (the checkpoint holds
+//! the registries, nothing else reads them). `more` says a bound was
+//! reached. `bytes` is `pg_total_relation_size` of the three tables;
+//! `segments` is `None` (there are none).
+//!
+//! ## Schema versions and the lock
+//!
+//! Opening takes a session-level advisory lock on the schema (key: "MACP"
+//! and the schema's oid) on the writer connection, held until the backend
+//! is dropped: a second runtime on the same schema is refused with
+//! [`macp_storage::StorageError::Locked`] after waiting
+//! [`PgConfig::lock_wait`] for a holder that may be going away. A process
+//! that dies loses the lock as soon as PostgreSQL notices its connection
+//! is gone; for a host that vanishes, the writer connection asks the
+//! server for TCP keepalives that notice within about a minute. (An
+//! operator in a hurry: `SELECT pg_terminate_backend(pid) FROM
+//! pg_stat_activity WHERE application_name = 'macp-rs writer'`.)
+//!
+//! Then, in one transaction, the schema is brought to [`SCHEMA_VERSION`]:
+//! every migration newer than the version recorded in
+//! `macp_schema_version` runs and is recorded. A schema at a newer version
+//! than this build knows is refused
+//! ([`macp_storage::StorageError::NewerFormat`]), and a schema holding
+//! tables named like ours without a version table is refused as not ours
+//! ([`macp_storage::StorageError::NotADataDir`]), never initialised over.
+//!
+//! ## Threads
+//!
+//! The storage traits are synchronous, and the driver calls them from a
+//! tokio task (recovery from `spawn_blocking`, later calls on a runtime
+//! worker, as the file backend's `fdatasync` blocks there). A blocking
+//! client that starts a runtime of its own would panic inside the
+//! server's runtime, and an async client cannot be awaited from a sync
+//! trait method. So the backend owns one OS thread, `macp-pg`, running a
+//! current-thread tokio runtime with the writer connection and
+//! [`PgConfig::readers`] reader connections. Trait methods send a request
+//! over a channel and wait for the reply on a std channel (a blocking wait
+//! the way a file write is one; never a tokio `blocking_recv`, which
+//! panics inside a runtime). Writer requests are served in order; each
+//! read runs as a task of its own on the next reader connection (queries
+//! on one connection are pipelined), so reads neither wait for a commit
+//! nor for each other, and never see the writer's uncommitted work.
+//!
+//! ## Why tokio-postgres, not sqlx
+//!
+//! We need one connection we control (the advisory lock lives on it),
+//! prepared statements with array parameters, cursors for loading, and
+//! nothing else: no pool, no compile-time query checking, no other
+//! databases, no migrations framework (ours is a table and a list).
+//! `tokio-postgres` is exactly the protocol client, on the tokio already
+//! in the tree; sqlx would bring its pool, its runtime glue, its own
+//! migration machinery and many more crates to build on a 2-core machine.
+//!
+//! ## Failures
+//!
+//! - Fail-stop, as the contract says: a failed or timed-out `sync` or
+//!   `checkpoint` (or a record over [`PgConfig::max_record_bytes`])
+//!   poisons the backend; every later write returns
+//!   [`macp_storage::StorageError::Poisoned`] and the driver loads storage
+//!   again (a new [`PgStorage`], new connections). A commit that timed out
+//!   may still have committed: the reload finds out, and a client's retry
+//!   with the same message id is deduplicated either way.
+//! - A failed read fails that read only. A reader connection found closed
+//!   (a server restart, an operator ending it) is opened again before the
+//!   next read it would serve.
+//! - Database errors are [`macp_storage::StorageError::Io`] naming the
+//!   operation, the URL without its password plus the schema, and
+//!   PostgreSQL's message with its SQLSTATE. Rows that do not decode are
+//!   [`macp_storage::StorageError::Damaged`] on read, and
+//!   [`macp_storage::DamageKind::Undecodable`] damage while loading
+//!   (offset = log position, so recovery can quarantine the session).
+//! - After the backend is dropped its readers get
+//!   [`macp_storage::StorageError::Closed`].
+//!
+//! ## Not yet
+//!
+//! TLS to the database (plain TCP and Unix sockets only; `sslmode=require`
+//! is refused rather than ignored), and the cluster mode's leases and
+//! fencing, which will build on these tables.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod schema;
+mod storage;
+mod url;
+mod worker;
+
+pub use schema::SCHEMA_VERSION;
+pub use storage::{PgConfig, PgStorage};
+pub use url::{BadPgUrl, PgUrl};

@@ -1,0 +1,440 @@
+//! [`PgStorage`]: the caller's side of the backend. It keeps the batch
+//! being appended and the log positions; the database work happens on the
+//! backend's thread ([`crate::worker`]).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use macp_storage::{
+    summary_id, Damage, DamageKind, LoadEvent, LoadSummary, LogPos, Maintenance, Record, Retention, SessionSummary,
+    Storage, StorageError, StorageRead,
+};
+use prost::Message as _;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+use crate::url::PgUrl;
+use crate::worker::{self, Batch, LoadItem, Op, Place, ReadOp, Reply, Start};
+
+/// Log chunks queued between the backend's thread and a loading caller.
+const LOAD_DEPTH: usize = 4;
+/// Records replayed between two looks at `cancelled`.
+const CANCEL_EVERY: usize = 1024;
+
+/// Settings of the PostgreSQL backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgConfig {
+    /// The schema holding the tables (created if missing). One runtime
+    /// owns a schema at a time, so several runtimes can share a database
+    /// with a schema each; and tests give every case a schema of its own.
+    pub schema: String,
+    /// How long an ended session stays readable (`forever` never deletes).
+    pub retention: Retention,
+    /// Largest encoded record [`Storage::append`] accepts, as the file
+    /// backend's limit (the kernel's payload limit keeps real records far
+    /// below it).
+    pub max_record_bytes: u32,
+    /// Ended sessions (and covered registry records) deleted per
+    /// [`Storage::maintain`] call at most, so one call stays short.
+    pub maintain_sessions: u32,
+    /// Reader connections, besides the writer's: reads (passive-subscribe
+    /// history, GetSession of an ended session) are spread over them, so a
+    /// slow read does not hold up the others, and none waits for a commit.
+    pub readers: usize,
+    /// How long opening waits for the schema's lock while another
+    /// connection holds it: enough for the server to notice that a
+    /// process which just died is gone, not so long that a second runtime
+    /// on the same schema hangs before it is refused.
+    pub lock_wait: Duration,
+    /// Longest wait for any one answer from PostgreSQL (and the connect
+    /// timeout, unless the URL sets one). A write that times out poisons
+    /// the backend like a failed one: whether it committed is unknown
+    /// until storage is loaded again.
+    pub timeout: Duration,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        PgConfig {
+            schema: "macp".into(),
+            retention: Retention::Forever,
+            max_record_bytes: 64 << 20,
+            maintain_sessions: 512,
+            readers: 2,
+            lock_wait: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Unloaded,
+    Ready,
+    Poisoned,
+}
+
+/// A summary waiting for the next commit.
+#[derive(Debug)]
+struct PendingEnded {
+    ended_at: i64,
+    /// The log position after the records appended with it: every record
+    /// of its session lies before it.
+    ended_pos: i64,
+    summary: Vec<u8>,
+}
+
+/// The PostgreSQL backend. See the crate docs.
+pub struct PgStorage {
+    ops: UnboundedSender<Op>,
+    reads: UnboundedSender<ReadOp>,
+    thread: Option<JoinHandle<()>>,
+    cfg: PgConfig,
+    place: Place,
+    phase: Phase,
+    /// The log position of the next appended record.
+    next_pos: i64,
+    /// First log position the latest checkpoint does not cover (0: no
+    /// checkpoint): ended sessions whose summary lies before it may go.
+    covers: i64,
+    /// Records appended since the last commit.
+    batch: Batch,
+    /// Summaries appended since the last commit, one per session (the
+    /// latest wins, as it would in the table).
+    ended: BTreeMap<String, PendingEnded>,
+}
+
+impl std::fmt::Debug for PgStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStorage")
+            .field("place", &self.place.0)
+            .field("phase", &self.phase)
+            .field("next_pos", &self.next_pos)
+            .field("covers", &self.covers)
+            .field("pending_records", &self.batch.pos.len())
+            .field("pending_ended", &self.ended.len())
+            .finish()
+    }
+}
+
+impl PgStorage {
+    /// Connects, takes the schema's lock, creates or migrates the schema,
+    /// and opens the reader connections. Not loaded yet: call
+    /// [`Storage::load`] first.
+    ///
+    /// Fails with [`StorageError::Locked`] if another runtime holds the
+    /// schema, [`StorageError::NewerFormat`] if a newer macp-rs migrated
+    /// it, [`StorageError::NotADataDir`] if it holds tables named like ours
+    /// that we did not create, and [`StorageError::Io`] (the URL without
+    /// password, and PostgreSQL's message) if the database cannot be
+    /// reached or refuses.
+    pub fn open(url: &PgUrl, cfg: PgConfig) -> Result<PgStorage, StorageError> {
+        if cfg.schema.is_empty() || cfg.schema.len() > 63 || cfg.schema.contains('\0') {
+            return Err(StorageError::Misuse("the schema name must be 1 to 63 bytes without NUL"));
+        }
+        let place = Place(Arc::from(format!("{url} schema {}", cfg.schema)));
+        let (ops, ops_rx) = unbounded_channel();
+        let (reads, reads_rx) = unbounded_channel();
+        let (ready_tx, ready) = sync_channel(1);
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone() };
+        let thread = std::thread::Builder::new()
+            .name("macp-pg".into())
+            .spawn(move || worker::run(start, ready_tx, ops_rx, reads_rx))
+            .map_err(|e| StorageError::io("start the PostgreSQL thread", place.path(), e))?;
+        let opened = ready.recv().unwrap_or(Err(StorageError::Closed));
+        if let Err(e) = opened {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(PgStorage {
+            ops,
+            reads,
+            thread: Some(thread),
+            cfg,
+            place,
+            phase: Phase::Unloaded,
+            next_pos: 1,
+            covers: 0,
+            batch: Batch::default(),
+            ended: BTreeMap::new(),
+        })
+    }
+
+    /// Ends the backend as a killed process would: the connections are
+    /// dropped without a goodbye, so PostgreSQL rolls back whatever was in
+    /// flight and releases the lock when it notices; nothing appended
+    /// since the last sync is kept. For tests and fault drills.
+    pub fn crash(mut self) {
+        let _ = self.ops.send(Op::Crash);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Where the data is, as errors and logs name it: the URL without its
+    /// password, and the schema.
+    pub fn place(&self) -> &str {
+        &self.place.0
+    }
+
+    /// Sends `op` to the writer and waits for its answer.
+    fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StorageError> {
+        let (tx, rx) = sync_channel(1);
+        self.ops.send(op(tx)).map_err(|_| StorageError::Closed)?;
+        rx.recv().unwrap_or(Err(StorageError::Closed))
+    }
+
+    fn ready(&self) -> Result<(), StorageError> {
+        match self.phase {
+            Phase::Ready => Ok(()),
+            Phase::Poisoned => Err(StorageError::Poisoned),
+            Phase::Unloaded => Err(StorageError::Misuse("append before load")),
+        }
+    }
+
+    /// A failed write leaves the database's state unknown to us: refuse
+    /// everything until the driver loads storage again.
+    fn poison(&mut self, e: StorageError) -> StorageError {
+        self.phase = Phase::Poisoned;
+        self.batch = Batch::default();
+        self.ended.clear();
+        e
+    }
+
+    /// The batch appended since the last commit, summaries included.
+    fn take_batch(&mut self) -> Batch {
+        let mut batch = std::mem::take(&mut self.batch);
+        for (id, e) in std::mem::take(&mut self.ended) {
+            batch.ended_id.push(id);
+            batch.ended_at.push(e.ended_at);
+            batch.ended_pos.push(e.ended_pos);
+            batch.summary.push(e.summary);
+        }
+        batch
+    }
+
+    fn replay(
+        &self,
+        rx: &Receiver<LoadItem>,
+        cancelled: &dyn Fn() -> bool,
+        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+    ) -> Result<(i64, i64), StorageError> {
+        let mut seen = 0usize;
+        loop {
+            match rx.recv().map_err(|_| StorageError::Closed)? {
+                LoadItem::Checkpoint(state) => visit(LoadEvent::Checkpoint { open_state: &state })?,
+                LoadItem::Rows(rows) => {
+                    for row in rows {
+                        if seen % CANCEL_EVERY == 0 && cancelled() {
+                            return Err(StorageError::Cancelled);
+                        }
+                        seen += 1;
+                        let pos = LogPos::new(0, row.pos as u64);
+                        match Record::decode(row.record.as_slice()) {
+                            Ok(record) => visit(LoadEvent::Record { pos, record })?,
+                            Err(e) => visit(LoadEvent::Damage(Damage {
+                                segment: 0,
+                                offset: row.pos as u64,
+                                len: row.record.len() as u64,
+                                kind: DamageKind::Undecodable(e.to_string()),
+                                session_hint: (!row.session_id.is_empty()).then_some(row.session_id),
+                            }))?,
+                        }
+                    }
+                }
+                LoadItem::End { covers, next } => return Ok((covers, next)),
+                LoadItem::Failed(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for PgStorage {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.ops.send(Op::Close);
+            let _ = t.join();
+        }
+    }
+}
+
+impl Storage for PgStorage {
+    fn load(
+        &mut self,
+        cancelled: &dyn Fn() -> bool,
+        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+    ) -> Result<LoadSummary, StorageError> {
+        match self.phase {
+            Phase::Unloaded => {}
+            Phase::Ready => return Err(StorageError::Misuse("load called twice")),
+            Phase::Poisoned => return Err(StorageError::Poisoned),
+        }
+        if cancelled() {
+            return Err(StorageError::Cancelled);
+        }
+        let (tx, rx) = sync_channel(LOAD_DEPTH);
+        self.ops.send(Op::Load(tx)).map_err(|_| StorageError::Closed)?;
+        // Returning early drops `rx`: the thread stops sending and rolls
+        // its read transaction back.
+        let (covers, next) = self.replay(&rx, cancelled, visit)?;
+        self.covers = covers;
+        self.next_pos = next;
+        self.phase = Phase::Ready;
+        Ok(LoadSummary { torn_tail: None, end: LogPos::new(0, next as u64) })
+    }
+
+    fn append(&mut self, records: &[Record], ended: &[SessionSummary]) -> Result<(), StorageError> {
+        self.ready()?;
+        for r in records {
+            let encoded = r.encode_to_vec();
+            if encoded.len() > self.cfg.max_record_bytes as usize {
+                let e = StorageError::RecordTooLarge { len: encoded.len(), max: self.cfg.max_record_bytes as usize };
+                return Err(self.poison(e));
+            }
+            // PostgreSQL's bigint holds sequence numbers below 2^63 only;
+            // the kernel counts from 1 and never gets near.
+            let Ok(seq) = i64::try_from(r.seq) else {
+                return Err(self.poison(StorageError::Misuse("a sequence number at or beyond 2^63")));
+            };
+            self.batch.pos.push(self.next_pos);
+            self.batch.session_id.push(r.session_id.clone());
+            self.batch.seq.push(seq);
+            self.batch.record.push(encoded);
+            self.next_pos += 1;
+        }
+        for s in ended {
+            let e = PendingEnded { ended_at: s.ended_at_unix_ms, ended_pos: self.next_pos, summary: s.encode_to_vec() };
+            self.ended.insert(summary_id(s).to_string(), e);
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Poisoned => return Err(StorageError::Poisoned),
+            Phase::Unloaded => return Err(StorageError::Misuse("sync before load")),
+        }
+        if self.batch.is_empty() && self.ended.is_empty() {
+            return Ok(());
+        }
+        let batch = self.take_batch();
+        self.ask(|reply| Op::Commit { batch, checkpoint: None, reply }).map_err(|e| self.poison(e))
+    }
+
+    fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Poisoned => return Err(StorageError::Poisoned),
+            Phase::Unloaded => return Err(StorageError::Misuse("checkpoint before load")),
+        }
+        let batch = self.take_batch();
+        let covers = self.next_pos;
+        let checkpoint = Some((covers, open_state.to_vec()));
+        self.ask(|reply| Op::Commit { batch, checkpoint, reply }).map_err(|e| self.poison(e))?;
+        self.covers = covers;
+        Ok(())
+    }
+
+    fn maintain(&mut self, now_ms: i64) -> Result<Maintenance, StorageError> {
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Poisoned => return Err(StorageError::Poisoned),
+            Phase::Unloaded => return Err(StorageError::Misuse("maintain before load")),
+        }
+        let cutoff = self.cfg.retention.cutoff(now_ms);
+        let limit = i64::from(self.cfg.maintain_sessions.max(1));
+        let covers = self.covers;
+        let done = self.ask(|reply| Op::Maintain { cutoff, covers, limit, reply })?;
+        Ok(Maintenance {
+            expired_sessions: done.expired.max(0) as u64,
+            bytes: done.bytes.max(0) as u64,
+            segments: None,
+            more: done.expired >= limit || done.registry >= limit,
+            retention_cutoff_ms: cutoff,
+            ..Maintenance::default()
+        })
+    }
+
+    fn reader(&self) -> Arc<dyn StorageRead> {
+        Arc::new(PgReader { reads: self.reads.clone() })
+    }
+}
+
+/// The reading side: each call is answered by one of the reader
+/// connections on the backend's thread. After the storage is dropped,
+/// every call fails with [`StorageError::Closed`].
+struct PgReader {
+    reads: UnboundedSender<ReadOp>,
+}
+
+impl PgReader {
+    fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> ReadOp) -> Result<T, StorageError> {
+        let (tx, rx) = sync_channel(1);
+        self.reads.send(op(tx)).map_err(|_| StorageError::Closed)?;
+        rx.recv().unwrap_or(Err(StorageError::Closed))
+    }
+}
+
+fn damaged(place: String, reason: String) -> StorageError {
+    StorageError::Damaged { place, reason }
+}
+
+impl StorageRead for PgReader {
+    fn history(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Record>, StorageError> {
+        // Stored sequence numbers are below 2^63 (see `append`).
+        let Ok(after) = i64::try_from(after) else { return Ok(Vec::new()) };
+        let upto = i64::try_from(upto).unwrap_or(i64::MAX);
+        if upto <= after {
+            return Ok(Vec::new());
+        }
+        let session_id = session_id.to_string();
+        let rows = self.ask(|reply| ReadOp::History { session_id: session_id.clone(), after, upto, reply })?;
+        rows.into_iter()
+            .map(|(pos, seq, bytes)| {
+                let place = || format!("log position {pos}");
+                let r = Record::decode(bytes.as_slice())
+                    .map_err(|e| damaged(place(), format!("record does not decode: {e}")))?;
+                if r.session_id != session_id || r.seq != seq as u64 {
+                    return Err(damaged(
+                        place(),
+                        format!(
+                            "expected record {seq} of session {session_id}, found record {} of session '{}'",
+                            r.seq, r.session_id
+                        ),
+                    ));
+                }
+                Ok(r)
+            })
+            .collect()
+    }
+
+    fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
+        let id = session_id.to_string();
+        let bytes = self.ask(|reply| ReadOp::Ended { session_id: id, reply })?;
+        bytes
+            .map(|b| {
+                SessionSummary::decode(b.as_slice()).map_err(|e| {
+                    damaged(format!("ended session {session_id}"), format!("summary does not decode: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let after = after.map(str::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.ask(|reply| ReadOp::List { after, limit, reply })?;
+        rows.into_iter()
+            .map(|b| {
+                SessionSummary::decode(b.as_slice())
+                    .map_err(|e| damaged("ended sessions list".into(), format!("a summary does not decode: {e}")))
+            })
+            .collect()
+    }
+}
