@@ -59,6 +59,7 @@ mod data;
 mod json;
 mod progress;
 mod remote;
+mod source;
 mod verify;
 
 use std::io::Write as _;
@@ -66,6 +67,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use source::Where;
 
 /// Operator CLI for macp-rs data directories and running servers.
 #[derive(Parser, Debug)]
@@ -78,28 +80,29 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Format version, segments, checkpoint, open and ended sessions by mode
-    /// and state, total size.
+    /// and state, total size (for a database: schema version, log
+    /// positions, checkpoint, sessions, the tables' size).
     Inspect {
-        /// The data directory (MACP_DATA_DIR of the server).
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Checks every checksum of every segment and replays the whole log
-    /// through the kernel, compared with the checkpoint. Exit code 0:
-    /// healthy; 1: damaged; 2: could not check.
+    /// Checks every checksum of every segment (every row of a database
+    /// decodes) and replays the whole log through the kernel, compared with
+    /// the checkpoint. Exit code 0: healthy; 1: damaged; 2: could not check.
     Verify {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Lists sessions (open and ended).
     Sessions {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Only sessions in this state (open, suspended, resolved, expired,
         /// cancelled).
         #[arg(long)]
@@ -112,16 +115,17 @@ enum Command {
         json: bool,
     },
     /// A session's accepted history as JSON lines, payloads decoded.
+    #[command(allow_missing_positional = true)]
     History {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// The session.
         session_id: String,
     },
     /// Every session's history (open and ended) as JSON lines.
     Export {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Where to write (`-` for stdout).
         #[arg(long)]
         out: PathBuf,
@@ -154,6 +158,15 @@ pub enum AdminError {
     /// The storage layer refused or failed.
     #[error("{0}")]
     Storage(#[from] macp_storage::StorageError),
+    /// The database holds no macp-rs schema this build can read (missing,
+    /// not ours, or at a version only a server migrates).
+    #[error("{place} is not a macp-rs database: {reason}")]
+    NotOurs {
+        /// The database without its password, and the schema.
+        place: String,
+        /// What was found instead.
+        reason: String,
+    },
     /// Recovery could not rebuild the state.
     #[error("{0}")]
     Recovery(#[from] macp_pipeline::RecoveryError),
@@ -178,13 +191,13 @@ pub enum Outcome {
 
 fn run(cli: Cli) -> Result<Outcome, AdminError> {
     match cli.command {
-        Command::Inspect { data_dir, json } => data::inspect(&data_dir, json).map(|()| Outcome::Ok),
-        Command::Verify { data_dir, json } => verify::verify(&data_dir, json),
-        Command::Sessions { data_dir, state, mode, json } => {
-            data::sessions(&data_dir, state.as_deref(), mode.as_deref(), json).map(|()| Outcome::Ok)
+        Command::Inspect { from, json } => data::inspect(&from.source()?, json).map(|()| Outcome::Ok),
+        Command::Verify { from, json } => verify::verify(&from.source()?, json),
+        Command::Sessions { from, state, mode, json } => {
+            data::sessions(&from.source()?, state.as_deref(), mode.as_deref(), json).map(|()| Outcome::Ok)
         }
-        Command::History { data_dir, session_id } => data::history(&data_dir, &session_id).map(|()| Outcome::Ok),
-        Command::Export { data_dir, out } => data::export(&data_dir, &out).map(|()| Outcome::Ok),
+        Command::History { from, session_id } => data::history(&from.source()?, &session_id).map(|()| Outcome::Ok),
+        Command::Export { from, out } => data::export(&from.source()?, &out).map(|()| Outcome::Ok),
         Command::Tail { conn, limit } => remote::tail(&conn, limit).map(|()| Outcome::Ok),
         Command::Receipt { conn, session_id, verify } => remote::receipt(&conn, &session_id, verify),
     }
