@@ -334,7 +334,7 @@ async fn open_snapshot<'c>(
     let version = match found {
         Some(_) => recorded_version(&tx, start, "read the schema version").await?,
         None => {
-            let reason = format!("it has no schema {schema}: no macp-rs runtime has stored anything there");
+            let reason = format!("there is no schema {schema} (no macp-rs runtime has stored anything there)");
             return Err(StorageError::NotADataDir { path: place.path(), reason });
         }
     };

@@ -437,7 +437,7 @@ fn a_read_only_storage_refuses_a_schema_it_cannot_read() {
     let open = |schema: &str| PgStorage::open_read_only(&db.url, db.cfg(schema, Retention::Forever)).unwrap_err();
     let missing = unique_name("missing");
     let e = open(&missing);
-    assert!(matches!(e, StorageError::NotADataDir { .. }) && e.to_string().contains("has no schema"), "{e}");
+    assert!(matches!(e, StorageError::NotADataDir { .. }) && e.to_string().contains("there is no schema"), "{e}");
     assert_eq!(db.sql(&format!("SELECT count(*) FROM pg_namespace WHERE nspname = '{missing}'")), "0", "not created");
 
     let empty = unique_name("empty");
