@@ -205,7 +205,9 @@ fn inspect_db(source: &Source, info: &PgInfo, data: &Data, as_json: bool) -> Res
     let mut o = out();
     if as_json {
         let checkpoint = match &info.checkpoint {
-            Some(c) => json!({"present": true, "covers": c.covers, "bytes": c.bytes, "taken_at_unix_ms": c.taken_at_unix_ms}),
+            Some(c) => {
+                json!({"present": true, "covers": c.covers, "bytes": c.bytes, "taken_at_unix_ms": c.taken_at_unix_ms})
+            }
             None => json!({"present": false}),
         };
         let v = json!({
@@ -224,7 +226,9 @@ fn inspect_db(source: &Source, info: &PgInfo, data: &Data, as_json: bool) -> Res
         writeln!(o, "database     {source}")?;
         writeln!(o, "schema       version {}", info.schema_version)?;
         match (info.first_pos, info.last_pos) {
-            (Some(first), Some(last)) => writeln!(o, "log          {} records, positions {first} to {last}", info.records)?,
+            (Some(first), Some(last)) => {
+                writeln!(o, "log          {} records, positions {first} to {last}", info.records)?
+            }
             _ => writeln!(o, "log          empty")?,
         }
         match &info.checkpoint {

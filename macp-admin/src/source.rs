@@ -64,7 +64,11 @@ impl Where {
                 let from_env = std::env::var_os("MACP_DATABASE_URL").is_some();
                 Err(AdminError::Usage(format!(
                     "give DATA_DIR or --database-url, not both{}",
-                    if from_env { " (MACP_DATABASE_URL is set in the environment: unset it to read a data directory)" } else { "" }
+                    if from_env {
+                        " (MACP_DATABASE_URL is set in the environment: unset it to read a data directory)"
+                    } else {
+                        ""
+                    }
                 )))
             }
             (None, None) => Err(AdminError::Usage(
@@ -90,9 +94,7 @@ impl fmt::Display for Source {
 /// database without a macp-rs schema this build reads is refused as such.
 pub fn open_db(url: &PgUrl) -> Result<PgStorage, AdminError> {
     PgStorage::open_read_only(url, PgConfig::default()).map_err(|e| match e {
-        StorageError::NotADataDir { path, reason } => {
-            AdminError::NotOurs { place: path.display().to_string(), reason }
-        }
+        StorageError::NotADataDir { path, reason } => AdminError::NotOurs { place: path.display().to_string(), reason },
         e => e.into(),
     })
 }

@@ -65,6 +65,8 @@ struct Places {
     /// The segment file, or the table, of a log position, and the offset
     /// or position within it.
     log: fn(LogPos) -> (String, u64),
+    /// A log position in prose.
+    name: fn(LogPos) -> String,
     /// What the number after the file is (`offset`, `position`): in the
     /// text and as the key in JSON.
     unit: &'static str,
@@ -76,6 +78,7 @@ struct Places {
 
 const FILES: Places = Places {
     log: |pos| (format!("{WAL_DIR}/{:020}.seg", pos.segment), pos.offset),
+    name: |pos| pos.to_string(),
     unit: "offset",
     checkpoint: "checkpoint",
     index: macp_storage_fs::INDEX_FILE,
@@ -83,6 +86,7 @@ const FILES: Places = Places {
 
 const TABLES: Places = Places {
     log: |pos| ("macp_records".to_string(), pos.offset),
+    name: |pos| format!("log position {}", pos.offset),
     unit: "position",
     checkpoint: "macp_checkpoint",
     index: "macp_ended",
@@ -145,7 +149,10 @@ impl FullReplay {
         }
         f.compared = true;
         if k.snapshot() != *want {
-            let what = format!("the full replay of the log up to {at} disagrees with the checkpoint's open state");
+            let what = format!(
+                "the full replay of the log up to {} disagrees with the checkpoint's open state",
+                (f.places.name)(*at)
+            );
             f.problems.push(Problem::at(f.places.checkpoint, None, what));
         }
     }
