@@ -1,7 +1,8 @@
 //! # macp-admin
 //!
-//! The operator's tool for macp-rs: look into a data directory, check it,
-//! export it, and watch a running server, without writing code.
+//! The operator's tool for macp-rs: look into a data directory or a
+//! server's PostgreSQL database, check it, export it, and watch a running
+//! server, without writing code.
 //!
 //! ```text
 //! macp-admin inspect  DATA_DIR [--json]          format, segments, checkpoint, sessions by mode and state, size
@@ -12,6 +13,13 @@
 //! macp-admin tail     --addr URL [--token T | --dev-sender S]
 //! macp-admin receipt  --addr URL SESSION_ID [--verify]
 //! ```
+//!
+//! Every data command takes `--database-url URL` (or `MACP_DATABASE_URL`)
+//! instead of `DATA_DIR` for a server run with `--storage postgres`:
+//! `macp-admin history --database-url postgres://macp@db:5432/macp SESSION_ID`.
+//! Exactly one of the two: both (also `DATA_DIR` while `MACP_DATABASE_URL`
+//! is set), or neither, is a usage error (exit 2). Put the flag before or
+//! after the positional arguments, not between them.
 //!
 //! ## Reading a data directory never writes to it
 //!
@@ -26,13 +34,39 @@
 //! directory rather than write under a reader. A copy without a `LOCK`
 //! file is read without one.
 //!
+//! ## Reading a database never writes to it, even beside its server
+//!
+//! With `--database-url` the commands open the server's schema (`macp`)
+//! with `PgStorage::open_read_only` (macp-storage-pg) and run the same
+//! recovery over it, so `sessions`, `history` and `export` print exactly
+//! what they print for a data directory. That storage uses one connection
+//! with `default_transaction_read_only` on and one `REPEATABLE READ READ
+//! ONLY` transaction for the whole command: every read sees one snapshot,
+//! consistent while the server goes on writing, so there is no need to
+//! stop the server. It takes no advisory lock (the server's is not
+//! touched), creates nothing and migrates nothing: a database without the
+//! macp schema, or with one this build does not read (older, newer), is
+//! refused with exit 2. The password of the URL is never printed.
+//!
+//! On a database, `inspect` reports the schema version, the log's rows and
+//! positions, the checkpoint (the position it covers up to, its size, when
+//! it was taken), the ended sessions kept, the tables' size
+//! (`pg_total_relation_size`), and the sessions by mode and state (there
+//! are no segments). `verify` decodes every row of the log (one that does
+//! not decode is `DAMAGE macp_records position N`), replays them all and
+//! compares with the checkpoint while the positions run from 1 without a
+//! gap (rows deleted by retention make a note, not damage), runs the
+//! server's recovery, reads back every ended session, and checks that
+//! every session the replay saw end has its summary; its JSON names a
+//! problem's row as `file` (the table) and `position`.
+//!
 //! ## Exit codes
 //!
 //! | code | meaning |
 //! | --- | --- |
 //! | 0 | success; for `verify`: healthy (a torn tail, which recovery truncates, is reported but healthy) |
 //! | 1 | `verify`: damage found; `receipt --verify`: the receipt does not verify |
-//! | 2 | usage error, I/O error, not a data directory, locked by a running server, server unreachable |
+//! | 2 | usage error, I/O error, not a data directory (or not a macp-rs database), locked by a running server, server or database unreachable |
 //!
 //! ## JSON lines
 //!
@@ -69,7 +103,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use source::Where;
 
-/// Operator CLI for macp-rs data directories and running servers.
+/// Operator CLI for macp-rs data directories, databases and running servers.
 #[derive(Parser, Debug)]
 #[command(name = "macp-admin", version, about)]
 struct Cli {
