@@ -49,7 +49,7 @@ pub enum Source {
     /// A data directory (the file backend).
     Dir(PathBuf),
     /// The schema `macp` of a PostgreSQL database.
-    Db(PgUrl),
+    Db(Box<PgUrl>),
 }
 
 impl Where {
@@ -59,7 +59,9 @@ impl Where {
     pub fn source(&self) -> Result<Source, AdminError> {
         match (&self.data_dir, &self.database_url) {
             (Some(dir), None) => Ok(Source::Dir(dir.clone())),
-            (None, Some(url)) => PgUrl::parse(&url.0).map(Source::Db).map_err(|e| AdminError::Usage(e.to_string())),
+            (None, Some(url)) => {
+                PgUrl::parse(&url.0).map(|u| Source::Db(Box::new(u))).map_err(|e| AdminError::Usage(e.to_string()))
+            }
             (Some(_), Some(_)) => {
                 let from_env = std::env::var_os("MACP_DATABASE_URL").is_some();
                 Err(AdminError::Usage(format!(

@@ -21,9 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clap::Parser as _;
 use common::*;
-use macp_transport_grpc::config::Config;
 use support::*;
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -35,17 +33,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 /// A server with a file-backed data directory that checkpoints every few
 /// records, so the directory has both a checkpoint and a tail after it.
 async fn server_on(dir: &Path) -> Server {
-    let args = [
-        "macp-runtime",
-        "--dev",
-        "--bind-addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().expect("utf-8 path"),
-        "--checkpoint-every",
-        "4",
-    ];
-    Server::start_with(Config::parse_from(args).resolve().expect("config")).await
+    server_with(&["--data-dir", dir.to_str().expect("utf-8 path")]).await
 }
 
 /// Every file under `dir` with its bytes.

@@ -27,33 +27,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser as _;
 use common::*;
 use macp_pg_test::{unique_name, PgServer};
-use macp_transport_grpc::config::Config;
 use support::*;
 
 /// A server on the database at `url` that checkpoints every few records,
 /// so the database has a checkpoint and records after it; its rate limits
 /// leave room for the test that writes while `verify` reads.
 async fn server_on(url: &str) -> Server {
-    let args = [
-        "macp-runtime",
-        "--dev",
-        "--bind-addr",
-        "127.0.0.1:0",
-        "--storage",
-        "postgres",
-        "--database-url",
-        url,
-        "--checkpoint-every",
-        "4",
-        "--session-start-limit-per-minute",
-        "100000",
-        "--message-limit-per-minute",
-        "100000",
-    ];
-    Server::start_with(Config::parse_from(args).resolve().expect("config")).await
+    let limits = ["--session-start-limit-per-minute", "100000", "--message-limit-per-minute", "100000"];
+    server_with(&[&["--storage", "postgres", "--database-url", url][..], &limits].concat()).await
 }
 
 /// A new database on the shared throwaway server, and its URL with a
@@ -88,6 +71,14 @@ fn shown(out: &Output) -> String {
     all
 }
 
+/// `verify --database-url url`, which must exit with `code`; its report.
+fn verify_exits(url: &str, code: i32) -> String {
+    let out = admin(&["verify", "--database-url", url]);
+    let report = shown(&out);
+    assert_eq!(out.status.code(), Some(code), "{report}");
+    report
+}
+
 /// A copy of database `from` (no connection may be open to it: those of a
 /// stopped server may take a moment to go).
 fn copy_database(pg: &PgServer, from: &str, tag: &str) -> String {
@@ -104,6 +95,9 @@ fn copy_database(pg: &PgServer, from: &str, tag: &str) -> String {
     }
 }
 
+/// Beside the running server the commands answer as for a data directory,
+/// one snapshot keeps `verify` whole while the server writes, and nothing
+/// the tool does changes a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_runtimes_database_reads_beside_it_as_it_streams_without_a_write() {
     let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
@@ -131,9 +125,7 @@ async fn a_postgres_runtimes_database_reads_beside_it_as_it_streams_without_a_wr
     let out = admin_on("inspect", &src, &[]);
     let report = shown(&out);
     assert!(report.contains("schema       version 1") && report.contains("positions 1 to"), "{report}");
-    let out = admin_on("verify", &src, &[]);
-    let report = shown(&out);
-    assert_eq!(out.status.code(), Some(0), "{report}");
+    let report = verify_exits(&url, 0);
     assert!(report.contains("healthy") && report.contains("compared with a full replay"), "{report}");
     // MACP_DATABASE_URL works as the flag does.
     let out = admin_with(&["sessions", "--state", "open"], &[("MACP_DATABASE_URL", &url)]);
@@ -186,6 +178,8 @@ async fn a_postgres_runtimes_database_reads_beside_it_as_it_streams_without_a_wr
     let _ = std::fs::remove_file(&out_file);
 }
 
+/// Damage in copies of a server's database: named where it is, exit 1;
+/// retention's deletions are not damage; a newer schema is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
@@ -193,8 +187,7 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     let server = server_on(&url).await;
     let w = workload(&server).await;
     server.stop().await;
-    let out = admin(&["verify", "--database-url", &url]);
-    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    verify_exits(&url, 0);
 
     // In a copy, the Proposal of the first session no longer decodes.
     let copy = copy_database(&pg, &db, "damaged");
@@ -202,9 +195,7 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     let sql = format!("SELECT pos FROM macp.macp_records WHERE session_id = '{}' AND seq = 2", w.resolved[0]);
     let pos = pg.psql(&copy, &sql).expect("psql");
     pg.psql(&copy, &format!("UPDATE macp.macp_records SET record = '\\xffffffff' WHERE pos = {pos}")).expect("psql");
-    let out = admin(&["verify", "--database-url", &copy_url]);
-    let report = shown(&out);
-    assert_eq!(out.status.code(), Some(1), "{report}");
+    let report = verify_exits(&copy_url, 1);
     assert!(report.contains(&format!("DAMAGE macp_records position {pos}: the row does not decode")), "{report}");
     assert!(report.contains(&w.resolved[0]), "the session is named: {report}");
     assert!(report.trim_end().ends_with("DAMAGED"), "{report}");
@@ -218,15 +209,12 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     let out = admin(&["history", "--database-url", &copy_url, &w.resolved[0]]);
     assert_eq!(out.status.code(), Some(2));
     assert!(shown(&out).contains(&format!("log position {pos}")), "{}", text(&out.stderr));
-    let out = admin(&["verify", "--database-url", &url]);
-    assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
+    verify_exits(&url, 0);
 
     // A checkpoint whose open state does not restore is damage: the server
     // would not start.
     pg.psql(&copy, "UPDATE macp.macp_checkpoint SET open_state = '\\xff00ff00'").expect("psql");
-    let out = admin(&["verify", "--database-url", &copy_url]);
-    let report = shown(&out);
-    assert_eq!(out.status.code(), Some(1), "{report}");
+    let report = verify_exits(&copy_url, 1);
     assert!(report.contains("DAMAGE macp_checkpoint: does not restore"), "{report}");
     assert!(report.contains("recovery fails, so the server would not start"), "{report}");
 
@@ -240,9 +228,7 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     )
     .expect("psql");
     let retained_url = url.replacen(&format!("/{db}"), &format!("/{retained}"), 1);
-    let out = admin(&["verify", "--database-url", &retained_url]);
-    let report = shown(&out);
-    assert_eq!(out.status.code(), Some(0), "{report}");
+    let report = verify_exits(&retained_url, 0);
     assert!(report.contains("note: log positions 1 to 3 were deleted (retention)"), "{report}");
     assert!(report.contains("3 ended sessions checked; checkpoint not compared"), "{report}");
 
@@ -256,6 +242,8 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
     assert!(shown(&out).contains("newer than this runtime understands"), "{}", text(&out.stderr));
 }
 
+/// What the tool cannot read is refused with exit 2 and the reason, and
+/// never with the password.
 #[test]
 fn refusals_say_why_without_the_password() {
     let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");

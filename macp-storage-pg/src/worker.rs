@@ -388,8 +388,8 @@ async fn serve_snapshot(
     loop {
         tokio::select! {
             op = ops.recv() => match op {
-                Some(Op::Load(out)) => stream_snapshot(&tx, &st.log, false, &out, place, t).await,
-                Some(Op::Scan(out)) => stream_snapshot(&tx, &st.log, true, &out, place, t).await,
+                Some(Op::Load(out)) => streamed(&out, stream_log(&tx, &st.log, false, &out, place, t).await),
+                Some(Op::Scan(out)) => streamed(&out, stream_log(&tx, &st.log, true, &out, place, t).await),
                 Some(Op::Info(reply)) => drop(reply.send(info(tx.client(), place, t).await)),
                 Some(Op::Commit { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
                 Some(Op::Maintain { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
@@ -404,16 +404,10 @@ async fn serve_snapshot(
     let _ = tokio::time::timeout(CLOSE_WITHIN, conn.task).await;
 }
 
-/// [`stream_log`] inside the snapshot, its end or failure sent to `out`.
-async fn stream_snapshot(
-    tx: &Transaction<'_>,
-    st: &LogStatements,
-    whole: bool,
-    out: &SyncSender<LoadItem>,
-    place: &Place,
-    t: Duration,
-) {
-    match stream_log(tx, st, whole, out, place, t).await {
+/// Sends the end of a [`stream_log`] in the snapshot, or its failure, to
+/// `out` (nothing when the caller stopped listening).
+fn streamed(out: &SyncSender<LoadItem>, result: Result<Option<LoadItem>, StorageError>) {
+    match result {
         Ok(Some(end)) => drop(out.send(end)),
         Ok(None) => {}
         Err(e) => drop(out.send(LoadItem::Failed(e))),

@@ -10,11 +10,21 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use base64::Engine as _;
+use clap::Parser as _;
+use macp_transport_grpc::config::Config;
 use macp_wire::v1::{stream_session_response, CancelSessionRequest, Envelope, StreamSessionRequest};
 use serde_json::Value;
 use tokio_stream::StreamExt as _;
 
 use crate::common::*;
+
+/// A dev server that checkpoints every few records, so its storage has a
+/// checkpoint and records after it, with the storage flags `storage`.
+pub async fn server_with(storage: &[&str]) -> Server {
+    let mut args = vec!["macp-runtime", "--dev", "--bind-addr", "127.0.0.1:0", "--checkpoint-every", "4"];
+    args.extend_from_slice(storage);
+    Server::start_with(Config::parse_from(args).resolve().expect("config")).await
+}
 
 /// Runs the binary with `args`, without a MACP_DATABASE_URL the test run
 /// may have inherited.
