@@ -347,9 +347,7 @@ fn find_bindir() -> Result<PathBuf, PgTestError> {
 /// Debian's apt-get, unless `MACP_PG_NO_INSTALL` is set. So the README's
 /// test command works on a fresh machine, as `.ci/run` does.
 fn may_install() -> bool {
-    running_as_root()
-        && std::env::var_os("MACP_PG_NO_INSTALL").is_none()
-        && Path::new("/usr/bin/apt-get").is_file()
+    running_as_root() && std::env::var_os("MACP_PG_NO_INSTALL").is_none() && Path::new("/usr/bin/apt-get").is_file()
 }
 
 /// `apt-get install postgresql` (after an `apt-get update` if the package
