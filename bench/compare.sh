@@ -12,10 +12,13 @@
 #   decision-mem-c1 decision-mem-c16 decision-mem-c64     decision, memory-only
 #   decision-file-c1 decision-file-c16 decision-file-c64  decision, file-backed
 #   signals-mem-c16                                       ambient Signals, memory-only
+#   decision-pg-c1 decision-pg-c16 decision-pg-c64        decision, ours on PostgreSQL
+#                   (--storage postgres; the reference has no such backend)
 #   sessions-file   open $SESSIONS sessions file-backed, read RSS, stop the server
 #                   (SIGTERM, SIGKILL after $STOP_TIMEOUT s), restart it on the same
 #                   data dir and time it until those sessions are readable again
 #   sessions-mem    open $SESSIONS sessions memory-only, read RSS
+#   sessions-pg     as sessions-file, ours on PostgreSQL (restart on the same database)
 #   (sessions-file-kill replaces sessions-file when RESTART_SIGNAL=KILL)
 #
 # Environment (all optional):
@@ -35,6 +38,8 @@
 #                              after each item unless KEEP_DATA=1)
 #   RESULTS=$WORKDIR/results.jsonl   raw JSON lines, one per measurement
 #   BENCH=target/release/macp-bench
+#   PG_TEST=target/release/macp-pg-test   starts the throwaway PostgreSQL (a fresh
+#                              one per PostgreSQL item; Debian's postgresql package)
 #   OURS_ENV="" REF_ENV=""     extra VAR=value settings for one server's
 #                              environment (e.g. REF_ENV="RUST_LOG=warn")
 #
@@ -159,7 +164,37 @@ mkdir -p "$WORKDIR/logs" "$(dirname "$RESULTS")"
 # No inherited MACP_* setting may change either server (or macp-bench's --addr).
 for v in $(compgen -e | grep '^MACP_' || true); do unset "$v"; done
 
+PG_TEST=${PG_TEST:-$ROOT/target/release/macp-pg-test}
 SERVER_PID=
+PG_PID=
+PG_URL=
+# A fresh throwaway PostgreSQL (macp-pg-test prints its URL and stops when
+# its stdin closes); sets PG_URL.
+start_pg() {
+    [[ -x $PG_TEST ]] || { echo "compare.sh: $PG_TEST is not built (cargo build --release -p macp-pg-test)" >&2; exit 2; }
+    rm -f "$WORKDIR/pg-in" "$WORKDIR/pg-url"
+    mkfifo "$WORKDIR/pg-in"
+    "$PG_TEST" <"$WORKDIR/pg-in" >"$WORKDIR/pg-url" 2>>"$WORKDIR/logs/pg.log" &
+    PG_PID=$!
+    exec {PG_IN}>"$WORKDIR/pg-in"
+    PG_URL=
+    for _ in $(seq 600); do
+        PG_URL=$(head -n1 "$WORKDIR/pg-url" 2>/dev/null || true)
+        [[ -n $PG_URL ]] && return 0
+        alive "$PG_PID" || break
+        sleep 0.1
+    done
+    echo "compare.sh: the throwaway PostgreSQL did not start; $WORKDIR/logs/pg.log:" >&2
+    tail -5 "$WORKDIR/logs/pg.log" >&2
+    exit 1
+}
+stop_pg() {
+    if [[ -n $PG_PID ]]; then
+        exec {PG_IN}>&-
+        wait "$PG_PID" 2>/dev/null || true
+        PG_PID=
+    fi
+}
 cleanup() {
     if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -167,6 +202,7 @@ cleanup() {
         kill -KILL "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
     fi
+    stop_pg
     if [[ $KEEP_DATA != 1 ]]; then rm -rf "$WORKDIR"/data-*; fi
 }
 trap cleanup EXIT
@@ -202,6 +238,8 @@ server_cmd() {
         [[ -n $OURS_ENV ]] && prefix="env $OURS_ENV "
         if [[ $storage == memory ]]; then
             echo "$prefix$OURS --dev --memory-only --bind-addr 127.0.0.1:$port"
+        elif [[ $storage == postgres ]]; then
+            echo "$prefix$OURS --dev --storage postgres --database-url $PG_URL --bind-addr 127.0.0.1:$port"
         else
             echo "$prefix$OURS --dev --data-dir $dir --bind-addr 127.0.0.1:$port"
         fi
@@ -273,6 +311,8 @@ last_json() { grep '^{' | tail -1; }
 # A timed macp-bench run against a fresh server.
 load_item() {
     local server=$1 item=$2 storage=$3 workload=$4 conc=$5 port dir cmd bench_cmd out
+    [[ $storage == postgres && $server == ref ]] && return 0
+    [[ $storage == postgres ]] && start_pg
     port=$(port_of "$server")
     dir="$WORKDIR/data-$server-$item"
     rm -rf "$dir"
@@ -284,6 +324,7 @@ load_item() {
     out=$($bench_cmd) || { echo "$out"; echo "compare.sh: macp-bench failed" >&2; exit 1; }
     echo "$out" | grep -v '^{'
     stop_server
+    stop_pg
     record "$server" "$item" "$storage" load "$(jq -nc --arg cmd "$cmd" --arg bench "$bench_cmd" \
         --argjson r "$(echo "$out" | last_json)" '{server_cmd: $cmd, cmd: $bench, result: $r}')"
     rm -rf "$dir"
@@ -292,6 +333,8 @@ load_item() {
 # Open $SESSIONS sessions; RSS; for file storage also stop + timed restart.
 sessions_item() {
     local server=$1 item=$2 storage=$3 port dir cmd open_cmd out checks rss probe_cmd expect=()
+    [[ $storage == postgres && $server == ref ]] && return 0
+    [[ $storage == postgres ]] && start_pg
     port=$(port_of "$server")
     dir="$WORKDIR/data-$server-$item"
     rm -rf "$dir"
@@ -316,7 +359,9 @@ sessions_item() {
     stop_server "$RESTART_SIGNAL"
     echo "   stopped after $STOP_S s (SIG$STOP_SIG)"
     record "$server" "$item" "$storage" stop "$(jq -nc --argjson s "$STOP_S" --arg sig "$STOP_SIG" '{stop_s: $s, signal: $sig}')"
-    record "$server" "$item" "$storage" disk "$(jq -nc --argjson b "$(du -sb "$dir" | cut -f1)" '{bytes: $b}')"
+    if [[ $storage == file ]]; then
+        record "$server" "$item" "$storage" disk "$(jq -nc --argjson b "$(du -sb "$dir" | cut -f1)" '{bytes: $b}')"
+    fi
     checks=$(echo "$out" | last_json | jq -r '.check_sessions[]')
     for s in $checks; do expect+=(--expect-session "$s"); done
     probe_cmd="$BENCH probe --addr 127.0.0.1:$port --auth bearer --timeout $RESTART_TIMEOUT ${expect[*]}"
@@ -346,6 +391,7 @@ sessions_item() {
         record "$server" "$item" "$storage" rss-restart "$(jq -nc --argjson kb "$rss" '{rss_kb: $kb}')"
     fi
     stop_server
+    stop_pg
     [[ $KEEP_DATA == 1 ]] || rm -rf "$dir"
 }
 
@@ -364,9 +410,10 @@ record meta run - start "$(jq -nc --arg ours "$OURS" --arg ref "$REF" --arg d "$
     '{ours: $ours, ref: $ref, duration: $d, warmup: $w, sessions: $n, ours_env: $oe, ref_env: $re,
       repo_head: $head, ours_built: $obuilt, ours_sha256: $osum, ref_built: $rbuilt, ref_sha256: $rsum}')"
 
-for storage in memory file; do
+for storage in memory file postgres; do
     short=mem
     [[ $storage == file ]] && short=file
+    [[ $storage == postgres ]] && short=pg
     for c in 1 16 64; do
         item="decision-$short-c$c"
         wanted "$item" || continue
@@ -376,12 +423,13 @@ done
 if wanted signals-mem-c16; then
     for s in $SERVERS; do load_item "$s" signals-mem-c16 memory signals 16; done
 fi
-for storage in file memory; do
+for storage in file memory postgres; do
     item=sessions-mem
     if [[ $storage == file ]]; then
         item=sessions-file
         [[ $RESTART_SIGNAL == KILL ]] && item=sessions-file-kill
     fi
+    [[ $storage == postgres ]] && item=sessions-pg
     wanted "$item" || continue
     for s in $SERVERS; do sessions_item "$s" "$item" "$storage"; done
 done

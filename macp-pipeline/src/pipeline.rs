@@ -21,6 +21,7 @@
 //! tokio (the server's driver), under the deterministic simulator and under
 //! the fuzzer, each a thin shell that only moves data.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use macp_kernel::{Answer, Broadcast, Effect, ErrorCode, Input, Kernel, KernelConfig, KernelError, Query, Reply};
@@ -91,6 +92,9 @@ pub struct Pipeline<T, Q> {
     records_since_checkpoint: u64,
     /// Kernel time of the first record after the last checkpoint.
     first_record_since_checkpoint: Option<i64>,
+    /// Ended-session lookups answered ahead for the inputs absorbed until
+    /// the next commit ([`Pipeline::prefetch_ended`]).
+    prefetched: HashMap<String, Option<SessionSummary>>,
 }
 
 impl<T, Q> std::fmt::Debug for Pipeline<T, Q> {
@@ -201,6 +205,7 @@ impl<T, Q> Pipeline<T, Q> {
             policy,
             records_since_checkpoint: 0,
             first_record_since_checkpoint: None,
+            prefetched: HashMap::new(),
         }
     }
 
@@ -242,6 +247,39 @@ impl<T, Q> Pipeline<T, Q> {
         self.kernel.next_deadline()
     }
 
+    /// Reads in one storage call whether any of `session_ids` ended, for
+    /// the inputs about to be submitted. The kernel asks storage about the
+    /// id of every new session (a reused id is refused), one read per
+    /// SessionStart; over a backend whose reads are round trips
+    /// (PostgreSQL) a driver that calls this with a batch's session ids
+    /// pays one round trip for the batch instead. Ids the kernel holds or
+    /// has cached are skipped. The answers serve the inputs absorbed until
+    /// the next [`Pipeline::commit`] or [`Pipeline::maintain`]: storage
+    /// changes only through those, and a session that ends in the meantime
+    /// is in the kernel's cache, which is asked first. A failed
+    /// read is ignored (each input then reads for itself and gets its own
+    /// error).
+    pub fn prefetch_ended<'a>(&mut self, session_ids: impl IntoIterator<Item = &'a str>) {
+        let mut ids: Vec<&str> = session_ids
+            .into_iter()
+            .filter(|id| {
+                self.kernel.session(id).is_none()
+                    && self.kernel.ended_session(id).is_none()
+                    && !self.prefetched.contains_key(*id)
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return;
+        }
+        if let Ok(found) = self.reader.ended_many(&ids) {
+            if found.len() == ids.len() {
+                self.prefetched.extend(ids.into_iter().map(str::to_string).zip(found));
+            }
+        }
+    }
+
     /// Runs one input through the kernel; its reply waits in the batch.
     pub fn submit(&mut self, now_ms: i64, input: Input, token: T) {
         self.run(now_ms, input, Some(token));
@@ -264,7 +302,7 @@ impl<T, Q> Pipeline<T, Q> {
     }
 
     fn run(&mut self, now_ms: i64, input: Input, token: Option<T>) {
-        let ended = StorageEnded(&*self.reader);
+        let ended = StorageEnded::with_prefetched(&*self.reader, &self.prefetched);
         self.effects.clear();
         self.kernel.handle_with(now_ms, input, &ended, &mut self.effects);
         let mut token = token;
@@ -300,6 +338,7 @@ impl<T, Q> Pipeline<T, Q> {
     /// Takes everything absorbed since the previous commit. Persist it, then
     /// hand it to [`Pipeline::advance`] (durable) or [`Pipeline::fail`].
     pub fn commit(&mut self) -> Commit<T, Q> {
+        self.prefetched.clear();
         self.commits += 1;
         self.in_flight = Some(self.commits);
         Commit { id: self.commits, batch: std::mem::take(&mut self.batch) }
@@ -316,7 +355,7 @@ impl<T, Q> Pipeline<T, Q> {
         self.records_since_checkpoint += b.records.len() as u64;
         // The summaries are in storage now: the kernel may forget them.
         self.kernel.settle_ended();
-        let ended = StorageEnded(&*self.reader);
+        let ended = StorageEnded::direct(&*self.reader);
         let answers = b.queries.into_iter().map(|(t, q)| (t, self.kernel.answer(&q, &ended))).collect();
         Ok(Release { replies: b.replies, answers, broadcasts: b.broadcasts })
     }
@@ -370,6 +409,8 @@ impl<T, Q> Pipeline<T, Q> {
     /// sessions that retention has passed, so it never answers for a
     /// session storage has deleted. Call it between commits.
     pub fn maintain(&mut self, storage: &mut dyn Storage, now_ms: i64) -> Result<Maintenance, StorageError> {
+        // Retention may delete what was looked up ahead: look again.
+        self.prefetched.clear();
         let m = storage.maintain(now_ms)?;
         if let Some(cutoff) = m.retention_cutoff_ms {
             self.kernel.forget_ended_before(cutoff);
@@ -384,7 +425,7 @@ impl<T, Q> Pipeline<T, Q> {
         if self.in_flight.is_some() || !self.batch.is_empty() {
             return None;
         }
-        Some(self.kernel.answer(query, &StorageEnded(&*self.reader)))
+        Some(self.kernel.answer(query, &StorageEnded::direct(&*self.reader)))
     }
 }
 

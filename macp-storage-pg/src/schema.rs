@@ -145,6 +145,7 @@ FROM (SELECT 1) AS one LEFT JOIN macp_checkpoint c ON c.id"
 pub(crate) const HISTORY: &str = "SELECT pos, seq, record FROM macp_records
     WHERE session_id = $1::text AND seq > $2::int8 AND seq <= $3::int8 ORDER BY seq, pos";
 pub(crate) const ENDED: &str = "SELECT summary FROM macp_ended WHERE session_id = $1::text";
+pub(crate) const ENDED_MANY: &str = "SELECT session_id, summary FROM macp_ended WHERE session_id = ANY($1::text[])";
 pub(crate) const LIST_FIRST: &str = "SELECT summary FROM macp_ended ORDER BY session_id LIMIT $1::int8";
 pub(crate) const LIST_AFTER: &str =
     "SELECT summary FROM macp_ended WHERE session_id > $1::text ORDER BY session_id LIMIT $2::int8";

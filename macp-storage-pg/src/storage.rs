@@ -521,6 +521,21 @@ impl StorageRead for PgReader {
             .transpose()
     }
 
+    fn ended_many(&self, session_ids: &[&str]) -> Result<Vec<Option<SessionSummary>>, StorageError> {
+        if session_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = session_ids.iter().map(|s| s.to_string()).collect();
+        let rows = self.ask(|reply| ReadOp::EndedMany { session_ids: ids, reply })?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for (id, bytes) in rows {
+            let summary = SessionSummary::decode(bytes.as_slice())
+                .map_err(|e| damaged(format!("ended session {id}"), format!("summary does not decode: {e}")))?;
+            found.insert(id, summary);
+        }
+        Ok(session_ids.iter().map(|id| found.get(*id).cloned()).collect())
+    }
+
     fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
         if limit == 0 {
             return Ok(Vec::new());

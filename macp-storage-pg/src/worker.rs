@@ -183,6 +183,11 @@ pub(crate) enum ReadOp {
         session_id: String,
         reply: Reply<Option<Vec<u8>>>,
     },
+    /// `(session_id, summary)` of those of the ids that ended.
+    EndedMany {
+        session_ids: Vec<String>,
+        reply: Reply<Vec<(String, Vec<u8>)>>,
+    },
     List {
         after: Option<String>,
         limit: i64,
@@ -723,19 +728,21 @@ impl Writer {
 struct ReaderStatements {
     history: Statement,
     ended: Statement,
+    ended_many: Statement,
     list_first: Statement,
     list_after: Statement,
 }
 
 impl ReaderStatements {
     async fn prepare(c: &Client, place: &Place, t: Duration) -> Result<Self, StorageError> {
-        let (history, ended, list_first, list_after) = tokio::try_join!(
+        let (history, ended, ended_many, list_first, list_after) = tokio::try_join!(
             prepare(c, place, t, schema::HISTORY),
             prepare(c, place, t, schema::ENDED),
+            prepare(c, place, t, schema::ENDED_MANY),
             prepare(c, place, t, schema::LIST_FIRST),
             prepare(c, place, t, schema::LIST_AFTER),
         )?;
-        Ok(ReaderStatements { history, ended, list_first, list_after })
+        Ok(ReaderStatements { history, ended, ended_many, list_first, list_after })
     }
 }
 
@@ -796,6 +803,7 @@ impl ReadOp {
         match self {
             ReadOp::History { reply, .. } => drop(reply.send(Err(e))),
             ReadOp::Ended { reply, .. } => drop(reply.send(Err(e))),
+            ReadOp::EndedMany { reply, .. } => drop(reply.send(Err(e))),
             ReadOp::List { reply, .. } => drop(reply.send(Err(e))),
         }
     }
@@ -823,6 +831,16 @@ async fn answer(c: &Client, st: &ReaderStatements, op: ReadOp, t: Duration, plac
         ReadOp::Ended { session_id, reply } => {
             let r = within(place, "ended", t, c.query_opt(&st.ended, &[&session_id])).await;
             let r = r.and_then(|row| row.map(|r| r.try_get(0)).transpose().map_err(place.db("ended")));
+            let _ = reply.send(r);
+        }
+        ReadOp::EndedMany { session_ids, reply } => {
+            let rows = within(place, "ended", t, c.query(&st.ended_many, &[&session_ids])).await;
+            let r = rows.and_then(|rows| {
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                    .map_err(place.db("ended"))
+            });
             let _ = reply.send(r);
         }
         ReadOp::List { after, limit, reply } => {

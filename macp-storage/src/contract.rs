@@ -241,6 +241,15 @@ pub trait StorageRead: Send + Sync {
     /// An ended session within retention, if any.
     fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError>;
 
+    /// [`StorageRead::ended`] of several sessions at once, in the order
+    /// given. The commit pipeline asks this for a whole batch's new
+    /// session ids before running the batch, so a backend whose every read
+    /// is a network round trip (PostgreSQL) pays one per batch rather than
+    /// one per SessionStart. The default asks one at a time.
+    fn ended_many(&self, session_ids: &[&str]) -> Result<Vec<Option<SessionSummary>>, StorageError> {
+        session_ids.iter().map(|id| self.ended(id)).collect()
+    }
+
     /// Up to `limit` ended sessions in session-id order, starting after
     /// `after` (ListSessions pages).
     fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError>;

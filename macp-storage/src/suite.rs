@@ -253,8 +253,9 @@ pub fn history_reads_return_a_sessions_records_in_range<H: Harness>(ctx: &mut H)
     ctx.stop(s);
 }
 
-/// Summaries appended with their session's records are readable by id and
-/// listed in id order, through restarts and checkpoints.
+/// Summaries appended with their session's records are readable by id
+/// (one at a time and many at once) and listed in id order, through
+/// restarts and checkpoints.
 pub fn ended_sessions_are_readable_by_id_and_in_id_order<H: Harness>(ctx: &mut H) {
     let mut s = ctx.open(Retention::Forever);
     load(&mut s);
@@ -269,6 +270,14 @@ pub fn ended_sessions_are_readable_by_id_and_in_id_order<H: Harness>(ctx: &mut H
         assert_eq!(r.ended(&sid(7)).expect("ended"), Some(summary(7, 2, 5_007)));
         assert_eq!(r.ended(&sid(21)).expect("ended"), None, "an open session has no summary");
         assert_eq!(r.ended(&sid(99)).expect("ended"), None);
+        // Many at once: in the order asked, a repeat answered twice.
+        let asked = [sid(21), sid(7), sid(99), sid(20), sid(7)];
+        let asked: Vec<&str> = asked.iter().map(String::as_str).collect();
+        let many = r.ended_many(&asked).expect("ended_many");
+        let one_by_one: Vec<_> = asked.iter().map(|id| r.ended(id).expect("ended")).collect();
+        assert_eq!(many, one_by_one);
+        assert_eq!(many[1], Some(summary(7, 2, 5_007)));
+        assert_eq!(r.ended_many(&[]).expect("ended_many of nothing"), Vec::new());
         let page1 = r.list_ended(None, 8).expect("list");
         let ids: Vec<String> = page1.iter().map(|x| summary_id(x).to_string()).collect();
         assert_eq!(ids, (1..=8).map(sid).collect::<Vec<_>>());

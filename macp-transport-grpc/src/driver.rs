@@ -334,6 +334,12 @@ impl Driver {
     fn run_batch(&mut self, cmds: Vec<Command>) -> Result<bool, DriverError> {
         let now = now_ms();
         self.pipeline.tick(now);
+        // One storage read for the batch's sessions the kernel does not
+        // hold (every SessionStart's id is checked against ended sessions).
+        self.pipeline.prefetch_ended(cmds.iter().filter_map(|c| match c {
+            Command::Submit { input: Input::Envelope { envelope, .. }, .. } => Some(envelope.session_id.as_str()),
+            _ => None,
+        }));
         let mut checkpoint = false;
         let mut stop = false;
         for cmd in cmds {

@@ -9,19 +9,19 @@
 # signatures) and pytest, builds the server (debug), then runs
 # tests/interop/ against a fresh `macp-runtime --dev` on a free loopback
 # port, once with --memory-only and once with a data directory in a
-# temporary directory (the
-# "fs" pass; while macp-transport-grpc/src/fs_journal.rs is still a stub it
-# only exercises the data-dir configuration, and it covers the filesystem
-# journal as soon as that is wired in).
+# temporary directory (the "fs" pass: the file backend).
 # Needs only the Rust toolchain, python3 (with venv) and network access to
 # PyPI the first time. Exits non-zero if anything fails.
 #
 # A third pass ("readonly") starts the server with --memory-only and
 # --policies-dir tests/interop/policies and runs only the tests marked
 # `readonly` (the read-only policy registry); the other passes run all others.
+# A fourth ("postgres") runs the server with --storage postgres on a
+# throwaway PostgreSQL server (macp-pg-test, Debian's postgresql package,
+# installed when missing and run as root).
 #
 # Environment: PYTHON (default python3), MACP_INTEROP_BACKENDS (default
-# "memory fs readonly"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default
+# "memory fs readonly postgres"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default
 # 10), extra pytest arguments are passed through ("$@").
 set -euo pipefail
 
@@ -32,7 +32,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 VENV="$TARGET_DIR/interop-venv"
 PYTHON="${PYTHON:-python3}"
-BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs readonly}"
+BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs readonly postgres}"
 
 log() { printf '== interop: %s\n' "$*"; }
 
@@ -71,6 +71,9 @@ log "building macp-runtime"
 cargo build --quiet -p macp-transport-grpc --bin macp-runtime
 BIN="$TARGET_DIR/debug/macp-runtime"
 [ -x "$BIN" ] || { echo "interop: $BIN was not built" >&2; exit 1; }
+case " $BACKENDS " in
+    *" postgres "*) cargo build --quiet -p macp-pg-test --bin macp-pg-test ;;
+esac
 
 # ---- One server per backend ---------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/macp-interop.XXXXXX")"
@@ -88,9 +91,33 @@ stop_server() {
         SERVER_PID=""
     fi
 }
+PG_PID=""
 cleanup() {
     stop_server
+    if [ -n "$PG_PID" ]; then
+        # macp-pg-test stops its server and deletes its directory when its
+        # stdin closes.
+        exec {PG_IN}>&- || true
+        wait "$PG_PID" 2>/dev/null || true
+    fi
     rm -rf "$WORK"
+}
+
+# start_postgres: a throwaway PostgreSQL (macp-pg-test); sets DATABASE_URL.
+start_postgres() {
+    mkfifo "$WORK/pg-in"
+    "$TARGET_DIR/debug/macp-pg-test" <"$WORK/pg-in" >"$WORK/pg-url" 2>"$WORK/pg.log" &
+    PG_PID=$!
+    exec {PG_IN}>"$WORK/pg-in"
+    for _ in $(seq 1 600); do
+        DATABASE_URL="$(head -n1 "$WORK/pg-url" 2>/dev/null || true)"
+        [ -n "$DATABASE_URL" ] && return 0
+        kill -0 "$PG_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "interop: the throwaway PostgreSQL did not start:" >&2
+    cat "$WORK/pg.log" >&2
+    return 1
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -142,7 +169,10 @@ for backend in $BACKENDS; do
         memory) flags=(--memory-only); select=(-m "not readonly") ;;
         fs) mkdir -p "$WORK/data"; flags=(--data-dir "$WORK/data"); select=(-m "not readonly") ;;
         readonly) flags=(--memory-only --policies-dir "$ROOT/tests/interop/policies"); select=(-m readonly) ;;
-        *) echo "interop: unknown backend '$backend' (memory, fs, readonly)" >&2; exit 2 ;;
+        postgres)
+            start_postgres
+            flags=(--storage postgres --database-url "$DATABASE_URL"); select=(-m "not readonly") ;;
+        *) echo "interop: unknown backend '$backend' (memory, fs, readonly, postgres)" >&2; exit 2 ;;
     esac
     logf="$WORK/server-$backend.log"
     start_server "$logf" "${flags[@]}"

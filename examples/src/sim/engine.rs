@@ -393,6 +393,13 @@ impl<'c> Sim<'c> {
     fn handle(&mut self, input: Input, client: usize, item: usize) {
         let now = self.server_now();
         let Some(p) = self.node.pipeline.as_mut() else { return };
+        // As the server's driver does for a batch, look the session up ahead
+        // for every other item (Pipeline::prefetch_ended; chosen without the
+        // RNG, so seeds replay as before): the answers it keeps until the
+        // next commit must change nothing the oracle sees.
+        if let (Input::Envelope { envelope, .. }, true) = (&input, item % 2 == 0) {
+            p.prefetch_ended([envelope.session_id.as_str()]);
+        }
         let before = p.absorbed_records().len();
         let covers = Rc::new(Cell::new((before, before)));
         p.submit(now, input, Token { client, item, covers: covers.clone() });
