@@ -394,6 +394,7 @@ fn a_read_only_storage_reads_one_snapshot_beside_the_writer() {
     let r = ro.reader();
     assert_eq!(r.history(&sid(3), 0, 9).unwrap(), vec![record(3, 1)], "not the writer's later record");
     assert_eq!(r.ended(&sid(2)).unwrap(), None, "nor its later summary");
+    assert_eq!(r.ended_many(&[&sid(1), &sid(2)]).unwrap(), vec![Some(summary(1, 2, 5_000)), None]);
     assert_eq!(r.list_ended(None, 10).unwrap(), vec![summary(1, 2, 5_000)]);
 
     assert!(matches!(ro.append(&[record(9, 1)], &[]), Err(StorageError::Misuse(_))));
