@@ -1,10 +1,11 @@
-//! The data-directory commands: `inspect`, `sessions`, `history`, `export`.
+//! The data commands: `inspect`, `sessions`, `history`, `export`.
 //!
-//! Each opens the directory read-only and recovers it exactly as the
-//! server does (see the crate docs), then reads sessions and histories
-//! through the storage contract: open sessions from the recovered kernel,
-//! ended ones from the storage's index, records through
-//! [`macp_storage::StorageRead::history`].
+//! Each opens the data directory or the database read-only and recovers it
+//! exactly as the server does (see the crate docs), then reads sessions and
+//! histories through the storage contract: open sessions from the
+//! recovered kernel, ended ones from the storage's index, records through
+//! [`macp_storage::StorageRead::history`]. So the output is the same
+//! whichever backend the server ran on.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,16 +15,26 @@ use std::sync::Arc;
 
 use macp_kernel::KernelConfig;
 use macp_pipeline::{recover, Pipeline, RecoverOptions, RecoveryReport};
-use macp_storage::{summary_id, StorageRead};
+use macp_storage::{summary_id, Storage, StorageRead};
 use macp_storage_fs::{FsConfig, FsStorage, ReadOnlyFs, FORMAT_FILE, INDEX_FILE};
+use macp_storage_pg::{PgInfo, PgStorage};
 use macp_wire::v1::SessionMetadata;
 use serde_json::{json, Value};
 
+use crate::source::{open_db, Source};
 use crate::{json as j, progress, AdminError};
 
-/// A data directory opened read-only and recovered.
+/// The storage a [`Data`] was recovered from, opened read-only.
+pub enum Store {
+    /// A data directory.
+    Fs(FsStorage<ReadOnlyFs>),
+    /// A database, in one snapshot.
+    Pg(PgStorage),
+}
+
+/// A data directory or database opened read-only and recovered.
 pub struct Data {
-    pub storage: FsStorage<ReadOnlyFs>,
+    pub store: Store,
     pub pipeline: Pipeline<(), ()>,
     pub report: RecoveryReport,
 }
@@ -39,12 +50,24 @@ pub struct Listed {
 }
 
 impl Data {
-    /// Opens `dir` read-only (refusing a directory a server holds) and
-    /// recovers it through the kernel, as the server would.
-    pub fn open(dir: &Path) -> Result<Data, AdminError> {
-        let mut storage = FsStorage::open_read_only(dir, FsConfig::default())?;
-        let (pipeline, report) = recover(KernelConfig::default(), &mut storage, RecoverOptions::default())?;
-        Ok(Data { storage, pipeline, report })
+    /// Opens `source` read-only (refusing a directory a server holds; a
+    /// database is read in a snapshot beside its server) and recovers it
+    /// through the kernel, as the server would.
+    pub fn open(source: &Source) -> Result<Data, AdminError> {
+        match source {
+            Source::Dir(dir) => Self::recover(Store::Fs(FsStorage::open_read_only(dir, FsConfig::default())?)),
+            Source::Db(url) => Self::recover(Store::Pg(open_db(url)?)),
+        }
+    }
+
+    /// Recovers the opened `store` through the kernel, as the server would.
+    pub fn recover(mut store: Store) -> Result<Data, AdminError> {
+        let storage: &mut dyn Storage = match &mut store {
+            Store::Fs(s) => s,
+            Store::Pg(s) => s,
+        };
+        let (pipeline, report) = recover(KernelConfig::default(), storage, RecoverOptions::default())?;
+        Ok(Data { store, pipeline, report })
     }
 
     pub fn reader(&self) -> &Arc<dyn StorageRead> {
@@ -87,30 +110,58 @@ fn out() -> BufWriter<io::StdoutLock<'static>> {
     BufWriter::new(io::stdout().lock())
 }
 
+/// Sessions counted by (open or ended, mode, state).
+type Counts = BTreeMap<(&'static str, String, String), u64>;
+
+fn counts(data: &Data) -> Result<Counts, AdminError> {
+    let mut counts = Counts::new();
+    for s in data.sessions()? {
+        let kind = if s.ended_at.is_some() { "ended" } else { "open" };
+        *counts.entry((kind, s.metadata.mode.clone(), j::state_name(s.metadata.state))).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+fn counts_json(counts: &Counts) -> Vec<Value> {
+    counts.iter().map(|((k, m, s), n)| json!({"group": k, "mode": m, "state": s, "count": n})).collect()
+}
+
+/// The recovery line and the table of session counts.
+fn write_counts(o: &mut impl Write, data: &Data, counts: &Counts) -> io::Result<()> {
+    writeln!(o, "recovery     {}", data.report)?;
+    writeln!(o)?;
+    writeln!(o, "{:<6} {:<32} {:<10} {:>8}", "GROUP", "MODE", "STATE", "COUNT")?;
+    for ((k, m, s), n) in counts {
+        writeln!(o, "{k:<6} {m:<32} {s:<10} {n:>8}")?;
+    }
+    Ok(())
+}
+
 /// `inspect`.
-pub fn inspect(dir: &Path, as_json: bool) -> Result<(), AdminError> {
-    let data = Data::open(dir)?;
+pub fn inspect(source: &Source, as_json: bool) -> Result<(), AdminError> {
+    let data = Data::open(source)?;
+    match &data.store {
+        Store::Fs(storage) => inspect_dir(storage, &data, as_json),
+        Store::Pg(storage) => inspect_db(source, &storage.info()?, &data, as_json),
+    }
+}
+
+fn inspect_dir(storage: &FsStorage<ReadOnlyFs>, data: &Data, as_json: bool) -> Result<(), AdminError> {
+    let dir = storage.dir();
     let format = std::fs::read_to_string(dir.join(FORMAT_FILE)).unwrap_or_default().trim().to_string();
-    let segments = data.storage.segment_files()?;
+    let segments = storage.segment_files()?;
     let seg_bytes: u64 = segments.iter().map(|s| s.bytes).sum();
-    let checkpoint = match data.storage.checkpoint_info() {
+    let checkpoint = match storage.checkpoint_info() {
         Ok(Some(c)) => json!({"present": true, "segment": c.pos.segment, "offset": c.pos.offset, "bytes": c.bytes}),
         Ok(None) => json!({"present": false}),
         Err(e) => json!({"present": true, "unreadable": e.to_string()}),
     };
     let index_bytes = std::fs::metadata(dir.join(INDEX_FILE)).map(|m| m.len()).unwrap_or(0);
     let ckpt_bytes = checkpoint.get("bytes").and_then(Value::as_u64).unwrap_or(0);
-    // (open or ended, mode, state) → count
-    let mut counts: BTreeMap<(&'static str, String, String), u64> = BTreeMap::new();
-    for s in data.sessions()? {
-        let kind = if s.ended_at.is_some() { "ended" } else { "open" };
-        *counts.entry((kind, s.metadata.mode.clone(), j::state_name(s.metadata.state))).or_default() += 1;
-    }
+    let counts = counts(data)?;
     let total = seg_bytes + index_bytes + ckpt_bytes;
     let mut o = out();
     if as_json {
-        let sessions: Vec<Value> =
-            counts.iter().map(|((k, m, s), n)| json!({"group": k, "mode": m, "state": s, "count": n})).collect();
         let v = json!({
             "data_dir": dir.display().to_string(),
             "format": format,
@@ -121,7 +172,7 @@ pub fn inspect(dir: &Path, as_json: bool) -> Result<(), AdminError> {
             "total_bytes": total,
             "recovery": data.report.to_string(),
             "clean": data.report.is_clean(),
-            "sessions": sessions,
+            "sessions": counts_json(&counts),
         });
         writeln!(o, "{v}")?;
     } else {
@@ -141,20 +192,64 @@ pub fn inspect(dir: &Path, as_json: bool) -> Result<(), AdminError> {
         }
         writeln!(o, "index        {index_bytes} bytes")?;
         writeln!(o, "total        {total} bytes")?;
-        writeln!(o, "recovery     {}", data.report)?;
-        writeln!(o)?;
-        writeln!(o, "{:<6} {:<32} {:<10} {:>8}", "GROUP", "MODE", "STATE", "COUNT")?;
-        for ((k, m, s), n) in &counts {
-            writeln!(o, "{k:<6} {m:<32} {s:<10} {n:>8}")?;
+        write_counts(&mut o, data, &counts)?;
+    }
+    o.flush()?;
+    Ok(())
+}
+
+/// `inspect` of a database: what its tables hold, as of the snapshot the
+/// sessions were read in.
+fn inspect_db(source: &Source, info: &PgInfo, data: &Data, as_json: bool) -> Result<(), AdminError> {
+    let counts = counts(data)?;
+    let mut o = out();
+    if as_json {
+        let checkpoint = match &info.checkpoint {
+            Some(c) => {
+                json!({"present": true, "covers": c.covers, "bytes": c.bytes, "taken_at_unix_ms": c.taken_at_unix_ms})
+            }
+            None => json!({"present": false}),
+        };
+        let v = json!({
+            "database": source.to_string(),
+            "schema_version": info.schema_version,
+            "log": {"records": info.records, "first_position": info.first_pos, "last_position": info.last_pos},
+            "checkpoint": checkpoint,
+            "ended_sessions": info.ended_sessions,
+            "total_bytes": info.bytes,
+            "recovery": data.report.to_string(),
+            "clean": data.report.is_clean(),
+            "sessions": counts_json(&counts),
+        });
+        writeln!(o, "{v}")?;
+    } else {
+        writeln!(o, "database     {source}")?;
+        writeln!(o, "schema       version {}", info.schema_version)?;
+        match (info.first_pos, info.last_pos) {
+            (Some(first), Some(last)) => {
+                writeln!(o, "log          {} records, positions {first} to {last}", info.records)?
+            }
+            _ => writeln!(o, "log          empty")?,
         }
+        match &info.checkpoint {
+            Some(c) => writeln!(
+                o,
+                "checkpoint   covers the log before position {} ({} bytes of open state, taken at {} ms)",
+                c.covers, c.bytes, c.taken_at_unix_ms
+            )?,
+            None => writeln!(o, "checkpoint   none")?,
+        }
+        writeln!(o, "ended        {} sessions kept", info.ended_sessions)?;
+        writeln!(o, "total        {} bytes (tables and indexes)", info.bytes)?;
+        write_counts(&mut o, data, &counts)?;
     }
     o.flush()?;
     Ok(())
 }
 
 /// `sessions`.
-pub fn sessions(dir: &Path, state: Option<&str>, mode: Option<&str>, as_json: bool) -> Result<(), AdminError> {
-    let data = Data::open(dir)?;
+pub fn sessions(source: &Source, state: Option<&str>, mode: Option<&str>, as_json: bool) -> Result<(), AdminError> {
+    let data = Data::open(source)?;
     let state = state.map(|s| s.trim_start_matches("SESSION_STATE_").to_ascii_lowercase());
     let mut o = out();
     for s in data.sessions()? {
@@ -178,11 +273,11 @@ pub fn sessions(dir: &Path, state: Option<&str>, mode: Option<&str>, as_json: bo
 }
 
 /// `history`.
-pub fn history(dir: &Path, session_id: &str) -> Result<(), AdminError> {
-    let data = Data::open(dir)?;
+pub fn history(source: &Source, session_id: &str) -> Result<(), AdminError> {
+    let data = Data::open(source)?;
     let records = data.history(session_id)?;
     if records.is_empty() {
-        return Err(AdminError::Usage(format!("session {session_id} is not in {}", dir.display())));
+        return Err(AdminError::Usage(format!("session {session_id} is not in {source}")));
     }
     let mut o = out();
     for r in &records {
@@ -193,8 +288,8 @@ pub fn history(dir: &Path, session_id: &str) -> Result<(), AdminError> {
 }
 
 /// `export`.
-pub fn export(dir: &Path, to: &Path) -> Result<(), AdminError> {
-    let data = Data::open(dir)?;
+pub fn export(source: &Source, to: &Path) -> Result<(), AdminError> {
+    let data = Data::open(source)?;
     let sessions = data.sessions()?;
     let mut o: Box<dyn Write> =
         if to == Path::new("-") { Box::new(out()) } else { Box::new(BufWriter::new(File::create(to)?)) };

@@ -1,7 +1,8 @@
 //! # macp-admin
 //!
-//! The operator's tool for macp-rs: look into a data directory, check it,
-//! export it, and watch a running server, without writing code.
+//! The operator's tool for macp-rs: look into a data directory or a
+//! server's PostgreSQL database, check it, export it, and watch a running
+//! server, without writing code.
 //!
 //! ```text
 //! macp-admin inspect  DATA_DIR [--json]          format, segments, checkpoint, sessions by mode and state, size
@@ -12,6 +13,13 @@
 //! macp-admin tail     --addr URL [--token T | --dev-sender S]
 //! macp-admin receipt  --addr URL SESSION_ID [--verify]
 //! ```
+//!
+//! Every data command takes `--database-url URL` (or `MACP_DATABASE_URL`)
+//! instead of `DATA_DIR` for a server run with `--storage postgres`:
+//! `macp-admin history --database-url postgres://macp@db:5432/macp SESSION_ID`.
+//! Exactly one of the two: both (also `DATA_DIR` while `MACP_DATABASE_URL`
+//! is set), or neither, is a usage error (exit 2). Put the flag before or
+//! after the positional arguments, not between them.
 //!
 //! ## Reading a data directory never writes to it
 //!
@@ -26,13 +34,39 @@
 //! directory rather than write under a reader. A copy without a `LOCK`
 //! file is read without one.
 //!
+//! ## Reading a database never writes to it, even beside its server
+//!
+//! With `--database-url` the commands open the server's schema (`macp`)
+//! with `PgStorage::open_read_only` (macp-storage-pg) and run the same
+//! recovery over it, so `sessions`, `history` and `export` print exactly
+//! what they print for a data directory. That storage uses one connection
+//! with `default_transaction_read_only` on and one `REPEATABLE READ READ
+//! ONLY` transaction for the whole command: every read sees one snapshot,
+//! consistent while the server goes on writing, so there is no need to
+//! stop the server. It takes no advisory lock (the server's is not
+//! touched), creates nothing and migrates nothing: a database without the
+//! macp schema, or with one this build does not read (older, newer), is
+//! refused with exit 2. The password of the URL is never printed.
+//!
+//! On a database, `inspect` reports the schema version, the log's rows and
+//! positions, the checkpoint (the position it covers up to, its size, when
+//! it was taken), the ended sessions kept, the tables' size
+//! (`pg_total_relation_size`), and the sessions by mode and state (there
+//! are no segments). `verify` decodes every row of the log (one that does
+//! not decode is `DAMAGE macp_records position N`), replays them all and
+//! compares with the checkpoint while the positions run from 1 without a
+//! gap (rows deleted by retention make a note, not damage), runs the
+//! server's recovery, reads back every ended session, and checks that
+//! every session the replay saw end has its summary; its JSON names a
+//! problem's row as `file` (the table) and `position`.
+//!
 //! ## Exit codes
 //!
 //! | code | meaning |
 //! | --- | --- |
 //! | 0 | success; for `verify`: healthy (a torn tail, which recovery truncates, is reported but healthy) |
 //! | 1 | `verify`: damage found; `receipt --verify`: the receipt does not verify |
-//! | 2 | usage error, I/O error, not a data directory, locked by a running server, server unreachable |
+//! | 2 | usage error, I/O error, not a data directory (or not a macp-rs database), locked by a running server, server or database unreachable |
 //!
 //! ## JSON lines
 //!
@@ -59,6 +93,7 @@ mod data;
 mod json;
 mod progress;
 mod remote;
+mod source;
 mod verify;
 
 use std::io::Write as _;
@@ -66,8 +101,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use source::Where;
 
-/// Operator CLI for macp-rs data directories and running servers.
+/// Operator CLI for macp-rs data directories, databases and running servers.
 #[derive(Parser, Debug)]
 #[command(name = "macp-admin", version, about)]
 struct Cli {
@@ -78,28 +114,29 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Format version, segments, checkpoint, open and ended sessions by mode
-    /// and state, total size.
+    /// and state, total size (for a database: schema version, log
+    /// positions, checkpoint, sessions, the tables' size).
     Inspect {
-        /// The data directory (MACP_DATA_DIR of the server).
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Checks every checksum of every segment and replays the whole log
-    /// through the kernel, compared with the checkpoint. Exit code 0:
-    /// healthy; 1: damaged; 2: could not check.
+    /// Checks every checksum of every segment (every row of a database
+    /// decodes) and replays the whole log through the kernel, compared with
+    /// the checkpoint. Exit code 0: healthy; 1: damaged; 2: could not check.
     Verify {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Lists sessions (open and ended).
     Sessions {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Only sessions in this state (open, suspended, resolved, expired,
         /// cancelled).
         #[arg(long)]
@@ -112,16 +149,17 @@ enum Command {
         json: bool,
     },
     /// A session's accepted history as JSON lines, payloads decoded.
+    #[command(allow_missing_positional = true)]
     History {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// The session.
         session_id: String,
     },
     /// Every session's history (open and ended) as JSON lines.
     Export {
-        /// The data directory.
-        data_dir: PathBuf,
+        #[command(flatten)]
+        from: Where,
         /// Where to write (`-` for stdout).
         #[arg(long)]
         out: PathBuf,
@@ -154,6 +192,15 @@ pub enum AdminError {
     /// The storage layer refused or failed.
     #[error("{0}")]
     Storage(#[from] macp_storage::StorageError),
+    /// The database holds no macp-rs schema this build can read (missing,
+    /// not ours, or at a version only a server migrates).
+    #[error("{place} is not a macp-rs database: {reason}")]
+    NotOurs {
+        /// The database without its password, and the schema.
+        place: String,
+        /// What was found instead.
+        reason: String,
+    },
     /// Recovery could not rebuild the state.
     #[error("{0}")]
     Recovery(#[from] macp_pipeline::RecoveryError),
@@ -178,13 +225,13 @@ pub enum Outcome {
 
 fn run(cli: Cli) -> Result<Outcome, AdminError> {
     match cli.command {
-        Command::Inspect { data_dir, json } => data::inspect(&data_dir, json).map(|()| Outcome::Ok),
-        Command::Verify { data_dir, json } => verify::verify(&data_dir, json),
-        Command::Sessions { data_dir, state, mode, json } => {
-            data::sessions(&data_dir, state.as_deref(), mode.as_deref(), json).map(|()| Outcome::Ok)
+        Command::Inspect { from, json } => data::inspect(&from.source()?, json).map(|()| Outcome::Ok),
+        Command::Verify { from, json } => verify::verify(&from.source()?, json),
+        Command::Sessions { from, state, mode, json } => {
+            data::sessions(&from.source()?, state.as_deref(), mode.as_deref(), json).map(|()| Outcome::Ok)
         }
-        Command::History { data_dir, session_id } => data::history(&data_dir, &session_id).map(|()| Outcome::Ok),
-        Command::Export { data_dir, out } => data::export(&data_dir, &out).map(|()| Outcome::Ok),
+        Command::History { from, session_id } => data::history(&from.source()?, &session_id).map(|()| Outcome::Ok),
+        Command::Export { from, out } => data::export(&from.source()?, &out).map(|()| Outcome::Ok),
         Command::Tail { conn, limit } => remote::tail(&conn, limit).map(|()| Outcome::Ok),
         Command::Receipt { conn, session_id, verify } => remote::receipt(&conn, &session_id, verify),
     }

@@ -94,6 +94,43 @@
 //! tables named like ours without a version table is refused as not ours
 //! ([`macp_storage::StorageError::NotADataDir`]), never initialised over.
 //!
+//! ## Reading without writing
+//!
+//! [`PgStorage::open_read_only`] is for tools (`macp-admin`) that inspect,
+//! verify or export a runtime's database, also while that runtime runs on
+//! it, the way `FsStorage::open_read_only` serves a data directory. The same
+//! backend and the same recovery (`macp_pipeline::recover`) run over it, so
+//! there is no second reader of the tables to keep in step.
+//!
+//! - **Nothing is written.** No advisory lock is taken (a running writer is
+//!   neither refused nor disturbed), no schema is created, nothing is
+//!   migrated: a missing schema, one without our tables, and one at an older
+//!   or newer version are refused. The connection has
+//!   `default_transaction_read_only` on and all its work runs in one `READ
+//!   ONLY` transaction, so even a write this crate sent by mistake would be
+//!   refused by PostgreSQL (that setting is a guard against our mistakes,
+//!   not a permission: use a role without write grants to forbid writing).
+//!   `append` with records, `checkpoint` and `maintain` are refused
+//!   ([`macp_storage::StorageError::Misuse`]) before anything is sent;
+//!   `append` of summaries only (recovery hands back the sessions that ended
+//!   in the replayed log) is accepted and dropped, since every summary was
+//!   committed with the record that ended its session.
+//! - **One snapshot.** That transaction is `REPEATABLE READ`, its snapshot
+//!   fixed by the first look at the schema while opening, and held until the
+//!   storage is dropped: loading, [`PgStorage::scan_log`], [`PgStorage::info`]
+//!   and every read of its readers see the database as it was at that moment,
+//!   whatever the writer commits meanwhile, so a checkpoint, the log and the
+//!   ended sessions always agree with each other. One connection serves it
+//!   all, one request at a time. (A snapshot held open keeps `VACUUM` from
+//!   removing rows deleted after it was taken: hold one for minutes, not
+//!   days. A failed statement aborts the transaction, and every later read
+//!   fails too: open a new one.)
+//!
+//! [`PgStorage::scan_log`] reads the checkpoint and every record from the
+//! log's first position (load reads only the records after the checkpoint),
+//! and [`PgStorage::info`] describes the tables: for `macp-admin verify` and
+//! `inspect`.
+//!
 //! ## Threads
 //!
 //! The storage traits are synchronous, and the driver calls them from a
@@ -156,5 +193,5 @@ mod url;
 mod worker;
 
 pub use schema::SCHEMA_VERSION;
-pub use storage::{PgConfig, PgStorage};
+pub use storage::{PgCheckpointInfo, PgConfig, PgInfo, PgStorage};
 pub use url::{BadPgUrl, PgUrl};

@@ -96,13 +96,22 @@ pub(crate) const LOAD_CHECKPOINT: &str = "SELECT covers, open_state FROM macp_ch
 pub(crate) const LOAD_RECORDS: &str =
     "SELECT pos, session_id, record FROM macp_records WHERE pos >= $1::int8 ORDER BY pos";
 
+/// The bytes our three tables take, indexes and TOAST included.
+macro_rules! table_bytes {
+    () => {
+        "(pg_total_relation_size('macp_records') + pg_total_relation_size('macp_ended')
+        + pg_total_relation_size('macp_checkpoint'))::int8"
+    };
+}
+
 /// One bounded slice of upkeep, in one statement: up to `$3` ended
 /// sessions past retention (`ended_at_ms < $1`; none when `$1` is null)
 /// that ended before the latest checkpoint (`ended_pos <= $2`), with their
 /// records; up to `$3` registry records the checkpoint covers (`pos < $2`:
 /// nothing reads them once a checkpoint holds the registries); then the
 /// bytes the tables take.
-pub(crate) const MAINTAIN: &str = "WITH doomed AS (
+pub(crate) const MAINTAIN: &str = concat!(
+    "WITH doomed AS (
     DELETE FROM macp_ended WHERE session_id IN (
         SELECT session_id FROM macp_ended
         WHERE ended_at_ms < $1::int8 AND ended_pos <= $2::int8
@@ -115,8 +124,23 @@ pub(crate) const MAINTAIN: &str = "WITH doomed AS (
         SELECT pos FROM macp_records WHERE session_id = '' AND pos < $2::int8 ORDER BY pos LIMIT $3::int8)
     RETURNING 1
 ) SELECT (SELECT count(*) FROM doomed)::int8, (SELECT count(*) FROM registry)::int8,
-    (pg_total_relation_size('macp_records') + pg_total_relation_size('macp_ended')
-        + pg_total_relation_size('macp_checkpoint'))::int8";
+    ",
+    table_bytes!()
+);
+
+/// What [`crate::PgInfo`] reports, in one row: the schema version, the
+/// log's row count and first and last positions, the ended sessions, the
+/// tables' bytes, and the checkpoint (null columns when there is none).
+pub(crate) const INFO: &str = concat!(
+    "SELECT (SELECT coalesce(max(version), 0) FROM macp_schema_version)::int8,
+    (SELECT count(*) FROM macp_records)::int8, (SELECT min(pos) FROM macp_records)::int8,
+    (SELECT max(pos) FROM macp_records)::int8, (SELECT count(*) FROM macp_ended)::int8,
+    ",
+    table_bytes!(),
+    ",
+    c.covers, octet_length(c.open_state)::int8, (extract(epoch FROM c.taken_at) * 1000)::int8
+FROM (SELECT 1) AS one LEFT JOIN macp_checkpoint c ON c.id"
+);
 
 pub(crate) const HISTORY: &str = "SELECT pos, seq, record FROM macp_records
     WHERE session_id = $1::text AND seq > $2::int8 AND seq <= $3::int8 ORDER BY seq, pos";

@@ -16,7 +16,7 @@ use prost::Message as _;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
 use crate::url::PgUrl;
-use crate::worker::{self, Batch, LoadItem, Op, Place, ReadOp, Reply, Start};
+use crate::worker::{self, Batch, LoadItem, Op, Place, ReadOp, Reply, Start, READ_ONLY};
 
 /// Log chunks queued between the backend's thread and a loading caller.
 const LOAD_DEPTH: usize = 4;
@@ -69,6 +69,41 @@ impl Default for PgConfig {
     }
 }
 
+/// What the tables hold, as [`PgStorage::info`] reports it: for
+/// `macp-admin inspect` and `verify`, which describe a database the way
+/// they describe a data directory's files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgInfo {
+    /// The version recorded in `macp_schema_version`.
+    pub schema_version: u32,
+    /// Rows of the log (`macp_records`).
+    pub records: u64,
+    /// The log's first position, if it has rows. Positions count from 1
+    /// and have no gaps until upkeep deletes rows, so a first position
+    /// above 1, or fewer rows than positions, means some were deleted.
+    pub first_pos: Option<u64>,
+    /// The log's last position, if it has rows.
+    pub last_pos: Option<u64>,
+    /// Ended sessions kept (`macp_ended`).
+    pub ended_sessions: u64,
+    /// Bytes of the three tables, indexes included (`pg_total_relation_size`).
+    pub bytes: u64,
+    /// The checkpoint, if one was taken.
+    pub checkpoint: Option<PgCheckpointInfo>,
+}
+
+/// The checkpoint row, without its open state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgCheckpointInfo {
+    /// The first log position it does not cover: loading replays the
+    /// records from here on.
+    pub covers: u64,
+    /// Size of the open state it holds.
+    pub bytes: u64,
+    /// When it was taken (the database's clock).
+    pub taken_at_unix_ms: i64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Unloaded,
@@ -104,6 +139,8 @@ pub struct PgStorage {
     /// Summaries appended since the last commit, one per session (the
     /// latest wins, as it would in the table).
     ended: BTreeMap<String, PendingEnded>,
+    /// Opened with [`PgStorage::open_read_only`].
+    read_only: bool,
 }
 
 impl std::fmt::Debug for PgStorage {
@@ -115,6 +152,7 @@ impl std::fmt::Debug for PgStorage {
             .field("covers", &self.covers)
             .field("pending_records", &self.batch.pos.len())
             .field("pending_ended", &self.ended.len())
+            .field("read_only", &self.read_only)
             .finish()
     }
 }
@@ -131,6 +169,28 @@ impl PgStorage {
     /// password, and PostgreSQL's message) if the database cannot be
     /// reached or refuses.
     pub fn open(url: &PgUrl, cfg: PgConfig) -> Result<PgStorage, StorageError> {
+        Self::start(url, cfg, false)
+    }
+
+    /// Opens the schema for reading only, for tools (`macp-admin`) that
+    /// look at a runtime's database, possibly while that runtime runs
+    /// (see the crate docs, "Reading without writing"): no lock, no
+    /// migration, and every read, [`Storage::load`] included, sees one
+    /// consistent snapshot taken while opening. Writes are refused
+    /// ([`StorageError::Misuse`]), except that the summaries recovery
+    /// hands back are accepted and dropped: they are in the database
+    /// already.
+    ///
+    /// Fails with [`StorageError::NotADataDir`] if the schema is missing,
+    /// holds no macp-rs tables, or is at an older version (which only a
+    /// writer migrates), [`StorageError::NewerFormat`] if a newer macp-rs
+    /// migrated it, and [`StorageError::Io`] if the database cannot be
+    /// reached or refuses.
+    pub fn open_read_only(url: &PgUrl, cfg: PgConfig) -> Result<PgStorage, StorageError> {
+        Self::start(url, cfg, true)
+    }
+
+    fn start(url: &PgUrl, cfg: PgConfig, read_only: bool) -> Result<PgStorage, StorageError> {
         if cfg.schema.is_empty() || cfg.schema.len() > 63 || cfg.schema.contains('\0') {
             return Err(StorageError::Misuse("the schema name must be 1 to 63 bytes without NUL"));
         }
@@ -138,7 +198,7 @@ impl PgStorage {
         let (ops, ops_rx) = unbounded_channel();
         let (reads, reads_rx) = unbounded_channel();
         let (ready_tx, ready) = sync_channel(1);
-        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone() };
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone(), read_only };
         let thread = std::thread::Builder::new()
             .name("macp-pg".into())
             .spawn(move || worker::run(start, ready_tx, ops_rx, reads_rx))
@@ -159,7 +219,33 @@ impl PgStorage {
             covers: 0,
             batch: Batch::default(),
             ended: BTreeMap::new(),
+            read_only,
         })
+    }
+
+    /// What the tables hold: schema version, log rows and positions, ended
+    /// sessions, bytes, the checkpoint. In a read-only storage, as of its
+    /// snapshot.
+    pub fn info(&self) -> Result<PgInfo, StorageError> {
+        self.ask(Op::Info)
+    }
+
+    /// Reads the checkpoint (first, if any) and then every record of the
+    /// log from its first position, in log order, handing each to `visit`
+    /// as loading would: what [`Storage::load`] never does, since it reads
+    /// only the records after the checkpoint; `macp-admin verify` replays
+    /// them all. A row that does not decode is
+    /// [`macp_storage::DamageKind::Undecodable`] damage at its log position
+    /// (the damage's `offset`). Changes nothing: the storage need not be
+    /// loaded, and may be loaded afterwards. In a read-only storage it
+    /// reads the same snapshot as everything else.
+    pub fn scan_log(
+        &self,
+        visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let (tx, rx) = sync_channel(LOAD_DEPTH);
+        self.ops.send(Op::Scan(tx)).map_err(|_| StorageError::Closed)?;
+        self.replay(&rx, &|| false, visit).map(|_| ())
     }
 
     /// Ends the backend as a killed process would: the connections are
@@ -287,6 +373,12 @@ impl Storage for PgStorage {
 
     fn append(&mut self, records: &[Record], ended: &[SessionSummary]) -> Result<(), StorageError> {
         self.ready()?;
+        if self.read_only {
+            // Recovery hands back the summaries of sessions that ended in
+            // the replayed log; here each was committed with the record
+            // that ended its session, so there is nothing to keep.
+            return if records.is_empty() { Ok(()) } else { Err(READ_ONLY) };
+        }
         for r in records {
             let encoded = r.encode_to_vec();
             if encoded.len() > self.cfg.max_record_bytes as usize {
@@ -330,6 +422,9 @@ impl Storage for PgStorage {
             Phase::Poisoned => return Err(StorageError::Poisoned),
             Phase::Unloaded => return Err(StorageError::Misuse("checkpoint before load")),
         }
+        if self.read_only {
+            return Err(READ_ONLY);
+        }
         let batch = self.take_batch();
         let covers = self.next_pos;
         let checkpoint = Some((covers, open_state.to_vec()));
@@ -343,6 +438,9 @@ impl Storage for PgStorage {
             Phase::Ready => {}
             Phase::Poisoned => return Err(StorageError::Poisoned),
             Phase::Unloaded => return Err(StorageError::Misuse("maintain before load")),
+        }
+        if self.read_only {
+            return Err(READ_ONLY);
         }
         let cutoff = self.cfg.retention.cutoff(now_ms);
         let limit = i64::from(self.cfg.maintain_sessions.max(1));

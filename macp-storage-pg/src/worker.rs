@@ -14,16 +14,18 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 
 use crate::schema::{self, quote_ident, MIGRATIONS, SCHEMA_VERSION};
-use crate::storage::PgConfig;
+use crate::storage::{PgCheckpointInfo, PgConfig, PgInfo};
 use crate::url::PgUrl;
 
 /// Rows fetched per round trip while loading.
 const LOAD_CHUNK: i32 = 2048;
 /// How often `open` retries a lock another connection holds.
 const LOCK_POLL: Duration = Duration::from_millis(25);
+/// What a read-only storage answers to a write.
+pub(crate) const READ_ONLY: StorageError = StorageError::Misuse("a read-only storage writes nothing");
 /// How long a clean close may take before the connections are dropped.
 const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -139,9 +141,15 @@ pub(crate) struct Upkeep {
 
 pub(crate) type Reply<T> = SyncSender<Result<T, StorageError>>;
 
-/// Requests to the writer connection, served in order.
+/// Requests to the writer connection (or to a read-only storage's one
+/// connection), served in order.
 pub(crate) enum Op {
+    /// The checkpoint and the records after it.
     Load(SyncSender<LoadItem>),
+    /// The checkpoint and every record of the log, from its first position.
+    Scan(SyncSender<LoadItem>),
+    /// What the tables hold ([`PgInfo`]).
+    Info(Reply<PgInfo>),
     /// One batch (and a checkpoint covering everything before `covers`) as
     /// one transaction.
     Commit {
@@ -193,6 +201,9 @@ pub(crate) struct Start {
     pub url: PgUrl,
     pub cfg: PgConfig,
     pub place: Place,
+    /// A read-only storage ([`crate::PgStorage::open_read_only`]): one
+    /// snapshot, no lock, no migration, nothing written.
+    pub read_only: bool,
 }
 
 /// The thread's body: opens everything, reports readiness on `ready`,
@@ -211,6 +222,9 @@ pub(crate) fn run(
         }
     };
     rt.block_on(async move {
+        if start.read_only {
+            return serve_snapshot(start, ready, ops, reads).await;
+        }
         let opened = tokio::time::timeout(start.cfg.timeout + start.cfg.lock_wait, open(&start)).await;
         let (writer, readers) = match opened {
             Ok(Ok(opened)) => opened,
@@ -285,13 +299,124 @@ async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> 
     Ok((Writer { conn, st, place: place.clone(), timeout: t }, readers))
 }
 
+/// A connection whose transactions are read-only unless one asks
+/// otherwise (`default_transaction_read_only`): a guard against our own
+/// mistakes, not against a client that means to write.
+async fn connect_read_only(start: &Start, role: &str) -> Result<Conn, StorageError> {
+    let r = connect(start, role).await?;
+    let set = r.client.batch_execute("SET default_transaction_read_only = on");
+    within(&start.place, "set read-only", start.cfg.timeout, set).await?;
+    Ok(r)
+}
+
 /// A reader connection: read-only, its statements prepared.
 async fn open_reader(start: &Start) -> Result<ReaderConn, StorageError> {
     let (place, t) = (&start.place, start.cfg.timeout);
-    let r = connect(start, "reader").await?;
-    within(place, "set read-only", t, r.client.batch_execute("SET default_transaction_read_only = on")).await?;
+    let r = connect_read_only(start, "reader").await?;
     let st = ReaderStatements::prepare(&r.client, place, t).await?;
     Ok(ReaderConn { conn: Arc::new(Reader { client: r.client, st }), task: r.task })
+}
+
+/// The statements of a read-only storage's one connection.
+struct SnapshotStatements {
+    log: LogStatements,
+    reads: ReaderStatements,
+}
+
+/// Starts the snapshot of a read-only storage on `client`: one
+/// `REPEATABLE READ READ ONLY` transaction, whose first statement (the
+/// look at the schema) fixes the snapshot every later read sees. Takes no
+/// lock and creates nothing: a schema that is missing, not ours, or not
+/// at [`SCHEMA_VERSION`] is refused.
+async fn open_snapshot<'c>(
+    client: &'c mut Client,
+    start: &Start,
+) -> Result<(Transaction<'c>, SnapshotStatements), StorageError> {
+    let (place, t, schema) = (&start.place, start.cfg.timeout, &start.cfg.schema);
+    let begin = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start();
+    let tx = within(place, "begin a snapshot", t, begin).await?;
+    let found = within(place, "find the schema", t, tx.query_opt(schema::SCHEMA_OID, &[schema])).await?;
+    let version = match found {
+        Some(_) => recorded_version(&tx, start, "read the schema version").await?,
+        None => {
+            let reason = format!("there is no schema {schema} (no macp-rs runtime has stored anything there)");
+            return Err(StorageError::NotADataDir { path: place.path(), reason });
+        }
+    };
+    match version {
+        Some(SCHEMA_VERSION) => {}
+        Some(v) => {
+            let reason = format!(
+                "its schema is at version {v}, older than this build's {SCHEMA_VERSION}; \
+                 a runtime of this build migrates it when it opens it, a read-only look never does"
+            );
+            return Err(StorageError::NotADataDir { path: place.path(), reason });
+        }
+        None => {
+            let reason = format!("schema {schema} holds no macp-rs tables");
+            return Err(StorageError::NotADataDir { path: place.path(), reason });
+        }
+    }
+    let c = tx.client();
+    let (log, reads) = tokio::try_join!(LogStatements::prepare(c, place, t), ReaderStatements::prepare(c, place, t))?;
+    Ok((tx, SnapshotStatements { log, reads }))
+}
+
+/// The thread's body for a read-only storage: one connection, one
+/// snapshot ([`open_snapshot`]) for the storage's lifetime, every request
+/// answered in it, in arrival order. Writes are refused without a word to
+/// the database.
+async fn serve_snapshot(
+    start: Start,
+    ready: SyncSender<Result<(), StorageError>>,
+    mut ops: UnboundedReceiver<Op>,
+    mut reads: UnboundedReceiver<ReadOp>,
+) {
+    let (place, t) = (&start.place, start.cfg.timeout);
+    let mut conn = match connect_read_only(&start, "read-only").await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let (tx, st) = match open_snapshot(&mut conn.client, &start).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            op = ops.recv() => match op {
+                Some(Op::Load(out)) => streamed(&out, stream_log(&tx, &st.log, false, &out, place, t).await),
+                Some(Op::Scan(out)) => streamed(&out, stream_log(&tx, &st.log, true, &out, place, t).await),
+                Some(Op::Info(reply)) => drop(reply.send(info(tx.client(), place, t).await)),
+                Some(Op::Commit { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
+                Some(Op::Maintain { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
+                Some(Op::Crash) => return,
+                Some(Op::Close) | None => break,
+            },
+            Some(op) = reads.recv() => answer(tx.client(), &st.reads, op, t, place).await,
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_WITHIN, tx.rollback()).await;
+    drop(conn.client);
+    let _ = tokio::time::timeout(CLOSE_WITHIN, conn.task).await;
+}
+
+/// Sends the end of a [`stream_log`] in the snapshot, or its failure, to
+/// `out` (nothing when the caller stopped listening).
+fn streamed(out: &SyncSender<LoadItem>, result: Result<Option<LoadItem>, StorageError>) {
+    match result {
+        Ok(Some(end)) => drop(out.send(end)),
+        Ok(None) => {}
+        Err(e) => drop(out.send(LoadItem::Failed(e))),
+    }
 }
 
 /// The oid of the schema, created first if missing.
@@ -343,38 +468,52 @@ async fn lock(client: &Client, start: &Start, oid: i64) -> Result<(), StorageErr
     }
 }
 
-/// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses
-/// a schema this build does not know.
-async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError> {
+/// The schema version recorded in `tx`'s schema: `None` when the schema
+/// holds none of our tables (a new one), an error for tables named like
+/// ours without a record of versions, or a version newer than this build.
+async fn recorded_version(tx: &Transaction<'_>, start: &Start, op: &'static str) -> Result<Option<u32>, StorageError> {
     let (place, t, schema) = (&start.place, start.cfg.timeout, &start.cfg.schema);
-    let tx = within(place, "migrate", t, client.transaction()).await?;
-    let tables: Vec<String> = within(place, "migrate", t, tx.query(schema::OUR_TABLES, &[schema]))
+    let tables: Vec<String> = within(place, op, t, tx.query(schema::OUR_TABLES, &[schema]))
         .await?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()
-        .map_err(place.db("migrate"))?;
-    let current = if tables.iter().any(|n| n == schema::VERSION_TABLE) {
-        let row = within(place, "migrate", t, tx.query_one(schema::CURRENT_VERSION, &[])).await?;
-        let v: i64 = row.try_get(0).map_err(place.db("migrate"))?;
-        u32::try_from(v).map_err(|_| StorageError::NotADataDir {
-            path: place.path(),
-            reason: format!("{} says version {v}", schema::VERSION_TABLE),
-        })?
-    } else if !tables.is_empty() {
-        // Never initialise over tables we did not create (or whose record
-        // of versions was lost).
+        .map_err(place.db(op))?;
+    if tables.is_empty() {
+        return Ok(None);
+    }
+    if !tables.iter().any(|n| n == schema::VERSION_TABLE) {
+        // Never initialise over (or read as ours) tables we did not create,
+        // or whose record of versions was lost.
         return Err(StorageError::NotADataDir {
             path: place.path(),
             reason: format!("it holds tables named like ours ({}) but no {}", tables.join(", "), schema::VERSION_TABLE),
         });
-    } else {
-        within(place, "migrate", t, tx.batch_execute(schema::CREATE_VERSION_TABLE)).await?;
-        0
-    };
+    }
+    let row = within(place, op, t, tx.query_one(schema::CURRENT_VERSION, &[])).await?;
+    let v: i64 = row.try_get(0).map_err(place.db(op))?;
+    let current = u32::try_from(v).map_err(|_| StorageError::NotADataDir {
+        path: place.path(),
+        reason: format!("{} says version {v}", schema::VERSION_TABLE),
+    })?;
     if current > SCHEMA_VERSION {
         return Err(StorageError::NewerFormat { found: current, supported: SCHEMA_VERSION });
     }
+    Ok(Some(current))
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses
+/// a schema this build does not know.
+async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError> {
+    let (place, t) = (&start.place, start.cfg.timeout);
+    let tx = within(place, "migrate", t, client.transaction()).await?;
+    let current = match recorded_version(&tx, start, "migrate").await? {
+        Some(v) => v,
+        None => {
+            within(place, "migrate", t, tx.batch_execute(schema::CREATE_VERSION_TABLE)).await?;
+            0
+        }
+    };
     let by = concat!("macp-rs ", env!("CARGO_PKG_VERSION"));
     for (v, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         within(place, "migrate", t, tx.batch_execute(sql)).await?;
@@ -387,9 +526,103 @@ async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError>
 struct WriterStatements {
     batch: Statement,
     batch_checkpoint: Statement,
-    load_checkpoint: Statement,
-    load_records: Statement,
+    log: LogStatements,
     maintain: Statement,
+}
+
+/// The statements that read the log: the checkpoint, and the records from
+/// a position on.
+struct LogStatements {
+    checkpoint: Statement,
+    records: Statement,
+}
+
+impl LogStatements {
+    async fn prepare(c: &Client, place: &Place, t: Duration) -> Result<Self, StorageError> {
+        let (checkpoint, records) = tokio::try_join!(
+            prepare(c, place, t, schema::LOAD_CHECKPOINT),
+            prepare(c, place, t, schema::LOAD_RECORDS),
+        )?;
+        Ok(LogStatements { checkpoint, records })
+    }
+}
+
+/// Streams the checkpoint (if any) and then the records to `out` in log
+/// order, [`LOAD_CHUNK`] a round trip through a cursor of `tx`: the
+/// records the checkpoint does not cover, or with `whole` every record
+/// from the log's first position. Returns the [`LoadItem::End`] to send
+/// once the transaction is done with, or `None` when the caller stopped
+/// listening.
+async fn stream_log(
+    tx: &Transaction<'_>,
+    st: &LogStatements,
+    whole: bool,
+    out: &SyncSender<LoadItem>,
+    place: &Place,
+    t: Duration,
+) -> Result<Option<LoadItem>, StorageError> {
+    let covers = match within(place, "load", t, tx.query_opt(&st.checkpoint, &[])).await? {
+        Some(row) => {
+            let covers: i64 = row.try_get(0).map_err(place.db("load the checkpoint"))?;
+            let state: Vec<u8> = row.try_get(1).map_err(place.db("load the checkpoint"))?;
+            if out.send(LoadItem::Checkpoint(state)).is_err() {
+                return Ok(None);
+            }
+            covers
+        }
+        None => 0,
+    };
+    let from: i64 = if whole { 0 } else { covers };
+    let portal = within(place, "load", t, tx.bind(&st.records, &[&from])).await?;
+    let mut last = None;
+    loop {
+        let rows = within(place, "load", t, tx.query_portal(&portal, LOAD_CHUNK)).await?;
+        let done = rows.len() < LOAD_CHUNK as usize;
+        let chunk = rows
+            .iter()
+            .map(|r| Ok(LoadRow { pos: r.try_get(0)?, session_id: r.try_get(1)?, record: r.try_get(2)? }))
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(place.db("load"))?;
+        if let Some(r) = chunk.last() {
+            last = Some(r.pos);
+        }
+        // Blocks this thread while the caller is behind: loading is all
+        // the connection does meanwhile, and readers wait a moment.
+        if !chunk.is_empty() && out.send(LoadItem::Rows(chunk)).is_err() {
+            return Ok(None);
+        }
+        if done {
+            break;
+        }
+    }
+    let next = last.map_or(1, |p| p + 1).max(covers).max(1);
+    Ok(Some(LoadItem::End { covers, next }))
+}
+
+/// [`PgInfo`] as `c` sees the tables (inside a snapshot's transaction
+/// when `c` is that transaction's client).
+async fn info(c: &Client, place: &Place, t: Duration) -> Result<PgInfo, StorageError> {
+    let row = within(place, "info", t, c.query_one(schema::INFO, &[])).await?;
+    let int = |i| row.try_get::<_, Option<i64>>(i).map_err(place.db("info"));
+    let count = |i| int(i).map(|v| v.unwrap_or(0).max(0) as u64);
+    let pos = |i| int(i).map(|v| v.map(|p| p.max(0) as u64));
+    let checkpoint = match (int(6)?, int(7)?, int(8)?) {
+        (Some(covers), bytes, taken_at) => Some(PgCheckpointInfo {
+            covers: covers.max(0) as u64,
+            bytes: bytes.unwrap_or(0).max(0) as u64,
+            taken_at_unix_ms: taken_at.unwrap_or(0),
+        }),
+        _ => None,
+    };
+    Ok(PgInfo {
+        schema_version: u32::try_from(count(0)?).unwrap_or(u32::MAX),
+        records: count(1)?,
+        first_pos: pos(2)?,
+        last_pos: pos(3)?,
+        ended_sessions: count(4)?,
+        bytes: count(5)?,
+        checkpoint,
+    })
 }
 
 /// Prepares `sql` on `c`. Called for several statements at once, so the
@@ -400,14 +633,13 @@ async fn prepare(c: &Client, place: &Place, t: Duration, sql: &str) -> Result<St
 
 impl WriterStatements {
     async fn prepare(c: &Client, place: &Place, t: Duration) -> Result<Self, StorageError> {
-        let (batch, batch_checkpoint, load_checkpoint, load_records, maintain) = tokio::try_join!(
+        let (batch, batch_checkpoint, log, maintain) = tokio::try_join!(
             prepare(c, place, t, schema::BATCH),
             prepare(c, place, t, schema::BATCH_CHECKPOINT),
-            prepare(c, place, t, schema::LOAD_CHECKPOINT),
-            prepare(c, place, t, schema::LOAD_RECORDS),
+            LogStatements::prepare(c, place, t),
             prepare(c, place, t, schema::MAINTAIN),
         )?;
-        Ok(WriterStatements { batch, batch_checkpoint, load_checkpoint, load_records, maintain })
+        Ok(WriterStatements { batch, batch_checkpoint, log, maintain })
     }
 }
 
@@ -424,9 +656,17 @@ impl Writer {
         while let Some(op) = ops.recv().await {
             match op {
                 Op::Load(out) => {
-                    if let Err(e) = self.load(&out).await {
+                    if let Err(e) = self.load(&out, false).await {
                         let _ = out.send(LoadItem::Failed(e));
                     }
+                }
+                Op::Scan(out) => {
+                    if let Err(e) = self.load(&out, true).await {
+                        let _ = out.send(LoadItem::Failed(e));
+                    }
+                }
+                Op::Info(reply) => {
+                    let _ = reply.send(info(&self.conn.client, &self.place, self.timeout).await);
                 }
                 Op::Commit { batch, checkpoint, reply } => {
                     let _ = reply.send(self.commit(batch, checkpoint).await);
@@ -447,47 +687,16 @@ impl Writer {
         true
     }
 
-    async fn load(&mut self, out: &SyncSender<LoadItem>) -> Result<(), StorageError> {
+    /// Streams the log to `out` (see [`stream_log`]) in a transaction of
+    /// its own.
+    async fn load(&mut self, out: &SyncSender<LoadItem>, whole: bool) -> Result<(), StorageError> {
         let (place, t) = (&self.place, self.timeout);
         let tx = within(place, "load", t, self.conn.client.transaction()).await?;
-        let covers = match within(place, "load", t, tx.query_opt(&self.st.load_checkpoint, &[])).await? {
-            Some(row) => {
-                let covers: i64 = row.try_get(0).map_err(place.db("load the checkpoint"))?;
-                let state: Vec<u8> = row.try_get(1).map_err(place.db("load the checkpoint"))?;
-                // The caller stopped listening (cancelled): the
-                // transaction rolls back as it is dropped.
-                if out.send(LoadItem::Checkpoint(state)).is_err() {
-                    return Ok(());
-                }
-                covers
-            }
-            None => 0,
-        };
-        let portal = within(place, "load", t, tx.bind(&self.st.load_records, &[&covers])).await?;
-        let mut last = None;
-        loop {
-            let rows = within(place, "load", t, tx.query_portal(&portal, LOAD_CHUNK)).await?;
-            let done = rows.len() < LOAD_CHUNK as usize;
-            let chunk = rows
-                .iter()
-                .map(|r| Ok(LoadRow { pos: r.try_get(0)?, session_id: r.try_get(1)?, record: r.try_get(2)? }))
-                .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                .map_err(place.db("load"))?;
-            if let Some(r) = chunk.last() {
-                last = Some(r.pos);
-            }
-            // Blocks this thread while the caller is behind: loading is
-            // all the writer does meanwhile, and readers wait a moment.
-            if !chunk.is_empty() && out.send(LoadItem::Rows(chunk)).is_err() {
-                return Ok(());
-            }
-            if done {
-                break;
-            }
-        }
+        // The caller stopped listening (cancelled): the transaction rolls
+        // back as it is dropped.
+        let Some(end) = stream_log(&tx, &self.st.log, whole, out, place, t).await? else { return Ok(()) };
         within(place, "load", t, tx.commit()).await?;
-        let next = last.map_or(1, |p| p + 1).max(covers).max(1);
-        let _ = out.send(LoadItem::End { covers, next });
+        let _ = out.send(end);
         Ok(())
     }
 
@@ -602,43 +811,47 @@ impl ReadOp {
 
 impl Reader {
     async fn serve(&self, op: ReadOp, t: Duration, place: &Place) {
-        let c = &self.client;
-        match op {
-            ReadOp::History { session_id, after, upto, reply } => {
-                let r = within(place, "history", t, c.query(&self.st.history, &[&session_id, &after, &upto])).await;
-                let r = r.and_then(|rows| {
-                    rows.iter()
-                        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-                        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                        .map_err(place.db("history"))
-                });
-                let _ = reply.send(r);
-            }
-            ReadOp::Ended { session_id, reply } => {
-                let r = within(place, "ended", t, c.query_opt(&self.st.ended, &[&session_id])).await;
-                let r = r.and_then(|row| row.map(|r| r.try_get(0)).transpose().map_err(place.db("ended")));
-                let _ = reply.send(r);
-            }
-            ReadOp::EndedMany { session_ids, reply } => {
-                let rows = within(place, "ended", t, c.query(&self.st.ended_many, &[&session_ids])).await;
-                let r = rows.and_then(|rows| {
-                    rows.iter()
-                        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
-                        .map_err(place.db("ended"))
-                });
-                let _ = reply.send(r);
-            }
-            ReadOp::List { after, limit, reply } => {
-                let rows = match &after {
-                    Some(a) => within(place, "list ended", t, c.query(&self.st.list_after, &[a, &limit])).await,
-                    None => within(place, "list ended", t, c.query(&self.st.list_first, &[&limit])).await,
-                };
-                let r = rows.and_then(|rows| {
-                    rows.iter().map(|r| r.try_get(0)).collect::<Result<Vec<_>, _>>().map_err(place.db("list ended"))
-                });
-                let _ = reply.send(r);
-            }
+        answer(&self.client, &self.st, op, t, place).await
+    }
+}
+
+/// Answers `op` on `c` with statements `st` prepared on it.
+async fn answer(c: &Client, st: &ReaderStatements, op: ReadOp, t: Duration, place: &Place) {
+    match op {
+        ReadOp::History { session_id, after, upto, reply } => {
+            let r = within(place, "history", t, c.query(&st.history, &[&session_id, &after, &upto])).await;
+            let r = r.and_then(|rows| {
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                    .map_err(place.db("history"))
+            });
+            let _ = reply.send(r);
+        }
+        ReadOp::Ended { session_id, reply } => {
+            let r = within(place, "ended", t, c.query_opt(&st.ended, &[&session_id])).await;
+            let r = r.and_then(|row| row.map(|r| r.try_get(0)).transpose().map_err(place.db("ended")));
+            let _ = reply.send(r);
+        }
+        ReadOp::EndedMany { session_ids, reply } => {
+            let rows = within(place, "ended", t, c.query(&st.ended_many, &[&session_ids])).await;
+            let r = rows.and_then(|rows| {
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+                    .map_err(place.db("ended"))
+            });
+            let _ = reply.send(r);
+        }
+        ReadOp::List { after, limit, reply } => {
+            let rows = match &after {
+                Some(a) => within(place, "list ended", t, c.query(&st.list_after, &[a, &limit])).await,
+                None => within(place, "list ended", t, c.query(&st.list_first, &[&limit])).await,
+            };
+            let r = rows.and_then(|rows| {
+                rows.iter().map(|r| r.try_get(0)).collect::<Result<Vec<_>, _>>().map_err(place.db("list ended"))
+            });
+            let _ = reply.send(r);
         }
     }
 }
@@ -651,5 +864,77 @@ async fn close_readers(readers: Vec<ReaderConn>) {
     let tasks: Vec<JoinHandle<()>> = readers.into_iter().map(|r| r.task).collect();
     for task in tasks {
         let _ = tokio::time::timeout(CLOSE_WITHIN, task).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use macp_pg_test::{unique_name, PgServer};
+    use macp_storage::suite::{self, record, sid};
+    use macp_storage::Storage as _;
+
+    use super::*;
+    use crate::PgStorage;
+
+    fn is_read_only_refusal(e: &tokio_postgres::Error) -> bool {
+        e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
+    }
+
+    /// The read-only storage's connection itself refuses to write, in and
+    /// out of its snapshot, so a write this crate sent by mistake would
+    /// fail in PostgreSQL rather than change the runtime's tables; and it
+    /// opens beside a writer that holds the schema's lock.
+    #[test]
+    fn the_read_only_connection_cannot_write() {
+        let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+        let db = unique_name("ro");
+        let url: PgUrl = pg.create_database(&db).expect("a database").parse().expect("its URL");
+        let cfg = PgConfig { schema: unique_name("ro"), ..PgConfig::default() };
+        let mut writer = PgStorage::open(&url, cfg.clone()).expect("open");
+        suite::load(&mut writer);
+        writer.append(&[record(1, 1), record(1, 2)], &[]).unwrap();
+        writer.sync().unwrap();
+        let rows = || {
+            pg.psql(
+                &db,
+                &format!(
+                    "SELECT string_agg(pos || ':' || md5(record), ',' ORDER BY pos) FROM {}.macp_records",
+                    cfg.schema
+                ),
+            )
+            .unwrap()
+        };
+        let before = rows();
+
+        let place = Place(Arc::from("test"));
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place, read_only: true };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut conn = connect_read_only(&start, "read-only").await.expect("connect");
+            let path = quote_ident(&cfg.schema);
+            conn.client.execute("SELECT set_config('search_path', $1, false)", &[&path]).await.unwrap();
+            for write in [
+                "INSERT INTO macp_records (pos, session_id, seq, record) VALUES (99, 'x', 1, '\\x00')",
+                "DELETE FROM macp_records",
+                "CREATE TABLE macp_other (i int)",
+            ] {
+                match conn.client.batch_execute(write).await {
+                    Err(e) if is_read_only_refusal(&e) => {}
+                    other => panic!("{write}: expected a read-only refusal, got {other:?}"),
+                }
+            }
+            let (tx, _st) =
+                open_snapshot(&mut conn.client, &start).await.expect("the snapshot opens beside the writer");
+            let e = tx.batch_execute("UPDATE macp_records SET seq = seq + 1").await.unwrap_err();
+            assert!(is_read_only_refusal(&e), "{e:?}");
+        });
+        assert_eq!(rows(), before, "nothing changed");
+        writer.append(&[record(1, 3)], &[]).unwrap();
+        writer.sync().expect("the writer was not disturbed");
+        assert_eq!(
+            pg.psql(&db, &format!("SELECT count(*) FROM {}.macp_records WHERE session_id = '{}'", cfg.schema, sid(1)))
+                .unwrap(),
+            "3"
+        );
     }
 }

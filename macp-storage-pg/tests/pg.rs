@@ -325,3 +325,143 @@ fn reader_connections_come_back_after_being_ended() {
     s.append(&[record(1, 2)], &[]).unwrap();
     s.sync().expect("the writer was not involved");
 }
+
+/// Every row of the schema's three tables, as one fingerprint.
+fn fingerprint(db: &Db, schema: &str) -> String {
+    db.sql(&format!(
+        "SELECT md5(concat(
+            (SELECT string_agg(pos || session_id || seq || encode(record, 'hex'), ',' ORDER BY pos) FROM {schema}.macp_records),
+            (SELECT string_agg(session_id || ended_at_ms || ended_pos || encode(summary, 'hex'), ',' ORDER BY session_id) FROM {schema}.macp_ended),
+            (SELECT string_agg(covers || encode(open_state, 'hex') || taken_at, ',') FROM {schema}.macp_checkpoint)))"
+    ))
+}
+
+/// A read-only storage (macp-admin's) opens beside a writer that holds the
+/// schema's lock, without waiting for or taking the lock; everything it
+/// reads — info, the whole log, loading, its reader — is one snapshot,
+/// whatever the writer commits afterwards; and it writes nothing: writes
+/// are refused, the summaries recovery hands back are dropped, the tables
+/// are unchanged, and the writer goes on.
+#[test]
+fn a_read_only_storage_reads_one_snapshot_beside_the_writer() {
+    let db = Db::new();
+    let schema = unique_name("ro");
+    let mut w = db.open(&schema);
+    suite::load(&mut w);
+    w.append(&[record(1, 1), record(1, 2), record(2, 1)], &[summary(1, 2, 5_000)]).unwrap();
+    w.checkpoint(b"cp").unwrap();
+    w.append(&[record(2, 2), record(3, 1)], &[]).unwrap();
+    w.sync().unwrap();
+
+    let quick = PgConfig { lock_wait: Duration::from_millis(300), ..db.cfg(&schema, Retention::Forever) };
+    let mut ro = PgStorage::open_read_only(&db.url, quick).expect("opens while the writer holds the lock");
+    w.append(&[record(3, 2), record(4, 1)], &[summary(2, 2, 6_000)]).unwrap();
+    w.sync().unwrap();
+    let written = fingerprint(&db, &schema);
+
+    let info = ro.info().unwrap();
+    assert_eq!(info.schema_version, SCHEMA_VERSION);
+    assert_eq!((info.records, info.first_pos, info.last_pos, info.ended_sessions), (5, Some(1), Some(5), 1));
+    let cp = info.checkpoint.expect("the checkpoint");
+    assert_eq!((cp.covers, cp.bytes), (4, 2));
+    assert!(info.bytes > 0);
+    let mut scanned = Vec::new();
+    ro.scan_log(&mut |ev| {
+        scanned.push(match ev {
+            LoadEvent::Checkpoint { open_state } => format!("checkpoint {open_state:?}"),
+            LoadEvent::Record { pos, record } => format!("{}#{} at {}", record.session_id, record.seq, pos.offset),
+            LoadEvent::Damage(d) => format!("damage {d}"),
+        });
+        Ok(())
+    })
+    .unwrap();
+    let want: Vec<String> = std::iter::once(format!("checkpoint {:?}", b"cp"))
+        .chain(
+            [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)]
+                .iter()
+                .enumerate()
+                .map(|(i, (n, q))| format!("{}#{q} at {}", sid(*n), i + 1)),
+        )
+        .collect();
+    assert_eq!(scanned, want, "the whole log of the snapshot, from its first position");
+    let loaded = suite::load(&mut ro);
+    assert_eq!(loaded.checkpoint.as_deref(), Some(&b"cp"[..]));
+    assert_eq!(
+        loaded.records,
+        vec![record(2, 2), record(3, 1)],
+        "the records after the checkpoint, as of the snapshot"
+    );
+    let r = ro.reader();
+    assert_eq!(r.history(&sid(3), 0, 9).unwrap(), vec![record(3, 1)], "not the writer's later record");
+    assert_eq!(r.ended(&sid(2)).unwrap(), None, "nor its later summary");
+    assert_eq!(r.ended_many(&[&sid(1), &sid(2)]).unwrap(), vec![Some(summary(1, 2, 5_000)), None]);
+    assert_eq!(r.list_ended(None, 10).unwrap(), vec![summary(1, 2, 5_000)]);
+
+    assert!(matches!(ro.append(&[record(9, 1)], &[]), Err(StorageError::Misuse(_))));
+    ro.append(&[], &[summary(3, 2, 7_000)]).expect("summaries handed back by recovery are taken");
+    ro.sync().expect("and there is nothing to sync");
+    assert!(matches!(ro.checkpoint(b"x"), Err(StorageError::Misuse(_))));
+    assert!(matches!(ro.maintain(i64::MAX), Err(StorageError::Misuse(_))));
+    assert_eq!(r.ended(&sid(3)).unwrap(), None, "a dropped summary is not read back either");
+
+    // What PostgreSQL shows of it: one connection in a transaction holding
+    // a snapshot (xmin) that never got a transaction id (it wrote
+    // nothing), and no advisory lock; the writer's lock is still there.
+    let activity = |what: &str, app: &str| {
+        db.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity a WHERE datname = '{}' AND application_name = '{app}' AND {what}",
+            db.name
+        ))
+    };
+    assert_eq!(
+        activity(
+            "state = 'idle in transaction' AND backend_xid IS NULL AND backend_xmin IS NOT NULL",
+            "macp-rs read-only"
+        ),
+        "1"
+    );
+    let locks = "EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory')";
+    assert_eq!(activity(locks, "macp-rs read-only"), "0");
+    assert_eq!(activity(locks, "macp-rs writer"), "1");
+    assert_eq!(fingerprint(&db, &schema), written, "the tables are as the writer left them");
+    w.append(&[record(4, 2)], &[]).unwrap();
+    w.sync().expect("the writer was not disturbed");
+}
+
+/// A read-only storage creates and migrates nothing: a missing schema, one
+/// without our tables, one whose schema only a writer would bring to this
+/// build's version, and one a newer macp-rs migrated are refused, and left
+/// as they were.
+#[test]
+fn a_read_only_storage_refuses_a_schema_it_cannot_read() {
+    let db = Db::new();
+    let open = |schema: &str| PgStorage::open_read_only(&db.url, db.cfg(schema, Retention::Forever)).unwrap_err();
+    let missing = unique_name("missing");
+    let e = open(&missing);
+    assert!(matches!(e, StorageError::NotADataDir { .. }) && e.to_string().contains("there is no schema"), "{e}");
+    assert_eq!(db.sql(&format!("SELECT count(*) FROM pg_namespace WHERE nspname = '{missing}'")), "0", "not created");
+
+    let empty = unique_name("empty");
+    db.sql(&format!("CREATE SCHEMA {empty}"));
+    let e = open(&empty);
+    assert!(matches!(e, StorageError::NotADataDir { .. }) && e.to_string().contains("holds no macp-rs tables"), "{e}");
+    assert_eq!(db.sql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{empty}'")), "0");
+
+    let unmigrated = unique_name("old");
+    db.sql(&format!(
+        "CREATE SCHEMA {unmigrated}; CREATE TABLE {unmigrated}.macp_schema_version (version integer PRIMARY KEY, applied_at timestamptz, applied_by text)"
+    ));
+    let e = open(&unmigrated);
+    assert!(e.to_string().contains("version 0, older than this build's"), "{e}");
+
+    let newer = unique_name("newer");
+    drop(db.open(&newer));
+    let future = SCHEMA_VERSION + 1;
+    db.sql(&format!(
+        "INSERT INTO {newer}.macp_schema_version (version, applied_by) VALUES ({future}, 'a newer macp-rs')"
+    ));
+    match open(&newer) {
+        StorageError::NewerFormat { found, supported } => assert_eq!((found, supported), (future, SCHEMA_VERSION)),
+        other => panic!("expected NewerFormat, got {other:?}"),
+    }
+}
