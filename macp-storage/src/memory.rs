@@ -108,21 +108,21 @@ struct Inner {
     ended_bytes: u64,
     /// Bytes held by open sessions.
     open_bytes: u64,
-    /// Whether `tail`, `registry_tail` and `checkpoint` are kept (see
-    /// [`MemoryConfig::restartable`]).
-    restartable: bool,
 }
 
 impl Inner {
-    fn add_record(&mut self, r: Record) {
+    /// Stores a synced record; `restartable` (the store's
+    /// [`MemoryConfig::restartable`]) says whether the log index (`tail`,
+    /// `registry_tail`) a later load replays is kept.
+    fn add_record(&mut self, r: Record, restartable: bool) {
         if r.session_id.is_empty() {
-            if self.restartable {
+            if restartable {
                 self.tail.push((String::new(), r.seq));
                 self.registry_tail.push(r);
             }
             return;
         }
-        if self.restartable {
+        if restartable {
             self.tail.push((r.session_id.clone(), r.seq));
         }
         let fresh = !self.sessions.contains_key(&r.session_id);
@@ -205,10 +205,9 @@ pub struct MemoryStorage {
 impl MemoryStorage {
     /// An empty store.
     pub fn new(config: MemoryConfig) -> Self {
-        let inner = Inner { restartable: config.restartable, ..Inner::default() };
         MemoryStorage {
             config,
-            inner: Arc::new(RwLock::new(inner)),
+            inner: Arc::new(RwLock::new(Inner::default())),
             pending_records: Vec::new(),
             pending_ended: Vec::new(),
             loaded: false,
@@ -268,7 +267,7 @@ impl Storage for MemoryStorage {
             return Err(StorageError::Misuse("load called twice"));
         }
         let inner = self.inner.read().map_err(|_| StorageError::Poisoned)?;
-        if !inner.restartable && (inner.generation > 0 || !inner.sessions.is_empty()) {
+        if !self.config.restartable && (inner.generation > 0 || !inner.sessions.is_empty()) {
             return Err(StorageError::Misuse("a memory store that is not restartable cannot be loaded again"));
         }
         if let Some(cp) = &inner.checkpoint {
@@ -314,9 +313,10 @@ impl Storage for MemoryStorage {
         }
         let records = std::mem::take(&mut self.pending_records);
         let ended = std::mem::take(&mut self.pending_ended);
+        let restartable = self.config.restartable;
         let mut inner = self.write()?;
         for r in records {
-            inner.add_record(r);
+            inner.add_record(r, restartable);
         }
         for s in ended {
             inner.add_summary(s);
@@ -327,7 +327,7 @@ impl Storage for MemoryStorage {
     fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
         self.sync()?;
         let mut inner = self.write()?;
-        inner.checkpoint = inner.restartable.then(|| open_state.to_vec());
+        inner.checkpoint = self.config.restartable.then(|| open_state.to_vec());
         inner.tail.clear();
         inner.registry_tail.clear();
         inner.generation += 1;

@@ -52,18 +52,11 @@ pub fn exporting() -> bool {
 #[error("OTLP trace export ({ENDPOINT_VAR}): {0}")]
 pub struct OtlpError(#[from] opentelemetry_otlp::ExporterBuildError);
 
-/// The exporter while it runs: dropping it (or [`Exporter::shutdown`])
-/// sends the spans still batched.
+/// The exporter while it runs: dropping it sends the spans still batched
+/// and stops it.
 #[derive(Debug)]
 pub struct Exporter {
     provider: SdkTracerProvider,
-}
-
-impl Exporter {
-    /// Sends what is batched and stops the exporter.
-    pub fn shutdown(self) {
-        drop(self);
-    }
 }
 
 impl Drop for Exporter {
