@@ -112,7 +112,7 @@ async fn a_postgres_runtimes_database_reads_beside_it_as_it_streams_without_a_wr
     let out_file = std::env::temp_dir().join(format!("{}.jsonl", unique_name("macp_admin_pg")));
     check_reads(&src, &w, &streamed, &out_file);
     let v = inspect_json(&src);
-    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["schema_version"], macp_storage_pg::SCHEMA_VERSION);
     assert_eq!(v["checkpoint"]["present"], true, "{v}");
     assert!(v["checkpoint"]["covers"].as_u64().unwrap() > 1, "{v}");
     assert_eq!(v["log"]["first_position"], 1);
@@ -124,7 +124,8 @@ async fn a_postgres_runtimes_database_reads_beside_it_as_it_streams_without_a_wr
     assert!(v.get("segments").is_none(), "a database has no segments");
     let out = admin_on("inspect", &src, &[]);
     let report = shown(&out);
-    assert!(report.contains("schema       version 1") && report.contains("positions 1 to"), "{report}");
+    let version = format!("schema       version {}", macp_storage_pg::SCHEMA_VERSION);
+    assert!(report.contains(&version) && report.contains("positions 1 to"), "{report}");
     let report = verify_exits(&url, 0);
     assert!(report.contains("healthy") && report.contains("compared with a full replay"), "{report}");
     // MACP_DATABASE_URL works as the flag does.
@@ -234,8 +235,12 @@ async fn verify_names_the_position_of_a_row_that_does_not_decode() {
 
     // A schema a newer macp-rs migrated is refused.
     let newer = copy_database(&pg, &db, "newer");
-    pg.psql(&newer, "INSERT INTO macp.macp_schema_version (version, applied_by) VALUES (2, 'a newer macp-rs')")
-        .expect("psql");
+    let future = macp_storage_pg::SCHEMA_VERSION + 1;
+    pg.psql(
+        &newer,
+        &format!("INSERT INTO macp.macp_schema_version (version, applied_by) VALUES ({future}, 'a newer macp-rs')"),
+    )
+    .expect("psql");
     let newer_url = url.replacen(&format!("/{db}"), &format!("/{newer}"), 1);
     let out = admin(&["inspect", "--database-url", &newer_url]);
     assert_eq!(out.status.code(), Some(2));

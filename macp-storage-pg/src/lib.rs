@@ -20,23 +20,37 @@
 //! # let _ = done; Ok(()) }
 //! ```
 //!
-//! ## Tables (schema version 1)
+//! ## Tables (schema version 2)
 //!
 //! All in one schema ([`PgConfig::schema`], `macp` by default, created if
 //! missing); the connections' `search_path` is that schema alone.
 //!
 //! ```text
 //! macp_schema_version  version, applied_at, applied_by: one row per migration
-//! macp_records         pos (the global log position, primary key),
-//!                      session_id, seq (indexed together: history reads),
-//!                      record (the protobuf encoding of a Record)
+//! macp_records         shard, pos (the shard's log position; the two are
+//!                      the primary key), session_id, seq (indexed
+//!                      together: history reads), record (the protobuf
+//!                      encoding of a Record)
 //! macp_ended           session_id (primary key: lookups, and listing in id
-//!                      order), ended_at_ms (indexed with the id: retention),
-//!                      ended_pos (the log position after its records),
-//!                      summary (the protobuf encoding of a SessionSummary)
-//! macp_checkpoint      one row: covers (the first log position it does not
-//!                      cover), open_state (the kernel's open state), taken_at
+//!                      order), shard, ended_at_ms (indexed with the shard
+//!                      and the id: retention), ended_pos (the shard's log
+//!                      position after its records), summary (the protobuf
+//!                      encoding of a SessionSummary)
+//! macp_checkpoint      one row per shard: covers (the first log position it
+//!                      does not cover), open_state (the kernel's open
+//!                      state), taken_at
+//! macp_cluster         a cluster's schema only: its shard count
+//! macp_nodes           a cluster's members: node_id, advertise_addr,
+//!                      started_at, heartbeat_at
+//! macp_shards          a cluster's leases: shard, owner, epoch, lease_until
 //! ```
+//!
+//! A single-node runtime ([`PgStorage::open`]) keeps everything in shard 0.
+//! A cluster node ([`Membership`], [`PgStorage::open_shard`]) keeps one log
+//! and one checkpoint per shard, so a shard moves between nodes alone.
+//! Version 1 (one log, before shards) is migrated in place: its rows
+//! become shard 0's. The two kinds refuse each other's schemas (see
+//! "Clusters" below).
 //!
 //! Session ids are `COLLATE "C"`, so ended sessions list in byte order,
 //! the order the kernel pages its open sessions in, whatever the
@@ -179,19 +193,52 @@
 //! - After the backend is dropped its readers get
 //!   [`macp_storage::StorageError::Closed`].
 //!
+//! ## Clusters: membership, leases and fencing
+//!
+//! Several runtime nodes share one schema through [`Membership`] (module
+//! `cluster`): a fixed shard count stored when the first node creates the
+//! cluster (a node configured otherwise is refused with
+//! [`ClusterError::ShardCount`]), the session → shard map [`shard_of`]
+//! (SHA-256 of the id, so clients can compute it too), heartbeats in
+//! `macp_nodes`, and one lease per shard in `macp_shards` with an owner,
+//! an expiry and a **fencing epoch** raised at every acquisition. Which
+//! live node should hold a shard is rendezvous hashing
+//! ([`preferred_owner`]), so joins and leaves move only the shards they
+//! must. Every write of a shard's storage ([`PgStorage::open_shard`]:
+//! commit, checkpoint, upkeep) locks the shard's lease row `FOR SHARE`
+//! in its own statement and stores nothing unless the row still names this
+//! node, at this epoch, unexpired by the database's clock
+//! ([`macp_storage::StorageError::Fenced`] otherwise). A takeover's
+//! `UPDATE` of that row waits for such a commit, and a commit waits for a
+//! takeover in flight and then sees the new epoch: whatever a node wrote
+//! before losing the lease is loaded by the next owner, and nothing after.
+//! A paused process that wakes up, a partitioned host, a second process
+//! with the same node id: none can write a shard it no longer holds.
+//!
+//! A cluster's schema is refused to a single-node runtime, and a schema
+//! with a single-node runtime's data (or one running on it, seen through
+//! its advisory lock) cannot become a cluster's.
+//!
 //! ## Not yet
 //!
 //! TLS to the database (plain TCP and Unix sockets only; `sslmode=require`
-//! is refused rather than ignored), and the cluster mode's leases and
-//! fencing, which will build on these tables.
+//! is refused rather than ignored). The runtime's cluster mode (a node
+//! serving the shards it holds and forwarding the rest) builds on this
+//! crate's membership and is not in the server yet. `macp-admin` reads
+//! shard 0 (a single-node runtime's data) only.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod schema;
 mod storage;
 mod url;
 mod worker;
 
+pub use cluster::{
+    preferred_owner, shard_of, ClusterConfig, ClusterError, Lease, Member, Membership, ShardLease, Tick,
+    DEFAULT_SHARDS, MAX_SHARDS, MIN_LEASE_TTL,
+};
 pub use schema::SCHEMA_VERSION;
 pub use storage::{PgCheckpointInfo, PgConfig, PgInfo, PgStorage};
 pub use url::{BadPgUrl, PgUrl};

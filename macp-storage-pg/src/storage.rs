@@ -15,6 +15,7 @@ use macp_storage::{
 use prost::Message as _;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
+use crate::cluster::ShardLease;
 use crate::url::PgUrl;
 use crate::worker::{self, Batch, LoadItem, Op, Place, ReadOp, Reply, Start, READ_ONLY};
 
@@ -169,7 +170,22 @@ impl PgStorage {
     /// password, and PostgreSQL's message) if the database cannot be
     /// reached or refuses.
     pub fn open(url: &PgUrl, cfg: PgConfig) -> Result<PgStorage, StorageError> {
-        Self::start(url, cfg, false)
+        Self::start(url, cfg, false, None)
+    }
+
+    /// Opens one shard of a cluster's schema for the node holding `lease`
+    /// (from [`crate::Membership`]): loading reads that shard's checkpoint
+    /// and log only, and every write (commit, checkpoint, upkeep) commits
+    /// only while the lease is still the node's at the same epoch and not
+    /// lapsed, checked in the write's own transaction; otherwise the
+    /// write fails with [`StorageError::Fenced`] and nothing of it is
+    /// stored. No advisory lock: the lease is what keeps other nodes out.
+    /// Reads are not fenced (they see only committed rows).
+    ///
+    /// Fails like [`PgStorage::open`], and with
+    /// [`StorageError::NotADataDir`] on a schema no cluster created.
+    pub fn open_shard(url: &PgUrl, cfg: PgConfig, lease: ShardLease) -> Result<PgStorage, StorageError> {
+        Self::start(url, cfg, false, Some(lease))
     }
 
     /// Opens the schema for reading only, for tools (`macp-admin`) that
@@ -187,10 +203,15 @@ impl PgStorage {
     /// migrated it, and [`StorageError::Io`] if the database cannot be
     /// reached or refuses.
     pub fn open_read_only(url: &PgUrl, cfg: PgConfig) -> Result<PgStorage, StorageError> {
-        Self::start(url, cfg, true)
+        Self::start(url, cfg, true, None)
     }
 
-    fn start(url: &PgUrl, cfg: PgConfig, read_only: bool) -> Result<PgStorage, StorageError> {
+    fn start(
+        url: &PgUrl,
+        cfg: PgConfig,
+        read_only: bool,
+        lease: Option<ShardLease>,
+    ) -> Result<PgStorage, StorageError> {
         if cfg.schema.is_empty() || cfg.schema.len() > 63 || cfg.schema.contains('\0') {
             return Err(StorageError::Misuse("the schema name must be 1 to 63 bytes without NUL"));
         }
@@ -198,7 +219,11 @@ impl PgStorage {
         let (ops, ops_rx) = unbounded_channel();
         let (reads, reads_rx) = unbounded_channel();
         let (ready_tx, ready) = sync_channel(1);
-        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone(), read_only };
+        let place = match &lease {
+            Some(l) => Place(Arc::from(format!("{} shard {}", place.0, l.shard))),
+            None => place,
+        };
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone(), read_only, lease };
         let thread = std::thread::Builder::new()
             .name("macp-pg".into())
             .spawn(move || worker::run(start, ready_tx, ops_rx, reads_rx))

@@ -16,6 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Statement, Transaction};
 
+use crate::cluster::ShardLease;
 use crate::schema::{self, quote_ident, MIGRATIONS, SCHEMA_VERSION};
 use crate::storage::{PgCheckpointInfo, PgConfig, PgInfo};
 use crate::url::PgUrl;
@@ -77,7 +78,7 @@ impl Place {
 }
 
 /// Runs `f` with `limit`, mapping its database error and a timeout.
-async fn within<T>(
+pub(crate) async fn within<T>(
     place: &Place,
     op: &'static str,
     limit: Duration,
@@ -204,6 +205,17 @@ pub(crate) struct Start {
     /// A read-only storage ([`crate::PgStorage::open_read_only`]): one
     /// snapshot, no lock, no migration, nothing written.
     pub read_only: bool,
+    /// A cluster node's storage of one shard
+    /// ([`crate::PgStorage::open_shard`]): no advisory lock, every write
+    /// fenced by the lease. `None`: the single-node runtime's shard 0.
+    pub lease: Option<ShardLease>,
+}
+
+impl Start {
+    /// The shard this storage reads and writes.
+    fn shard(&self) -> i32 {
+        self.lease.as_ref().map_or(0, |l| l.shard as i32)
+    }
 }
 
 /// The thread's body: opens everything, reports readiness on `ready`,
@@ -254,12 +266,12 @@ pub(crate) fn run(
 }
 
 /// A connection and the task driving it.
-struct Conn {
-    client: Client,
-    task: JoinHandle<()>,
+pub(crate) struct Conn {
+    pub client: Client,
+    pub task: JoinHandle<()>,
 }
 
-async fn connect(start: &Start, role: &str) -> Result<Conn, StorageError> {
+pub(crate) async fn connect(start: &Start, role: &str) -> Result<Conn, StorageError> {
     let mut config = start.url.config().clone();
     config.application_name(format!("macp-rs {role}"));
     if config.get_connect_timeout().is_none() {
@@ -288,15 +300,20 @@ async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> 
     let keepalive = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
     within(place, "set keepalives", t, conn.client.batch_execute(keepalive)).await?;
     let oid = schema_oid(&conn.client, start).await?;
-    lock(&conn.client, start, oid).await?;
+    if start.lease.is_none() {
+        lock(&conn.client, start, oid).await?;
+    }
     let mut conn = conn;
     migrate(&mut conn.client, start).await?;
+    check_cluster(&conn.client, start).await?;
     let st = WriterStatements::prepare(&conn.client, place, t).await?;
     let mut readers = Vec::with_capacity(start.cfg.readers.max(1));
     for _ in 0..start.cfg.readers.max(1) {
         readers.push(open_reader(start).await?);
     }
-    Ok((Writer { conn, st, place: place.clone(), timeout: t }, readers))
+    let writer =
+        Writer { conn, st, place: place.clone(), timeout: t, shard: start.shard(), lease: start.lease.clone() };
+    Ok((writer, readers))
 }
 
 /// A connection whose transactions are read-only unless one asks
@@ -304,8 +321,13 @@ async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> 
 /// mistakes, not against a client that means to write.
 async fn connect_read_only(start: &Start, role: &str) -> Result<Conn, StorageError> {
     let r = connect(start, role).await?;
-    let set = r.client.batch_execute("SET default_transaction_read_only = on");
-    within(&start.place, "set read-only", start.cfg.timeout, set).await?;
+    within(
+        &start.place,
+        "set read-only",
+        start.cfg.timeout,
+        r.client.batch_execute("SET default_transaction_read_only = on"),
+    )
+    .await?;
     Ok(r)
 }
 
@@ -393,8 +415,8 @@ async fn serve_snapshot(
     loop {
         tokio::select! {
             op = ops.recv() => match op {
-                Some(Op::Load(out)) => streamed(&out, stream_log(&tx, &st.log, false, &out, place, t).await),
-                Some(Op::Scan(out)) => streamed(&out, stream_log(&tx, &st.log, true, &out, place, t).await),
+                Some(Op::Load(out)) => streamed(&out, stream_log(&tx, &st.log, 0, false, &out, place, t).await),
+                Some(Op::Scan(out)) => streamed(&out, stream_log(&tx, &st.log, 0, true, &out, place, t).await),
                 Some(Op::Info(reply)) => drop(reply.send(info(tx.client(), place, t).await)),
                 Some(Op::Commit { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
                 Some(Op::Maintain { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
@@ -420,7 +442,7 @@ fn streamed(out: &SyncSender<LoadItem>, result: Result<Option<LoadItem>, Storage
 }
 
 /// The oid of the schema, created first if missing.
-async fn schema_oid(client: &Client, start: &Start) -> Result<i64, StorageError> {
+pub(crate) async fn schema_oid(client: &Client, start: &Start) -> Result<i64, StorageError> {
     let (place, t, schema) = (&start.place, start.cfg.timeout, &start.cfg.schema);
     for _ in 0..2 {
         let row = within(place, "find the schema", t, client.query_opt(schema::SCHEMA_OID, &[schema])).await?;
@@ -504,9 +526,12 @@ async fn recorded_version(tx: &Transaction<'_>, start: &Start, op: &'static str)
 
 /// Brings the schema to [`SCHEMA_VERSION`] in one transaction, or refuses
 /// a schema this build does not know.
-async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError> {
+pub(crate) async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError> {
     let (place, t) = (&start.place, start.cfg.timeout);
     let tx = within(place, "migrate", t, client.transaction()).await?;
+    // Nodes of a cluster open the schema at the same moment: one migrates,
+    // the others wait here and then find it done.
+    within(place, "migrate", t, tx.execute(schema::MIGRATE_LOCK, &[&start.cfg.schema])).await?;
     let current = match recorded_version(&tx, start, "migrate").await? {
         Some(v) => v,
         None => {
@@ -521,6 +546,35 @@ async fn migrate(client: &mut Client, start: &Start) -> Result<(), StorageError>
         within(place, "migrate", t, tx.execute(schema::RECORD_VERSION, &[&version, &by])).await?;
     }
     within(place, "migrate", t, tx.commit()).await
+}
+
+/// Refuses a schema of the other kind: a cluster's (shard count stored)
+/// to the single-node runtime, and a single-node runtime's (no shard
+/// count) or a shard beyond the count to a cluster node's storage. The
+/// two lay their sessions out differently (one log, or a log per shard),
+/// so neither may read the other's.
+async fn check_cluster(c: &Client, start: &Start) -> Result<(), StorageError> {
+    let (place, t) = (&start.place, start.cfg.timeout);
+    let row = within(place, "read the shard count", t, c.query_opt(schema::CLUSTER_SHARDS, &[])).await?;
+    let shards: Option<i32> = row.map(|r| r.try_get(0)).transpose().map_err(place.db("read the shard count"))?;
+    match (&start.lease, shards) {
+        (None, None) => Ok(()),
+        (None, Some(n)) => Err(StorageError::NotADataDir {
+            path: place.path(),
+            reason: format!(
+                "it holds a cluster's data ({n} shards): start this runtime as a cluster node (--node-id), \
+                 or give it a schema of its own"
+            ),
+        }),
+        (Some(_), None) => Err(StorageError::NotADataDir {
+            path: place.path(),
+            reason: "it is not a cluster's schema (no shard count stored): a cluster node joins it first".into(),
+        }),
+        (Some(l), Some(n)) if l.shard >= n.max(0) as u32 => {
+            Err(StorageError::Misuse("a shard beyond the cluster's shard count"))
+        }
+        (Some(_), Some(_)) => Ok(()),
+    }
 }
 
 struct WriterStatements {
@@ -556,12 +610,13 @@ impl LogStatements {
 async fn stream_log(
     tx: &Transaction<'_>,
     st: &LogStatements,
+    shard: i32,
     whole: bool,
     out: &SyncSender<LoadItem>,
     place: &Place,
     t: Duration,
 ) -> Result<Option<LoadItem>, StorageError> {
-    let covers = match within(place, "load", t, tx.query_opt(&st.checkpoint, &[])).await? {
+    let covers = match within(place, "load", t, tx.query_opt(&st.checkpoint, &[&shard])).await? {
         Some(row) => {
             let covers: i64 = row.try_get(0).map_err(place.db("load the checkpoint"))?;
             let state: Vec<u8> = row.try_get(1).map_err(place.db("load the checkpoint"))?;
@@ -573,7 +628,7 @@ async fn stream_log(
         None => 0,
     };
     let from: i64 = if whole { 0 } else { covers };
-    let portal = within(place, "load", t, tx.bind(&st.records, &[&from])).await?;
+    let portal = within(place, "load", t, tx.bind(&st.records, &[&shard, &from])).await?;
     let mut last = None;
     loop {
         let rows = within(place, "load", t, tx.query_portal(&portal, LOAD_CHUNK)).await?;
@@ -648,6 +703,10 @@ struct Writer {
     st: WriterStatements,
     place: Place,
     timeout: Duration,
+    /// The shard written, and the lease fencing the writes (`None`: the
+    /// single-node runtime, unfenced, shard 0).
+    shard: i32,
+    lease: Option<ShardLease>,
 }
 
 impl Writer {
@@ -680,8 +739,10 @@ impl Writer {
         }
         // Release the lock at once (a reopen right after must not wait for
         // the server to notice the connection is gone), then say goodbye.
-        let unlock = self.conn.client.execute(schema::UNLOCK, &[]);
-        let _ = tokio::time::timeout(CLOSE_WITHIN, unlock).await;
+        if self.lease.is_none() {
+            let unlock = self.conn.client.execute(schema::UNLOCK, &[]);
+            let _ = tokio::time::timeout(CLOSE_WITHIN, unlock).await;
+        }
         drop(self.conn.client);
         let _ = tokio::time::timeout(CLOSE_WITHIN, self.conn.task).await;
         true
@@ -694,15 +755,40 @@ impl Writer {
         let tx = within(place, "load", t, self.conn.client.transaction()).await?;
         // The caller stopped listening (cancelled): the transaction rolls
         // back as it is dropped.
-        let Some(end) = stream_log(&tx, &self.st.log, whole, out, place, t).await? else { return Ok(()) };
+        let Some(end) = stream_log(&tx, &self.st.log, self.shard, whole, out, place, t).await? else {
+            return Ok(());
+        };
         within(place, "load", t, tx.commit()).await?;
         let _ = out.send(end);
         Ok(())
     }
 
+    /// The node id and epoch fencing a write (nulls: unfenced).
+    fn fence(&self) -> (Option<&str>, i64) {
+        self.lease.as_ref().map_or((None, 0), |l| (Some(l.node_id.as_str()), l.epoch))
+    }
+
+    /// The error for a write the fence refused.
+    fn fenced(&self) -> StorageError {
+        let l = self.lease.as_ref();
+        StorageError::Fenced { shard: self.shard as u32, epoch: l.map_or(0, |l| l.epoch) }
+    }
+
     async fn commit(&self, b: Batch, checkpoint: Option<(i64, Vec<u8>)>) -> Result<(), StorageError> {
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            vec![&b.pos, &b.session_id, &b.seq, &b.record, &b.ended_id, &b.ended_at, &b.ended_pos, &b.summary];
+        let (node, epoch) = self.fence();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &b.pos,
+            &b.session_id,
+            &b.seq,
+            &b.record,
+            &b.ended_id,
+            &b.ended_at,
+            &b.ended_pos,
+            &b.summary,
+            &self.shard,
+            &node,
+            &epoch,
+        ];
         let statement = match &checkpoint {
             Some((covers, state)) => {
                 params.push(covers);
@@ -712,14 +798,20 @@ impl Writer {
             None => &self.st.batch,
         };
         let op = if checkpoint.is_some() { "checkpoint" } else { "commit" };
-        within(&self.place, op, self.timeout, self.conn.client.execute(statement, &params)).await.map(|_| ())
+        let row = within(&self.place, op, self.timeout, self.conn.client.query_one(statement, &params)).await?;
+        let stored: bool = row.try_get(0).map_err(self.place.db(op))?;
+        if stored {
+            Ok(())
+        } else {
+            Err(self.fenced())
+        }
     }
 
     async fn maintain(&self, cutoff: Option<i64>, covers: i64, limit: i64) -> Result<Upkeep, StorageError> {
         let (place, t) = (&self.place, self.timeout);
-        let row =
-            within(place, "maintain", t, self.conn.client.query_one(&self.st.maintain, &[&cutoff, &covers, &limit]))
-                .await?;
+        let (node, epoch) = self.fence();
+        let params: [&(dyn ToSql + Sync); 6] = [&cutoff, &covers, &limit, &self.shard, &node, &epoch];
+        let row = within(place, "maintain", t, self.conn.client.query_one(&self.st.maintain, &params)).await?;
         let get = |i| row.try_get::<_, i64>(i).map_err(place.db("maintain"));
         Ok(Upkeep { expired: get(0)?, registry: get(1)?, bytes: get(2)? })
     }
@@ -907,7 +999,7 @@ mod tests {
         let before = rows();
 
         let place = Place(Arc::from("test"));
-        let start = Start { url: url.clone(), cfg: cfg.clone(), place, read_only: true };
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place, read_only: true, lease: None };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut conn = connect_read_only(&start, "read-only").await.expect("connect");

@@ -465,3 +465,45 @@ fn a_read_only_storage_refuses_a_schema_it_cannot_read() {
         other => panic!("expected NewerFormat, got {other:?}"),
     }
 }
+
+/// A schema at version 1 (before shards) is migrated in place: its log,
+/// ended sessions and checkpoint become shard 0's and load as before.
+#[test]
+fn a_version_1_schema_is_migrated_with_its_data() {
+    let db = Db::new();
+    let schema = unique_name("v1");
+    let mut s = db.open(&schema);
+    suite::load(&mut s);
+    s.append(&[record(1, 1), record(1, 2)], &[summary(1, 2, 1_000)]).unwrap();
+    s.checkpoint(b"open state").unwrap();
+    s.append(&[record(2, 1)], &[]).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    // Back to what version 1 looked like.
+    db.sql(&format!(
+        "SET search_path = {schema};
+        DROP TABLE macp_cluster, macp_nodes, macp_shards;
+        ALTER TABLE macp_records DROP CONSTRAINT macp_records_pkey;
+        ALTER TABLE macp_records DROP COLUMN shard;
+        ALTER TABLE macp_records ADD PRIMARY KEY (pos);
+        DROP INDEX macp_ended_by_end;
+        ALTER TABLE macp_ended DROP COLUMN shard;
+        CREATE INDEX macp_ended_by_end ON macp_ended (ended_at_ms, session_id);
+        ALTER TABLE macp_checkpoint DROP CONSTRAINT macp_checkpoint_pkey;
+        ALTER TABLE macp_checkpoint DROP COLUMN shard;
+        ALTER TABLE macp_checkpoint ADD COLUMN id boolean PRIMARY KEY DEFAULT true CHECK (id);
+        DELETE FROM macp_schema_version WHERE version > 1;"
+    ));
+    let mut s = db.open(&schema);
+    let loaded = suite::load(&mut s);
+    assert_eq!(loaded.checkpoint.as_deref(), Some(&b"open state"[..]));
+    assert_eq!(loaded.records, vec![record(2, 1)]);
+    assert_eq!(s.reader().history(&sid(1), 0, 9).unwrap(), vec![record(1, 1), record(1, 2)]);
+    assert!(s.reader().ended(&sid(1)).unwrap().is_some());
+    s.append(&[record(2, 2)], &[]).unwrap();
+    s.sync().unwrap();
+    let versions =
+        db.sql(&format!("SELECT string_agg(version::text, ',' ORDER BY version) FROM {schema}.macp_schema_version"));
+    assert_eq!(versions, "1,2");
+    assert_eq!(db.sql(&format!("SELECT count(*) FROM {schema}.macp_records WHERE shard = 0")), "4");
+}

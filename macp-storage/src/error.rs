@@ -94,6 +94,19 @@ pub enum StorageError {
     /// the data directory, so the read is refused rather than risked.
     #[error("the storage behind this reader was closed; read through the reader of the storage that replaced it")]
     Closed,
+    /// A cluster node's lease on a shard was taken over by another node or
+    /// lapsed: the database refused the write (the fencing epoch is checked
+    /// in the same transaction), so nothing of it was stored. The shard is
+    /// served elsewhere now; the node drops it, and its callers retry.
+    #[error(
+        "shard {shard}: this node's lease (epoch {epoch}) was taken over or lapsed; the database refused the write and nothing of it was stored"
+    )]
+    Fenced {
+        /// The shard.
+        shard: u32,
+        /// The epoch the write was made under.
+        epoch: i64,
+    },
     /// Loading stopped because the process is shutting down.
     #[error("loading was cancelled (the runtime is shutting down)")]
     Cancelled,
