@@ -216,7 +216,14 @@ impl Membership {
             return Err(ClusterError::Config("the lease TTL must be at least 200 ms"));
         }
         let place = Place(format!("{url} schema {}", pg.schema).into());
-        let start = Start { url: url.clone(), cfg: pg.clone(), place: place.clone(), read_only: false, lease: None };
+        let start = Start {
+            url: url.clone(),
+            cfg: pg.clone(),
+            place: place.clone(),
+            read_only: false,
+            cluster: Some(None),
+            writers: 1,
+        };
         let t = pg.timeout;
         let mut conn = connect(&start, "cluster").await?;
         let oid = schema_oid(&conn.client, &start).await?;

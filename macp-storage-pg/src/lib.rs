@@ -240,5 +240,5 @@ pub use cluster::{
     DEFAULT_SHARDS, MAX_SHARDS, MIN_LEASE_TTL,
 };
 pub use schema::SCHEMA_VERSION;
-pub use storage::{PgCheckpointInfo, PgConfig, PgInfo, PgStorage};
+pub use storage::{PgCheckpointInfo, PgConfig, PgHost, PgInfo, PgStorage};
 pub use url::{BadPgUrl, PgUrl};

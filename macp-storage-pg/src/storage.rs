@@ -142,6 +142,9 @@ pub struct PgStorage {
     ended: BTreeMap<String, PendingEnded>,
     /// Opened with [`PgStorage::open_read_only`].
     read_only: bool,
+    /// The shard and the lease fencing its writes, for a cluster's
+    /// storage (none: the single node's shard 0).
+    lease: Option<ShardLease>,
 }
 
 impl std::fmt::Debug for PgStorage {
@@ -223,10 +226,11 @@ impl PgStorage {
             Some(l) => Place(Arc::from(format!("{} shard {}", place.0, l.shard))),
             None => place,
         };
-        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone(), read_only, lease };
+        let cluster = lease.clone().map(Some);
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place: place.clone(), read_only, cluster, writers: 1 };
         let thread = std::thread::Builder::new()
             .name("macp-pg".into())
-            .spawn(move || worker::run(start, ready_tx, ops_rx, reads_rx))
+            .spawn(move || worker::run(start, ready_tx, vec![ops_rx], reads_rx))
             .map_err(|e| StorageError::io("start the PostgreSQL thread", place.path(), e))?;
         let opened = ready.recv().unwrap_or(Err(StorageError::Closed));
         if let Err(e) = opened {
@@ -245,6 +249,7 @@ impl PgStorage {
             batch: Batch::default(),
             ended: BTreeMap::new(),
             read_only,
+            lease,
         })
     }
 
@@ -269,7 +274,7 @@ impl PgStorage {
         visit: &mut dyn FnMut(LoadEvent<'_>) -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
         let (tx, rx) = sync_channel(LOAD_DEPTH);
-        self.ops.send(Op::Scan(tx)).map_err(|_| StorageError::Closed)?;
+        self.ops.send(Op::Scan(self.lease.clone(), tx)).map_err(|_| StorageError::Closed)?;
         self.replay(&rx, &|| false, visit).map(|_| ())
     }
 
@@ -277,9 +282,11 @@ impl PgStorage {
     /// dropped without a goodbye, so PostgreSQL rolls back whatever was in
     /// flight and releases the lock when it notices; nothing appended
     /// since the last sync is kept. For tests and fault drills.
+    /// A shard storage of a [`PgHost`] shares the host's connections:
+    /// crashing it only drops what it appended since the last sync.
     pub fn crash(mut self) {
-        let _ = self.ops.send(Op::Crash);
         if let Some(t) = self.thread.take() {
+            let _ = self.ops.send(Op::Crash);
             let _ = t.join();
         }
     }
@@ -386,7 +393,7 @@ impl Storage for PgStorage {
             return Err(StorageError::Cancelled);
         }
         let (tx, rx) = sync_channel(LOAD_DEPTH);
-        self.ops.send(Op::Load(tx)).map_err(|_| StorageError::Closed)?;
+        self.ops.send(Op::Load(self.lease.clone(), tx)).map_err(|_| StorageError::Closed)?;
         // Returning early drops `rx`: the thread stops sending and rolls
         // its read transaction back.
         let (covers, next) = self.replay(&rx, cancelled, visit)?;
@@ -438,7 +445,8 @@ impl Storage for PgStorage {
             return Ok(());
         }
         let batch = self.take_batch();
-        self.ask(|reply| Op::Commit { batch, checkpoint: None, reply }).map_err(|e| self.poison(e))
+        let lease = self.lease.clone();
+        self.ask(|reply| Op::Commit { lease, batch, checkpoint: None, reply }).map_err(|e| self.poison(e))
     }
 
     fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
@@ -453,7 +461,8 @@ impl Storage for PgStorage {
         let batch = self.take_batch();
         let covers = self.next_pos;
         let checkpoint = Some((covers, open_state.to_vec()));
-        self.ask(|reply| Op::Commit { batch, checkpoint, reply }).map_err(|e| self.poison(e))?;
+        let lease = self.lease.clone();
+        self.ask(|reply| Op::Commit { lease, batch, checkpoint, reply }).map_err(|e| self.poison(e))?;
         self.covers = covers;
         Ok(())
     }
@@ -470,7 +479,8 @@ impl Storage for PgStorage {
         let cutoff = self.cfg.retention.cutoff(now_ms);
         let limit = i64::from(self.cfg.maintain_sessions.max(1));
         let covers = self.covers;
-        let done = self.ask(|reply| Op::Maintain { cutoff, covers, limit, reply })?;
+        let lease = self.lease.clone();
+        let done = self.ask(|reply| Op::Maintain { lease, cutoff, covers, limit, reply })?;
         Ok(Maintenance {
             expired_sessions: done.expired.max(0) as u64,
             bytes: done.bytes.max(0) as u64,
@@ -574,5 +584,113 @@ impl StorageRead for PgReader {
                     .map_err(|e| damaged("ended sessions list".into(), format!("a summary does not decode: {e}")))
             })
             .collect()
+    }
+}
+
+/// The connections a cluster node's shard storages share: a few writer
+/// connections and the reader connections, on one thread. A node holding
+/// dozens of shards would otherwise open three connections per shard, far
+/// beyond what a PostgreSQL server allows (`max_connections` is 100 by
+/// default). Shard `s` writes on writer connection `s % writers`, so the
+/// commits of different shards run side by side while each shard's stay
+/// in order; a writer connection found lost is opened again.
+pub struct PgHost {
+    url: PgUrl,
+    cfg: PgConfig,
+    place: Place,
+    writers: Vec<UnboundedSender<Op>>,
+    reads: UnboundedSender<ReadOp>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PgHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgHost").field("place", &self.place.0).field("writers", &self.writers.len()).finish()
+    }
+}
+
+impl PgHost {
+    /// Connects `writers` writer connections (at least one) and
+    /// [`PgConfig::readers`] reader connections to a cluster's schema
+    /// (which [`crate::Membership::join`] created). Fails with
+    /// [`StorageError::NotADataDir`] if the schema is not a cluster's.
+    pub fn open(url: &PgUrl, cfg: PgConfig, writers: usize) -> Result<PgHost, StorageError> {
+        if cfg.schema.is_empty() || cfg.schema.len() > 63 || cfg.schema.contains('\0') {
+            return Err(StorageError::Misuse("the schema name must be 1 to 63 bytes without NUL"));
+        }
+        let place = Place(Arc::from(format!("{url} schema {}", cfg.schema)));
+        let (mut senders, mut receivers) = (Vec::new(), Vec::new());
+        for _ in 0..writers.max(1) {
+            let (tx, rx) = unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let (reads, reads_rx) = unbounded_channel();
+        let (ready_tx, ready) = sync_channel(1);
+        let start = Start {
+            url: url.clone(),
+            cfg: cfg.clone(),
+            place: place.clone(),
+            read_only: false,
+            cluster: Some(None),
+            writers: senders.len(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("macp-pg-host".into())
+            .spawn(move || worker::run(start, ready_tx, receivers, reads_rx))
+            .map_err(|e| StorageError::io("start the PostgreSQL thread", place.path(), e))?;
+        if let Err(e) = ready.recv().unwrap_or(Err(StorageError::Closed)) {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(PgHost { url: url.clone(), cfg, place, writers: senders, reads, thread: Some(thread) })
+    }
+
+    /// The storage of the shard `lease` names, on this host's connections
+    /// (not loaded yet), fenced by the lease as
+    /// [`PgStorage::open_shard`]'s is.
+    pub fn shard(&self, lease: ShardLease) -> PgStorage {
+        let ops = self.writers[lease.shard as usize % self.writers.len()].clone();
+        PgStorage {
+            ops,
+            reads: self.reads.clone(),
+            thread: None,
+            cfg: self.cfg.clone(),
+            place: Place(Arc::from(format!("{} shard {}", self.place.0, lease.shard))),
+            phase: Phase::Unloaded,
+            next_pos: 1,
+            covers: 0,
+            batch: Batch::default(),
+            ended: BTreeMap::new(),
+            read_only: false,
+            lease: Some(lease),
+        }
+    }
+
+    /// A reader of the whole schema (history and ended sessions of every
+    /// shard: reads are by session id, and ids are unique cluster-wide).
+    pub fn reader(&self) -> Arc<dyn StorageRead> {
+        Arc::new(PgReader { reads: self.reads.clone() })
+    }
+
+    /// The database and schema, as errors name them.
+    pub fn place(&self) -> &str {
+        &self.place.0
+    }
+
+    /// The URL the host connects to.
+    pub fn url(&self) -> &PgUrl {
+        &self.url
+    }
+}
+
+impl Drop for PgHost {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            for w in &self.writers {
+                let _ = w.send(Op::Close);
+            }
+            let _ = t.join();
+        }
     }
 }

@@ -145,20 +145,25 @@ pub(crate) type Reply<T> = SyncSender<Result<T, StorageError>>;
 /// Requests to the writer connection (or to a read-only storage's one
 /// connection), served in order.
 pub(crate) enum Op {
-    /// The checkpoint and the records after it.
-    Load(SyncSender<LoadItem>),
+    /// The checkpoint and the records after it, of the lease's shard
+    /// (none: shard 0).
+    Load(Option<ShardLease>, SyncSender<LoadItem>),
     /// The checkpoint and every record of the log, from its first position.
-    Scan(SyncSender<LoadItem>),
+    Scan(Option<ShardLease>, SyncSender<LoadItem>),
     /// What the tables hold ([`PgInfo`]).
     Info(Reply<PgInfo>),
     /// One batch (and a checkpoint covering everything before `covers`) as
     /// one transaction.
     Commit {
+        /// The shard and the lease fencing the write (none: shard 0,
+        /// unfenced).
+        lease: Option<ShardLease>,
         batch: Batch,
         checkpoint: Option<(i64, Vec<u8>)>,
         reply: Reply<()>,
     },
     Maintain {
+        lease: Option<ShardLease>,
         cutoff: Option<i64>,
         covers: i64,
         limit: i64,
@@ -205,17 +210,14 @@ pub(crate) struct Start {
     /// A read-only storage ([`crate::PgStorage::open_read_only`]): one
     /// snapshot, no lock, no migration, nothing written.
     pub read_only: bool,
-    /// A cluster node's storage of one shard
-    /// ([`crate::PgStorage::open_shard`]): no advisory lock, every write
-    /// fenced by the lease. `None`: the single-node runtime's shard 0.
-    pub lease: Option<ShardLease>,
-}
-
-impl Start {
-    /// The shard this storage reads and writes.
-    fn shard(&self) -> i32 {
-        self.lease.as_ref().map_or(0, |l| l.shard as i32)
-    }
+    /// A cluster's storage: no advisory lock (leases keep nodes apart),
+    /// the schema must be a cluster's, and a writer connection lost is
+    /// opened again. With `lease`, one shard's
+    /// ([`crate::PgStorage::open_shard`]); without, a [`crate::PgHost`]
+    /// serving the shards a node holds.
+    pub cluster: Option<Option<ShardLease>>,
+    /// Writer connections (a host spreads its shards over several).
+    pub writers: usize,
 }
 
 /// The thread's body: opens everything, reports readiness on `ready`,
@@ -223,7 +225,7 @@ impl Start {
 pub(crate) fn run(
     start: Start,
     ready: SyncSender<Result<(), StorageError>>,
-    ops: UnboundedReceiver<Op>,
+    mut ops: Vec<UnboundedReceiver<Op>>,
     reads: UnboundedReceiver<ReadOp>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -235,10 +237,11 @@ pub(crate) fn run(
     };
     rt.block_on(async move {
         if start.read_only {
+            let Some(ops) = ops.pop() else { return };
             return serve_snapshot(start, ready, ops, reads).await;
         }
         let opened = tokio::time::timeout(start.cfg.timeout + start.cfg.lock_wait, open(&start)).await;
-        let (writer, readers) = match opened {
+        let (writers, readers) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(e)) => {
                 let _ = ready.send(Err(e));
@@ -254,7 +257,12 @@ pub(crate) fn run(
         }
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let dispatcher = tokio::spawn(serve_reads(start.clone(), readers, reads, stopped));
-        if writer.serve(ops).await {
+        let serving: Vec<_> = writers.into_iter().zip(ops).map(|(w, ops)| tokio::spawn(w.serve(ops))).collect();
+        let mut clean = true;
+        for w in serving {
+            clean &= w.await.unwrap_or(false);
+        }
+        if clean {
             let _ = stop.send(());
             if let Ok(readers) = dispatcher.await {
                 close_readers(readers).await;
@@ -289,7 +297,21 @@ pub(crate) async fn connect(start: &Start, role: &str) -> Result<Conn, StorageEr
     Ok(Conn { client, task })
 }
 
-async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> {
+async fn open(start: &Start) -> Result<(Vec<Writer>, Vec<ReaderConn>), StorageError> {
+    let mut writers = vec![open_writer(start).await?];
+    for _ in 1..start.writers {
+        writers.push(open_writer(start).await?);
+    }
+    let mut readers = Vec::with_capacity(start.cfg.readers.max(1));
+    for _ in 0..start.cfg.readers.max(1) {
+        readers.push(open_reader(start).await?);
+    }
+    Ok((writers, readers))
+}
+
+/// A writer connection: keepalives, the schema's lock (single node only),
+/// migrated, checked, statements prepared.
+async fn open_writer(start: &Start) -> Result<Writer, StorageError> {
     let conn = connect(start, "writer").await?;
     let place = &start.place;
     let t = start.cfg.timeout;
@@ -300,20 +322,14 @@ async fn open(start: &Start) -> Result<(Writer, Vec<ReaderConn>), StorageError> 
     let keepalive = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
     within(place, "set keepalives", t, conn.client.batch_execute(keepalive)).await?;
     let oid = schema_oid(&conn.client, start).await?;
-    if start.lease.is_none() {
+    if start.cluster.is_none() {
         lock(&conn.client, start, oid).await?;
     }
     let mut conn = conn;
     migrate(&mut conn.client, start).await?;
     check_cluster(&conn.client, start).await?;
     let st = WriterStatements::prepare(&conn.client, place, t).await?;
-    let mut readers = Vec::with_capacity(start.cfg.readers.max(1));
-    for _ in 0..start.cfg.readers.max(1) {
-        readers.push(open_reader(start).await?);
-    }
-    let writer =
-        Writer { conn, st, place: place.clone(), timeout: t, shard: start.shard(), lease: start.lease.clone() };
-    Ok((writer, readers))
+    Ok(Writer { conn, st, place: place.clone(), timeout: t, start: start.clone() })
 }
 
 /// A connection whose transactions are read-only unless one asks
@@ -415,8 +431,8 @@ async fn serve_snapshot(
     loop {
         tokio::select! {
             op = ops.recv() => match op {
-                Some(Op::Load(out)) => streamed(&out, stream_log(&tx, &st.log, 0, false, &out, place, t).await),
-                Some(Op::Scan(out)) => streamed(&out, stream_log(&tx, &st.log, 0, true, &out, place, t).await),
+                Some(Op::Load(_, out)) => streamed(&out, stream_log(&tx, &st.log, 0, false, &out, place, t).await),
+                Some(Op::Scan(_, out)) => streamed(&out, stream_log(&tx, &st.log, 0, true, &out, place, t).await),
                 Some(Op::Info(reply)) => drop(reply.send(info(tx.client(), place, t).await)),
                 Some(Op::Commit { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
                 Some(Op::Maintain { reply, .. }) => drop(reply.send(Err(READ_ONLY))),
@@ -557,7 +573,7 @@ async fn check_cluster(c: &Client, start: &Start) -> Result<(), StorageError> {
     let (place, t) = (&start.place, start.cfg.timeout);
     let row = within(place, "read the shard count", t, c.query_opt(schema::CLUSTER_SHARDS, &[])).await?;
     let shards: Option<i32> = row.map(|r| r.try_get(0)).transpose().map_err(place.db("read the shard count"))?;
-    match (&start.lease, shards) {
+    match (&start.cluster, shards) {
         (None, None) => Ok(()),
         (None, Some(n)) => Err(StorageError::NotADataDir {
             path: place.path(),
@@ -570,7 +586,7 @@ async fn check_cluster(c: &Client, start: &Start) -> Result<(), StorageError> {
             path: place.path(),
             reason: "it is not a cluster's schema (no shard count stored): a cluster node joins it first".into(),
         }),
-        (Some(l), Some(n)) if l.shard >= n.max(0) as u32 => {
+        (Some(Some(l)), Some(n)) if l.shard >= n.max(0) as u32 => {
             Err(StorageError::Misuse("a shard beyond the cluster's shard count"))
         }
         (Some(_), Some(_)) => Ok(()),
@@ -703,35 +719,50 @@ struct Writer {
     st: WriterStatements,
     place: Place,
     timeout: Duration,
-    /// The shard written, and the lease fencing the writes (`None`: the
-    /// single-node runtime, unfenced, shard 0).
-    shard: i32,
-    lease: Option<ShardLease>,
+    /// How it was opened: a cluster's writer connection is opened again
+    /// when found lost (a single node's holds the lock and is not).
+    start: Start,
+}
+
+/// The shard a request is about: the lease's, or the single node's 0.
+fn shard_of_lease(lease: &Option<ShardLease>) -> i32 {
+    lease.as_ref().map_or(0, |l| l.shard as i32)
+}
+
+/// The node id and epoch fencing a write (nulls: unfenced).
+fn fence(lease: &Option<ShardLease>) -> (Option<&str>, i64) {
+    lease.as_ref().map_or((None, 0), |l| (Some(l.node_id.as_str()), l.epoch))
 }
 
 impl Writer {
     /// Serves `ops` in order; true when it ended with a clean close.
     async fn serve(mut self, mut ops: UnboundedReceiver<Op>) -> bool {
         while let Some(op) = ops.recv().await {
+            if !matches!(op, Op::Close | Op::Crash) {
+                if let Err(e) = self.reconnect_if_lost().await {
+                    op.fail(e);
+                    continue;
+                }
+            }
             match op {
-                Op::Load(out) => {
-                    if let Err(e) = self.load(&out, false).await {
+                Op::Load(lease, out) => {
+                    if let Err(e) = self.load(&lease, &out, false).await {
                         let _ = out.send(LoadItem::Failed(e));
                     }
                 }
-                Op::Scan(out) => {
-                    if let Err(e) = self.load(&out, true).await {
+                Op::Scan(lease, out) => {
+                    if let Err(e) = self.load(&lease, &out, true).await {
                         let _ = out.send(LoadItem::Failed(e));
                     }
                 }
                 Op::Info(reply) => {
                     let _ = reply.send(info(&self.conn.client, &self.place, self.timeout).await);
                 }
-                Op::Commit { batch, checkpoint, reply } => {
-                    let _ = reply.send(self.commit(batch, checkpoint).await);
+                Op::Commit { lease, batch, checkpoint, reply } => {
+                    let _ = reply.send(self.commit(&lease, batch, checkpoint).await);
                 }
-                Op::Maintain { cutoff, covers, limit, reply } => {
-                    let _ = reply.send(self.maintain(cutoff, covers, limit).await);
+                Op::Maintain { lease, cutoff, covers, limit, reply } => {
+                    let _ = reply.send(self.maintain(&lease, cutoff, covers, limit).await);
                 }
                 Op::Crash => return false,
                 Op::Close => break,
@@ -739,7 +770,7 @@ impl Writer {
         }
         // Release the lock at once (a reopen right after must not wait for
         // the server to notice the connection is gone), then say goodbye.
-        if self.lease.is_none() {
+        if self.start.cluster.is_none() {
             let unlock = self.conn.client.execute(schema::UNLOCK, &[]);
             let _ = tokio::time::timeout(CLOSE_WITHIN, unlock).await;
         }
@@ -750,12 +781,31 @@ impl Writer {
 
     /// Streams the log to `out` (see [`stream_log`]) in a transaction of
     /// its own.
-    async fn load(&mut self, out: &SyncSender<LoadItem>, whole: bool) -> Result<(), StorageError> {
+    /// A cluster's writer connection found closed (the database restarted,
+    /// an operator ended it) is opened again; a single node's is not: it
+    /// held the schema's lock, and the driver reopens the whole storage.
+    async fn reconnect_if_lost(&mut self) -> Result<(), StorageError> {
+        if self.start.cluster.is_none() || !self.conn.client.is_closed() {
+            return Ok(());
+        }
+        let fresh = open_writer(&self.start).await?;
+        let old = std::mem::replace(self, fresh);
+        drop(old.conn.client);
+        let _ = tokio::time::timeout(CLOSE_WITHIN, old.conn.task).await;
+        Ok(())
+    }
+
+    async fn load(
+        &mut self,
+        lease: &Option<ShardLease>,
+        out: &SyncSender<LoadItem>,
+        whole: bool,
+    ) -> Result<(), StorageError> {
         let (place, t) = (&self.place, self.timeout);
         let tx = within(place, "load", t, self.conn.client.transaction()).await?;
         // The caller stopped listening (cancelled): the transaction rolls
         // back as it is dropped.
-        let Some(end) = stream_log(&tx, &self.st.log, self.shard, whole, out, place, t).await? else {
+        let Some(end) = stream_log(&tx, &self.st.log, shard_of_lease(lease), whole, out, place, t).await? else {
             return Ok(());
         };
         within(place, "load", t, tx.commit()).await?;
@@ -763,19 +813,14 @@ impl Writer {
         Ok(())
     }
 
-    /// The node id and epoch fencing a write (nulls: unfenced).
-    fn fence(&self) -> (Option<&str>, i64) {
-        self.lease.as_ref().map_or((None, 0), |l| (Some(l.node_id.as_str()), l.epoch))
-    }
-
-    /// The error for a write the fence refused.
-    fn fenced(&self) -> StorageError {
-        let l = self.lease.as_ref();
-        StorageError::Fenced { shard: self.shard as u32, epoch: l.map_or(0, |l| l.epoch) }
-    }
-
-    async fn commit(&self, b: Batch, checkpoint: Option<(i64, Vec<u8>)>) -> Result<(), StorageError> {
-        let (node, epoch) = self.fence();
+    async fn commit(
+        &self,
+        lease: &Option<ShardLease>,
+        b: Batch,
+        checkpoint: Option<(i64, Vec<u8>)>,
+    ) -> Result<(), StorageError> {
+        let (node, epoch) = fence(lease);
+        let shard = shard_of_lease(lease);
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &b.pos,
             &b.session_id,
@@ -785,7 +830,7 @@ impl Writer {
             &b.ended_at,
             &b.ended_pos,
             &b.summary,
-            &self.shard,
+            &shard,
             &node,
             &epoch,
         ];
@@ -803,14 +848,21 @@ impl Writer {
         if stored {
             Ok(())
         } else {
-            Err(self.fenced())
+            Err(StorageError::Fenced { shard: shard as u32, epoch })
         }
     }
 
-    async fn maintain(&self, cutoff: Option<i64>, covers: i64, limit: i64) -> Result<Upkeep, StorageError> {
+    async fn maintain(
+        &self,
+        lease: &Option<ShardLease>,
+        cutoff: Option<i64>,
+        covers: i64,
+        limit: i64,
+    ) -> Result<Upkeep, StorageError> {
         let (place, t) = (&self.place, self.timeout);
-        let (node, epoch) = self.fence();
-        let params: [&(dyn ToSql + Sync); 6] = [&cutoff, &covers, &limit, &self.shard, &node, &epoch];
+        let (node, epoch) = fence(lease);
+        let shard = shard_of_lease(lease);
+        let params: [&(dyn ToSql + Sync); 6] = [&cutoff, &covers, &limit, &shard, &node, &epoch];
         let row = within(place, "maintain", t, self.conn.client.query_one(&self.st.maintain, &params)).await?;
         let get = |i| row.try_get::<_, i64>(i).map_err(place.db("maintain"));
         Ok(Upkeep { expired: get(0)?, registry: get(1)?, bytes: get(2)? })
@@ -886,6 +938,19 @@ async fn serve_reads(
         tokio::spawn(async move { reader.serve(op, t, &place).await });
     }
     readers
+}
+
+impl Op {
+    /// Answers the request with `e` (close and crash need no answer).
+    fn fail(self, e: StorageError) {
+        match self {
+            Op::Load(_, out) | Op::Scan(_, out) => drop(out.send(LoadItem::Failed(e))),
+            Op::Info(reply) => drop(reply.send(Err(e))),
+            Op::Commit { reply, .. } => drop(reply.send(Err(e))),
+            Op::Maintain { reply, .. } => drop(reply.send(Err(e))),
+            Op::Close | Op::Crash => {}
+        }
+    }
 }
 
 impl ReadOp {
@@ -999,7 +1064,7 @@ mod tests {
         let before = rows();
 
         let place = Place(Arc::from("test"));
-        let start = Start { url: url.clone(), cfg: cfg.clone(), place, read_only: true, lease: None };
+        let start = Start { url: url.clone(), cfg: cfg.clone(), place, read_only: true, cluster: None, writers: 1 };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut conn = connect_read_only(&start, "read-only").await.expect("connect");

@@ -14,7 +14,7 @@ use macp_pg_test::unique_name;
 use macp_storage::suite::{self, record, sid, Harness};
 use macp_storage::{Retention, Storage, StorageError};
 use macp_storage_pg::{
-    preferred_owner, shard_of, ClusterConfig, ClusterError, Membership, PgStorage, ShardLease, Tick,
+    preferred_owner, shard_of, ClusterConfig, ClusterError, Membership, PgHost, PgStorage, ShardLease, Tick,
 };
 
 fn rt() -> tokio::runtime::Runtime {
@@ -309,4 +309,75 @@ fn a_restarted_node_takes_its_shards_back_at_once() {
     s.append(&[record(1, 1)], &[]).unwrap();
     assert!(matches!(s.sync(), Err(StorageError::Fenced { shard: 1, epoch: 1 })));
     assert_eq!(tick(&rt, &mut old).lost.len(), 4);
+}
+
+/// The suite again, on shard storages sharing a host's connections (one
+/// writer connection for all shards), each case on a fresh cluster.
+#[test]
+fn the_storage_suite_passes_on_a_hosts_shard() {
+    struct Hosted {
+        db: Db,
+        schema: String,
+        rt: tokio::runtime::Runtime,
+        member: Option<(Membership, PgHost)>,
+    }
+    impl Harness for Hosted {
+        type S = PgStorage;
+        fn open(&mut self, retention: Retention) -> PgStorage {
+            if self.member.is_none() {
+                let mut m = join(&self.rt, &self.db, &self.schema, node("suite", 4, Duration::from_secs(300)));
+                tick(&self.rt, &mut m);
+                let host = PgHost::open(&self.db.url, self.db.cfg(&self.schema, retention), 1).expect("host");
+                self.member = Some((m, host));
+            }
+            let (m, host) = self.member.as_ref().unwrap();
+            // Another shard on the same connection, busy beside this one.
+            let mut other = host.shard(m.lease_for(1).unwrap());
+            suite::load(&mut other);
+            other.append(&[record(7_777, 1)], &[]).unwrap();
+            other.sync().unwrap();
+            host.shard(m.lease_for(3).unwrap())
+        }
+        fn stop(&mut self, storage: PgStorage) {
+            drop(storage);
+        }
+        fn crash(&mut self, storage: PgStorage) {
+            storage.crash();
+        }
+        fn reset(&mut self) {
+            self.schema = unique_name("hosted");
+            self.member = None;
+        }
+    }
+    let mut h = Hosted { db: Db::new(), schema: unique_name("hosted"), rt: rt(), member: None };
+    suite::run_all(&mut h);
+}
+
+/// A host's writer connection that the database ends (a restart, an
+/// operator) is opened again for the next write; the write that found it
+/// gone fails and poisons only its own shard storage.
+#[test]
+fn a_hosts_lost_writer_connection_comes_back() {
+    let (db, rt, schema) = (Db::new(), rt(), unique_name("lost"));
+    let mut m = join(&rt, &db, &schema, node("n", 2, Duration::from_secs(300)));
+    tick(&rt, &mut m);
+    let host = PgHost::open(&db.url, db.cfg(&schema, Retention::Forever), 1).unwrap();
+    let mut s0 = host.shard(m.lease_for(0).unwrap());
+    suite::load(&mut s0);
+    s0.append(&[record(1, 1)], &[]).unwrap();
+    s0.sync().unwrap();
+    let ended = db.sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'macp-rs writer' AND datname = '{}'",
+        db.name
+    ));
+    assert_eq!(ended, "1");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s1 = host.shard(m.lease_for(1).unwrap());
+    suite::load(&mut s1);
+    s1.append(&[record(2, 1)], &[]).unwrap();
+    s1.sync().expect("a new connection serves the next request");
+    let mut s0 = host.shard(m.lease_for(0).unwrap());
+    assert_eq!(suite::load(&mut s0).records, vec![record(1, 1)]);
+    assert_eq!(rows(&db, &schema, 1), "1");
 }
