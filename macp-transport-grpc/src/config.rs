@@ -223,6 +223,28 @@ pub struct Config {
     #[arg(long, env = "MACP_POLICIES_DIR")]
     pub policies_dir: Option<PathBuf>,
 
+    /// Run as a node of a cluster with this id (unique in the cluster;
+    /// needs `--storage postgres` and `--advertise-addr`): the node serves
+    /// the shards it holds a lease on (docs/cluster.md).
+    #[arg(long, env = "MACP_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// The address (host:port) other nodes and clients reach this cluster
+    /// node at.
+    #[arg(long, env = "MACP_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// Shards of the cluster: fixed when its first node creates it, and
+    /// every node must be started with the same count.
+    #[arg(long, env = "MACP_SHARDS", default_value_t = 64)]
+    pub shards: u32,
+
+    /// How long a cluster node's lease on a shard lasts without renewal
+    /// (milliseconds): how long a dead node's sessions wait for another
+    /// node to serve them. Renewed every quarter of it.
+    #[arg(long, env = "MACP_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+
     /// The retention in effect (resolved from the two retention settings).
     #[arg(skip)]
     pub retention: Retention,
@@ -379,6 +401,9 @@ pub enum ConfigError {
     /// the data goes to PostgreSQL while it goes elsewhere.
     #[error("MACP_DATABASE_URL is set but the storage is {0}; set MACP_STORAGE=postgres to use the database, or unset MACP_DATABASE_URL")]
     UrlWithoutPostgres(StorageKind),
+    /// Cluster settings that do not fit together (which, and how to fix it).
+    #[error("cluster mode: {0}")]
+    Cluster(&'static str),
     /// The database URL does not parse (the reason never repeats the URL,
     /// which may hold a password).
     #[error("MACP_DATABASE_URL: {reason}")]
@@ -445,6 +470,27 @@ impl Config {
             (Some(_), other) => return Err(ConfigError::UrlWithoutPostgres(other)),
             (None, _) => None,
         };
+        match (&self.node_id, &self.advertise_addr) {
+            (Some(_), _) if storage != StorageKind::Postgres => {
+                return Err(ConfigError::Cluster("MACP_NODE_ID needs MACP_STORAGE=postgres (the cluster's database)"))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::Cluster(
+                    "MACP_NODE_ID needs MACP_ADVERTISE_ADDR (where peers reach this node)",
+                ))
+            }
+            (None, Some(_)) => return Err(ConfigError::Cluster("MACP_ADVERTISE_ADDR is set without MACP_NODE_ID")),
+            _ => {}
+        }
+        if self.node_id.as_deref().is_some_and(|n| n.is_empty() || n.len() > 128) {
+            return Err(ConfigError::Cluster("MACP_NODE_ID must be 1 to 128 bytes"));
+        }
+        if self.shards == 0 || self.shards > macp_storage_pg::MAX_SHARDS {
+            return Err(ConfigError::Cluster("MACP_SHARDS must be 1 to 65536"));
+        }
+        if (self.lease_ttl_ms as u128) < macp_storage_pg::MIN_LEASE_TTL.as_millis() {
+            return Err(ConfigError::Cluster("MACP_LEASE_TTL_MS must be at least 200"));
+        }
         self.storage = Some(storage);
         self.memory_only = storage == StorageKind::Memory;
         self.max_concurrent_requests =

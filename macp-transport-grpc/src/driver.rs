@@ -173,6 +173,12 @@ pub enum DriverError {
     /// A write failed and storage could not be reopened.
     #[error("storage failed and could not be reopened: {0}")]
     Reopen(#[source] StorageError),
+    /// The database refused a write because this cluster node's lease on
+    /// the shard was taken over or lapsed: the shard is served elsewhere
+    /// now. The requests of the refused batch were left unanswered (their
+    /// callers learn to retry; nothing of them was stored).
+    #[error("{0}")]
+    Fenced(#[source] StorageError),
 }
 
 /// The driver task's state.
@@ -376,6 +382,9 @@ impl Driver {
         self.commit()?;
         if checkpoint || self.pipeline.checkpoint_due(now_ms()) {
             if let Err(e) = self.pipeline.checkpoint(&mut *self.storage) {
+                if matches!(e, StorageError::Fenced { .. }) {
+                    return Err(DriverError::Fenced(e));
+                }
                 // The log still holds everything; a failed checkpoint write
                 // poisons the file backend, so rebuild as after a failed sync.
                 error!("checkpoint failed: {e}; rebuilding from storage");
@@ -415,6 +424,17 @@ impl Driver {
                     Ok(())
                 }
             },
+            Err(e @ StorageError::Fenced { .. }) => {
+                warn!("{e}; stopping");
+                // Unanswered, not INTERNAL_ERROR: each caller sees its
+                // request dropped and retries on the shard's new node.
+                let config = self.pipeline.config().clone();
+                let placeholder = Pipeline::new(Kernel::new(config), self.storage.reader(), self.policy);
+                let pipeline = std::mem::replace(&mut self.pipeline, placeholder);
+                let failed = pipeline.fail(commit, e);
+                drop(failed.replies);
+                Err(DriverError::Fenced(failed.error))
+            }
             Err(e) => {
                 error!("storage failure, acknowledging nothing of this batch: {e}");
                 // The pipeline is consumed by `fail`; an empty stand-in holds

@@ -84,6 +84,19 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// A hub of its own session subscribers whose lifecycle, signal and
+    /// registry events go to this hub's watchers: a cluster node runs a
+    /// driver (and a hub) per shard, and its watchers see them all.
+    pub fn sharing(&self) -> Hub {
+        Hub {
+            sessions: BTreeMap::new(),
+            lifecycle: self.lifecycle.clone(),
+            signals: self.signals.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Counts subscribers in `metrics` from now on.
     pub fn set_metrics(&mut self, metrics: Option<Arc<Metrics>>) {
         self.metrics = metrics;

@@ -20,6 +20,7 @@
 //! the driver and the hub update its handles.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod driver;

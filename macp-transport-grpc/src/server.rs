@@ -13,7 +13,7 @@ use macp_pipeline::{CheckpointPolicy, RecoveryError};
 use macp_receipt::{KeyFileError, ReceiptKeys};
 use macp_storage::{MemoryConfig, MemoryStorage, Storage, StorageError};
 use macp_storage_fs::{FsConfig, FsStorage};
-use macp_storage_pg::{PgConfig, PgStorage};
+use macp_storage_pg::{ClusterConfig, PgConfig, PgStorage};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Identity as TlsIdentity, Server, ServerTlsConfig};
@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::auth::jwks::{Jwks, JwksError, RemoteJwks};
 use crate::auth::{parse_tokens, Authenticator, JwtSettings, JwtVerifier, TokenFileError};
+use crate::cluster::{Node, NodeSettings, Router};
 use crate::config::{Config, StorageKind};
 use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
 use crate::driver::{Driver, Reopen};
@@ -259,6 +260,10 @@ pub async fn serve_with(
     };
     // Before storage is touched: a bad policy file changes nothing.
     let file_policies = cfg.policies_dir.as_deref().map(crate::policies_dir::load).transpose()?;
+    if cfg.node_id.is_some() {
+        let worker = start_node(&cfg, &kcfg, file_policies, stop_rx.clone()).await?;
+        return serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await;
+    }
     let started = Instant::now();
     info!("recovering storage: {}", storage_label(&cfg));
     let cancelled = Arc::new(AtomicBool::new(false));
@@ -312,6 +317,77 @@ pub async fn serve_with(
         sync_policies(&mut driver, policies, &kcfg.runtime_id)?;
         info!("policy registry: read-only, {} from {}", Count::of(policies.len(), "policy file"), dir.display());
     }
+    let open = Count::of(driver.open_sessions(), "session").to_string();
+    let hub = driver.hub();
+    let watch =
+        Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
+    let task = tokio::spawn(async move { driver.run().await.map_err(|e| StartError::Storage(e.to_string())) });
+    let worker = Worker { router: Router::Single(tx.clone()), watch, task, stop: Some(tx), open };
+    serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await
+}
+
+/// What serves the requests behind the gRPC service: the driver of a
+/// single-node runtime, or a cluster node's task with a driver per shard.
+struct Worker {
+    /// Which driver serves which session.
+    router: Router,
+    /// The watch channels.
+    watch: Watch,
+    /// Ends on its own only when storage failed beyond repair (single
+    /// node); a cluster node's ends after the shutdown signal.
+    task: tokio::task::JoinHandle<Result<(), StartError>>,
+    /// The single driver, told to stop after the gRPC server has.
+    stop: Option<tokio::sync::mpsc::Sender<crate::driver::Command>>,
+    /// Open sessions at start, for the start-up line.
+    open: String,
+}
+
+/// Joins the cluster and loads this node's first shards; the node task
+/// then runs until the shutdown signal, when it drains its shards and
+/// leaves.
+async fn start_node(
+    cfg: &Config,
+    kcfg: &KernelConfig,
+    policies: Option<Vec<crate::policies_dir::FilePolicy>>,
+    stop: watch::Receiver<bool>,
+) -> Result<Worker, StartError> {
+    let url = cfg.database.clone().ok_or_else(|| StartError::Config("cluster mode needs a database URL".into()))?;
+    let settings = NodeSettings {
+        url,
+        pg: PgConfig { retention: cfg.retention, ..PgConfig::default() },
+        cluster: ClusterConfig {
+            node_id: cfg.node_id.clone().unwrap_or_default(),
+            advertise_addr: cfg.advertise_addr.clone().unwrap_or_default(),
+            shards: cfg.shards,
+            lease_ttl: Duration::from_millis(cfg.lease_ttl_ms),
+        },
+        kernel: kcfg.clone(),
+        checkpoint: checkpoint_policy(cfg),
+        policies,
+    };
+    info!("joining the cluster: {}", storage_label(cfg));
+    let (node, table, watch) = Node::start(settings).await.map_err(|e| StartError::Storage(e.to_string()))?;
+    let open = format!("{} of {} shards served here", table.served().len(), table.shards());
+    let task = tokio::spawn(async move {
+        node.run(stop).await;
+        Ok(())
+    });
+    Ok(Worker { router: Router::Cluster(table), watch, task, stop: None, open })
+}
+
+/// Serves the gRPC service over `worker` until the shutdown signal (or
+/// until the worker fails), then stops the worker.
+#[allow(clippy::too_many_arguments)]
+async fn serve_on(
+    cfg: Config,
+    listener: TcpListener,
+    metrics: Option<Arc<Metrics>>,
+    mut stop_rx: watch::Receiver<bool>,
+    auth: Authenticator,
+    receipts: ReceiptKeys,
+    kcfg: KernelConfig,
+    worker: Worker,
+) -> Result<(), StartError> {
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
         "macp-runtime listening on {addr}; TLS {}; auth: {}{}{}; storage: {}; history retention: {}; decision receipts: {}; {} open",
@@ -322,15 +398,11 @@ pub async fn serve_with(
         storage_label(&cfg),
         cfg.retention,
         receipts_label(&receipts),
-        Count::of(driver.open_sessions(), "session"),
+        worker.open,
     );
-    let hub = driver.hub();
-    let watch =
-        Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
-    let mut driver_task = tokio::spawn(driver.run());
+    let Worker { router, watch, task: mut driver_task, stop: driver_tx, .. } = worker;
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
-    let driver_tx = tx.clone();
-    let runtime = Runtime::new(tx, auth, limits, watch, kcfg)
+    let runtime = Runtime::new(router, auth, limits, watch, kcfg)
         .with_max_reply_bytes(cfg.max_grpc_message_bytes)
         .with_read_only_policies(cfg.policies_dir.is_some())
         .with_receipt_keys(receipts)
@@ -414,18 +486,18 @@ pub async fn serve_with(
         r = &mut driver_task => {
             pruner.abort();
             return match r {
-                Ok(Err(e)) => Err(StartError::Storage(e.to_string())),
-                Ok(Ok(())) => Ok(()),
+                Ok(r) => r,
                 Err(e) => Err(StartError::Storage(format!("the driver task failed: {e}"))),
             };
         }
     }
     info!("stopped accepting; draining");
     pruner.abort();
-    let _ = driver_tx.send(crate::driver::Command::Shutdown).await;
+    if let Some(tx) = driver_tx {
+        let _ = tx.send(crate::driver::Command::Shutdown).await;
+    }
     match driver_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(StartError::Storage(e.to_string())),
+        Ok(r) => r?,
         Err(e) => return Err(StartError::Storage(format!("the driver task failed: {e}"))),
     }
     info!("shutdown complete");
@@ -437,7 +509,7 @@ pub async fn serve_with(
 /// they already agree. A change the kernel refuses (for example a policy
 /// whose mode is an extension with its own rule schema) stops the start
 /// with the file it came from.
-fn sync_policies(
+pub(crate) fn sync_policies(
     driver: &mut Driver,
     policies: &[crate::policies_dir::FilePolicy],
     operator: &str,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use macp_wire::v1::*;
@@ -32,30 +32,14 @@ fn spawn(dir: &std::path::Path, port: u16) -> Child {
         .expect("start macp-runtime")
 }
 
-async fn connect(port: u16, who: &str) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(ch) =
-            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await
-        {
-            return macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient::with_interceptor(
-                ch,
-                Auth::Agent(who.to_string()),
-            );
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What a worker saw acknowledged: session → message ids in ack order
 /// (SessionStart first).
 type Acked = Arc<Mutex<BTreeMap<String, Vec<Envelope>>>>;
 
 async fn worker(port: u16, w: usize, acked: Acked) {
     let initiator = format!("w{w}");
-    let mut i = connect(port, &initiator).await;
-    let mut a = connect(port, "A").await;
+    let mut i = connect_port(port, &initiator).await;
+    let mut a = connect_port(port, "A").await;
     loop {
         let s = sid();
         let mut start = start_env(&s, &[&initiator, "A", "B"]);
@@ -86,7 +70,7 @@ fn sigkill_mid_load_loses_nothing_acknowledged() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let acked: Acked = Arc::default();
     rt.block_on(async {
-        connect(port, "probe").await;
+        connect_port(port, "probe").await;
         eprintln!("server up; starting load");
         let workers: Vec<_> = (0..8).map(|w| tokio::spawn(worker(port, w, acked.clone()))).collect();
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -105,7 +89,7 @@ fn sigkill_mid_load_loses_nothing_acknowledged() {
     let port2 = free_port();
     let mut child = spawn(&dir, port2);
     rt.block_on(async {
-        let mut a = connect(port2, "A").await;
+        let mut a = connect_port(port2, "A").await;
         let mut clients: BTreeMap<String, Client> = BTreeMap::new();
         for (n, (s, envs)) in acked.iter().enumerate() {
             if n % 200 == 0 {
@@ -146,7 +130,7 @@ fn sigkill_mid_load_loses_nothing_acknowledged() {
             // Re-sending an acknowledged id is a duplicate.
             let last = envs.last().unwrap().clone();
             if !clients.contains_key(&last.sender) {
-                clients.insert(last.sender.clone(), connect(port2, &last.sender).await);
+                clients.insert(last.sender.clone(), connect_port(port2, &last.sender).await);
             }
             let c = clients.get_mut(&last.sender).unwrap();
             let ack = tokio::time::timeout(Duration::from_secs(5), send(c, last)).await.expect("resend answered");
@@ -165,7 +149,7 @@ fn sigterm_drains_and_exits_zero() {
     let mut child = spawn(&dir, port);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let s = rt.block_on(async {
-        let mut i = connect(port, "I").await;
+        let mut i = connect_port(port, "I").await;
         start_session(&mut i).await
     });
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill(1)");
@@ -176,7 +160,7 @@ fn sigterm_drains_and_exits_zero() {
     let port2 = free_port();
     let mut child = spawn(&dir, port2);
     rt.block_on(async {
-        let mut i = connect(port2, "I").await;
+        let mut i = connect_port(port2, "I").await;
         let md = i.get_session(GetSessionRequest { session_id: s }).await.unwrap().into_inner().metadata.unwrap();
         assert_eq!(md.state, SessionState::Open as i32);
     });

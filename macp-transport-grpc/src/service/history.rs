@@ -12,15 +12,15 @@ use tonic::Status;
 
 use super::Runtime;
 use crate::driver::{Command, HistoryAccess};
-use crate::status::{shutting_down, status};
+use crate::status::status;
 
 /// Asks the driver whether `identity` may read `session_id` (the GetSession
 /// rule) and where its stored history ends; errors are wire statuses.
 pub(super) async fn access(rt: &Runtime, identity: Identity, session_id: &str) -> Result<HistoryAccess, Status> {
     let (reply, rx) = oneshot::channel();
     let ask = Command::History { identity, session_id: session_id.to_string(), reply };
-    rt.tx.send(ask).await.map_err(|_| shutting_down())?;
-    rx.await.map_err(|_| shutting_down())?.map_err(status)
+    rt.router.session(session_id)?.send(ask).await.map_err(|_| rt.gone())?;
+    rx.await.map_err(|_| rt.gone())?.map_err(status)
 }
 
 /// The records of `session_id` with `after < seq <= upto`. Every sequence

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use macp_kernel::{Answer, Identity, Input, KernelConfig, Query, Reply};
+use macp_kernel::{Answer, ErrorCode, Identity, Input, KernelConfig, Query, Reply};
 use macp_receipt::ReceiptKeys;
 use macp_wire::v1::*;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -30,12 +30,13 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Authenticator;
+use crate::cluster::Router;
 use crate::driver::Command;
 use crate::hub::RegistryEvent;
 use crate::limits::{Budget, RateLimits};
 use crate::metrics::{Metrics, Rpc};
 use crate::pb::macp_runtime_service_server::MacpRuntimeService;
-use crate::status::shutting_down;
+use crate::status::{error_status, shutting_down};
 
 /// Re-exported for clients and tests that read the registry code of a status.
 pub use crate::status::ERROR_CODE_KEY;
@@ -56,7 +57,8 @@ pub struct Watch {
 /// The service state shared by all RPC handlers.
 #[derive(Clone)]
 pub struct Runtime {
-    tx: mpsc::Sender<Command>,
+    /// Which driver serves which session (one, or a cluster node's shards).
+    router: Router,
     auth: Arc<Authenticator>,
     limits: Arc<RateLimits>,
     watch: Watch,
@@ -76,14 +78,14 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the service.
     pub fn new(
-        tx: mpsc::Sender<Command>,
+        router: impl Into<Router>,
         auth: Authenticator,
         limits: RateLimits,
         watch: Watch,
         kernel_config: KernelConfig,
     ) -> Self {
         Runtime {
-            tx,
+            router: router.into(),
             auth: Arc::new(auth),
             limits: Arc::new(limits),
             watch,
@@ -152,19 +154,64 @@ impl Runtime {
         self.auth.authenticate(req.metadata())
     }
 
-    /// Runs an input through the driver and waits for its durable reply.
+    /// The driver an input goes to: its session's, or for a registry
+    /// change the one driver (a cluster's registries come from the
+    /// policies directory and are not changed by requests).
+    fn route_input(&self, input: &Input) -> Result<mpsc::Sender<Command>, Status> {
+        match input {
+            Input::Envelope { envelope, .. } => self.router.session(&envelope.session_id),
+            Input::Control { session_id, .. } => self.router.session(session_id),
+            _ if self.router.is_cluster() => Err(error_status(
+                ErrorCode::RegistryReadOnly,
+                "a cluster's registries come from MACP_POLICIES_DIR on every node; they are not changed by requests",
+            )),
+            _ => self.router.any(),
+        }
+    }
+
+    /// The driver a question goes to: its session's, or any (registries).
+    fn route_query(&self, query: &Query) -> Result<mpsc::Sender<Command>, Status> {
+        match query {
+            Query::GetSession { session_id, .. } | Query::Subscribe { session_id, .. } => {
+                self.router.session(session_id)
+            }
+            _ => self.router.any(),
+        }
+    }
+
+    /// Runs an input through its driver and waits for its durable reply.
     async fn submit(&self, input: Input) -> Result<Reply, Status> {
+        let driver = self.route_input(&input)?;
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Submit { input, reply, bind: None }).await.map_err(|_| shutting_down())?;
-        rx.await.map_err(|_| shutting_down())
+        driver.send(Command::Submit { input, reply, bind: None }).await.map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
     }
 
     /// Asks the kernel a read-only question (answered after the batch in
     /// flight is durable, so it never reveals undurable state).
     async fn ask(&self, query: Query) -> Result<Answer, Status> {
+        let driver = self.route_query(&query)?;
+        Self::ask_of(&driver, query).await.map_err(|()| self.gone())
+    }
+
+    /// Asks one driver.
+    async fn ask_of(driver: &mpsc::Sender<Command>, query: Query) -> Result<Answer, ()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Query(query, tx)).await.map_err(|_| shutting_down())?;
-        rx.await.map_err(|_| shutting_down())
+        driver.send(Command::Query(query, tx)).await.map_err(|_| ())?;
+        rx.await.map_err(|_| ())
+    }
+
+    /// A driver stopped before answering: the runtime is stopping, or (on
+    /// a cluster node) the session's shard just moved to another node.
+    /// Nothing of the request was stored either way; retrying is safe.
+    fn gone(&self) -> Status {
+        if self.router.is_cluster() {
+            Status::unavailable(
+                "the session's shard moved to another cluster node while the request waited; nothing was recorded, retry",
+            )
+        } else {
+            shutting_down()
+        }
     }
 }
 

@@ -23,19 +23,22 @@ pub(super) async fn send(rt: &Runtime, req: Request<SendRequest>) -> Result<Resp
     let identity = rt.identity(&req).await;
     let envelope =
         req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("SendRequest needs an envelope"))?;
-    let ack = send_envelope(rt, identity, envelope, None).await;
+    let ack = send_envelope(rt, identity, envelope, None).await?;
     Ok(Response::new(SendResponse { ack: Some(ack) }))
 }
 
 /// The Send path shared by `Send` and StreamSession envelope frames: shape
-/// checks, authentication, rate limits, then the kernel. Always an Ack:
-/// refusals are answers, not transport errors. Timed when metrics are on.
+/// checks, authentication, rate limits, then the kernel. Refusals are
+/// answers (an Ack), not transport errors; the one error is UNAVAILABLE
+/// when no driver here serves the session (a cluster node that does not
+/// hold its shard, or one whose shard moved while the request waited):
+/// nothing was recorded and the client retries. Timed when metrics are on.
 pub(super) async fn send_envelope(
     rt: &Runtime,
     identity: Result<Identity, Status>,
     envelope: Envelope,
     bind: Option<oneshot::Sender<Option<Binding>>>,
-) -> Ack {
+) -> Result<Ack, Status> {
     match rt.metrics.as_deref() {
         None => admit(rt, identity, envelope, bind).await,
         Some(m) => {
@@ -52,10 +55,10 @@ async fn admit(
     identity: Result<Identity, Status>,
     envelope: Envelope,
     bind: Option<oneshot::Sender<Option<Binding>>>,
-) -> Ack {
+) -> Result<Ack, Status> {
     let now = now_ms();
     let (session_id, message_id) = (envelope.session_id.clone(), envelope.message_id.clone());
-    let answer = |result: Result<macp_kernel::Accepted, KernelError>| ack(&session_id, &message_id, now, result);
+    let answer = |result: Result<macp_kernel::Accepted, KernelError>| Ok(ack(&session_id, &message_id, now, result));
     if let Err(e) = macp_kernel::validate::envelope_shape(&envelope, &rt.kernel_config) {
         return answer(Err(e));
     }
@@ -91,18 +94,17 @@ async fn admit(
             Err(e) => answer(Err(e)),
         };
     }
-    let shutting_down =
-        || KernelError::new(ErrorCode::InternalError, "the runtime is shutting down; nothing was recorded");
+    let driver = rt.router.session(&session_id)?;
     let (reply, rx) = oneshot::channel();
     let bind = bind.map(|tx| (identity.clone(), tx));
     let input = Input::Envelope { request: 0, identity, envelope };
-    if rt.tx.send(Command::Submit { input, reply, bind }).await.is_err() {
-        return answer(Err(shutting_down()));
+    if driver.send(Command::Submit { input, reply, bind }).await.is_err() {
+        return Err(rt.gone());
     }
     match rx.await {
-        Ok(Reply::Session { at_unix_ms, result }) => ack(&session_id, &message_id, at_unix_ms, result),
+        Ok(Reply::Session { at_unix_ms, result }) => Ok(ack(&session_id, &message_id, at_unix_ms, result)),
         Ok(Reply::Registry(_)) => answer(Err(KernelError::new(ErrorCode::InternalError, "unexpected reply kind"))),
-        Err(_) => answer(Err(shutting_down())),
+        Err(_) => Err(rt.gone()),
     }
 }
 
@@ -150,13 +152,68 @@ pub(super) async fn list_sessions(
     let r = req.into_inner();
     let byte_budget = rt.max_reply_bytes.saturating_sub(LIST_REPLY_SLACK).max(1);
     let query = Query::ListSessions { identity, page_size: r.page_size, page_token: r.page_token, byte_budget };
-    match rt.ask(query).await? {
-        Answer::Page(Ok(p)) => {
-            Ok(Response::new(ListSessionsResponse { sessions: p.sessions, next_page_token: p.next_page_token }))
-        }
-        Answer::Page(Err(e)) => Err(status(e)),
-        _ => Err(unexpected("ListSessions")),
+    let drivers = rt.router.all();
+    if drivers.len() <= 1 {
+        return match rt.ask(query).await? {
+            Answer::Page(Ok(p)) => {
+                Ok(Response::new(ListSessionsResponse { sessions: p.sessions, next_page_token: p.next_page_token }))
+            }
+            Answer::Page(Err(e)) => Err(status(e)),
+            _ => Err(unexpected("ListSessions")),
+        };
     }
+    let mut pages = Vec::with_capacity(drivers.len());
+    for d in &drivers {
+        match Runtime::ask_of(d, query.clone()).await.map_err(|()| rt.gone())? {
+            Answer::Page(Ok(p)) => pages.push(p),
+            Answer::Page(Err(e)) => return Err(status(e)),
+            _ => return Err(unexpected("ListSessions")),
+        }
+    }
+    let (sessions, next_page_token) = merge_pages(pages, byte_budget);
+    Ok(Response::new(ListSessionsResponse { sessions, next_page_token }))
+}
+
+/// One ListSessions page out of the pages of several drivers (a cluster
+/// node's shards), each in session-id order over its own open sessions
+/// and the ended ones all shards share. A driver with more to say stopped
+/// at the id its token names, so the merged page is complete only up to
+/// the least of those ids; it is also no longer than the longest page and
+/// within the byte budget. The token is the last id returned, in the
+/// kernel's format (hex of the id's bytes).
+fn merge_pages(pages: Vec<macp_kernel::SessionPage>, byte_budget: usize) -> (Vec<SessionMetadata>, String) {
+    let hex = |id: &str| id.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let unhex = |t: &str| -> Option<String> {
+        let bytes: Option<Vec<u8>> =
+            (0..t.len()).step_by(2).map(|i| t.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+        String::from_utf8(bytes?).ok()
+    };
+    let longest = pages.iter().map(|p| p.sessions.len()).max().unwrap_or(0);
+    let cut: Option<String> =
+        pages.iter().filter(|p| !p.next_page_token.is_empty()).filter_map(|p| unhex(&p.next_page_token)).min();
+    let mut all: Vec<SessionMetadata> = pages.into_iter().flat_map(|p| p.sessions).collect();
+    all.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+    all.dedup_by(|a, b| a.session_id == b.session_id);
+    let complete = all.len();
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for m in all {
+        if cut.as_deref().is_some_and(|c| m.session_id.as_str() > c) || out.len() == longest {
+            break;
+        }
+        let len = prost::Message::encoded_len(&m) + 8;
+        if !out.is_empty() && bytes + len > byte_budget {
+            break;
+        }
+        bytes += len;
+        out.push(m);
+    }
+    let more = cut.is_some() || out.len() < complete;
+    let token = match out.last() {
+        Some(m) if more => hex(&m.session_id),
+        _ => String::new(),
+    };
+    (out, token)
 }
 
 pub(super) async fn watch_sessions(
@@ -167,10 +224,16 @@ pub(super) async fn watch_sessions(
     // Subscribe before the snapshot so nothing falls between them; live
     // CREATED events for sessions already in the snapshot are dropped.
     let rx = rt.watch.lifecycle.subscribe();
-    let initial = match rt.ask(Query::VisibleSessions { identity: identity.clone() }).await? {
-        Answer::Sessions(v) => v,
-        _ => return Err(unexpected("WatchSessions")),
-    };
+    let mut initial = Vec::new();
+    for d in rt.router.all() {
+        match Runtime::ask_of(&d, Query::VisibleSessions { identity: identity.clone() })
+            .await
+            .map_err(|()| rt.gone())?
+        {
+            Answer::Sessions(v) => initial.extend(v),
+            _ => return Err(unexpected("WatchSessions")),
+        }
+    }
     let synced: BTreeSet<String> = initial.iter().map(|m| m.session_id.clone()).collect();
     let first = tokio_stream::iter(initial.into_iter().map(|m| {
         Ok(WatchSessionsResponse {
@@ -191,4 +254,47 @@ pub(super) async fn watch_sessions(
         Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
     });
     Ok(Response::new(Box::pin(first.chain(live))))
+}
+
+#[cfg(test)]
+mod tests {
+    use macp_kernel::SessionPage;
+
+    use super::*;
+
+    fn page(ids: &[&str], token_after: Option<&str>) -> SessionPage {
+        SessionPage {
+            sessions: ids
+                .iter()
+                .map(|id| SessionMetadata { session_id: id.to_string(), ..Default::default() })
+                .collect(),
+            next_page_token: token_after.map(|id| id.bytes().map(|b| format!("{b:02x}")).collect()).unwrap_or_default(),
+        }
+    }
+
+    fn ids(v: &[SessionMetadata]) -> Vec<&str> {
+        v.iter().map(|m| m.session_id.as_str()).collect()
+    }
+
+    /// Ended sessions every shard sees come once; a shard with more to say
+    /// bounds the page at the id its token names.
+    #[test]
+    fn pages_of_several_shards_merge_in_id_order() {
+        // Shard 1 holds a and d open, shard 2 holds c; b and e ended.
+        let one = page(&["a", "b", "d"], Some("d"));
+        let two = page(&["b", "c", "e"], None);
+        let (merged, token) = merge_pages(vec![one, two], usize::MAX);
+        assert_eq!(ids(&merged), ["a", "b", "c"], "no longer than the longest page (and e lies beyond d)");
+        assert_eq!(token, "63");
+        let one = page(&["a", "b", "d"], Some("d"));
+        let two = page(&["b", "e"], None);
+        let (merged, token) = merge_pages(vec![one, two], usize::MAX);
+        assert_eq!(ids(&merged), ["a", "b", "d"], "e lies beyond what shard 1 has said");
+        assert_eq!(token, "64");
+        let (merged, token) = merge_pages(vec![page(&["a", "b"], None), page(&["b"], None)], usize::MAX);
+        assert_eq!((ids(&merged), token.as_str()), (vec!["a", "b"], ""), "complete: no token");
+        // Never longer than the longest page, then a token to go on.
+        let (merged, token) = merge_pages(vec![page(&["a", "c"], None), page(&["b", "d"], None)], usize::MAX);
+        assert_eq!((ids(&merged), token.as_str()), (vec!["a", "b"], "62"));
+    }
 }

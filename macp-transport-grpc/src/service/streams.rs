@@ -141,7 +141,15 @@ pub(super) async fn stream_session(
                     }
                     let (tx, rx) = oneshot::channel();
                     let cmd = Command::Subscribe { identity: identity.clone(), session_id: sid.clone(), reply: tx };
-                    if rt.tx.send(cmd).await.is_err() {
+                    let driver = match rt.router.session(&sid) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = out.send(Some(Err(e))).await;
+                            return;
+                        }
+                    };
+                    if driver.send(cmd).await.is_err() {
+                        let _ = out.send(Some(Err(rt.gone()))).await;
                         return;
                     }
                     let sub: Subscription = match rx.await {
@@ -191,7 +199,14 @@ pub(super) async fn stream_session(
                     }
                     let (btx, brx) = oneshot::channel();
                     let want_bind = bound.is_none();
-                    let ack = send_envelope(&rt, Ok(identity.clone()), env.clone(), want_bind.then_some(btx)).await;
+                    let ack =
+                        match send_envelope(&rt, Ok(identity.clone()), env.clone(), want_bind.then_some(btx)).await {
+                            Ok(ack) => ack,
+                            Err(e) => {
+                                let _ = out.send(Some(Err(e))).await;
+                                return;
+                            }
+                        };
                     if want_bind {
                         if let Ok(Some(b)) = brx.await {
                             bound = Some(env.session_id.clone());

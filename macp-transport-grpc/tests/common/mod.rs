@@ -136,6 +136,26 @@ impl tonic::service::Interceptor for Auth {
 
 pub type Client = MacpRuntimeServiceClient<InterceptedService<Channel, Auth>>;
 
+/// A client of a server (a spawned binary) on local `port`, as dev agent
+/// `who`, once the server accepts connections (within a minute).
+pub async fn connect_port(port: u16, who: &str) -> Client {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await {
+            return MacpRuntimeServiceClient::with_interceptor(ch, Auth::Agent(who.to_string()));
+        }
+        assert!(std::time::Instant::now() < deadline, "the server on port {port} did not come up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A client of local `port` that connects at its first call (and whose
+/// calls fail while nothing listens there).
+pub fn lazy_port(port: u16, who: &str) -> Client {
+    let ch = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect_lazy();
+    MacpRuntimeServiceClient::with_interceptor(ch, Auth::Agent(who.to_string()))
+}
+
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub fn sid() -> String {

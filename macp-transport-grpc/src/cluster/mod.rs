@@ -1,0 +1,208 @@
+//! Cluster mode: several runtime nodes on one PostgreSQL schema, each
+//! serving the shards it holds a lease on.
+//!
+//! ```text
+//!  request ─► Router::session(id) ─ shard_of(id) ─┬─ held here ─► that shard's Driver (own kernel, own log)
+//!                                                  └─ elsewhere ─► UNAVAILABLE naming the owner (retry there)
+//!
+//!  Node (one task): every TTL/4 Membership::tick ─► acquired: recover a Driver from the shard's log, route to it
+//!                                                   lost:      unroute, stop (its writes are refused anyway)
+//!                                                   hand over: unroute, drain, stop, release the lease
+//! ```
+//!
+//! A shard is the unit everything moves in: each held shard runs the same
+//! [`Driver`] a single-node runtime runs (its own kernel and commit
+//! pipeline), over a [`macp_storage_pg::PgStorage`] of that shard whose
+//! every write the database fences with the lease's epoch. Taking a shard
+//! over is therefore exactly a restart's recovery, run on one shard: the
+//! checkpoint, the log after it, the timers that fell due meanwhile firing
+//! at once. Why one driver per shard rather than one kernel per node: a
+//! shard then moves alone (its checkpoint covers its sessions only), a
+//! lost lease stops exactly the sessions it covers, and the kernel needs
+//! no notion of shards at all.
+//!
+//! What is node-wide: the watch channels (one [`Hub`]'s broadcast senders
+//! shared by every shard's hub), authentication, rate limits, and the
+//! registries, which in cluster mode come from `MACP_POLICIES_DIR` on
+//! every node (registered into each shard's kernel as it is loaded; the
+//! registry RPCs that change them are refused). Not yet: forwarding a
+//! request to the node that holds its session (clients are told which
+//! node that is), and cluster-wide listings and watches (ListSessions
+//! and WatchSessions see this node's shards and every ended session).
+
+mod node;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use macp_storage_pg::shard_of;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::driver::Command;
+
+pub use node::{Node, NodeError, NodeSettings};
+
+/// Where a session's requests go.
+#[derive(Clone, Debug)]
+pub enum Router {
+    /// A single-node runtime: one driver serves every session.
+    Single(mpsc::Sender<Command>),
+    /// A cluster node: the driver of the session's shard, if held here.
+    Cluster(Arc<ShardTable>),
+}
+
+impl Router {
+    /// The driver serving `session_id`, or UNAVAILABLE (naming the node
+    /// that holds it, when known) if no driver here does.
+    pub fn session(&self, session_id: &str) -> Result<mpsc::Sender<Command>, Status> {
+        match self {
+            Router::Single(tx) => Ok(tx.clone()),
+            Router::Cluster(table) => table.local(session_id),
+        }
+    }
+
+    /// Some driver, for questions every driver answers alike (the
+    /// registries, which every shard loads from the same files).
+    pub fn any(&self) -> Result<mpsc::Sender<Command>, Status> {
+        match self {
+            Router::Single(tx) => Ok(tx.clone()),
+            Router::Cluster(table) => table.locals().into_iter().next().ok_or_else(|| {
+                Status::unavailable("this cluster node holds no shard at the moment; retry shortly or ask another node")
+            }),
+        }
+    }
+
+    /// Every driver here (listings).
+    pub fn all(&self) -> Vec<mpsc::Sender<Command>> {
+        match self {
+            Router::Single(tx) => vec![tx.clone()],
+            Router::Cluster(table) => table.locals(),
+        }
+    }
+
+    /// Whether this is a cluster node.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Router::Cluster(_))
+    }
+}
+
+impl From<mpsc::Sender<Command>> for Router {
+    fn from(tx: mpsc::Sender<Command>) -> Self {
+        Router::Single(tx)
+    }
+}
+
+/// A shard this node serves.
+#[derive(Clone, Debug)]
+struct Served {
+    tx: mpsc::Sender<Command>,
+    /// The lease's end as this node counts it: after it, nothing of the
+    /// shard is served until a renewal says otherwise.
+    valid_until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    served: HashMap<u32, Served>,
+    /// Every shard with a valid lease, by holder (as of the last tick).
+    owners: BTreeMap<u32, String>,
+    /// Live nodes' advertised addresses.
+    addrs: HashMap<String, String>,
+}
+
+/// Which shards this node serves, and who holds the others: the node task
+/// writes it at every membership tick, request handlers read it.
+#[derive(Debug)]
+pub struct ShardTable {
+    shards: u32,
+    node_id: String,
+    table: RwLock<Table>,
+}
+
+impl ShardTable {
+    /// An empty table for a cluster of `shards` shards.
+    pub fn new(node_id: &str, shards: u32) -> Self {
+        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()) }
+    }
+
+    /// The cluster's shard count.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        // A panic while the lock was held leaves plain data behind: go on.
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The driver of `session_id`'s shard if it is served here and its
+    /// lease is still good; else UNAVAILABLE saying where to go.
+    fn local(&self, session_id: &str) -> Result<mpsc::Sender<Command>, Status> {
+        let shard = shard_of(session_id, self.shards);
+        let t = self.read();
+        if let Some(s) = t.served.get(&shard) {
+            if Instant::now() < s.valid_until {
+                return Ok(s.tx.clone());
+            }
+        }
+        let msg = match t.owners.get(&shard) {
+            Some(node) if *node != self.node_id => {
+                let addr = t.addrs.get(node).map_or("an unknown address", String::as_str);
+                format!(
+                    "session {session_id} is in shard {shard}, served by cluster node {node} at {addr}; \
+                     send it there (this node does not forward yet)"
+                )
+            }
+            _ => format!(
+                "session {session_id} is in shard {shard}, which is changing hands between cluster nodes; \
+                 nothing was recorded, retry in a moment"
+            ),
+        };
+        Err(Status::unavailable(msg))
+    }
+
+    /// The drivers of the shards served here, in shard order.
+    fn locals(&self) -> Vec<mpsc::Sender<Command>> {
+        let t = self.read();
+        let now = Instant::now();
+        let mut v: Vec<(&u32, &Served)> = t.served.iter().filter(|(_, s)| now < s.valid_until).collect();
+        v.sort_by_key(|(shard, _)| **shard);
+        v.into_iter().map(|(_, s)| s.tx.clone()).collect()
+    }
+
+    fn serve(&self, shard: u32, tx: mpsc::Sender<Command>, valid_until: Instant) {
+        self.write().served.insert(shard, Served { tx, valid_until });
+    }
+
+    fn unserve(&self, shard: u32) -> Option<mpsc::Sender<Command>> {
+        self.write().served.remove(&shard).map(|s| s.tx)
+    }
+
+    fn renewed(&self, leases: impl Iterator<Item = (u32, Instant)>) {
+        let mut t = self.write();
+        for (shard, until) in leases {
+            if let Some(s) = t.served.get_mut(&shard) {
+                s.valid_until = until;
+            }
+        }
+    }
+
+    fn membership(&self, owners: BTreeMap<u32, String>, addrs: HashMap<String, String>) {
+        let mut t = self.write();
+        t.owners = owners;
+        t.addrs = addrs;
+    }
+
+    /// The shards served here (for logs and tests).
+    pub fn served(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.read().served.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}

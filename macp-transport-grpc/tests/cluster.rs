@@ -1,0 +1,406 @@
+//! Cluster mode end to end: real `macp-runtime` processes as nodes of one
+//! cluster on a throwaway PostgreSQL, clients sending each request to the
+//! node that serves its session (a node that does not answers
+//! UNAVAILABLE, and the client tries the next: this is what forwarding
+//! will do for them).
+//!
+//! - A node SIGKILLed mid-load: its shards are served by the survivors
+//!   within the lease TTL plus a few seconds; everything acknowledged
+//!   before the kill is there (GetSession, passive-subscribe replay), a
+//!   resend is a duplicate, and no session has two records with one
+//!   sequence number. A session TTL that falls due while its node is dead
+//!   fires after the takeover, once.
+//! - A node SIGSTOPped until its shards are taken over and then resumed:
+//!   it serves none of them any more, the database refuses whatever it
+//!   still tries to write, and no session diverges.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use macp_pg_test::{unique_name, PgServer};
+use macp_storage_pg::shard_of;
+use macp_wire::v1::*;
+use prost::Message as _;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const SHARDS: u32 = 8;
+const TTL_MS: u64 = 1000;
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    id: String,
+    port: u16,
+    child: Child,
+}
+
+impl Node {
+    fn spawn(url: &str, id: &str) -> Node {
+        Self::spawn_logging(url, id, Stdio::null())
+    }
+
+    /// With its log (standard output) going to `log`.
+    fn spawn_logging(url: &str, id: &str, log: Stdio) -> Node {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_macp-runtime"))
+            .args(["--dev", "--bind-addr", &addr, "--storage", "postgres", "--database-url", url])
+            .args(["--node-id", id, "--advertise-addr", &addr, "--shards", &SHARDS.to_string()])
+            .args(["--lease-ttl-ms", &TTL_MS.to_string()])
+            .env("MACP_SESSION_START_LIMIT_PER_MINUTE", "0")
+            .env("MACP_MESSAGE_LIMIT_PER_MINUTE", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(log)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start macp-runtime");
+        Node { id: id.into(), port, child }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let cont = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).stderr(Stdio::null()).status();
+        let _ = cont;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One agent's clients, one per node.
+struct Agent {
+    clients: Vec<Client>,
+}
+
+impl Agent {
+    /// Lazily connected clients: a dead node's just fail their calls.
+    async fn new(ports: &[u16], who: &str) -> Agent {
+        Agent { clients: ports.iter().map(|p| lazy_port(*p, who)).collect() }
+    }
+
+    /// Sends `e` to the node serving its session: each node in turn until
+    /// one does not answer UNAVAILABLE (a node that does not hold the
+    /// shard, one in the middle of a takeover, or a dead one), until
+    /// `deadline`. `None` when none answered in time.
+    async fn send(&mut self, e: &Envelope, deadline: Instant) -> Option<Ack> {
+        loop {
+            for c in &mut self.clients {
+                let call = c.send(SendRequest { envelope: Some(e.clone()) });
+                // Otherwise not served there, or the node is gone (a
+                // connection cut mid-call may show as another code): the
+                // outcome is unknown, and a retry is deduplicated.
+                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(5), call).await {
+                    return r.into_inner().ack;
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn get_session(&mut self, s: &str, deadline: Instant) -> SessionMetadata {
+        loop {
+            for c in &mut self.clients {
+                let call = c.get_session(GetSessionRequest { session_id: s.into() });
+                match tokio::time::timeout(Duration::from_secs(5), call).await {
+                    Ok(Ok(r)) => return r.into_inner().metadata.unwrap(),
+                    Ok(Err(st)) if st.code() == Code::Unavailable => {}
+                    Ok(Err(st)) => panic!("GetSession {s}: {st:?}"),
+                    Err(_) => {}
+                }
+            }
+            assert!(Instant::now() < deadline, "no node answered GetSession {s} in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The message ids a passive subscribe replays from the start (the
+    /// first `n` of them: the session is still open).
+    async fn replay(&mut self, s: &str, n: usize, deadline: Instant) -> Vec<String> {
+        loop {
+            for c in &mut self.clients {
+                let req = StreamSessionRequest { subscribe_session_id: s.into(), after_sequence: 0, envelope: None };
+                let Ok(Ok(out)) =
+                    tokio::time::timeout(Duration::from_secs(5), c.stream_session(tokio_stream::iter(vec![req]))).await
+                else {
+                    continue;
+                };
+                let mut out = out.into_inner();
+                let mut ids = Vec::new();
+                let mut refused = false;
+                while ids.len() < n {
+                    match tokio::time::timeout(Duration::from_secs(5), out.next()).await {
+                        Ok(Some(Ok(StreamSessionResponse {
+                            response: Some(stream_session_response::Response::Envelope(e)),
+                        }))) => ids.push(e.message_id),
+                        Ok(Some(Err(st))) if st.code() == Code::Unavailable => {
+                            refused = true;
+                            break;
+                        }
+                        other => panic!("replay of {s}: {other:?}"),
+                    }
+                }
+                if !refused {
+                    return ids;
+                }
+            }
+            assert!(Instant::now() < deadline, "no node replayed {s} in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn sql(pg: &PgServer, db: &str, q: &str) -> String {
+    pg.psql(db, q).expect("psql")
+}
+
+/// Waits until every shard has a holder among `nodes` with a valid lease.
+fn wait_for_owners(pg: &PgServer, db: &str, nodes: &[&str], within: Duration) {
+    let list = nodes.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",");
+    let q =
+        format!("SELECT count(*) FROM macp.macp_shards WHERE lease_until > clock_timestamp() AND owner IN ({list})");
+    let deadline = Instant::now() + within;
+    // The tables appear when the first node has joined.
+    while pg.psql(db, &q).ok() != Some(SHARDS.to_string()) {
+        assert!(Instant::now() < deadline, "the shards were not all held by {nodes:?} in time");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn owner_of(pg: &PgServer, db: &str, session: &str) -> String {
+    sql(pg, db, &format!("SELECT owner FROM macp.macp_shards WHERE shard = {}", shard_of(session, SHARDS)))
+}
+
+fn no_sequence_number_twice(pg: &PgServer, db: &str) {
+    let twice = sql(
+        pg,
+        db,
+        "SELECT count(*) FROM (SELECT session_id, seq FROM macp.macp_records WHERE session_id <> ''
+         GROUP BY 1, 2 HAVING count(*) > 1) AS t",
+    );
+    assert_eq!(twice, "0", "a session has two records with one sequence number");
+}
+
+type Acked = Arc<Mutex<BTreeMap<String, Vec<Envelope>>>>;
+
+/// Opens decision sessions and proposes in them through any node, until
+/// `stop`; records what was acknowledged (a retry after an unknown
+/// outcome reaches whichever node and counts once it is acknowledged).
+async fn worker(ports: Vec<u16>, w: usize, acked: Acked, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let initiator = format!("w{w}");
+    let mut i = Agent::new(&ports, &initiator).await;
+    let mut a = Agent::new(&ports, "A").await;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let s = sid();
+        let mut start = start_env(&s, &[&initiator, "A"]);
+        start.sender = initiator.clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        match i.send(&start, deadline).await {
+            Some(ack) if ack.ok => acked.lock().unwrap().entry(s.clone()).or_default().push(start),
+            other => panic!("SessionStart {s}: {other:?}"),
+        }
+        for n in 0..2 {
+            let mut p = env(&s, DECISION, "Proposal", proposal(&format!("p{n}")));
+            p.sender = "A".into();
+            match a.send(&p, deadline).await {
+                Some(ack) if ack.ok => acked.lock().unwrap().entry(s.clone()).or_default().push(p),
+                other => panic!("Proposal in {s}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_killed_nodes_sessions_are_served_by_the_survivors() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("cluster");
+    let url = pg.create_database(&db).expect("a database");
+    let mut nodes: Vec<Node> = ["n1", "n2", "n3"].iter().map(|id| Node::spawn(&url, id)).collect();
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            connect_port(*p, "probe").await;
+        }
+    });
+    wait_for_owners(&pg, &db, &["n1", "n2", "n3"], Duration::from_secs(30));
+
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let short_lived = rt.block_on(async {
+        let workers: Vec<_> =
+            (0..6).map(|w| tokio::spawn(worker(ports.clone(), w, acked.clone(), stop.clone()))).collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A session whose TTL falls due while its node is dead.
+        let mut t = Agent::new(&ports, "T").await;
+        let s = sid();
+        let mut payload = start_payload(&["T", "A"]);
+        payload.ttl_ms = 2500;
+        let start = env(&s, DECISION, "SessionStart", payload.encode_to_vec());
+        assert!(t.send(&start, Instant::now() + Duration::from_secs(10)).await.unwrap().ok);
+        let victim = owner_of(&pg, &db, &s);
+        eprintln!("killing {victim} (holds the short-lived session {s})");
+        let n = nodes.iter_mut().find(|n| n.id == victim).unwrap();
+        n.child.kill().unwrap();
+        let _ = n.child.wait();
+        let killed_at = Instant::now();
+        // Load goes on through the survivors.
+        tokio::time::sleep(Duration::from_millis(TTL_MS + 1500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in workers {
+            w.await.expect("a worker");
+        }
+        let acked = acked.lock().unwrap().clone();
+        let total: usize = acked.values().map(Vec::len).sum();
+        assert!(acked.len() > 20 && total > 60, "{} sessions, {total} envelopes", acked.len());
+        eprintln!("{} sessions, {total} acknowledged envelopes; verifying", acked.len());
+
+        // Every session accepts messages again within TTL + 5 s of the kill.
+        let mut a = Agent::new(&ports, "A").await;
+        for s in acked.keys() {
+            let mut p = env(s, DECISION, "Proposal", proposal("after"));
+            p.sender = "A".into();
+            let ack = a.send(&p, killed_at + Duration::from_millis(TTL_MS + 5000)).await;
+            assert!(ack.as_ref().is_some_and(|a| a.ok), "session {s} after the kill: {ack:?}");
+        }
+        // Everything acknowledged is readable, and a resend is a duplicate.
+        let later = Instant::now() + Duration::from_secs(60);
+        let mut senders: BTreeMap<String, Agent> = BTreeMap::new();
+        for (s, envs) in &acked {
+            let md = a.get_session(s, later).await;
+            assert_eq!(md.state, SessionState::Open as i32, "{s}");
+            let ids = a.replay(s, envs.len(), later).await;
+            let want: Vec<String> = envs.iter().map(|e| e.message_id.clone()).collect();
+            assert_eq!(ids, want, "session {s} replays what was acknowledged, in order");
+            for e in envs {
+                if !senders.contains_key(&e.sender) {
+                    senders.insert(e.sender.clone(), Agent::new(&ports, &e.sender).await);
+                }
+                let sender = senders.get_mut(&e.sender).unwrap();
+                let ack = sender.send(e, later).await.unwrap();
+                assert!(ack.ok && ack.duplicate, "resending {} in {s}: {ack:?}", e.message_id);
+            }
+        }
+        s
+    });
+    // The short-lived session expired after the takeover, once.
+    rt.block_on(async {
+        let mut t = Agent::new(&ports, "T").await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let md = t.get_session(&short_lived, deadline).await;
+            if md.state == SessionState::Expired as i32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the session did not expire: {md:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let records = sql(&pg, &db, &format!("SELECT count(*) FROM macp.macp_records WHERE session_id = '{short_lived}'"));
+    assert_eq!(records, "2", "SessionStart and one expiry");
+    no_sequence_number_twice(&pg, &db);
+}
+
+#[test]
+fn a_paused_node_is_fenced_when_it_wakes_up() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("fence");
+    let url = pg.create_database(&db).expect("a database");
+    let log = std::env::temp_dir().join(format!("{}.log", unique_name("p1")));
+    let nodes =
+        [Node::spawn_logging(&url, "p1", Stdio::from(std::fs::File::create(&log).unwrap())), Node::spawn(&url, "p2")];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            connect_port(*p, "probe").await;
+        }
+    });
+    wait_for_owners(&pg, &db, &["p1", "p2"], Duration::from_secs(30));
+    rt.block_on(async {
+        let mut i = Agent::new(&ports, "I").await;
+        let mut a = Agent::new(&ports, "A").await;
+        // Sessions on p1's shards: one that goes on, one whose TTL falls
+        // due while p1 is paused (its timer is what p1 would write first).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut on_p1 = Vec::new();
+        while on_p1.len() < 2 {
+            let s = sid();
+            if owner_of(&pg, &db, &s) == "p1" {
+                on_p1.push(s);
+            }
+        }
+        let (kept, expiring) = (on_p1[0].clone(), on_p1[1].clone());
+        let mut start = start_env(&kept, &["I", "A"]);
+        start.sender = "I".into();
+        assert!(i.send(&start, deadline).await.unwrap().ok);
+        let mut payload = start_payload(&["I", "A"]);
+        payload.ttl_ms = 2000;
+        let mut short = env(&expiring, DECISION, "SessionStart", payload.encode_to_vec());
+        short.sender = "I".into();
+        assert!(i.send(&short, deadline).await.unwrap().ok);
+
+        eprintln!("pausing p1");
+        nodes[0].signal("-STOP");
+        wait_for_owners(&pg, &db, &["p2"], Duration::from_secs(20));
+        let mut p = env(&kept, DECISION, "Proposal", proposal("while-p1-sleeps"));
+        p.sender = "A".into();
+        let mut on_p2 = Agent { clients: vec![connect_port(ports[1], "A").await] };
+        assert!(on_p2.send(&p, Instant::now() + Duration::from_secs(10)).await.unwrap().ok);
+        // Past the short session's TTL: p2 expires it.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+
+        eprintln!("resuming p1");
+        nodes[0].signal("-CONT");
+        // At once, before the shards can come back to it legitimately
+        // (p2 must hand them over and p1 load them at a new epoch): p1
+        // serves nothing of them.
+        let mut on_p1 = connect_port(ports[0], "A").await;
+        let mut q = env(&kept, DECISION, "Proposal", proposal("late"));
+        q.sender = "A".into();
+        match on_p1.send(SendRequest { envelope: Some(q) }).await {
+            Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+            Ok(r) => panic!("p1 accepted a message for a shard it lost: {:?}", r.into_inner()),
+        }
+        // The expiry p1's kernel owed the short session when it woke was
+        // written under the old lease, and the database refused it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("was taken over or lapsed; the database refused the write") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "p1 never had a write refused:\n{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let md = a.get_session(&kept, Instant::now() + Duration::from_secs(10)).await;
+        assert_eq!(md.state, SessionState::Open as i32);
+        let ids = a.replay(&kept, 2, Instant::now() + Duration::from_secs(10)).await;
+        assert_eq!(ids, vec![start.message_id.clone(), p.message_id.clone()]);
+        let md = a.get_session(&expiring, Instant::now() + Duration::from_secs(10)).await;
+        assert_eq!(md.state, SessionState::Expired as i32);
+    });
+    let kept_records = sql(
+        &pg,
+        &db,
+        "SELECT string_agg(session_id || ':' || seq, ',' ORDER BY session_id, seq) FROM macp.macp_records WHERE session_id <> ''",
+    );
+    assert_eq!(kept_records.split(',').count(), 4, "start + proposal, start + expiry: {kept_records}");
+    no_sequence_number_twice(&pg, &db);
+}
