@@ -245,6 +245,23 @@ pub struct Config {
     #[arg(long, env = "MACP_LEASE_TTL_MS", default_value_t = 10_000)]
     pub lease_ttl_ms: u64,
 
+    /// The cluster's shared secret (at least 16 bytes, the same on every
+    /// node): a node forwards requests for sessions it does not serve to
+    /// the node that does, vouching for the caller with it. Without one, a
+    /// node answers such requests UNAVAILABLE, naming the node to ask.
+    #[arg(long, env = "MACP_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+
+    /// A file holding the cluster's shared secret (instead of
+    /// MACP_CLUSTER_SECRET; trailing whitespace is ignored).
+    #[arg(long, env = "MACP_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// The CA certificate (PEM) a node checks its peers' TLS certificates
+    /// against when it forwards [default: its own MACP_TLS_CERT_PATH].
+    #[arg(long, env = "MACP_CLUSTER_CA_FILE")]
+    pub cluster_ca_file: Option<PathBuf>,
+
     /// The retention in effect (resolved from the two retention settings).
     #[arg(skip)]
     pub retention: Retention,
@@ -484,6 +501,16 @@ impl Config {
         }
         if self.node_id.as_deref().is_some_and(|n| n.is_empty() || n.len() > 128) {
             return Err(ConfigError::Cluster("MACP_NODE_ID must be 1 to 128 bytes"));
+        }
+        let secret = self.cluster_secret.is_some() || self.cluster_secret_file.is_some();
+        if (secret || self.cluster_ca_file.is_some()) && self.node_id.is_none() {
+            return Err(ConfigError::Cluster("a cluster secret or CA file is set without MACP_NODE_ID"));
+        }
+        if self.cluster_secret.is_some() && self.cluster_secret_file.is_some() {
+            return Err(ConfigError::Cluster("set MACP_CLUSTER_SECRET or MACP_CLUSTER_SECRET_FILE, not both"));
+        }
+        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Cluster("MACP_CLUSTER_SECRET must be at least 16 bytes"));
         }
         if self.shards == 0 || self.shards > macp_storage_pg::MAX_SHARDS {
             return Err(ConfigError::Cluster("MACP_SHARDS must be 1 to 65536"));

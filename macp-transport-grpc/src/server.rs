@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::auth::jwks::{Jwks, JwksError, RemoteJwks};
 use crate::auth::{parse_tokens, Authenticator, JwtSettings, JwtVerifier, TokenFileError};
+use crate::cluster::forward::{ClusterKey, Forwarder};
 use crate::cluster::{Node, NodeSettings, Router};
 use crate::config::{Config, StorageKind};
 use crate::connections::{limit_incoming, ConnLayer, ConnectionLimits};
@@ -261,7 +262,15 @@ pub async fn serve_with(
     // Before storage is touched: a bad policy file changes nothing.
     let file_policies = cfg.policies_dir.as_deref().map(crate::policies_dir::load).transpose()?;
     if cfg.node_id.is_some() {
-        let worker = start_node(&cfg, &kcfg, file_policies, stop_rx.clone()).await?;
+        let (auth, forwarder) = match cluster_key(&cfg)? {
+            Some(key) => {
+                let node = cfg.node_id.as_deref().unwrap_or_default();
+                let forwarder = Forwarder::new(key.clone(), node, cluster_tls(&cfg)?);
+                (auth.with_cluster_key(key), Some(Arc::new(forwarder)))
+            }
+            None => (auth, None),
+        };
+        let worker = start_node(&cfg, &kcfg, file_policies, forwarder, stop_rx.clone()).await?;
         return serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await;
     }
     let started = Instant::now();
@@ -349,6 +358,7 @@ async fn start_node(
     cfg: &Config,
     kcfg: &KernelConfig,
     policies: Option<Vec<crate::policies_dir::FilePolicy>>,
+    forwarder: Option<Arc<Forwarder>>,
     stop: watch::Receiver<bool>,
 ) -> Result<Worker, StartError> {
     let url = cfg.database.clone().ok_or_else(|| StartError::Config("cluster mode needs a database URL".into()))?;
@@ -364,6 +374,7 @@ async fn start_node(
         kernel: kcfg.clone(),
         checkpoint: checkpoint_policy(cfg),
         policies,
+        forwarder,
     };
     info!("joining the cluster: {}", storage_label(cfg));
     let (node, table, watch) = Node::start(settings).await.map_err(|e| StartError::Storage(e.to_string()))?;
@@ -373,6 +384,37 @@ async fn start_node(
         Ok(())
     });
     Ok(Worker { router: Router::Cluster(table), watch, task, stop: None, open })
+}
+
+/// The cluster's shared secret, from MACP_CLUSTER_SECRET or its file.
+fn cluster_key(cfg: &Config) -> Result<Option<ClusterKey>, StartError> {
+    let secret = match (&cfg.cluster_secret, &cfg.cluster_secret_file) {
+        (Some(s), _) => s.as_bytes().to_vec(),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                StartError::Config(format!("cannot read MACP_CLUSTER_SECRET_FILE {}: {e}", path.display()))
+            })?;
+            let secret = text.trim_end().as_bytes().to_vec();
+            if secret.len() < 16 {
+                let msg = format!("MACP_CLUSTER_SECRET_FILE {}: the secret must be at least 16 bytes", path.display());
+                return Err(StartError::Config(msg));
+            }
+            secret
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(ClusterKey::new(&secret)))
+}
+
+/// TLS for forwarding, when this node serves TLS: peers' certificates are
+/// checked against MACP_CLUSTER_CA_FILE, or this node's own certificate.
+fn cluster_tls(cfg: &Config) -> Result<Option<tonic::transport::ClientTlsConfig>, StartError> {
+    let Some(own) = &cfg.tls_cert_path else { return Ok(None) };
+    let path = cfg.cluster_ca_file.as_ref().unwrap_or(own);
+    let pem = std::fs::read(path)
+        .map_err(|e| StartError::Config(format!("cannot read the cluster CA file {}: {e}", path.display())))?;
+    let ca = tonic::transport::Certificate::from_pem(pem);
+    Ok(Some(tonic::transport::ClientTlsConfig::new().ca_certificate(ca)))
 }
 
 /// Serves the gRPC service over `worker` until the shutdown signal (or

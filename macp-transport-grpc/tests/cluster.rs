@@ -45,17 +45,18 @@ struct Node {
 
 impl Node {
     fn spawn(url: &str, id: &str) -> Node {
-        Self::spawn_logging(url, id, Stdio::null())
+        Self::spawn_logging(url, id, Stdio::null(), &[])
     }
 
-    /// With its log (standard output) going to `log`.
-    fn spawn_logging(url: &str, id: &str, log: Stdio) -> Node {
+    /// With its log (standard output) going to `log`, and `extra` flags.
+    fn spawn_logging(url: &str, id: &str, log: Stdio, extra: &[&str]) -> Node {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_macp-runtime"))
             .args(["--dev", "--bind-addr", &addr, "--storage", "postgres", "--database-url", url])
             .args(["--node-id", id, "--advertise-addr", &addr, "--shards", &SHARDS.to_string()])
             .args(["--lease-ttl-ms", &TTL_MS.to_string()])
+            .args(extra)
             .env("MACP_SESSION_START_LIMIT_PER_MINUTE", "0")
             .env("MACP_MESSAGE_LIMIT_PER_MINUTE", "0")
             .env("RUST_LOG", "warn")
@@ -323,8 +324,10 @@ fn a_paused_node_is_fenced_when_it_wakes_up() {
     let db = unique_name("fence");
     let url = pg.create_database(&db).expect("a database");
     let log = std::env::temp_dir().join(format!("{}.log", unique_name("p1")));
-    let nodes =
-        [Node::spawn_logging(&url, "p1", Stdio::from(std::fs::File::create(&log).unwrap())), Node::spawn(&url, "p2")];
+    let nodes = [
+        Node::spawn_logging(&url, "p1", Stdio::from(std::fs::File::create(&log).unwrap()), &[]),
+        Node::spawn(&url, "p2"),
+    ];
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
@@ -403,4 +406,104 @@ fn a_paused_node_is_fenced_when_it_wakes_up() {
     );
     assert_eq!(kept_records.split(',').count(), 4, "start + proposal, start + expiry: {kept_records}");
     no_sequence_number_twice(&pg, &db);
+}
+
+/// With a cluster secret, any node serves any request: each agent talks to
+/// one node only, and a decision session runs through both — Sends,
+/// GetSession, a passive subscriber and a stream bound by its first
+/// envelope, cancel — whichever node holds the session. A client cannot
+/// claim a forwarded identity itself.
+#[test]
+fn any_node_serves_any_session_with_a_cluster_secret() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("forward");
+    let url = pg.create_database(&db).expect("a database");
+    let secret = ["--cluster-secret", "a shared secret of the test cluster"];
+    let nodes = [
+        Node::spawn_logging(&url, "f1", Stdio::null(), &secret),
+        Node::spawn_logging(&url, "f2", Stdio::null(), &secret),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            connect_port(*p, "probe").await;
+        }
+    });
+    wait_for_owners(&pg, &db, &["f1", "f2"], Duration::from_secs(30));
+    // Every node knows the other's shards once it has ticked after both
+    // joined.
+    std::thread::sleep(Duration::from_millis(TTL_MS / 2));
+    rt.block_on(async {
+        let (mut i, mut a) = (connect_port(ports[0], "I").await, connect_port(ports[1], "A").await);
+        let mut on = [0usize, 0usize];
+        for n in 0..8 {
+            let s = sid();
+            on[usize::from(owner_of(&pg, &db, &s) == "f2")] += 1;
+            let start = start_env(&s, &["I", "A"]);
+            assert!(send(&mut i, start.clone()).await.ok, "start {n}");
+            // A passive subscriber on A's node.
+            let sub = StreamSessionRequest { subscribe_session_id: s.clone(), after_sequence: 0, envelope: None };
+            let (sub_tx, sub_rx) = tokio::sync::mpsc::channel(4);
+            sub_tx.send(sub).await.unwrap();
+            let mut watcher = connect_port(ports[1], "A").await;
+            let mut stream = watcher
+                .stream_session(tokio_stream::wrappers::ReceiverStream::new(sub_rx))
+                .await
+                .expect("subscribe through A's node")
+                .into_inner();
+            let p = env(&s, DECISION, "Proposal", proposal("p1"));
+            let ack = send(&mut a, p.clone()).await;
+            assert!(ack.ok && !ack.duplicate, "{ack:?}");
+            assert!(send(&mut a, p.clone()).await.duplicate, "a resend through the other node is a duplicate");
+            for want in [&start, &p] {
+                let got = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap().unwrap().unwrap();
+                match got.response {
+                    Some(stream_session_response::Response::Envelope(e)) => assert_eq!(e.message_id, want.message_id),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let md = a.get_session(GetSessionRequest { session_id: s.clone() }).await.unwrap().into_inner();
+            assert_eq!(md.metadata.unwrap().state, SessionState::Open as i32);
+            // A stream bound by its first envelope, on I's node: the vote
+            // comes back as an Ack-less answer or an error frame, either
+            // way through the proxy.
+            let v = env(&s, DECISION, "Vote", vote("p1", "APPROVE"));
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(StreamSessionRequest { envelope: Some(v.clone()), ..Default::default() }).await.unwrap();
+            let mut bound =
+                i.stream_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), bound.next()).await.unwrap().unwrap().unwrap();
+            match first.response {
+                Some(stream_session_response::Response::Envelope(e)) => assert_eq!(e.message_id, v.message_id),
+                other => panic!("the bound stream sees its own vote: {other:?}"),
+            }
+            drop(tx);
+            let ack = i
+                .cancel_session(CancelSessionRequest { session_id: s.clone(), reason: "done".into() })
+                .await
+                .expect("cancel through I's node")
+                .into_inner()
+                .ack
+                .unwrap();
+            assert!(ack.ok, "{ack:?}");
+            let md = a.get_session(GetSessionRequest { session_id: s.clone() }).await.unwrap().into_inner();
+            assert_eq!(md.metadata.unwrap().state, SessionState::Cancelled as i32);
+        }
+        assert!(on[0] > 0 && on[1] > 0, "sessions on both nodes: {on:?}");
+
+        // A client claiming a forwarded identity is refused.
+        let forged = Auth::Headers(vec![
+            ("x-macp-agent-id", "I".into()),
+            ("x-macp-cluster-identity", "eyJzZW5kZXIiOiJJIn0".into()),
+            ("x-macp-cluster-mac", "AAAA".into()),
+        ]);
+        let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", ports[0])).unwrap();
+        let mut c = macp_transport_grpc::pb::macp_runtime_service_client::MacpRuntimeServiceClient::with_interceptor(
+            ch.connect().await.unwrap(),
+            forged,
+        );
+        let e = c.get_session(GetSessionRequest { session_id: sid() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    });
 }

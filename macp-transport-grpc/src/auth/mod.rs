@@ -44,6 +44,8 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 use tracing::{debug, warn};
 
+use crate::cluster::forward::{self, ClusterKey};
+
 pub use jwt::{JwtError, JwtSettings, JwtVerifier};
 pub use tokens::{parse_tokens, StaticTokens, TokenEntry, TokenFileError, TokenSecret};
 
@@ -76,6 +78,10 @@ pub enum AuthFailure {
         /// Who the credential authenticates.
         sender: String,
     },
+    /// A forwarded-identity header that does not hold (no cluster secret
+    /// here, a wrong MAC, too old).
+    #[error("forwarded identity refused: {0}")]
+    Forwarded(&'static str),
 }
 
 impl AuthFailure {
@@ -91,13 +97,23 @@ pub struct Authenticator {
     tokens: StaticTokens,
     jwt: Option<JwtVerifier>,
     dev: bool,
+    /// A cluster node's shared secret: identities forwarded by other nodes
+    /// are accepted when their MAC holds (see [`crate::cluster::forward`]).
+    cluster: Option<ClusterKey>,
 }
 
 impl Authenticator {
     /// Static tokens only; `dev` enables dev identities. Refuses a secret
     /// listed twice.
     pub fn new(entries: Vec<TokenEntry>, dev: bool) -> Result<Self, TokenFileError> {
-        Ok(Authenticator { tokens: StaticTokens::new(entries)?, jwt: None, dev })
+        Ok(Authenticator { tokens: StaticTokens::new(entries)?, jwt: None, dev, cluster: None })
+    }
+
+    /// Also accepts identities other nodes of the cluster forward, made
+    /// with `key`.
+    pub fn with_cluster_key(mut self, key: ClusterKey) -> Self {
+        self.cluster = Some(key);
+        self
     }
 
     /// Also accepts JWTs verified by `verifier`.
@@ -142,6 +158,17 @@ impl Authenticator {
 
     /// [`Self::authenticate`] with the reason for a refusal.
     pub async fn identify(&self, md: &MetadataMap) -> Result<Identity, AuthFailure> {
+        // A forwarded identity is never ignored: it holds, or the request
+        // is refused (a client sending the header gets no further).
+        if md.contains_key(forward::IDENTITY_HEADER) || md.contains_key(forward::MAC_HEADER) {
+            let Some(key) = &self.cluster else {
+                return Err(AuthFailure::Forwarded("a forwarded identity, but this runtime has no cluster secret"));
+            };
+            return match key.verify(md, crate::driver::now_ms()) {
+                Some(r) => r.map_err(AuthFailure::Forwarded),
+                None => Err(AuthFailure::Forwarded("a forwarded-identity MAC without the identity")),
+            };
+        }
         let presented = Presented::from_metadata(md)?;
         let identity = match presented.bearer {
             Some(credential) => self.resolve_bearer(credential).await?,

@@ -30,6 +30,7 @@
 //! node that is), and cluster-wide listings and watches (ListSessions
 //! and WatchSessions see this node's shards and every ended session).
 
+pub mod forward;
 mod node;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,8 +42,24 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::driver::Command;
+use forward::{Forwarder, PeerClient};
 
 pub use node::{Node, NodeError, NodeSettings};
+
+/// Another node to forward a request to, and how to vouch for its caller.
+#[derive(Debug)]
+pub struct Peer {
+    /// A client of the node serving the session.
+    pub client: PeerClient,
+    forwarder: Arc<Forwarder>,
+}
+
+impl Peer {
+    /// `message` as a request to the peer on behalf of `identity`.
+    pub fn request<T>(&self, message: T, identity: &macp_kernel::Identity) -> tonic::Request<T> {
+        self.forwarder.request(message, identity)
+    }
+}
 
 /// Where a session's requests go.
 #[derive(Clone, Debug)]
@@ -79,6 +96,18 @@ impl Router {
         match self {
             Router::Single(tx) => vec![tx.clone()],
             Router::Cluster(table) => table.locals(),
+        }
+    }
+
+    /// The node to forward a request about `session_id` to: another node
+    /// that holds its shard, when this node does not and forwarding is on.
+    /// Never for a request that was itself forwarded (`forwarded`): one hop
+    /// only, so two nodes whose views of the shards briefly disagree cannot
+    /// bounce a request between them; it gets UNAVAILABLE instead.
+    pub fn peer(&self, session_id: &str, forwarded: bool) -> Option<Peer> {
+        match self {
+            Router::Cluster(table) if !forwarded => table.peer(session_id),
+            _ => None,
         }
     }
 
@@ -119,12 +148,27 @@ pub struct ShardTable {
     shards: u32,
     node_id: String,
     table: RwLock<Table>,
+    /// Forwarding to the node that serves a session (when the cluster has
+    /// a shared secret).
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl ShardTable {
     /// An empty table for a cluster of `shards` shards.
-    pub fn new(node_id: &str, shards: u32) -> Self {
-        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()) }
+    pub fn new(node_id: &str, shards: u32, forwarder: Option<Arc<Forwarder>>) -> Self {
+        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()), forwarder }
+    }
+
+    fn peer(&self, session_id: &str) -> Option<Peer> {
+        let forwarder = self.forwarder.as_ref()?;
+        let shard = shard_of(session_id, self.shards);
+        let t = self.read();
+        if t.served.get(&shard).is_some_and(|s| Instant::now() < s.valid_until) {
+            return None;
+        }
+        let owner = t.owners.get(&shard).filter(|o| **o != self.node_id)?;
+        let client = forwarder.client(t.addrs.get(owner)?).ok()?;
+        Some(Peer { client, forwarder: forwarder.clone() })
     }
 
     /// The cluster's shard count.
@@ -156,7 +200,7 @@ impl ShardTable {
                 let addr = t.addrs.get(node).map_or("an unknown address", String::as_str);
                 format!(
                     "session {session_id} is in shard {shard}, served by cluster node {node} at {addr}; \
-                     send it there (this node does not forward yet)"
+                     send it there (this node does not forward: no cluster secret, or the request was forwarded already)"
                 )
             }
             _ => format!(

@@ -41,6 +41,9 @@ pub struct NodeSettings {
     pub checkpoint: CheckpointPolicy,
     /// The policies directory's policies, registered into every shard.
     pub policies: Option<Vec<FilePolicy>>,
+    /// Forwarding of other nodes' sessions (none: clients are told where
+    /// to go instead).
+    pub forwarder: Option<Arc<super::forward::Forwarder>>,
 }
 
 /// Why the node could not start or go on.
@@ -93,7 +96,8 @@ impl Node {
         let host = tokio::task::spawn_blocking(move || PgHost::open(&url, pg, WRITERS)).await.map_err(|e| {
             StorageError::Misuse(if e.is_panic() { "opening panicked" } else { "opening was cancelled" })
         })??;
-        let table = Arc::new(ShardTable::new(&settings.cluster.node_id, settings.cluster.shards));
+        let table =
+            Arc::new(ShardTable::new(&settings.cluster.node_id, settings.cluster.shards, settings.forwarder.clone()));
         let hub = Hub::default();
         let watch =
             Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };

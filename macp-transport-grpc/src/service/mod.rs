@@ -148,6 +148,12 @@ impl Runtime {
         self.limits.clone()
     }
 
+    /// Whether another node of the cluster forwarded `req` (it is then
+    /// never forwarded again).
+    fn forwarded<T>(req: &Request<T>) -> bool {
+        req.metadata().contains_key(crate::cluster::forward::IDENTITY_HEADER)
+    }
+
     /// Borrows only the metadata, so the future stays `Send` for requests
     /// whose body is not `Sync` (streams).
     fn identity<'a, T>(&'a self, req: &'a Request<T>) -> impl Future<Output = Result<Identity, Status>> + Send + 'a {

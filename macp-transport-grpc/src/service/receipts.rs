@@ -21,7 +21,12 @@ pub(super) async fn get_decision_receipt(
     req: Request<GetDecisionReceiptRequest>,
 ) -> Result<Response<GetDecisionReceiptResponse>, Status> {
     let identity = rt.identity(&req).await?;
+    let forwarded = Runtime::forwarded(&req);
     let session_id = req.into_inner().session_id;
+    if let Some(peer) = rt.router.peer(&session_id, forwarded) {
+        let req = peer.request(GetDecisionReceiptRequest { session_id }, &identity);
+        return peer.client.clone().get_decision_receipt(req).await;
+    }
     let view = access(rt, identity, &session_id).await?;
     if view.live {
         return Err(status(KernelError::new(

@@ -21,9 +21,10 @@ const LIST_REPLY_SLACK: usize = 64 * 1024;
 
 pub(super) async fn send(rt: &Runtime, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
     let identity = rt.identity(&req).await;
+    let forwarded = Runtime::forwarded(&req);
     let envelope =
         req.into_inner().envelope.ok_or_else(|| Status::invalid_argument("SendRequest needs an envelope"))?;
-    let ack = send_envelope(rt, identity, envelope, None).await?;
+    let ack = send_envelope(rt, identity, envelope, None, forwarded).await?;
     Ok(Response::new(SendResponse { ack: Some(ack) }))
 }
 
@@ -38,12 +39,13 @@ pub(super) async fn send_envelope(
     identity: Result<Identity, Status>,
     envelope: Envelope,
     bind: Option<oneshot::Sender<Option<Binding>>>,
+    forwarded: bool,
 ) -> Result<Ack, Status> {
     match rt.metrics.as_deref() {
-        None => admit(rt, identity, envelope, bind).await,
+        None => admit(rt, identity, envelope, bind, forwarded).await,
         Some(m) => {
             let started = std::time::Instant::now();
-            let ack = admit(rt, identity, envelope, bind).await;
+            let ack = admit(rt, identity, envelope, bind, forwarded).await;
             m.send_seconds.observe_duration(started.elapsed());
             ack
         }
@@ -55,6 +57,7 @@ async fn admit(
     identity: Result<Identity, Status>,
     envelope: Envelope,
     bind: Option<oneshot::Sender<Option<Binding>>>,
+    forwarded: bool,
 ) -> Result<Ack, Status> {
     let now = now_ms();
     let (session_id, message_id) = (envelope.session_id.clone(), envelope.message_id.clone());
@@ -94,6 +97,11 @@ async fn admit(
             Err(e) => answer(Err(e)),
         };
     }
+    if let Some(peer) = rt.router.peer(&session_id, forwarded) {
+        let req = peer.request(SendRequest { envelope: Some(envelope) }, &identity);
+        let ack = peer.client.clone().send(req).await?.into_inner().ack;
+        return ack.ok_or_else(|| unexpected("a forwarded Send"));
+    }
     let driver = rt.router.session(&session_id)?;
     let (reply, rx) = oneshot::channel();
     let bind = bind.map(|tx| (identity.clone(), tx));
@@ -118,7 +126,26 @@ pub(super) async fn control(rt: &Runtime, req: Request<(String, String)>, op: Co
             format!("{} exceeded its per-minute message limit", identity.sender),
         ));
     }
+    let forwarded = Runtime::forwarded(&req);
     let (session_id, reason) = req.into_inner();
+    if let Some(peer) = rt.router.peer(&session_id, forwarded) {
+        let mut c = peer.client.clone();
+        let ack = match op {
+            ControlOp::Cancel => {
+                let req = peer.request(CancelSessionRequest { session_id, reason }, &identity);
+                c.cancel_session(req).await?.into_inner().ack
+            }
+            ControlOp::Suspend => {
+                let req = peer.request(SuspendSessionRequest { session_id, reason }, &identity);
+                c.suspend_session(req).await?.into_inner().ack
+            }
+            ControlOp::Resume => {
+                let req = peer.request(ResumeSessionRequest { session_id, reason }, &identity);
+                c.resume_session(req).await?.into_inner().ack
+            }
+        };
+        return ack.ok_or_else(|| unexpected("a forwarded control request"));
+    }
     let input = Input::Control { request: 0, identity, op, session_id: session_id.clone(), reason };
     match rt.submit(input).await? {
         Reply::Session { result: Err(e), .. }
@@ -136,7 +163,11 @@ pub(super) async fn get_session(
     req: Request<GetSessionRequest>,
 ) -> Result<Response<GetSessionResponse>, Status> {
     let identity = rt.identity(&req).await?;
+    let forwarded = Runtime::forwarded(&req);
     let session_id = req.into_inner().session_id;
+    if let Some(peer) = rt.router.peer(&session_id, forwarded) {
+        return peer.client.clone().get_session(peer.request(GetSessionRequest { session_id }, &identity)).await;
+    }
     match rt.ask(Query::GetSession { identity, session_id }).await? {
         Answer::Session(Ok(md)) => Ok(Response::new(GetSessionResponse { metadata: Some(md) })),
         Answer::Session(Err(e)) => Err(status(e)),

@@ -106,12 +106,27 @@ pub(super) async fn stream_session(
     req: Request<Streaming<StreamSessionRequest>>,
 ) -> Result<Response<RpcStream<StreamSessionResponse>>, Status> {
     let identity = rt.identity(&req).await?;
+    let forwarded = Runtime::forwarded(&req);
     let mut inbound = req.into_inner();
     let (out, rx) = mpsc::channel::<Frame>(64);
     let rt = rt.clone();
     tokio::spawn(async move {
         let mut bound: Option<String> = None;
+        let mut first = true;
         while let Ok(Some(frame)) = inbound.message().await {
+            // A stream about another node's session (its first frame says
+            // which) is proxied to that node whole: its live feed is there.
+            if std::mem::take(&mut first) {
+                let sid = match &frame.envelope {
+                    Some(e) if !macp_kernel::is_ambient(&e.message_type) => e.session_id.as_str(),
+                    Some(_) => "",
+                    None => frame.subscribe_session_id.as_str(),
+                };
+                if let Some(peer) = (!sid.is_empty()).then(|| rt.router.peer(sid, forwarded)).flatten() {
+                    proxy(peer, identity, frame, inbound, out).await;
+                    return;
+                }
+            }
             let has_sub = !frame.subscribe_session_id.is_empty();
             match (frame.envelope, has_sub) {
                 (Some(_), true) => {
@@ -199,14 +214,21 @@ pub(super) async fn stream_session(
                     }
                     let (btx, brx) = oneshot::channel();
                     let want_bind = bound.is_none();
-                    let ack =
-                        match send_envelope(&rt, Ok(identity.clone()), env.clone(), want_bind.then_some(btx)).await {
-                            Ok(ack) => ack,
-                            Err(e) => {
-                                let _ = out.send(Some(Err(e))).await;
-                                return;
-                            }
-                        };
+                    let ack = match send_envelope(
+                        &rt,
+                        Ok(identity.clone()),
+                        env.clone(),
+                        want_bind.then_some(btx),
+                        forwarded,
+                    )
+                    .await
+                    {
+                        Ok(ack) => ack,
+                        Err(e) => {
+                            let _ = out.send(Some(Err(e))).await;
+                            return;
+                        }
+                    };
                     if want_bind {
                         if let Ok(Some(b)) = brx.await {
                             bound = Some(env.session_id.clone());
@@ -238,4 +260,57 @@ pub(super) async fn watch_signals(
         .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect")));
     // tonic ends the stream after yielding an error status.
     Ok(Response::new(Box::pin(s)))
+}
+
+/// Proxies a whole StreamSession to the node serving its session: `first`
+/// and every later frame go there, every answer comes back, and either
+/// side ending ends the other.
+async fn proxy(
+    peer: crate::cluster::Peer,
+    identity: macp_kernel::Identity,
+    first: StreamSessionRequest,
+    mut inbound: Streaming<StreamSessionRequest>,
+    out: mpsc::Sender<Frame>,
+) {
+    let (up, up_rx) = mpsc::channel::<StreamSessionRequest>(64);
+    if up.send(first).await.is_err() {
+        return;
+    }
+    let pump = tokio::spawn(async move {
+        while let Ok(Some(frame)) = inbound.message().await {
+            if up.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let req = peer.request(tokio_stream::wrappers::ReceiverStream::new(up_rx), &identity);
+    match peer.client.clone().stream_session(req).await {
+        Ok(resp) => {
+            let mut answers = resp.into_inner();
+            loop {
+                tokio::select! {
+                    item = answers.message() => match item {
+                        Ok(Some(frame)) => {
+                            if out.send(Some(Ok(frame))).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {
+                            let _ = out.send(None).await;
+                            break;
+                        }
+                        Err(e) => {
+                            let _ = out.send(Some(Err(e))).await;
+                            break;
+                        }
+                    },
+                    _ = out.closed() => break,
+                }
+            }
+        }
+        Err(e) => {
+            let _ = out.send(Some(Err(e))).await;
+        }
+    }
+    pump.abort();
 }

@@ -35,7 +35,12 @@ pub(super) async fn what_if_replay(
             format!("{} exceeded its per-minute message limit", identity.sender),
         ));
     }
+    let forwarded = Runtime::forwarded(&req);
     let WhatIfReplayRequest { session_id, candidate } = req.into_inner();
+    if let Some(peer) = rt.router.peer(&session_id, forwarded) {
+        let req = peer.request(WhatIfReplayRequest { session_id, candidate }, &identity);
+        return peer.client.clone().what_if_replay(req).await;
+    }
     let candidate = candidate.ok_or_else(|| {
         error_status(ErrorCode::InvalidPolicyDefinition, "candidate is required: the PolicyDescriptor to replay under")
     })?;
