@@ -1,7 +1,10 @@
 """Fixtures for the macp-sdk-python interop suite.
 
 The suite talks to an already running `macp-runtime --dev` whose address is in
-`MACP_INTEROP_TARGET` (host:port); `run.sh` starts one and sets it.
+`MACP_INTEROP_TARGET` (host:port); `run.sh` starts one and sets it. For a
+cluster it holds several addresses, comma-separated: each agent's client then
+connects to the next node in turn, so the agents of one test talk to
+different nodes.
 """
 
 from __future__ import annotations
@@ -23,27 +26,37 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "readonly: needs a runtime started with --policies-dir tests/interop/policies (run.sh's readonly pass)",
     )
+    config.addinivalue_line(
+        "markers",
+        "registry: registers policies at runtime (not in the cluster pass: a cluster's registries are read-only)",
+    )
 
 
 @pytest.fixture(scope="session")
-def target() -> str:
+def targets() -> list[str]:
     value = os.environ.get("MACP_INTEROP_TARGET")
     if not value:
         pytest.fail("MACP_INTEROP_TARGET is not set: run tests/interop/run.sh, or start a dev server yourself")
-    return value
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+@pytest.fixture(scope="session")
+def target(targets: list[str]) -> str:
+    return targets[0]
 
 
 @pytest.fixture
-def agent(target: str) -> Iterator[Callable[[str], MacpClient]]:
+def agent(targets: list[str]) -> Iterator[Callable[[str], MacpClient]]:
     """Factory: one MacpClient (own channel) per agent, authenticated the way
-    the SDK documents for local development (`AuthConfig.for_dev_agent`)."""
+    the SDK documents for local development (`AuthConfig.for_dev_agent`);
+    with several targets (a cluster), the clients go to the nodes in turn."""
     clients: list[MacpClient] = []
 
     def make(agent_id: str) -> MacpClient:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             client = MacpClient(
-                target=target,
+                target=targets[len(clients) % len(targets)],
                 allow_insecure=True,
                 auth=AuthConfig.for_dev_agent(agent_id),
                 default_timeout=TIMEOUT,

@@ -19,9 +19,15 @@
 # A fourth ("postgres") runs the server with --storage postgres on a
 # throwaway PostgreSQL server (macp-pg-test, Debian's postgresql package,
 # installed when missing and run as root).
+# A fifth ("cluster") runs two cluster nodes (--node-id, a shared
+# --cluster-secret, 1 s leases) on another throwaway PostgreSQL, with
+# --policies-dir tests/interop/policies, and hands the tests both addresses:
+# each agent's client connects to the other node than the previous one, so
+# requests are forwarded between the nodes. It runs every test but those
+# marked `registry` (a cluster's registries are read-only).
 #
 # Environment: PYTHON (default python3), MACP_INTEROP_BACKENDS (default
-# "memory fs readonly postgres"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default
+# "memory fs readonly postgres cluster"), MACP_INTEROP_TIMEOUT (seconds per RPC/read, default
 # 10), extra pytest arguments are passed through ("$@").
 set -euo pipefail
 
@@ -32,7 +38,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 VENV="$TARGET_DIR/interop-venv"
 PYTHON="${PYTHON:-python3}"
-BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs readonly postgres}"
+BACKENDS="${MACP_INTEROP_BACKENDS:-memory fs readonly postgres cluster}"
 
 log() { printf '== interop: %s\n' "$*"; }
 
@@ -72,51 +78,63 @@ cargo build --quiet -p macp-transport-grpc --bin macp-runtime
 BIN="$TARGET_DIR/debug/macp-runtime"
 [ -x "$BIN" ] || { echo "interop: $BIN was not built" >&2; exit 1; }
 case " $BACKENDS " in
-    *" postgres "*) cargo build --quiet -p macp-pg-test --bin macp-pg-test ;;
+    *" postgres "* | *" cluster "*) cargo build --quiet -p macp-pg-test --bin macp-pg-test ;;
 esac
 
 # ---- One server per backend ---------------------------------------------------
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/macp-interop.XXXXXX")"
 SERVER_PID=""
-stop_server() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        # Graceful shutdown drains and checkpoints; don't wait forever.
-        for _ in $(seq 1 50); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=""
-    fi
+SERVER_PIDS=()
+stop_pid() {
+    kill -TERM "$1" 2>/dev/null || true
+    # Graceful shutdown drains and checkpoints; don't wait forever.
+    for _ in $(seq 1 50); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
 }
-PG_PID=""
+stop_server() {
+    for pid in ${SERVER_PIDS[@]+"${SERVER_PIDS[@]}"} $SERVER_PID; do
+        stop_pid "$pid"
+    done
+    SERVER_PID=""
+    SERVER_PIDS=()
+}
+PG_PIDS=()
+PG_FDS=()
 cleanup() {
     stop_server
-    if [ -n "$PG_PID" ]; then
-        # macp-pg-test stops its server and deletes its directory when its
-        # stdin closes.
-        exec {PG_IN}>&- || true
-        wait "$PG_PID" 2>/dev/null || true
-    fi
+    # macp-pg-test stops its server and deletes its directory when its
+    # stdin closes.
+    for fd in ${PG_FDS[@]+"${PG_FDS[@]}"}; do
+        exec {fd}>&- || true
+    done
+    for pid in ${PG_PIDS[@]+"${PG_PIDS[@]}"}; do
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$WORK"
 }
 
-# start_postgres: a throwaway PostgreSQL (macp-pg-test); sets DATABASE_URL.
+# start_postgres <name>: a throwaway PostgreSQL (macp-pg-test) of its own;
+# sets DATABASE_URL.
 start_postgres() {
-    mkfifo "$WORK/pg-in"
-    "$TARGET_DIR/debug/macp-pg-test" <"$WORK/pg-in" >"$WORK/pg-url" 2>"$WORK/pg.log" &
-    PG_PID=$!
-    exec {PG_IN}>"$WORK/pg-in"
+    local name="$1" fd pid
+    mkfifo "$WORK/$name-in"
+    "$TARGET_DIR/debug/macp-pg-test" <"$WORK/$name-in" >"$WORK/$name-url" 2>"$WORK/$name.log" &
+    pid=$!
+    PG_PIDS+=("$pid")
+    exec {fd}>"$WORK/$name-in"
+    PG_FDS+=("$fd")
     for _ in $(seq 1 600); do
-        DATABASE_URL="$(head -n1 "$WORK/pg-url" 2>/dev/null || true)"
+        DATABASE_URL="$(head -n1 "$WORK/$name-url" 2>/dev/null || true)"
         [ -n "$DATABASE_URL" ] && return 0
-        kill -0 "$PG_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
     echo "interop: the throwaway PostgreSQL did not start:" >&2
-    cat "$WORK/pg.log" >&2
+    cat "$WORK/$name.log" >&2
     return 1
 }
 trap cleanup EXIT
@@ -128,13 +146,15 @@ free_port() {
 }
 
 # start_server <log> <storage flags...>: sets SERVER_PID and PORT once the
-# server accepts connections (retries on a port lost to a race).
+# server accepts connections (retries on a port lost to a race). "@PORT@" in
+# a flag becomes the port.
 start_server() {
     local logf="$1"
     shift
     for _attempt in 1 2 3; do
         PORT="$(free_port)"
-        RUST_LOG="${RUST_LOG:-info}" "$BIN" --dev --bind-addr "127.0.0.1:$PORT" "$@" >"$logf" 2>&1 &
+        local args=("${@//@PORT@/$PORT}")
+        RUST_LOG="${RUST_LOG:-info}" "$BIN" --dev --bind-addr "127.0.0.1:$PORT" "${args[@]}" >"$logf" 2>&1 &
         SERVER_PID=$!
         for _ in $(seq 1 300); do
             if ! kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -170,20 +190,50 @@ for backend in $BACKENDS; do
         fs) mkdir -p "$WORK/data"; flags=(--data-dir "$WORK/data"); select=(-m "not readonly") ;;
         readonly) flags=(--memory-only --policies-dir "$ROOT/tests/interop/policies"); select=(-m readonly) ;;
         postgres)
-            start_postgres
+            start_postgres pg
             flags=(--storage postgres --database-url "$DATABASE_URL"); select=(-m "not readonly") ;;
-        *) echo "interop: unknown backend '$backend' (memory, fs, readonly, postgres)" >&2; exit 2 ;;
+        cluster)
+            start_postgres pg-cluster
+            # One receipt signing key for both nodes, as a cluster shares
+            # MACP_RECEIPT_KEYS_FILE (--dev alone would give each node its own).
+            "$VENV/bin/python" - >"$WORK/receipt-key.pem" <<'PY'
+from cryptography.hazmat.primitives import serialization as s
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+print(Ed25519PrivateKey.generate().private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode())
+PY
+            flags=(--storage postgres --database-url "$DATABASE_URL" --policies-dir "$ROOT/tests/interop/policies"
+                --receipt-keys-file "$WORK/receipt-key.pem"
+                --cluster-secret "interop cluster secret, 32 bytes" --lease-ttl-ms 1000
+                --advertise-addr "127.0.0.1:@PORT@")
+            select=(-m "not registry") ;;
+        *) echo "interop: unknown backend '$backend' (memory, fs, readonly, postgres, cluster)" >&2; exit 2 ;;
     esac
     logf="$WORK/server-$backend.log"
-    start_server "$logf" "${flags[@]}"
-    log "backend $backend: macp-runtime pid $SERVER_PID on 127.0.0.1:$PORT; macp-sdk-python $SDK_VERSION"
+    if [ "$backend" = cluster ]; then
+        targets=""
+        for node in n1 n2; do
+            start_server "$WORK/server-cluster-$node.log" "${flags[@]}" --node-id "$node"
+            SERVER_PIDS+=("$SERVER_PID")
+            SERVER_PID=""
+            targets="${targets:+$targets,}127.0.0.1:$PORT"
+        done
+        # The second node's share of the shards moves to it within a few
+        # 250 ms membership rounds; let that settle before the tests.
+        sleep 3
+        cat "$WORK"/server-cluster-n*.log >"$logf"
+    else
+        start_server "$logf" "${flags[@]}"
+        targets="127.0.0.1:$PORT"
+    fi
+    log "backend $backend: macp-runtime on $targets; macp-sdk-python $SDK_VERSION"
     start=$(date +%s)
-    if MACP_INTEROP_TARGET="127.0.0.1:$PORT" PYTHONDONTWRITEBYTECODE=1 \
+    if MACP_INTEROP_TARGET="$targets" PYTHONDONTWRITEBYTECODE=1 \
         "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfExX "${select[@]}" "$ROOT/tests/interop" "$@"; then
         log "backend $backend: passed in $(($(date +%s) - start)) s"
     else
         failed=1
         log "backend $backend: FAILED; server log follows"
+        [ "$backend" = cluster ] && cat "$WORK"/server-cluster-n*.log >"$logf"
         tail -n 50 "$logf" >&2
     fi
     stop_server
