@@ -326,7 +326,7 @@ pub async fn serve_with(
         sync_policies(&mut driver, policies, &kcfg.runtime_id)?;
         info!("policy registry: read-only, {} from {}", Count::of(policies.len(), "policy file"), dir.display());
     }
-    let open = Count::of(driver.open_sessions(), "session").to_string();
+    let open = format!("{} open", Count::of(driver.open_sessions(), "session"));
     let hub = driver.hub();
     let watch =
         Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
@@ -347,7 +347,7 @@ struct Worker {
     task: tokio::task::JoinHandle<Result<(), StartError>>,
     /// The single driver, told to stop after the gRPC server has.
     stop: Option<tokio::sync::mpsc::Sender<crate::driver::Command>>,
-    /// Open sessions at start, for the start-up line.
+    /// What it holds at start (open sessions, or shards), for the start-up line.
     open: String,
 }
 
@@ -376,7 +376,7 @@ async fn start_node(
         policies,
         forwarder,
     };
-    info!("joining the cluster: {}", storage_label(cfg));
+    info!("joining the cluster as node {}: {}", cfg.node_id.as_deref().unwrap_or_default(), storage_label(cfg));
     let (node, table, watch) = Node::start(settings).await.map_err(|e| StartError::Storage(e.to_string()))?;
     let open = format!("{} of {} shards served here", table.served().len(), table.shards());
     let task = tokio::spawn(async move {
@@ -432,7 +432,7 @@ async fn serve_on(
 ) -> Result<(), StartError> {
     let addr: SocketAddr = listener.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
     info!(
-        "macp-runtime listening on {addr}; TLS {}; auth: {}{}{}; storage: {}; history retention: {}; decision receipts: {}; {} open",
+        "macp-runtime listening on {addr}; TLS {}; auth: {}{}{}; storage: {}; history retention: {}; decision receipts: {}; {}",
         if cfg.tls() { "on" } else { "OFF (plaintext)" },
         Count::of(auth.token_count(), "static token"),
         auth.jwt().map(|j| format!(" + JWTs from {}", j.settings().issuer)).unwrap_or_default(),
