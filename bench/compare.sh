@@ -14,6 +14,14 @@
 #   signals-mem-c16                                       ambient Signals, memory-only
 #   decision-pg-c1 decision-pg-c16 decision-pg-c64        decision, ours on PostgreSQL
 #                   (--storage postgres; the reference has no such backend)
+#   decision-cluster1-c1 … -c64   decision, ours as a one-node cluster on PostgreSQL
+#                   (--node-id: a driver per shard, no forwarding)
+#   decision-cluster3-c1 … -c64   decision, ours as a three-node cluster on one
+#                   PostgreSQL, the load sent to node 1 (which forwards the
+#                   sessions of the other nodes' shards: about two thirds)
+#   takeover-cluster    two nodes, one shard: open $TAKEOVER_SESSIONS sessions,
+#                   SIGKILL the node serving the shard, time until the other one
+#                   serves them (lease TTL $TAKEOVER_TTL_MS ms + loading)
 #   sessions-file   open $SESSIONS sessions file-backed, read RSS, stop the server
 #                   (SIGTERM, SIGKILL after $STOP_TIMEOUT s), restart it on the same
 #                   data dir and time it until those sessions are readable again
@@ -24,6 +32,7 @@
 # Environment (all optional):
 #   DURATION=10s WARMUP=2s     measured time and warm-up of the timed items
 #   SESSIONS=100000            sessions opened by the sessions-* items
+#   TAKEOVER_SESSIONS=10000 TAKEOVER_TTL_MS=2000   the takeover-cluster item
 #   OPEN_CONCURRENCY=64        workers opening them
 #   ONLY="a b"  SKIP="a b"     item-name prefixes to run / leave out
 #                              (e.g. ONLY=decision-file, SKIP="sessions-mem")
@@ -141,6 +150,8 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 SESSIONS=${SESSIONS:-100000}
 OPEN_CONCURRENCY=${OPEN_CONCURRENCY:-64}
+TAKEOVER_SESSIONS=${TAKEOVER_SESSIONS:-10000}
+TAKEOVER_TTL_MS=${TAKEOVER_TTL_MS:-2000}
 ONLY=${ONLY:-}
 SKIP=${SKIP:-}
 SERVERS=${SERVERS:-ours ref}
@@ -309,6 +320,87 @@ record() {
 last_json() { grep '^{' | tail -1; }
 
 # A timed macp-bench run against a fresh server.
+# CPU seconds (user + system) a process has used so far.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+
+# The command line of cluster node $1 on port $2 (ours, PostgreSQL at $PG_URL).
+node_cmd() {
+    local prefix=
+    [[ -n $OURS_ENV ]] && prefix="env $OURS_ENV "
+    echo "$prefix$OURS --dev --storage postgres --database-url $PG_URL --bind-addr 127.0.0.1:$2 --node-id $1 --advertise-addr 127.0.0.1:$2 --cluster-secret compare.sh-cluster-secret ${3:-}"
+}
+
+# A timed macp-bench run against node 1 of a fresh cluster of $3 nodes; the
+# bench reports node 1's CPU, and the whole cluster's CPU over the run
+# (warm-up included) is recorded beside it.
+cluster_item() {
+    local item=$1 conc=$2 nodes=$3 n pids=() ports=() cmd bench_cmd out before after
+    start_pg
+    for ((n = 1; n <= nodes; n++)); do
+        ports+=($((PORT_OURS + 100 + n)))
+        cmd=$(node_cmd "n$n" "${ports[-1]}")
+        start_server "$cmd" "$WORKDIR/logs/ours-$item-n$n.log" "${ports[-1]}"
+        pids+=("$SERVER_PID")
+        wait_ready "${ports[-1]}"
+    done
+    # Let the shards settle on their preferred nodes (1 s rounds at the default TTL).
+    sleep $((nodes > 1 ? 6 : 1))
+    bench_cmd="$BENCH --addr 127.0.0.1:${ports[0]} --auth bearer --workload decision --concurrency $conc --duration $DURATION --warmup $WARMUP --server-pid ${pids[0]}"
+    echo "== $item [ours]: $bench_cmd"
+    before=0
+    for p in "${pids[@]}"; do before=$(awk -v a="$before" -v b="$(cpu_s "$p")" 'BEGIN { print a + b }'); done
+    local t0
+    t0=$(now)
+    out=$($bench_cmd) || { echo "$out"; echo "compare.sh: macp-bench failed" >&2; exit 1; }
+    local wall
+    wall=$(secs_since "$t0")
+    after=0
+    for p in "${pids[@]}"; do after=$(awk -v a="$after" -v b="$(cpu_s "$p")" 'BEGIN { print a + b }'); done
+    echo "$out" | grep -v '^{'
+    echo "   cluster CPU over the run: $(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }') s in $wall s"
+    for p in "${pids[@]}"; do SERVER_PID=$p; stop_server; done
+    stop_pg
+    record ours "$item" postgres load "$(jq -nc --arg cmd "$(node_cmd n1 "${ports[0]}")" --arg bench "$bench_cmd"         --argjson r "$(echo "$out" | last_json)" --argjson nodes "$nodes"         --argjson cpu "$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.3f", a - b }')" --argjson wall "$wall"         '{server_cmd: $cmd, cmd: $bench, result: $r, nodes: $nodes, cluster_cpu_s: $cpu, run_wall_s: $wall}')"
+}
+
+# Two nodes, one shard: open TAKEOVER_SESSIONS sessions, kill the node that
+# serves the shard, time until the other serves them.
+takeover_item() {
+    local item=takeover-cluster ports=() pids=() n cmd out checks expect=() holder survivor t0
+    start_pg
+    for n in 1 2; do
+        ports+=($((PORT_OURS + 100 + n)))
+        cmd=$(node_cmd "n$n" "${ports[-1]}" "--shards 1 --lease-ttl-ms $TAKEOVER_TTL_MS")
+        start_server "$cmd" "$WORKDIR/logs/ours-$item-n$n.log" "${ports[-1]}"
+        pids+=("$SERVER_PID")
+        wait_ready "${ports[-1]}"
+    done
+    sleep 3
+    holder=0
+    grep -q "shard 0: loaded" "$WORKDIR/logs/ours-$item-n2.log" && ! grep -q "handing over" "$WORKDIR/logs/ours-$item-n2.log" && holder=1
+    survivor=$((1 - holder))
+    out=$($BENCH --addr "127.0.0.1:${ports[$holder]}" --auth bearer --workload open-sessions --sessions "$TAKEOVER_SESSIONS" --concurrency "$OPEN_CONCURRENCY") \
+        || { echo "$out"; echo "compare.sh: opening sessions failed" >&2; exit 1; }
+    echo "$out" | grep -v '^{'
+    checks=$(echo "$out" | last_json | jq -r '.check_sessions[]')
+    for s in $checks; do expect+=(--expect-session "$s"); done
+    echo "== $item [ours]: SIGKILL node n$((holder + 1)) (serves the shard, $TAKEOVER_SESSIONS open sessions); probing n$((survivor + 1))"
+    t0=$(now)
+    kill -KILL "${pids[$holder]}"
+    out=$($BENCH probe --addr "127.0.0.1:${ports[$survivor]}" --auth bearer --timeout 120s "${expect[@]}")
+    local took loaded
+    took=$(secs_since "$t0")
+    loaded=$(grep -o "shard 0: loaded in [^:]*" "$WORKDIR/logs/ours-$item-n$((survivor + 1)).log" | tail -1 | sed 's/shard 0: loaded in //')
+    echo "   $(echo "$out" | grep -v '^{'); kill to served: $took s (lease TTL $TAKEOVER_TTL_MS ms; the shard loaded in $loaded)"
+    SERVER_PID=${pids[$survivor]}
+    stop_server
+    wait "${pids[$holder]}" 2>/dev/null || true
+    stop_pg
+    record ours "$item" postgres takeover "$(jq -nc --argjson n "$TAKEOVER_SESSIONS" --argjson ttl "$TAKEOVER_TTL_MS" \
+        --argjson took "$took" --arg loaded "$loaded" --argjson r "$(echo "$out" | last_json)" \
+        '{sessions: $n, lease_ttl_ms: $ttl, kill_to_served_s: $took, load: $loaded, result: $r}')"
+}
+
 load_item() {
     local server=$1 item=$2 storage=$3 workload=$4 conc=$5 port dir cmd bench_cmd out
     [[ $storage == postgres && $server == ref ]] && return 0
@@ -422,6 +514,14 @@ for storage in memory file postgres; do
 done
 if wanted signals-mem-c16; then
     for s in $SERVERS; do load_item "$s" signals-mem-c16 memory signals 16; done
+fi
+if [[ " $SERVERS " == *" ours "* ]]; then
+    for nodes in 1 3; do
+        for c in 1 16 64; do
+            wanted "decision-cluster$nodes-c$c" && cluster_item "decision-cluster$nodes-c$c" "$c" "$nodes"
+        done
+    done
+    if wanted takeover-cluster; then takeover_item; fi
 fi
 for storage in file memory postgres; do
     item=sessions-mem

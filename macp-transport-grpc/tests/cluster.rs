@@ -54,7 +54,13 @@ impl Node {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_macp-runtime"))
             .args(["--dev", "--bind-addr", &addr, "--storage", "postgres", "--database-url", url])
-            .args(["--node-id", id, "--advertise-addr", &addr, "--shards", &SHARDS.to_string()])
+            .args(["--node-id", id, "--advertise-addr", &addr])
+            .args(
+                (!extra.contains(&"--shards"))
+                    .then(|| ["--shards".to_string(), SHARDS.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--lease-ttl-ms", &TTL_MS.to_string()])
             .args(extra)
             .env("MACP_SESSION_START_LIMIT_PER_MINUTE", "0")
@@ -505,5 +511,54 @@ fn any_node_serves_any_session_with_a_cluster_secret() {
         );
         let e = c.get_session(GetSessionRequest { session_id: sid() }).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    });
+}
+
+/// A node that serves no shard (two nodes, one shard) still answers
+/// discovery and the registries, and forwards the sessions.
+#[test]
+fn a_node_without_shards_answers_discovery_and_forwards() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("noshard");
+    let url = pg.create_database(&db).expect("a database");
+    let extra = ["--shards", "1", "--cluster-secret", "a shared secret of the test cluster"];
+    let nodes = [
+        Node::spawn_logging(&url, "z1", Stdio::null(), &extra),
+        Node::spawn_logging(&url, "z2", Stdio::null(), &extra),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            let mut c = connect_port(*p, "probe").await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Initialize answers as soon as the node listens.
+            while let Err(e) = c
+                .initialize(InitializeRequest { supported_protocol_versions: vec!["1.0".into()], ..Default::default() })
+                .await
+            {
+                assert!(Instant::now() < deadline, "node on port {p} never answered Initialize: {e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let modes = c.list_modes(ListModesRequest::default()).await.expect("ListModes").into_inner();
+            assert!(modes.modes.iter().any(|m| m.mode == DECISION), "{modes:?}");
+        }
+    });
+    let q = "SELECT owner FROM macp.macp_shards WHERE lease_until > clock_timestamp()";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owner = loop {
+        // A node that has not joined yet has no tables to read.
+        match pg.psql(&db, q) {
+            Ok(o) if !o.is_empty() => break o,
+            _ => assert!(Instant::now() < deadline, "nobody holds the shard"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(TTL_MS / 2));
+    let idle = if owner == "z1" { ports[1] } else { ports[0] };
+    rt.block_on(async {
+        let mut i = connect_port(idle, "I").await;
+        let s = sid();
+        assert!(send(&mut i, start_env(&s, &["I", "A"])).await.ok, "forwarded by the node without shards");
     });
 }

@@ -80,14 +80,13 @@ impl Router {
         }
     }
 
-    /// Some driver, for questions every driver answers alike (the
-    /// registries, which every shard loads from the same files).
+    /// A driver for questions every driver answers alike (the registries,
+    /// which every shard loads from the same files): a cluster node's
+    /// registry driver.
     pub fn any(&self) -> Result<mpsc::Sender<Command>, Status> {
         match self {
             Router::Single(tx) => Ok(tx.clone()),
-            Router::Cluster(table) => table.locals().into_iter().next().ok_or_else(|| {
-                Status::unavailable("this cluster node holds no shard at the moment; retry shortly or ask another node")
-            }),
+            Router::Cluster(table) => Ok(table.registry.clone()),
         }
     }
 
@@ -151,12 +150,16 @@ pub struct ShardTable {
     /// Forwarding to the node that serves a session (when the cluster has
     /// a shared secret).
     forwarder: Option<Arc<Forwarder>>,
+    /// A driver of no shard that holds the registries (from the policies
+    /// directory, as every shard does): it answers discovery and registry
+    /// questions also while the node serves no shard.
+    registry: mpsc::Sender<Command>,
 }
 
 impl ShardTable {
     /// An empty table for a cluster of `shards` shards.
-    pub fn new(node_id: &str, shards: u32, forwarder: Option<Arc<Forwarder>>) -> Self {
-        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()), forwarder }
+    pub fn new(node_id: &str, shards: u32, forwarder: Option<Arc<Forwarder>>, registry: mpsc::Sender<Command>) -> Self {
+        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()), forwarder, registry }
     }
 
     fn peer(&self, session_id: &str) -> Option<Peer> {

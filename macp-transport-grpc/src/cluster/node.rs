@@ -82,6 +82,8 @@ pub struct Node {
     /// The watch channels every shard's hub sends into.
     hub: Hub,
     running: HashMap<u32, Running>,
+    /// The driver of no shard answering registry questions.
+    registry: Running,
 }
 
 impl Node {
@@ -96,13 +98,25 @@ impl Node {
         let host = tokio::task::spawn_blocking(move || PgHost::open(&url, pg, WRITERS)).await.map_err(|e| {
             StorageError::Misuse(if e.is_panic() { "opening panicked" } else { "opening was cancelled" })
         })??;
-        let table =
-            Arc::new(ShardTable::new(&settings.cluster.node_id, settings.cluster.shards, settings.forwarder.clone()));
         let hub = Hub::default();
+        let registry = Self::registry_driver(&settings, hub.sharing()).await?;
+        let table = Arc::new(ShardTable::new(
+            &settings.cluster.node_id,
+            settings.cluster.shards,
+            settings.forwarder.clone(),
+            registry.tx.clone(),
+        ));
         let watch =
             Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
-        let mut node =
-            Node { settings, membership, host: Arc::new(host), table: table.clone(), hub, running: HashMap::new() };
+        let mut node = Node {
+            settings,
+            membership,
+            host: Arc::new(host),
+            table: table.clone(),
+            hub,
+            running: HashMap::new(),
+            registry,
+        };
         let tick = node.membership.tick().await?;
         node.apply(tick, true).await?;
         info!(
@@ -130,6 +144,8 @@ impl Node {
         for shard in shards {
             self.stop_shard(shard, true).await;
         }
+        let _ = self.registry.tx.send(Command::Shutdown).await;
+        let _ = tokio::time::timeout(DRAIN_WITHIN, &mut self.registry.task).await;
         let node = self.settings.cluster.node_id.clone();
         match self.membership.leave().await {
             Ok(()) => info!("cluster node {node} left the cluster"),
@@ -198,6 +214,26 @@ impl Node {
         }
         self.table.renewed(self.membership.held().iter().map(|(s, l)| (*s, l.valid_until)));
         Ok(())
+    }
+
+    /// A driver over memory storage holding only the registries (the
+    /// policies directory's policies, as every shard holds them).
+    async fn registry_driver(settings: &NodeSettings, hub: Hub) -> Result<Running, NodeError> {
+        let s = settings.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            let storage: Box<dyn Storage> = Box::new(macp_storage::MemoryStorage::default());
+            let reopen: Reopen = Box::new(|| Err(StorageError::Misuse("the registry driver has no storage to reopen")));
+            let (mut driver, tx, _) = Driver::recover(s.kernel.clone(), storage, reopen, hub, s.checkpoint, &|| false)
+                .map_err(|e: RecoveryError| e.to_string())?;
+            if let Some(policies) = &s.policies {
+                crate::server::sync_policies(&mut driver, policies, &s.kernel.runtime_id).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>((driver, tx))
+        })
+        .await
+        .map_err(|e| NodeError::Shard { shard: u32::MAX, reason: format!("the registry task failed: {e}") })?;
+        let (driver, tx) = built.map_err(|reason| NodeError::Shard { shard: u32::MAX, reason })?;
+        Ok(Running { tx, task: tokio::spawn(driver.run()) })
     }
 
     /// Recovers `lease`'s shard into a driver of its own and routes to it.
