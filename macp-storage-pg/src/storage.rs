@@ -40,6 +40,12 @@ pub struct PgConfig {
     /// Ended sessions (and covered registry records) deleted per
     /// [`Storage::maintain`] call at most, so one call stays short.
     pub maintain_sessions: u32,
+    /// The least kernel time between two upkeep statements when the last
+    /// one found no more to do and no checkpoint came since: the driver
+    /// asks for upkeep ten times a second, and a cluster node's dozens of
+    /// shards would otherwise keep the writer connections busy with
+    /// statements that delete nothing.
+    pub maintain_every_ms: i64,
     /// Reader connections, besides the writer's: reads (passive-subscribe
     /// history, GetSession of an ended session) are spread over them, so a
     /// slow read does not hold up the others, and none waits for a commit.
@@ -63,6 +69,7 @@ impl Default for PgConfig {
             retention: Retention::Forever,
             max_record_bytes: 64 << 20,
             maintain_sessions: 512,
+            maintain_every_ms: 5_000,
             readers: 2,
             lock_wait: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
@@ -145,6 +152,9 @@ pub struct PgStorage {
     /// The shard and the lease fencing its writes, for a cluster's
     /// storage (none: the single node's shard 0).
     lease: Option<ShardLease>,
+    /// The last upkeep: its kernel time, the checkpoint it saw, and what it
+    /// reported (see [`PgConfig::maintain_every_ms`]).
+    last_upkeep: Option<(i64, i64, Maintenance)>,
 }
 
 impl std::fmt::Debug for PgStorage {
@@ -250,6 +260,7 @@ impl PgStorage {
             ended: BTreeMap::new(),
             read_only,
             lease,
+            last_upkeep: None,
         })
     }
 
@@ -479,16 +490,24 @@ impl Storage for PgStorage {
         let cutoff = self.cfg.retention.cutoff(now_ms);
         let limit = i64::from(self.cfg.maintain_sessions.max(1));
         let covers = self.covers;
+        if let Some((at, seen, last)) = &self.last_upkeep {
+            if !last.more && *seen == covers && now_ms.saturating_sub(*at) < self.cfg.maintain_every_ms {
+                // Nothing became deletable since: no statement.
+                return Ok(Maintenance { bytes: last.bytes, segments: None, ..Maintenance::default() });
+            }
+        }
         let lease = self.lease.clone();
         let done = self.ask(|reply| Op::Maintain { lease, cutoff, covers, limit, reply })?;
-        Ok(Maintenance {
+        let m = Maintenance {
             expired_sessions: done.expired.max(0) as u64,
             bytes: done.bytes.max(0) as u64,
             segments: None,
             more: done.expired >= limit || done.registry >= limit,
             retention_cutoff_ms: cutoff,
             ..Maintenance::default()
-        })
+        };
+        self.last_upkeep = Some((now_ms, covers, m.clone()));
+        Ok(m)
     }
 
     fn reader(&self) -> Arc<dyn StorageRead> {
@@ -664,6 +683,7 @@ impl PgHost {
             ended: BTreeMap::new(),
             read_only: false,
             lease: Some(lease),
+            last_upkeep: None,
         }
     }
 

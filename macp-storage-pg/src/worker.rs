@@ -737,7 +737,15 @@ fn fence(lease: &Option<ShardLease>) -> (Option<&str>, i64) {
 impl Writer {
     /// Serves `ops` in order; true when it ended with a clean close.
     async fn serve(mut self, mut ops: UnboundedReceiver<Op>) -> bool {
-        while let Some(op) = ops.recv().await {
+        let mut held: Option<Op> = None;
+        loop {
+            let op = match held.take() {
+                Some(op) => op,
+                None => match ops.recv().await {
+                    Some(op) => op,
+                    None => break,
+                },
+            };
             if !matches!(op, Op::Close | Op::Crash) {
                 if let Err(e) = self.reconnect_if_lost().await {
                     op.fail(e);
@@ -759,7 +767,28 @@ impl Writer {
                     let _ = reply.send(info(&self.conn.client, &self.place, self.timeout).await);
                 }
                 Op::Commit { lease, batch, checkpoint, reply } => {
-                    let _ = reply.send(self.commit(&lease, batch, checkpoint).await);
+                    // The commits of other shards queued behind this one go
+                    // in the same transaction: one WAL flush for them all
+                    // (a host's shards share this connection).
+                    let mut group = vec![(lease, batch, checkpoint, reply)];
+                    while group.len() < MAX_GROUP {
+                        match ops.try_recv() {
+                            Ok(Op::Commit { lease, batch, checkpoint, reply }) => {
+                                group.push((lease, batch, checkpoint, reply))
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if group.len() == 1 {
+                        let (lease, batch, checkpoint, reply) = group.pop().expect("one commit");
+                        let _ = reply.send(self.commit(&lease, batch, checkpoint).await);
+                    } else {
+                        self.commit_group(group).await;
+                    }
                 }
                 Op::Maintain { lease, cutoff, covers, limit, reply } => {
                     let _ = reply.send(self.maintain(&lease, cutoff, covers, limit).await);
@@ -813,45 +842,99 @@ impl Writer {
         Ok(())
     }
 
+    /// Several shards' commits in one transaction. Each statement is fenced
+    /// on its own (a fenced one inserts nothing and answers false), so one
+    /// shard's lost lease refuses only that shard's commit; a database
+    /// error fails them all, as nothing of the transaction was stored.
+    async fn commit_group(&mut self, group: Vec<Commit>) {
+        let (place, t) = (self.place.clone(), self.timeout);
+        let mut outcomes = Vec::with_capacity(group.len());
+        let result: Result<(), StorageError> = async {
+            let tx = within(&place, "commit", t, self.conn.client.transaction()).await?;
+            let (tx_ref, st) = (&tx, &self.st);
+            let runs = group
+                .iter()
+                .map(|(lease, b, checkpoint, _)| run_batch(tx_ref, st, lease, b, checkpoint.as_ref(), &place, t));
+            for outcome in futures_util::future::join_all(runs).await {
+                outcomes.push(outcome?);
+            }
+            within(&place, "commit", t, tx.commit()).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                for ((_, _, _, reply), outcome) in group.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, _, _, reply) in group {
+                    let source = io::Error::other(msg.clone());
+                    let _ = reply.send(Err(StorageError::Io { op: "commit", path: place.path(), source }));
+                }
+            }
+        }
+    }
+
     async fn commit(
         &self,
         lease: &Option<ShardLease>,
         b: Batch,
         checkpoint: Option<(i64, Vec<u8>)>,
     ) -> Result<(), StorageError> {
-        let (node, epoch) = fence(lease);
-        let shard = shard_of_lease(lease);
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-            &b.pos,
-            &b.session_id,
-            &b.seq,
-            &b.record,
-            &b.ended_id,
-            &b.ended_at,
-            &b.ended_pos,
-            &b.summary,
-            &shard,
-            &node,
-            &epoch,
-        ];
-        let statement = match &checkpoint {
-            Some((covers, state)) => {
-                params.push(covers);
-                params.push(state);
-                &self.st.batch_checkpoint
-            }
-            None => &self.st.batch,
-        };
-        let op = if checkpoint.is_some() { "checkpoint" } else { "commit" };
-        let row = within(&self.place, op, self.timeout, self.conn.client.query_one(statement, &params)).await?;
-        let stored: bool = row.try_get(0).map_err(self.place.db(op))?;
-        if stored {
-            Ok(())
-        } else {
-            Err(StorageError::Fenced { shard: shard as u32, epoch })
-        }
+        // One statement: its own transaction.
+        run_batch(&self.conn.client, &self.st, lease, &b, checkpoint.as_ref(), &self.place, self.timeout).await?
     }
+}
 
+/// A commit waiting in a writer's queue.
+type Commit = (Option<ShardLease>, Batch, Option<(i64, Vec<u8>)>, Reply<()>);
+
+/// Most commits one writer transaction groups.
+const MAX_GROUP: usize = 256;
+
+/// Runs one batch statement (with the checkpoint, if any) on `c`: the
+/// outer error is the database's, the inner one the fence's refusal.
+async fn run_batch(
+    c: &impl tokio_postgres::GenericClient,
+    st: &WriterStatements,
+    lease: &Option<ShardLease>,
+    b: &Batch,
+    checkpoint: Option<&(i64, Vec<u8>)>,
+    place: &Place,
+    t: Duration,
+) -> Result<Result<(), StorageError>, StorageError> {
+    let (node, epoch) = fence(lease);
+    let shard = shard_of_lease(lease);
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &b.pos,
+        &b.session_id,
+        &b.seq,
+        &b.record,
+        &b.ended_id,
+        &b.ended_at,
+        &b.ended_pos,
+        &b.summary,
+        &shard,
+        &node,
+        &epoch,
+    ];
+    let statement = match checkpoint {
+        Some((covers, state)) => {
+            params.push(covers);
+            params.push(state);
+            &st.batch_checkpoint
+        }
+        None => &st.batch,
+    };
+    let op = if checkpoint.is_some() { "checkpoint" } else { "commit" };
+    let row = within(place, op, t, c.query_one(statement, &params)).await?;
+    let stored: bool = row.try_get(0).map_err(place.db(op))?;
+    Ok(if stored { Ok(()) } else { Err(StorageError::Fenced { shard: shard as u32, epoch }) })
+}
+
+impl Writer {
     async fn maintain(
         &self,
         lease: &Option<ShardLease>,

@@ -381,3 +381,43 @@ fn a_hosts_lost_writer_connection_comes_back() {
     assert_eq!(suite::load(&mut s0).records, vec![record(1, 1)]);
     assert_eq!(rows(&db, &schema, 1), "1");
 }
+
+/// Shards writing at once through one host connection share
+/// transactions; a shard whose lease was taken is refused alone, the
+/// others' commits go through.
+#[test]
+fn shards_committing_together_are_fenced_each_on_its_own() {
+    let (db, rt, schema) = (Db::new(), rt(), unique_name("group"));
+    let mut m = join(&rt, &db, &schema, node("n", 4, Duration::from_secs(300)));
+    tick(&rt, &mut m);
+    let host = std::sync::Arc::new(PgHost::open(&db.url, db.cfg(&schema, Retention::Forever), 1).unwrap());
+    // Shard 3 is taken over behind the node's back.
+    db.sql(&format!("UPDATE {schema}.macp_shards SET epoch = epoch + 1, owner = 'other' WHERE shard = 3"));
+    let threads: Vec<_> = (0..4u32)
+        .map(|shard| {
+            let (host, lease) = (host.clone(), m.lease_for(shard).unwrap());
+            std::thread::spawn(move || {
+                let mut s = host.shard(lease);
+                suite::load(&mut s);
+                for seq in 1..=50 {
+                    s.append(&[record(u64::from(shard) * 1000 + 1, seq)], &[]).unwrap();
+                    if let Err(e) = s.sync() {
+                        return Err((seq, e));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for (shard, t) in threads.into_iter().enumerate() {
+        match (shard, t.join().unwrap()) {
+            (3, Err((1, StorageError::Fenced { shard: 3, .. }))) => {}
+            (3, other) => panic!("shard 3: expected its first commit fenced, got {other:?}"),
+            (_, r) => r.expect("the other shards commit"),
+        }
+    }
+    for shard in 0..3 {
+        assert_eq!(rows(&db, &schema, shard), "50");
+    }
+    assert_eq!(rows(&db, &schema, 3), "0");
+}
