@@ -190,6 +190,32 @@ fn wait_for_owners(pg: &PgServer, db: &str, nodes: &[&str], within: Duration) {
     }
 }
 
+/// The holder of a one-shard cluster's shard, once both nodes have joined
+/// and the shard has settled on its preferred node (the same holder over
+/// a whole lease TTL: several membership rounds of both nodes).
+fn the_one_shards_owner(pg: &PgServer, db: &str) -> String {
+    let q = "SELECT owner FROM macp.macp_shards WHERE lease_until > clock_timestamp()";
+    let members = "SELECT count(*) FROM macp.macp_nodes";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen: Option<(String, Instant)> = None;
+    loop {
+        // A node that has not joined yet has no tables to read.
+        let owner = pg.psql(db, q).ok().filter(|o| !o.is_empty());
+        let both = pg.psql(db, members).ok().as_deref() == Some("2");
+        match (owner, &seen) {
+            (Some(o), Some((s, since))) if both && *s == o => {
+                if since.elapsed() >= Duration::from_millis(TTL_MS) {
+                    return o;
+                }
+            }
+            (Some(o), _) if both => seen = Some((o, Instant::now())),
+            _ => seen = None,
+        }
+        assert!(Instant::now() < deadline, "the shard did not settle on one node");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn owner_of(pg: &PgServer, db: &str, session: &str) -> String {
     sql(pg, db, &format!("SELECT owner FROM macp.macp_shards WHERE shard = {}", shard_of(session, SHARDS)))
 }
@@ -544,21 +570,53 @@ fn a_node_without_shards_answers_discovery_and_forwards() {
             assert!(modes.modes.iter().any(|m| m.mode == DECISION), "{modes:?}");
         }
     });
-    let q = "SELECT owner FROM macp.macp_shards WHERE lease_until > clock_timestamp()";
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let owner = loop {
-        // A node that has not joined yet has no tables to read.
-        match pg.psql(&db, q) {
-            Ok(o) if !o.is_empty() => break o,
-            _ => assert!(Instant::now() < deadline, "nobody holds the shard"),
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let owner = the_one_shards_owner(&pg, &db);
     std::thread::sleep(Duration::from_millis(TTL_MS / 2));
     let idle = if owner == "z1" { ports[1] } else { ports[0] };
     rt.block_on(async {
         let mut i = connect_port(idle, "I").await;
         let s = sid();
         assert!(send(&mut i, start_env(&s, &["I", "A"])).await.ok, "forwarded by the node without shards");
+    });
+}
+
+/// Rate limits are charged at the node the client talks to; the node a
+/// request is forwarded to does not charge it again.
+#[test]
+fn a_forwarded_request_is_charged_once() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("limits");
+    let url = pg.create_database(&db).expect("a database");
+    let extra =
+        ["--shards", "1", "--cluster-secret", "a shared secret of the test cluster", "--message-limit-per-minute", "3"];
+    let nodes = [
+        Node::spawn_logging(&url, "r1", Stdio::null(), &extra),
+        Node::spawn_logging(&url, "r2", Stdio::null(), &extra),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            connect_port(*p, "probe").await;
+        }
+    });
+    let owner = the_one_shards_owner(&pg, &db);
+    std::thread::sleep(Duration::from_millis(TTL_MS / 2));
+    let (served, idle) = if owner == "r1" { (ports[0], ports[1]) } else { (ports[1], ports[0]) };
+    rt.block_on(async {
+        let (mut i, mut via, mut direct) =
+            (connect_port(idle, "I").await, connect_port(idle, "A").await, connect_port(served, "A").await);
+        let s = sid();
+        assert!(send(&mut i, start_env(&s, &["I", "A"])).await.ok);
+        for n in 0..4 {
+            let c = if n < 2 { &mut via } else { &mut direct };
+            let ack = send(c, env(&s, DECISION, "Proposal", proposal(&format!("p{n}")))).await;
+            assert!(ack.ok, "message {n}: {ack:?}");
+        }
+        // The fourth through the idle node is over its budget of three.
+        let ack = send(&mut via, env(&s, DECISION, "Proposal", proposal("p4"))).await;
+        assert!(ack.ok, "{ack:?}");
+        let ack = send(&mut via, env(&s, DECISION, "Proposal", proposal("p5"))).await;
+        assert_eq!(code(&ack), "RATE_LIMITED", "{ack:?}");
     });
 }

@@ -134,8 +134,12 @@ impl Runtime {
     }
 
     /// Takes one unit from `sender`'s budget; false (and counted) when
-    /// exhausted.
-    fn within_limit(&self, sender: &str, budget: Budget) -> bool {
+    /// exhausted. A request another cluster node forwarded was charged
+    /// there, at the node the client talks to, and is not charged again.
+    fn within_limit(&self, sender: &str, budget: Budget, forwarded: bool) -> bool {
+        if forwarded {
+            return true;
+        }
         let ok = self.limits.check(sender, budget);
         if let (false, Some(m)) = (ok, &self.metrics) {
             m.rate_limited(budget);

@@ -70,7 +70,7 @@ async fn admit(
         Err(_) => return answer(Err(KernelError::new(ErrorCode::Unauthenticated, "missing or invalid credentials"))),
     };
     let budget = if envelope.message_type == "SessionStart" { Budget::SessionStart } else { Budget::Message };
-    if !rt.within_limit(&identity.sender, budget) {
+    if !rt.within_limit(&identity.sender, budget, forwarded) {
         let what = match budget {
             Budget::SessionStart => "SessionStart",
             Budget::Message => "message",
@@ -120,13 +120,13 @@ async fn admit(
 /// authority are whole-RPC errors; every other refusal is an Ack.
 pub(super) async fn control(rt: &Runtime, req: Request<(String, String)>, op: ControlOp) -> Result<Ack, Status> {
     let identity = rt.identity(&req).await?;
-    if !rt.within_limit(&identity.sender, Budget::Message) {
+    let forwarded = Runtime::forwarded(&req);
+    if !rt.within_limit(&identity.sender, Budget::Message, forwarded) {
         return Err(error_status(
             ErrorCode::RateLimited,
             format!("{} exceeded its per-minute message limit", identity.sender),
         ));
     }
-    let forwarded = Runtime::forwarded(&req);
     let (session_id, reason) = req.into_inner();
     if let Some(peer) = rt.router.peer(&session_id, forwarded) {
         let mut c = peer.client.clone();

@@ -29,13 +29,13 @@ pub(super) async fn what_if_replay(
     let identity = rt.identity(&req).await?;
     // A replay reads and re-evaluates a whole session: it spends from the
     // same budget as a message.
-    if !rt.within_limit(&identity.sender, Budget::Message) {
+    let forwarded = Runtime::forwarded(&req);
+    if !rt.within_limit(&identity.sender, Budget::Message, forwarded) {
         return Err(error_status(
             ErrorCode::RateLimited,
             format!("{} exceeded its per-minute message limit", identity.sender),
         ));
     }
-    let forwarded = Runtime::forwarded(&req);
     let WhatIfReplayRequest { session_id, candidate } = req.into_inner();
     if let Some(peer) = rt.router.peer(&session_id, forwarded) {
         let req = peer.request(WhatIfReplayRequest { session_id, candidate }, &identity);
