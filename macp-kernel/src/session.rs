@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
 
 use crate::error::{ErrorCode, KernelError};
@@ -28,8 +29,9 @@ pub struct Activity {
 pub enum SeenIds {
     /// Up to [`SeenIds::SMALL`] ids, sorted.
     Small(Vec<String>),
-    /// More.
-    Large(BTreeSet<String>),
+    /// More. Boxed: long sessions are rare, and an unboxed set would make
+    /// every session's `SeenIds` a word larger.
+    Large(Box<BTreeSet<String>>),
 }
 
 impl Default for SeenIds {
@@ -65,7 +67,7 @@ impl SeenIds {
                 Err(_) => {
                     let mut set: BTreeSet<String> = std::mem::take(v).into_iter().collect();
                     set.insert(id.to_string());
-                    *self = SeenIds::Large(set);
+                    *self = SeenIds::Large(Box::new(set));
                     true
                 }
             },
@@ -112,26 +114,32 @@ impl FromIterator<String> for SeenIds {
 }
 
 /// A session.
+///
+/// Kept compact, because the kernel holds one per open session and 100,000
+/// of them must fit in the server's 100 MB (issue 15): the id is one shared
+/// allocation (the session map and the timer index hold the same `Arc`),
+/// short texts (mode, versions, the initiator, sender names) are stored
+/// inline up to 24 bytes, and lists that never grow are boxed slices with no
+/// spare capacity.
 #[derive(Debug)]
 pub struct Session {
-    /// Session id.
-    pub id: String,
+    /// Session id, shared with the session map's key and the timer index.
+    pub id: Arc<str>,
     /// Canonical mode id (aliases resolved).
-    pub mode: String,
+    pub mode: CompactString,
     /// Bound mode version.
-    pub mode_version: String,
+    pub mode_version: CompactString,
     /// Bound configuration version.
-    pub configuration_version: String,
+    pub configuration_version: CompactString,
     /// The frozen policy, shared with the registry entry it was bound from.
     pub policy: Arc<BoundPolicy>,
     /// Sender of the SessionStart.
-    pub initiator: String,
+    pub initiator: CompactString,
     /// Declared participants, as given.
-    pub participants: Vec<String>,
-    /// Opaque context reference, verbatim.
-    pub context_id: String,
-    /// Extension keys of the SessionStart, sorted.
-    pub extension_keys: Vec<String>,
+    pub participants: Box<[String]>,
+    /// The context reference and extension keys, when the SessionStart had
+    /// any (most have neither, so they are kept out of line).
+    pub extras: Option<Box<StartExtras>>,
     /// Acceptance time of the SessionStart.
     pub started_at_ms: i64,
     /// Current absolute TTL deadline (moves on resume).
@@ -151,9 +159,9 @@ pub struct Session {
     /// Activity per sender, sorted by sender. A vector, not a map: senders
     /// are the initiator and declared participants (a bounded, usually tiny
     /// set), and a B-tree's first node would cost ten times the space.
-    pub activity: Vec<(String, Activity)>,
+    pub activity: Vec<(CompactString, Activity)>,
     /// Payload bytes of the resolving Commitment.
-    pub resolution: Option<Vec<u8>>,
+    pub resolution: Option<Box<[u8]>>,
     /// Only the initiator may commit (mode-fixed authority).
     pub initiator_only_commitment: bool,
     /// The mode's state.
@@ -166,7 +174,34 @@ pub struct Session {
     pub mode_timer_floor: i64,
 }
 
+/// The parts of a SessionStart most sessions leave empty.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StartExtras {
+    /// Opaque context reference, verbatim.
+    pub context_id: String,
+    /// Extension keys of the SessionStart, sorted.
+    pub extension_keys: Vec<String>,
+}
+
+impl StartExtras {
+    /// `None` when both are empty: the session stores nothing for them.
+    pub fn of(context_id: String, extension_keys: Vec<String>) -> Option<Box<StartExtras>> {
+        (!context_id.is_empty() || !extension_keys.is_empty())
+            .then(|| Box::new(StartExtras { context_id, extension_keys }))
+    }
+}
+
 impl Session {
+    /// Opaque context reference of the SessionStart, verbatim.
+    pub fn context_id(&self) -> &str {
+        self.extras.as_ref().map_or("", |e| e.context_id.as_str())
+    }
+
+    /// Extension keys of the SessionStart, sorted.
+    pub fn extension_keys(&self) -> &[String] {
+        self.extras.as_ref().map_or(&[], |e| e.extension_keys.as_slice())
+    }
+
     /// The view handed to modes.
     pub fn view(&self) -> SessionView<'_> {
         SessionView {
@@ -221,27 +256,27 @@ impl Session {
     /// SessionMetadata as the wire reports it.
     pub fn metadata(&self) -> SessionMetadata {
         SessionMetadata {
-            session_id: self.id.clone(),
-            mode: self.mode.clone(),
+            session_id: self.id.to_string(),
+            mode: self.mode.to_string(),
             state: self.state as i32,
             started_at_unix_ms: self.started_at_ms,
             expires_at_unix_ms: self.deadline_ms,
-            mode_version: self.mode_version.clone(),
-            configuration_version: self.configuration_version.clone(),
+            mode_version: self.mode_version.to_string(),
+            configuration_version: self.configuration_version.to_string(),
             policy_version: self.policy.id().to_string(),
-            participants: self.participants.clone(),
+            participants: self.participants.to_vec(),
             participant_activity: self
                 .activity
                 .iter()
                 .map(|(who, a)| ParticipantActivity {
-                    participant_id: who.clone(),
+                    participant_id: who.to_string(),
                     last_message_at_unix_ms: a.last_message_at_unix_ms,
                     message_count: a.message_count,
                 })
                 .collect(),
-            initiator: self.initiator.clone(),
-            context_id: self.context_id.clone(),
-            extension_keys: self.extension_keys.clone(),
+            initiator: self.initiator.to_string(),
+            context_id: self.context_id().to_string(),
+            extension_keys: self.extension_keys().to_vec(),
         }
     }
 
@@ -260,7 +295,7 @@ impl Session {
             Ok(i) => i,
             Err(i) => {
                 self.activity.reserve_exact(1); // bounded by the participants
-                self.activity.insert(i, (sender.to_string(), Activity::default()));
+                self.activity.insert(i, (sender.into(), Activity::default()));
                 i
             }
         };
@@ -274,6 +309,24 @@ impl Session {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn start_extras_are_stored_only_when_present() {
+        assert!(StartExtras::of(String::new(), Vec::new()).is_none());
+        let e = StartExtras::of("ctx-1".into(), Vec::new()).expect("a context id is kept");
+        assert_eq!((e.context_id.as_str(), e.extension_keys.len()), ("ctx-1", 0));
+        let e = StartExtras::of(String::new(), vec!["x.a".into()]).expect("extension keys are kept");
+        assert_eq!(e.extension_keys, ["x.a"]);
+    }
+
+    /// A session is allocated once per open session: at 100,000 of them
+    /// each mimalloc size class step above 320 bytes costs 6.4 MB.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_session_fits_the_320_byte_size_class() {
+        assert!(std::mem::size_of::<Session>() <= 320, "{} bytes", std::mem::size_of::<Session>());
+        assert_eq!(std::mem::size_of::<SeenIds>(), 24, "the large variant is boxed");
+    }
 
     proptest! {
         /// SeenIds answers exactly like a BTreeSet, across the switch from

@@ -17,7 +17,7 @@ use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
-use crate::session::{SeenIds, Session};
+use crate::session::{SeenIds, Session, StartExtras};
 use crate::validate;
 
 /// What live admission of a SessionStart already worked out, handed to
@@ -105,7 +105,7 @@ impl State {
         // ended-session cache still knows may start again: admission
         // accepted it because retention had passed for the old session
         // (storage forgot it), and replay must accept the same record.
-        if self.sessions.contains_key(&record.session_id) {
+        if self.sessions.contains_key(record.session_id.as_str()) {
             return Err(KernelError::new(
                 ErrorCode::SessionAlreadyExists,
                 format!("session {} already exists", record.session_id),
@@ -136,16 +136,16 @@ impl State {
             policy: &policy,
         };
         let mode_state = mode.start(view)?;
+        let id: Arc<str> = env.session_id.as_str().into();
         let mut session = Session {
-            id: env.session_id.clone(),
-            mode: st.canonical_mode.clone(),
-            extension_keys: p.extensions.into_keys().collect(),
-            mode_version: p.mode_version,
-            configuration_version: p.configuration_version,
+            id: id.clone(),
+            mode: st.canonical_mode.as_str().into(),
+            mode_version: p.mode_version.into(),
+            configuration_version: p.configuration_version.into(),
             policy,
-            initiator: env.sender.clone(),
-            participants: p.participants,
-            context_id: p.context_id,
+            initiator: env.sender.as_str().into(),
+            participants: p.participants.into_boxed_slice(),
+            extras: StartExtras::of(p.context_id, p.extensions.into_keys().collect()),
             started_at_ms: record.at_unix_ms,
             deadline_ms: st.deadline_unix_ms,
             max_suspend_ms: st.max_suspend_ms,
@@ -166,7 +166,7 @@ impl State {
         let metadata = emit.then(|| session.metadata());
         self.timers.reindex(&mut session);
         self.ended.forget(&record.session_id);
-        self.sessions.insert(record.session_id.clone(), Box::new(session));
+        self.sessions.insert(id, Box::new(session));
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) },
@@ -262,7 +262,7 @@ impl State {
             return Ok(out);
         }
         s.state = SessionState::Resolved;
-        s.resolution = Some(env.payload.clone());
+        s.resolution = Some(env.payload.as_slice().into());
         self.timers.reindex(s);
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
@@ -316,8 +316,10 @@ impl State {
         to: SessionState,
         emit: bool,
     ) -> KResult<Broadcasts> {
-        let s =
-            self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("control record for a missing session"))?;
+        let s = self
+            .sessions
+            .get_mut(env.session_id.as_str())
+            .ok_or_else(|| corrupt("control record for a missing session"))?;
         let event = match to {
             SessionState::Cancelled => {
                 if !s.is_live() {

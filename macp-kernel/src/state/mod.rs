@@ -22,6 +22,7 @@ mod timers;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use macp_wire::storage::{Record, SessionSummary};
 use macp_wire::v1::SessionState;
 
@@ -56,13 +57,15 @@ pub(crate) struct State {
     /// The runtime's own agent id: envelopes it sent are runtime-emitted.
     runtime_id: Arc<str>,
     /// Boxed: a B-tree node holds 11 values inline, and a session is a few
-    /// hundred bytes, so unboxed nodes waste a third of their space.
-    sessions: BTreeMap<String, Box<Session>>,
+    /// hundred bytes, so unboxed nodes waste a third of their space. The key
+    /// is the session's own id (`Session::id`), shared rather than copied.
+    sessions: BTreeMap<Arc<str>, Box<Session>>,
     modes: ModeRegistry,
     policies: PolicyRegistry,
     timers: Timers,
     /// Live (OPEN or SUSPENDED) sessions per initiator, for `max_open_sessions`.
-    live_by_initiator: BTreeMap<String, u32>,
+    /// Keys are stored inline up to 24 bytes (sender names usually fit).
+    live_by_initiator: BTreeMap<CompactString, u32>,
     /// Sequence number of the last registry record.
     registry_seq: u64,
     /// Sessions that recovery could not rebuild (storage corruption left a

@@ -7,6 +7,9 @@
 //! inside are kept as their protobuf encoding.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use compact_str::CompactString;
 
 use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionState};
 use prost::Message as _;
@@ -14,7 +17,7 @@ use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::State;
-use crate::session::{Activity, SeenIds, Session};
+use crate::session::{Activity, SeenIds, Session, StartExtras};
 
 /// Bumped whenever the layout or its meaning changes. Format 2 holds open
 /// and suspended sessions only (ended sessions live in storage); a format 1
@@ -74,7 +77,7 @@ struct KernelSnapRef<'a> {
     quarantined: &'a BTreeSet<String>,
 }
 
-struct SessionsRef<'a>(&'a BTreeMap<String, Box<Session>>);
+struct SessionsRef<'a>(&'a BTreeMap<Arc<str>, Box<Session>>);
 
 impl Serialize for SessionsRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -123,7 +126,7 @@ impl Serialize for SeenRef<'_> {
     }
 }
 
-struct ActivityRef<'a>(&'a [(String, Activity)]);
+struct ActivityRef<'a>(&'a [(CompactString, Activity)]);
 
 impl Serialize for ActivityRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -200,16 +203,16 @@ impl State {
                     s.id
                 )));
             }
+            let id: Arc<str> = s.id.into();
             let session = Session {
-                id: s.id.clone(),
-                mode: s.mode,
-                mode_version: s.mode_version,
-                configuration_version: s.configuration_version,
+                id: id.clone(),
+                mode: s.mode.into(),
+                mode_version: s.mode_version.into(),
+                configuration_version: s.configuration_version.into(),
                 policy,
-                initiator: s.initiator,
-                participants: s.participants,
-                context_id: s.context_id,
-                extension_keys: s.extension_keys,
+                initiator: s.initiator.into(),
+                participants: s.participants.into_boxed_slice(),
+                extras: StartExtras::of(s.context_id, s.extension_keys),
                 started_at_ms: s.started_at_ms,
                 deadline_ms: s.deadline_ms,
                 max_suspend_ms: s.max_suspend_ms,
@@ -221,11 +224,13 @@ impl State {
                 activity: s
                     .activity
                     .into_iter()
-                    .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
+                    .map(|(w, last, n)| {
+                        (CompactString::from(w), Activity { last_message_at_unix_ms: last, message_count: n })
+                    })
                     .collect::<BTreeMap<_, _>>()
                     .into_iter()
                     .collect(),
-                resolution: s.resolution,
+                resolution: s.resolution.map(Vec::into_boxed_slice),
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
                 timer_at: None,
@@ -236,7 +241,7 @@ impl State {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
             }
             k.timers.reindex(&mut session);
-            k.sessions.insert(s.id.clone(), Box::new(session));
+            k.sessions.insert(id, Box::new(session));
         }
         Ok(k)
     }
@@ -251,8 +256,8 @@ fn session_snap(s: &Session) -> SessionSnapRef<'_> {
         policy: s.policy.descriptor.encode_to_vec(),
         initiator: &s.initiator,
         participants: &s.participants,
-        context_id: &s.context_id,
-        extension_keys: &s.extension_keys,
+        context_id: s.context_id(),
+        extension_keys: s.extension_keys(),
         started_at_ms: s.started_at_ms,
         deadline_ms: s.deadline_ms,
         max_suspend_ms: s.max_suspend_ms,
