@@ -155,18 +155,28 @@ pub enum SnapshotError {
 impl State {
     /// The whole state as deterministic bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        let snap = KernelSnapRef {
+        let snap = self.snapshot_ref();
+        // Measure first, then write into an exact allocation: growing by
+        // doubling would briefly hold up to twice the checkpoint's size.
+        let size = postcard::serialize_with_flavor(&snap, postcard::ser_flavors::Size::default()).unwrap_or(0);
+        postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
+    }
+
+    /// The bytes of [`State::snapshot`], written into `out` as they are
+    /// produced (postcard writes small pieces: `out` should buffer).
+    pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        postcard::to_io(&self.snapshot_ref(), out).map(|_| ()).map_err(std::io::Error::other)
+    }
+
+    fn snapshot_ref(&self) -> KernelSnapRef<'_> {
+        KernelSnapRef {
             format: SNAPSHOT_FORMAT,
             registry_seq: self.registry_seq,
             policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
             dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
             sessions: SessionsRef(&self.sessions),
             quarantined: &self.quarantined,
-        };
-        // Measure first, then write into an exact allocation: growing by
-        // doubling would briefly hold up to twice the checkpoint's size.
-        let size = postcard::serialize_with_flavor(&snap, postcard::ser_flavors::Size::default()).unwrap_or(0);
-        postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
+        }
     }
 
     /// Rebuilds a state from [`State::snapshot`] bytes.
