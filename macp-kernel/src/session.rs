@@ -117,10 +117,10 @@ impl FromIterator<String> for SeenIds {
 ///
 /// Kept compact, because the kernel holds one per open session and 100,000
 /// of them must fit in the server's 100 MB (issue 15): the id is one shared
-/// allocation (the session map and the timer index hold the same `Arc`),
-/// short texts (mode, versions, the initiator, sender names) are stored
-/// inline up to 24 bytes, and lists that never grow are boxed slices with no
-/// spare capacity.
+/// allocation (the session map and the timer index hold the same `Arc`), so
+/// is the initiator (its activity entry and the per-initiator quota key
+/// share it), short texts (mode, versions) are stored inline up to 24
+/// bytes, and lists that never grow are boxed slices with no spare capacity.
 #[derive(Debug)]
 pub struct Session {
     /// Session id, shared with the session map's key and the timer index.
@@ -133,8 +133,9 @@ pub struct Session {
     pub configuration_version: CompactString,
     /// The frozen policy, shared with the registry entry it was bound from.
     pub policy: Arc<BoundPolicy>,
-    /// Sender of the SessionStart.
-    pub initiator: CompactString,
+    /// Sender of the SessionStart, shared with its activity entry and the
+    /// per-initiator quota key.
+    pub initiator: Arc<str>,
     /// Declared participants, as given.
     pub participants: Box<[String]>,
     /// The context reference and extension keys, when the SessionStart had
@@ -159,7 +160,7 @@ pub struct Session {
     /// Activity per sender, sorted by sender. A vector, not a map: senders
     /// are the initiator and declared participants (a bounded, usually tiny
     /// set), and a B-tree's first node would cost ten times the space.
-    pub activity: Vec<(CompactString, Activity)>,
+    pub activity: Vec<(Arc<str>, Activity)>,
     /// Payload bytes of the resolving Commitment.
     pub resolution: Option<Box<[u8]>>,
     /// Only the initiator may commit (mode-fixed authority).
@@ -229,7 +230,7 @@ impl Session {
     /// the initiator or a declared participant; observers are decided by the
     /// caller from the identity's grants.
     pub fn can_read(&self, who: &str) -> bool {
-        who == self.initiator || self.participants.iter().any(|p| p == who)
+        who == &*self.initiator || self.participants.iter().any(|p| p == who)
     }
 
     /// When a suspended session passes its suspension cap.
@@ -288,14 +289,24 @@ impl Session {
         )
     }
 
+    /// `who` as a shared name: the initiator's own `Arc` when it is the
+    /// initiator, else a new one.
+    pub fn name(&self, who: &str) -> Arc<str> {
+        if who == &*self.initiator {
+            self.initiator.clone()
+        } else {
+            who.into()
+        }
+    }
+
     /// Records an accepted message from `sender`.
     pub fn touch(&mut self, sender: &str, message_id: &str, at: i64) {
         self.seen.insert(message_id);
-        let i = match self.activity.binary_search_by(|(w, _)| w.as_str().cmp(sender)) {
+        let i = match self.activity.binary_search_by(|(w, _)| (**w).cmp(sender)) {
             Ok(i) => i,
             Err(i) => {
                 self.activity.reserve_exact(1); // bounded by the participants
-                self.activity.insert(i, (sender.into(), Activity::default()));
+                self.activity.insert(i, (self.name(sender), Activity::default()));
                 i
             }
         };

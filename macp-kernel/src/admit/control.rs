@@ -30,7 +30,7 @@ pub(super) fn admit(
         return Err(KernelError::forbidden("no client may act as the runtime's own identity"));
     }
     let delegated = !s.initiator_only_commitment && s.policy.authority.permits(who, &s.initiator, &s.participants);
-    if who != s.initiator && !delegated {
+    if who != &*s.initiator && !delegated {
         return Err(no_authority(op, sid));
     }
     let max_suspend_ms = s.max_suspend_ms;

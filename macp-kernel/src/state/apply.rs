@@ -228,7 +228,7 @@ impl State {
         };
         let resolved = if env.message_type == "Commitment" {
             let permitted = if *initiator_only_commitment {
-                env.sender == *initiator
+                *env.sender == **initiator
             } else {
                 policy.authority.permits(&env.sender, initiator, participants)
             };

@@ -189,7 +189,7 @@ pub fn summarize(s: &Session, ended_at: i64) -> SessionSummary {
             CommitmentAuthority::DesignatedRole(roles) => roles.clone(),
         }
     };
-    controllers.retain(|c| *c != s.initiator);
+    controllers.retain(|c| **c != *s.initiator);
     controllers.sort();
     controllers.dedup();
     SessionSummary {

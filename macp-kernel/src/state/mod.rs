@@ -22,7 +22,6 @@ mod timers;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use compact_str::CompactString;
 use macp_wire::storage::{Record, SessionSummary};
 use macp_wire::v1::SessionState;
 
@@ -64,8 +63,8 @@ pub(crate) struct State {
     policies: PolicyRegistry,
     timers: Timers,
     /// Live (OPEN or SUSPENDED) sessions per initiator, for `max_open_sessions`.
-    /// Keys are stored inline up to 24 bytes (sender names usually fit).
-    live_by_initiator: BTreeMap<CompactString, u32>,
+    /// Keys are the sessions' own `initiator` names, shared.
+    live_by_initiator: BTreeMap<Arc<str>, u32>,
     /// Sequence number of the last registry record.
     registry_seq: u64,
     /// Sessions that recovery could not rebuild (storage corruption left a

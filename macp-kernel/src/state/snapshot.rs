@@ -9,8 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use compact_str::CompactString;
-
 use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionState};
 use prost::Message as _;
 use serde::ser::SerializeSeq;
@@ -126,13 +124,13 @@ impl Serialize for SeenRef<'_> {
     }
 }
 
-struct ActivityRef<'a>(&'a [(CompactString, Activity)]);
+struct ActivityRef<'a>(&'a [(Arc<str>, Activity)]);
 
 impl Serialize for ActivityRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
         for (who, a) in self.0 {
-            seq.serialize_element(&(who.as_str(), a.last_message_at_unix_ms, a.message_count))?;
+            seq.serialize_element(&(&**who, a.last_message_at_unix_ms, a.message_count))?;
         }
         seq.end()
     }
@@ -231,15 +229,7 @@ impl State {
                 suspended_total_ms: s.suspended_total_ms,
                 seq: s.seq,
                 seen: s.seen.into_iter().collect(),
-                activity: s
-                    .activity
-                    .into_iter()
-                    .map(|(w, last, n)| {
-                        (CompactString::from(w), Activity { last_message_at_unix_ms: last, message_count: n })
-                    })
-                    .collect::<BTreeMap<_, _>>()
-                    .into_iter()
-                    .collect(),
+                activity: Vec::new(),
                 resolution: s.resolution.map(Vec::into_boxed_slice),
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
@@ -247,6 +237,12 @@ impl State {
                 mode_timer_floor: i64::MIN,
             };
             let mut session = session;
+            let activity: BTreeMap<String, Activity> = s
+                .activity
+                .into_iter()
+                .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
+                .collect();
+            session.activity = activity.into_iter().map(|(w, a)| (session.name(&w), a)).collect();
             if session.is_live() {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
             }
