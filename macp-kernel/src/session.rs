@@ -24,10 +24,13 @@ pub struct Activity {
 /// Most sessions see a handful of messages, and a `BTreeSet` allocates a
 /// whole 11-slot node for its first entry; a sorted `Vec` holds them in
 /// about a tenth of the space. Past [`SeenIds::SMALL`] entries the ids move to
-/// a `BTreeSet`, so long sessions keep logarithmic inserts.
+/// a `BTreeSet`, so long sessions keep logarithmic inserts. A session that
+/// has only started (most open sessions) holds its one id without a vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SeenIds {
-    /// Up to [`SeenIds::SMALL`] ids, sorted.
+    /// Exactly one id.
+    One(Box<str>),
+    /// None, or two up to [`SeenIds::SMALL`] ids, sorted.
     Small(Vec<String>),
     /// More. Boxed: long sessions are rare, and an unboxed set would make
     /// every session's `SeenIds` a word larger.
@@ -47,6 +50,7 @@ impl SeenIds {
     /// Whether `id` was accepted.
     pub fn contains(&self, id: &str) -> bool {
         match self {
+            SeenIds::One(x) => **x == *id,
             SeenIds::Small(v) => v.binary_search_by(|x| x.as_str().cmp(id)).is_ok(),
             SeenIds::Large(set) => set.contains(id),
         }
@@ -55,6 +59,19 @@ impl SeenIds {
     /// Records `id`; returns whether it was new.
     pub fn insert(&mut self, id: &str) -> bool {
         match self {
+            SeenIds::Small(v) if v.is_empty() => {
+                *self = SeenIds::One(id.into());
+                true
+            }
+            SeenIds::One(x) if **x == *id => false,
+            SeenIds::One(x) => {
+                let mut v = Vec::with_capacity(2);
+                v.push(x.to_string());
+                let at = usize::from(v[0].as_str() < id);
+                v.insert(at, id.to_string());
+                *self = SeenIds::Small(v);
+                true
+            }
             SeenIds::Small(v) => match v.binary_search_by(|x| x.as_str().cmp(id)) {
                 Ok(_) => false,
                 Err(at) if v.len() < Self::SMALL => {
@@ -84,6 +101,7 @@ impl SeenIds {
     /// The ids in sorted order (checkpoints).
     pub fn iter(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
+            SeenIds::One(x) => Box::new(std::iter::once(&**x)),
             SeenIds::Small(v) => Box::new(v.iter().map(String::as_str)),
             SeenIds::Large(set) => Box::new(set.iter().map(String::as_str)),
         }
@@ -92,6 +110,7 @@ impl SeenIds {
     /// How many ids.
     pub fn len(&self) -> usize {
         match self {
+            SeenIds::One(_) => 1,
             SeenIds::Small(v) => v.len(),
             SeenIds::Large(set) => set.len(),
         }
