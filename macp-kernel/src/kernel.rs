@@ -213,6 +213,6 @@ impl Kernel {
     /// The resolving Commitment's payload bytes, while the session lingers
     /// after resolving (storage keeps the Commitment in its history).
     pub fn resolution(&self, session_id: &str) -> Option<&[u8]> {
-        self.session_or_lingering(session_id).and_then(|s| s.resolution.as_deref())
+        self.session_or_lingering(session_id).and_then(|s| s.rare().resolution.as_deref())
     }
 }

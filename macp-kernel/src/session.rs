@@ -157,9 +157,11 @@ pub struct Session {
     pub initiator: Arc<str>,
     /// Declared participants, as given.
     pub participants: Box<[String]>,
-    /// The context reference and extension keys, when the SessionStart had
-    /// any (most have neither, so they are kept out of line).
-    pub extras: Option<Box<StartExtras>>,
+    /// What most sessions leave at its default (the SessionStart's context
+    /// id and extension keys, suspension bookkeeping, the resolution, the
+    /// mode timer floor), kept out of line and allocated when first set:
+    /// read through [`Session::rare`], changed through [`Session::rare_mut`].
+    pub rare: Option<Box<Rare>>,
     /// Acceptance time of the SessionStart.
     pub started_at_ms: i64,
     /// Current absolute TTL deadline (moves on resume).
@@ -168,10 +170,6 @@ pub struct Session {
     pub max_suspend_ms: i64,
     /// Lifecycle state.
     pub state: SessionState,
-    /// When the current suspension began.
-    pub suspended_at_ms: Option<i64>,
-    /// Suspended time already banked by earlier suspensions.
-    pub suspended_total_ms: i64,
     /// Sequence number of the last record (1-based; SessionStart is 1).
     pub seq: u64,
     /// Accepted message ids (dedup).
@@ -180,46 +178,96 @@ pub struct Session {
     /// are the initiator and declared participants (a bounded, usually tiny
     /// set), and a B-tree's first node would cost ten times the space.
     pub activity: Vec<(Arc<str>, Activity)>,
-    /// Payload bytes of the resolving Commitment.
-    pub resolution: Option<Box<[u8]>>,
     /// Only the initiator may commit (mode-fixed authority).
     pub initiator_only_commitment: bool,
     /// The mode's state.
     pub mode_state: Box<dyn ModeState>,
     /// The due time under which the session is indexed in the timer set.
     pub timer_at: Option<i64>,
+}
+
+/// The parts of a session most sessions leave at their defaults
+/// ([`Session::rare`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rare {
+    /// Opaque context reference of the SessionStart, verbatim.
+    pub context_id: String,
+    /// Extension keys of the SessionStart, sorted.
+    pub extension_keys: Vec<String>,
+    /// When the current suspension began.
+    pub suspended_at_ms: Option<i64>,
+    /// Suspended time already banked by earlier suspensions.
+    pub suspended_total_ms: i64,
+    /// Payload bytes of the resolving Commitment.
+    pub resolution: Option<Box<[u8]>>,
     /// Mode deadlines at or before this time are ignored: they fired and the
     /// mode still reports them (a mode bug), and re-firing would spin the
     /// driver. Not part of the state proper (never persisted).
     pub mode_timer_floor: i64,
 }
 
-/// The parts of a SessionStart most sessions leave empty.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct StartExtras {
-    /// Opaque context reference, verbatim.
-    pub context_id: String,
-    /// Extension keys of the SessionStart, sorted.
-    pub extension_keys: Vec<String>,
+/// What a session without [`Rare`] parts reads.
+static NO_RARE: Rare = Rare::DEFAULT;
+
+impl Default for Rare {
+    fn default() -> Self {
+        Rare::DEFAULT
+    }
 }
 
-impl StartExtras {
-    /// `None` when both are empty: the session stores nothing for them.
-    pub fn of(context_id: String, extension_keys: Vec<String>) -> Option<Box<StartExtras>> {
+impl Rare {
+    /// Nothing set: no context id or extension keys, never suspended, not
+    /// resolved, no mode timer floor.
+    pub const DEFAULT: Rare = Rare {
+        context_id: String::new(),
+        extension_keys: Vec::new(),
+        suspended_at_ms: None,
+        suspended_total_ms: 0,
+        resolution: None,
+        mode_timer_floor: i64::MIN,
+    };
+
+    /// The rare parts of a session as its SessionStart leaves them: `None`
+    /// when the context id and the extension keys are both empty.
+    pub fn of_start(context_id: String, extension_keys: Vec<String>) -> Option<Box<Rare>> {
         (!context_id.is_empty() || !extension_keys.is_empty())
-            .then(|| Box::new(StartExtras { context_id, extension_keys }))
+            .then(|| Box::new(Rare { context_id, extension_keys, ..Rare::default() }))
     }
 }
 
 impl Session {
+    /// The rare parts (defaults when none were ever set).
+    pub fn rare(&self) -> &Rare {
+        self.rare.as_deref().unwrap_or(&NO_RARE)
+    }
+
+    /// The rare parts, for a change (allocated on first use).
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
     /// Opaque context reference of the SessionStart, verbatim.
     pub fn context_id(&self) -> &str {
-        self.extras.as_ref().map_or("", |e| e.context_id.as_str())
+        &self.rare().context_id
     }
 
     /// Extension keys of the SessionStart, sorted.
     pub fn extension_keys(&self) -> &[String] {
-        self.extras.as_ref().map_or(&[], |e| e.extension_keys.as_slice())
+        &self.rare().extension_keys
+    }
+
+    /// When the current suspension began.
+    pub fn suspended_at_ms(&self) -> Option<i64> {
+        self.rare().suspended_at_ms
+    }
+
+    /// Ends a suspension at `at` (if one is running), banking its time.
+    pub fn bank_suspension(&mut self, at: i64) {
+        if let Some(since) = self.suspended_at_ms() {
+            let r = self.rare_mut();
+            r.suspended_at_ms = None;
+            r.suspended_total_ms = r.suspended_total_ms.saturating_add(at - since);
+        }
     }
 
     /// The view handed to modes.
@@ -254,7 +302,8 @@ impl Session {
 
     /// When a suspended session passes its suspension cap.
     pub fn suspend_cap_deadline(&self) -> Option<i64> {
-        self.suspended_at_ms.map(|at| at.saturating_add(self.max_suspend_ms.saturating_sub(self.suspended_total_ms)))
+        let r = self.rare();
+        r.suspended_at_ms.map(|at| at.saturating_add(self.max_suspend_ms.saturating_sub(r.suspended_total_ms)))
     }
 
     /// The earliest time at which a tick has work for this session.
@@ -263,7 +312,7 @@ impl Session {
         match self.state {
             SessionState::Open => {
                 let ttl = self.deadline_ms.saturating_add(1);
-                Some(match self.mode_state.next_deadline().filter(|m| *m > self.mode_timer_floor) {
+                Some(match self.mode_state.next_deadline().filter(|m| *m > self.rare().mode_timer_floor) {
                     Some(m) => m.min(ttl),
                     None => ttl,
                 })
@@ -342,19 +391,21 @@ mod tests {
 
     #[test]
     fn start_extras_are_stored_only_when_present() {
-        assert!(StartExtras::of(String::new(), Vec::new()).is_none());
-        let e = StartExtras::of("ctx-1".into(), Vec::new()).expect("a context id is kept");
+        assert!(Rare::of_start(String::new(), Vec::new()).is_none());
+        let e = Rare::of_start("ctx-1".into(), Vec::new()).expect("a context id is kept");
         assert_eq!((e.context_id.as_str(), e.extension_keys.len()), ("ctx-1", 0));
-        let e = StartExtras::of(String::new(), vec!["x.a".into()]).expect("extension keys are kept");
+        let e = Rare::of_start(String::new(), vec!["x.a".into()]).expect("extension keys are kept");
+        assert_eq!(*e, Rare { extension_keys: vec!["x.a".into()], ..Rare::default() });
+        assert_eq!(Rare::default(), NO_RARE, "what is read without rare parts is the default");
         assert_eq!(e.extension_keys, ["x.a"]);
     }
 
     /// A session is allocated once per open session: at 100,000 of them
-    /// each mimalloc size class step above 320 bytes costs 6.4 MB.
+    /// each mimalloc size class step above 256 bytes costs 6.4 MB.
     #[cfg(target_pointer_width = "64")]
     #[test]
-    fn a_session_fits_the_320_byte_size_class() {
-        assert!(std::mem::size_of::<Session>() <= 320, "{} bytes", std::mem::size_of::<Session>());
+    fn a_session_fits_the_256_byte_size_class() {
+        assert!(std::mem::size_of::<Session>() <= 256, "{} bytes", std::mem::size_of::<Session>());
         assert_eq!(std::mem::size_of::<SeenIds>(), 24, "the large variant is boxed");
     }
 

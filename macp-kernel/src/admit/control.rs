@@ -66,7 +66,7 @@ pub(super) fn admit(
             if s.state != SessionState::Suspended {
                 return Err(s.not_open());
             }
-            let banked = s.deadline_ms.saturating_sub(s.suspended_at_ms.unwrap_or(now));
+            let banked = s.deadline_ms.saturating_sub(s.suspended_at_ms().unwrap_or(now));
             let p = SessionResumePayload { reason, resumed_by: who.to_string(), banked_ms: banked };
             ("SessionResume", p.encode_to_vec(), Fact::Resumed)
         }

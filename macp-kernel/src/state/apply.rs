@@ -17,7 +17,7 @@ use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
-use crate::session::{SeenIds, Session, StartExtras};
+use crate::session::{Rare, SeenIds, Session};
 use crate::validate;
 
 /// What live admission of a SessionStart already worked out, handed to
@@ -145,21 +145,17 @@ impl State {
             policy,
             initiator: env.sender.as_str().into(),
             participants: p.participants.into_boxed_slice(),
-            extras: StartExtras::of(p.context_id, p.extensions.into_keys().collect()),
+            rare: Rare::of_start(p.context_id, p.extensions.into_keys().collect()),
             started_at_ms: record.at_unix_ms,
             deadline_ms: st.deadline_unix_ms,
             max_suspend_ms: st.max_suspend_ms,
             state: SessionState::Open,
-            suspended_at_ms: None,
-            suspended_total_ms: 0,
             seq: 1,
             seen: SeenIds::default(),
             activity: Vec::new(),
-            resolution: None,
             initiator_only_commitment: mode.initiator_only_commitment(),
             mode_state,
             timer_at: None,
-            mode_timer_floor: i64::MIN,
         };
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
@@ -262,7 +258,7 @@ impl State {
             return Ok(out);
         }
         s.state = SessionState::Resolved;
-        s.resolution = Some(env.payload.as_slice().into());
+        s.rare_mut().resolution = Some(env.payload.as_slice().into());
         self.timers.reindex(s);
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
@@ -288,9 +284,7 @@ impl State {
         if !due {
             return Err(corrupt(format!("session {sid}: expiry at {at} before its deadline or from a terminal state")));
         }
-        if let Some(since) = s.suspended_at_ms.take() {
-            s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
-        }
+        s.bank_suspension(at);
         let previous = s.state;
         s.seq += 1;
         s.state = SessionState::Expired;
@@ -325,30 +319,29 @@ impl State {
                 if !s.is_live() {
                     return Err(s.not_open());
                 }
-                if let Some(since) = s.suspended_at_ms.take() {
-                    s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
-                }
+                s.bank_suspension(at);
                 EventType::Cancelled
             }
             SessionState::Suspended => {
                 if s.state != SessionState::Open || at > s.deadline_ms {
                     return Err(s.not_open());
                 }
-                s.suspended_at_ms = Some(at);
+                s.rare_mut().suspended_at_ms = Some(at);
                 EventType::Suspended
             }
             _ => {
-                let since = match (s.state, s.suspended_at_ms) {
+                let since = match (s.state, s.suspended_at_ms()) {
                     (SessionState::Suspended, Some(since)) => since,
                     _ => return Err(s.not_open()),
                 };
                 let paused = at.saturating_sub(since);
-                if s.suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
+                if s.rare().suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
                     return Err(s.not_open());
                 }
-                s.suspended_total_ms += paused;
                 s.deadline_ms = s.deadline_ms.saturating_add(paused);
-                s.suspended_at_ms = None;
+                let r = s.rare_mut();
+                r.suspended_total_ms += paused;
+                r.suspended_at_ms = None;
                 EventType::Resumed
             }
         };

@@ -197,7 +197,7 @@ impl State {
     pub fn mode_timer_fired(&mut self, session_id: &str, now: i64) {
         if let Some(s) = self.sessions.get_mut(session_id) {
             if s.mode_state.next_deadline().is_some_and(|d| d <= now) {
-                s.mode_timer_floor = now;
+                s.rare_mut().mode_timer_floor = now;
             }
             self.timers.reindex(s);
         }

@@ -15,7 +15,7 @@ use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::State;
-use crate::session::{Activity, SeenIds, Session, StartExtras};
+use crate::session::{Activity, Rare, SeenIds, Session};
 
 /// Bumped whenever the layout or its meaning changes. Format 2 holds open
 /// and suspended sessions only (ended sessions live in storage); a format 1
@@ -220,23 +220,28 @@ impl State {
                 policy,
                 initiator: s.initiator.into(),
                 participants: s.participants.into_boxed_slice(),
-                extras: StartExtras::of(s.context_id, s.extension_keys),
+                rare: None,
                 started_at_ms: s.started_at_ms,
                 deadline_ms: s.deadline_ms,
                 max_suspend_ms: s.max_suspend_ms,
                 state,
-                suspended_at_ms: s.suspended_at_ms,
-                suspended_total_ms: s.suspended_total_ms,
                 seq: s.seq,
                 seen: s.seen.into_iter().collect(),
                 activity: Vec::new(),
-                resolution: s.resolution.map(Vec::into_boxed_slice),
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
                 timer_at: None,
-                mode_timer_floor: i64::MIN,
             };
             let mut session = session;
+            let rare = Rare {
+                context_id: s.context_id,
+                extension_keys: s.extension_keys,
+                suspended_at_ms: s.suspended_at_ms,
+                suspended_total_ms: s.suspended_total_ms,
+                resolution: s.resolution.map(Vec::into_boxed_slice),
+                mode_timer_floor: i64::MIN,
+            };
+            session.rare = (rare != Rare::default()).then(|| Box::new(rare));
             let activity: BTreeMap<String, Activity> = s
                 .activity
                 .into_iter()
@@ -268,12 +273,12 @@ fn session_snap(s: &Session) -> SessionSnapRef<'_> {
         deadline_ms: s.deadline_ms,
         max_suspend_ms: s.max_suspend_ms,
         state: s.state as i32,
-        suspended_at_ms: s.suspended_at_ms,
-        suspended_total_ms: s.suspended_total_ms,
+        suspended_at_ms: s.rare().suspended_at_ms,
+        suspended_total_ms: s.rare().suspended_total_ms,
         seq: s.seq,
         seen: SeenRef(&s.seen),
         activity: ActivityRef(&s.activity),
-        resolution: s.resolution.as_deref(),
+        resolution: s.rare().resolution.as_deref(),
         initiator_only_commitment: s.initiator_only_commitment,
         mode_state: s.mode_state.snapshot(),
     }
