@@ -69,13 +69,13 @@ fn main() {
         send(&mut k, &initiator, envelope(&sid(i), MODE, "SessionStart", uuid4(3 * i + 1), &initiator, start));
     }
     report(n, "open decision sessions (SessionStart only)", before, rss_bytes());
-    // A checkpoint serializes the state; what it leaves resident is the
+    // A checkpoint serializes the state, streamed as the server's file
+    // store does (Kernel::write_snapshot); what it leaves resident is the
     // server's cost of checkpointing.
-    let snapshot = k.snapshot();
-    let snapshot_len = snapshot.len();
-    drop(snapshot);
+    let mut counted = Counted(0);
+    k.write_snapshot(&mut counted).expect("counting never fails");
     report(n, "  ... after a checkpoint of them", before, rss_bytes());
-    println!("  (checkpoint: {:.1} MB)", snapshot_len as f64 / 1e6);
+    println!("  (checkpoint: {:.1} MB)", counted.0 as f64 / 1e6);
     for i in 0..n {
         let a = who(i, "a");
         send(&mut k, &a, envelope(&sid(i), MODE, "Proposal", uuid4(3 * i + 2), &a, proposal.clone()));
@@ -83,6 +83,20 @@ fn main() {
     report(n, "  ... after one Proposal in each", before, rss_bytes());
     println!("(size_of::<Session>() = {} bytes)", std::mem::size_of::<macp_kernel::session::Session>());
     assert_eq!(k.session_count() as u64, n);
+}
+
+/// A writer that only counts the bytes (the checkpoint's size).
+struct Counted(u64);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len() as u64;
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn report(n: u64, what: &str, before: u64, after: u64) {

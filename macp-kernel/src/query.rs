@@ -272,7 +272,7 @@ fn list_sessions(
             ended_after = page.last().map(|e| summary_session_id(e).to_string()).or(ended_after);
             ended.extend(page);
         }
-        let next_held = held.peek().map(|s| s.id.as_str());
+        let next_held = held.peek().map(|s| &*s.id);
         let next_ended = ended.front().map(summary_session_id);
         let take_held = match (next_held, next_ended) {
             (None, None) => break false,
@@ -285,7 +285,7 @@ fn list_sessions(
         }
         let metadata = if take_held {
             let Some(s) = held.next() else { break false };
-            last_seen = Some(s.id.clone());
+            last_seen = Some(s.id.to_string());
             may_read(identity, &s.initiator, &s.participants).then(|| s.metadata())
         } else {
             let Some(e) = ended.pop_front() else { break false };

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
 
 use crate::error::{ErrorCode, KernelError};
@@ -23,13 +24,17 @@ pub struct Activity {
 /// Most sessions see a handful of messages, and a `BTreeSet` allocates a
 /// whole 11-slot node for its first entry; a sorted `Vec` holds them in
 /// about a tenth of the space. Past [`SeenIds::SMALL`] entries the ids move to
-/// a `BTreeSet`, so long sessions keep logarithmic inserts.
+/// a `BTreeSet`, so long sessions keep logarithmic inserts. A session that
+/// has only started (most open sessions) holds its one id without a vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SeenIds {
-    /// Up to [`SeenIds::SMALL`] ids, sorted.
+    /// Exactly one id.
+    One(Box<str>),
+    /// None, or two up to [`SeenIds::SMALL`] ids, sorted.
     Small(Vec<String>),
-    /// More.
-    Large(BTreeSet<String>),
+    /// More. Boxed: long sessions are rare, and an unboxed set would make
+    /// every session's `SeenIds` a word larger.
+    Large(Box<BTreeSet<String>>),
 }
 
 impl Default for SeenIds {
@@ -45,6 +50,7 @@ impl SeenIds {
     /// Whether `id` was accepted.
     pub fn contains(&self, id: &str) -> bool {
         match self {
+            SeenIds::One(x) => **x == *id,
             SeenIds::Small(v) => v.binary_search_by(|x| x.as_str().cmp(id)).is_ok(),
             SeenIds::Large(set) => set.contains(id),
         }
@@ -53,6 +59,19 @@ impl SeenIds {
     /// Records `id`; returns whether it was new.
     pub fn insert(&mut self, id: &str) -> bool {
         match self {
+            SeenIds::Small(v) if v.is_empty() => {
+                *self = SeenIds::One(id.into());
+                true
+            }
+            SeenIds::One(x) if **x == *id => false,
+            SeenIds::One(x) => {
+                let mut v = Vec::with_capacity(2);
+                v.push(x.to_string());
+                let at = usize::from(v[0].as_str() < id);
+                v.insert(at, id.to_string());
+                *self = SeenIds::Small(v);
+                true
+            }
             SeenIds::Small(v) => match v.binary_search_by(|x| x.as_str().cmp(id)) {
                 Ok(_) => false,
                 Err(at) if v.len() < Self::SMALL => {
@@ -65,7 +84,7 @@ impl SeenIds {
                 Err(_) => {
                     let mut set: BTreeSet<String> = std::mem::take(v).into_iter().collect();
                     set.insert(id.to_string());
-                    *self = SeenIds::Large(set);
+                    *self = SeenIds::Large(Box::new(set));
                     true
                 }
             },
@@ -82,6 +101,7 @@ impl SeenIds {
     /// The ids in sorted order (checkpoints).
     pub fn iter(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
+            SeenIds::One(x) => Box::new(std::iter::once(&**x)),
             SeenIds::Small(v) => Box::new(v.iter().map(String::as_str)),
             SeenIds::Large(set) => Box::new(set.iter().map(String::as_str)),
         }
@@ -90,6 +110,7 @@ impl SeenIds {
     /// How many ids.
     pub fn len(&self) -> usize {
         match self {
+            SeenIds::One(_) => 1,
             SeenIds::Small(v) => v.len(),
             SeenIds::Large(set) => set.len(),
         }
@@ -112,26 +133,35 @@ impl FromIterator<String> for SeenIds {
 }
 
 /// A session.
+///
+/// Kept compact, because the kernel holds one per open session and 100,000
+/// of them must fit in the server's 100 MB (issue 15): the id is one shared
+/// allocation (the session map and the timer index hold the same `Arc`), so
+/// is the initiator (its activity entry and the per-initiator quota key
+/// share it), short texts (mode, versions) are stored inline up to 24
+/// bytes, and lists that never grow are boxed slices with no spare capacity.
 #[derive(Debug)]
 pub struct Session {
-    /// Session id.
-    pub id: String,
+    /// Session id, shared with the session map's key and the timer index.
+    pub id: Arc<str>,
     /// Canonical mode id (aliases resolved).
-    pub mode: String,
+    pub mode: CompactString,
     /// Bound mode version.
-    pub mode_version: String,
+    pub mode_version: CompactString,
     /// Bound configuration version.
-    pub configuration_version: String,
+    pub configuration_version: CompactString,
     /// The frozen policy, shared with the registry entry it was bound from.
     pub policy: Arc<BoundPolicy>,
-    /// Sender of the SessionStart.
-    pub initiator: String,
+    /// Sender of the SessionStart, shared with its activity entry and the
+    /// per-initiator quota key.
+    pub initiator: Arc<str>,
     /// Declared participants, as given.
-    pub participants: Vec<String>,
-    /// Opaque context reference, verbatim.
-    pub context_id: String,
-    /// Extension keys of the SessionStart, sorted.
-    pub extension_keys: Vec<String>,
+    pub participants: Box<[String]>,
+    /// What most sessions leave at its default (the SessionStart's context
+    /// id and extension keys, suspension bookkeeping, the resolution, the
+    /// mode timer floor), kept out of line and allocated when first set:
+    /// read through [`Session::rare`], changed through [`Session::rare_mut`].
+    pub rare: Option<Box<Rare>>,
     /// Acceptance time of the SessionStart.
     pub started_at_ms: i64,
     /// Current absolute TTL deadline (moves on resume).
@@ -140,10 +170,6 @@ pub struct Session {
     pub max_suspend_ms: i64,
     /// Lifecycle state.
     pub state: SessionState,
-    /// When the current suspension began.
-    pub suspended_at_ms: Option<i64>,
-    /// Suspended time already banked by earlier suspensions.
-    pub suspended_total_ms: i64,
     /// Sequence number of the last record (1-based; SessionStart is 1).
     pub seq: u64,
     /// Accepted message ids (dedup).
@@ -151,22 +177,99 @@ pub struct Session {
     /// Activity per sender, sorted by sender. A vector, not a map: senders
     /// are the initiator and declared participants (a bounded, usually tiny
     /// set), and a B-tree's first node would cost ten times the space.
-    pub activity: Vec<(String, Activity)>,
-    /// Payload bytes of the resolving Commitment.
-    pub resolution: Option<Vec<u8>>,
+    pub activity: Vec<(Arc<str>, Activity)>,
     /// Only the initiator may commit (mode-fixed authority).
     pub initiator_only_commitment: bool,
     /// The mode's state.
     pub mode_state: Box<dyn ModeState>,
     /// The due time under which the session is indexed in the timer set.
     pub timer_at: Option<i64>,
+}
+
+/// The parts of a session most sessions leave at their defaults
+/// ([`Session::rare`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rare {
+    /// Opaque context reference of the SessionStart, verbatim.
+    pub context_id: String,
+    /// Extension keys of the SessionStart, sorted.
+    pub extension_keys: Vec<String>,
+    /// When the current suspension began.
+    pub suspended_at_ms: Option<i64>,
+    /// Suspended time already banked by earlier suspensions.
+    pub suspended_total_ms: i64,
+    /// Payload bytes of the resolving Commitment.
+    pub resolution: Option<Box<[u8]>>,
     /// Mode deadlines at or before this time are ignored: they fired and the
     /// mode still reports them (a mode bug), and re-firing would spin the
     /// driver. Not part of the state proper (never persisted).
     pub mode_timer_floor: i64,
 }
 
+/// What a session without [`Rare`] parts reads.
+static NO_RARE: Rare = Rare::DEFAULT;
+
+impl Default for Rare {
+    fn default() -> Self {
+        Rare::DEFAULT
+    }
+}
+
+impl Rare {
+    /// Nothing set: no context id or extension keys, never suspended, not
+    /// resolved, no mode timer floor.
+    pub const DEFAULT: Rare = Rare {
+        context_id: String::new(),
+        extension_keys: Vec::new(),
+        suspended_at_ms: None,
+        suspended_total_ms: 0,
+        resolution: None,
+        mode_timer_floor: i64::MIN,
+    };
+
+    /// The rare parts of a session as its SessionStart leaves them: `None`
+    /// when the context id and the extension keys are both empty.
+    pub fn of_start(context_id: String, extension_keys: Vec<String>) -> Option<Box<Rare>> {
+        (!context_id.is_empty() || !extension_keys.is_empty())
+            .then(|| Box::new(Rare { context_id, extension_keys, ..Rare::default() }))
+    }
+}
+
 impl Session {
+    /// The rare parts (defaults when none were ever set).
+    pub fn rare(&self) -> &Rare {
+        self.rare.as_deref().unwrap_or(&NO_RARE)
+    }
+
+    /// The rare parts, for a change (allocated on first use).
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Opaque context reference of the SessionStart, verbatim.
+    pub fn context_id(&self) -> &str {
+        &self.rare().context_id
+    }
+
+    /// Extension keys of the SessionStart, sorted.
+    pub fn extension_keys(&self) -> &[String] {
+        &self.rare().extension_keys
+    }
+
+    /// When the current suspension began.
+    pub fn suspended_at_ms(&self) -> Option<i64> {
+        self.rare().suspended_at_ms
+    }
+
+    /// Ends a suspension at `at` (if one is running), banking its time.
+    pub fn bank_suspension(&mut self, at: i64) {
+        if let Some(since) = self.suspended_at_ms() {
+            let r = self.rare_mut();
+            r.suspended_at_ms = None;
+            r.suspended_total_ms = r.suspended_total_ms.saturating_add(at - since);
+        }
+    }
+
     /// The view handed to modes.
     pub fn view(&self) -> SessionView<'_> {
         SessionView {
@@ -194,12 +297,13 @@ impl Session {
     /// the initiator or a declared participant; observers are decided by the
     /// caller from the identity's grants.
     pub fn can_read(&self, who: &str) -> bool {
-        who == self.initiator || self.participants.iter().any(|p| p == who)
+        who == &*self.initiator || self.participants.iter().any(|p| p == who)
     }
 
     /// When a suspended session passes its suspension cap.
     pub fn suspend_cap_deadline(&self) -> Option<i64> {
-        self.suspended_at_ms.map(|at| at.saturating_add(self.max_suspend_ms.saturating_sub(self.suspended_total_ms)))
+        let r = self.rare();
+        r.suspended_at_ms.map(|at| at.saturating_add(self.max_suspend_ms.saturating_sub(r.suspended_total_ms)))
     }
 
     /// The earliest time at which a tick has work for this session.
@@ -208,7 +312,7 @@ impl Session {
         match self.state {
             SessionState::Open => {
                 let ttl = self.deadline_ms.saturating_add(1);
-                Some(match self.mode_state.next_deadline().filter(|m| *m > self.mode_timer_floor) {
+                Some(match self.mode_state.next_deadline().filter(|m| *m > self.rare().mode_timer_floor) {
                     Some(m) => m.min(ttl),
                     None => ttl,
                 })
@@ -221,27 +325,27 @@ impl Session {
     /// SessionMetadata as the wire reports it.
     pub fn metadata(&self) -> SessionMetadata {
         SessionMetadata {
-            session_id: self.id.clone(),
-            mode: self.mode.clone(),
+            session_id: self.id.to_string(),
+            mode: self.mode.to_string(),
             state: self.state as i32,
             started_at_unix_ms: self.started_at_ms,
             expires_at_unix_ms: self.deadline_ms,
-            mode_version: self.mode_version.clone(),
-            configuration_version: self.configuration_version.clone(),
+            mode_version: self.mode_version.to_string(),
+            configuration_version: self.configuration_version.to_string(),
             policy_version: self.policy.id().to_string(),
-            participants: self.participants.clone(),
+            participants: self.participants.to_vec(),
             participant_activity: self
                 .activity
                 .iter()
                 .map(|(who, a)| ParticipantActivity {
-                    participant_id: who.clone(),
+                    participant_id: who.to_string(),
                     last_message_at_unix_ms: a.last_message_at_unix_ms,
                     message_count: a.message_count,
                 })
                 .collect(),
-            initiator: self.initiator.clone(),
-            context_id: self.context_id.clone(),
-            extension_keys: self.extension_keys.clone(),
+            initiator: self.initiator.to_string(),
+            context_id: self.context_id().to_string(),
+            extension_keys: self.extension_keys().to_vec(),
         }
     }
 
@@ -253,14 +357,24 @@ impl Session {
         )
     }
 
+    /// `who` as a shared name: the initiator's own `Arc` when it is the
+    /// initiator, else a new one.
+    pub fn name(&self, who: &str) -> Arc<str> {
+        if who == &*self.initiator {
+            self.initiator.clone()
+        } else {
+            who.into()
+        }
+    }
+
     /// Records an accepted message from `sender`.
     pub fn touch(&mut self, sender: &str, message_id: &str, at: i64) {
         self.seen.insert(message_id);
-        let i = match self.activity.binary_search_by(|(w, _)| w.as_str().cmp(sender)) {
+        let i = match self.activity.binary_search_by(|(w, _)| (**w).cmp(sender)) {
             Ok(i) => i,
             Err(i) => {
                 self.activity.reserve_exact(1); // bounded by the participants
-                self.activity.insert(i, (sender.to_string(), Activity::default()));
+                self.activity.insert(i, (self.name(sender), Activity::default()));
                 i
             }
         };
@@ -274,6 +388,26 @@ impl Session {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn start_extras_are_stored_only_when_present() {
+        assert!(Rare::of_start(String::new(), Vec::new()).is_none());
+        let e = Rare::of_start("ctx-1".into(), Vec::new()).expect("a context id is kept");
+        assert_eq!((e.context_id.as_str(), e.extension_keys.len()), ("ctx-1", 0));
+        let e = Rare::of_start(String::new(), vec!["x.a".into()]).expect("extension keys are kept");
+        assert_eq!(*e, Rare { extension_keys: vec!["x.a".into()], ..Rare::default() });
+        assert_eq!(Rare::default(), NO_RARE, "what is read without rare parts is the default");
+        assert_eq!(e.extension_keys, ["x.a"]);
+    }
+
+    /// A session is allocated once per open session: at 100,000 of them
+    /// each mimalloc size class step above 256 bytes costs 6.4 MB.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_session_fits_the_256_byte_size_class() {
+        assert!(std::mem::size_of::<Session>() <= 256, "{} bytes", std::mem::size_of::<Session>());
+        assert_eq!(std::mem::size_of::<SeenIds>(), 24, "the large variant is boxed");
+    }
 
     proptest! {
         /// SeenIds answers exactly like a BTreeSet, across the switch from

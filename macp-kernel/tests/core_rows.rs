@@ -127,7 +127,24 @@ fn row_10_sender_derived_from_identity() {
     let sid = h.sid();
     let e = start_env(&sid, DECISION, "", &default_start());
     assert!(h.send("I", e).ok);
-    assert_eq!(h.k.session(&sid).unwrap().initiator, "I");
+    assert_eq!(&*h.k.session(&sid).unwrap().initiator, "I");
+}
+
+/// The initiator's name is stored once per session: its activity entry
+/// holds the same allocation, after a checkpoint restore too.
+#[test]
+fn the_initiator_name_is_shared_with_its_activity_entry() {
+    let mut h = H::new();
+    let sid = h.sid();
+    assert!(h.send("I", start_env(&sid, DECISION, "", &default_start())).ok);
+    let shared = |k: &Kernel| {
+        let s = k.session(&sid).unwrap();
+        let (who, a) = &s.activity[0];
+        (who.to_string(), a.message_count, std::sync::Arc::ptr_eq(who, &s.initiator))
+    };
+    assert_eq!(shared(&h.k), ("I".to_string(), 1, true));
+    let restored = Kernel::restore(KernelConfig::default(), &h.k.snapshot()).expect("restores");
+    assert_eq!(shared(&restored), ("I".to_string(), 1, true));
 }
 
 #[test]

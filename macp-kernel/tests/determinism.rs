@@ -187,6 +187,11 @@ proptest! {
         let k4 = Kernel::restore(KernelConfig::default(), &k1.snapshot()).expect("checkpoint restores");
         prop_assert_eq!(k4.snapshot(), k1.snapshot());
         prop_assert_eq!(k4.next_deadline(), k1.next_deadline());
+
+        // The streamed checkpoint is the same bytes, in whatever pieces.
+        let mut streamed = Vec::new();
+        k1.write_snapshot(&mut streamed).expect("a Vec takes every write");
+        prop_assert_eq!(streamed, k1.snapshot());
     }
 }
 

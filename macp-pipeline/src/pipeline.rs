@@ -397,8 +397,12 @@ impl<T, Q> Pipeline<T, Q> {
         if self.in_flight.is_some() || !self.batch.records.is_empty() {
             return Err(StorageError::Misuse("checkpoint while records are not yet durable"));
         }
-        let open_state = if storage.needs_open_state() { self.kernel.snapshot() } else { Vec::new() };
-        storage.checkpoint(&open_state)?;
+        if storage.needs_open_state() {
+            let kernel = &self.kernel;
+            storage.checkpoint_streamed(&mut |out| kernel.write_snapshot(out))?;
+        } else {
+            storage.checkpoint(&[])?;
+        }
         self.records_since_checkpoint = 0;
         self.first_record_since_checkpoint = None;
         Ok(())

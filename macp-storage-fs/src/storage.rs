@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use macp_storage::{
     summary_id, Damage, DamageKind, LoadEvent, LoadSummary, LogPos, Maintenance, Record, Retention, SessionSummary,
-    Storage, StorageError, StorageRead, TornTail,
+    Storage, StorageError, StorageRead, TornTail, WriteOpenState,
 };
 use prost::Message as _;
 use redb::Durability;
@@ -353,11 +353,22 @@ fn read_all<V: Vfs>(vfs: &V, path: &Path, into: &mut Vec<u8>) -> Result<(), Stor
 /// Writes `bytes` to `dir/name` atomically and durably: temporary file,
 /// fsync, rename, directory fsync.
 fn write_atomic<V: Vfs>(vfs: &V, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    write_atomic_with(vfs, dir, name, |f| f.write_all_at(bytes, 0))
+}
+
+/// [`write_atomic`] with the contents written by `fill` into the empty
+/// temporary file (positioned writes, in any order).
+fn write_atomic_with<V: Vfs>(
+    vfs: &V,
+    dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&V::File) -> io::Result<()>,
+) -> Result<(), StorageError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let f = vfs.open(&tmp, true).map_err(|e| StorageError::io("create", &tmp, e))?;
     f.set_len(0).map_err(|e| StorageError::io("truncate", &tmp, e))?;
-    f.write_all_at(bytes, 0).map_err(|e| StorageError::io("write", &tmp, e))?;
+    fill(&f).map_err(|e| StorageError::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
     vfs.rename(&tmp, &dst).map_err(|e| StorageError::io("rename", &tmp, e))?;
     vfs.sync_dir(dir).map_err(|e| StorageError::io("fsync", dir, e))
@@ -777,7 +788,7 @@ impl<V: Vfs> FsStorage<V> {
         Ok(size)
     }
 
-    fn checkpoint_inner(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
+    fn checkpoint_inner(&mut self, write_open_state: &mut WriteOpenState<'_>) -> Result<(), StorageError> {
         // Every session that ended before this point goes into the index
         // durably first: once the checkpoint exists, the log before it is
         // never replayed again.
@@ -787,12 +798,21 @@ impl<V: Vfs> FsStorage<V> {
         } else if self.dirty_sessions > 0 || self.retired_unrecorded > 0 {
             self.make_durable()?;
         }
-        let (bytes, pinned) = {
+        // The open state streams into the file behind the header's place;
+        // the locations follow it, and the header, which needs both
+        // sections' lengths and checksums, comes last.
+        let (locs, pinned) = {
             let view = self.shared.view()?;
-            let bytes = checkpoint::encode(self.end, open_state, &view.open);
-            (bytes, view.open.used_segments().map(|(s, _)| s).collect())
+            (checkpoint::locations(&view.open), view.open.used_segments().map(|(s, _)| s).collect())
         };
-        write_atomic(&self.shared.vfs, &self.dir, CHECKPOINT_FILE, &bytes)?;
+        let end = self.end;
+        write_atomic_with(&self.shared.vfs, &self.dir, CHECKPOINT_FILE, |f| {
+            let mut w = checkpoint::SectionWriter::new(f, checkpoint::HEADER_LEN as u64);
+            write_open_state(&mut w)?;
+            let (state, at) = w.finish()?;
+            f.write_all_at(&locs, at)?;
+            f.write_all_at(&checkpoint::header(end, state, checkpoint::Section::of(&locs)), 0)
+        })?;
         self.covered = Some(self.end);
         self.pinned = pinned;
         if self.format < FORMAT_VERSION {
@@ -1234,8 +1254,12 @@ impl<V: Vfs> Storage for FsStorage<V> {
     }
 
     fn checkpoint(&mut self, open_state: &[u8]) -> Result<(), StorageError> {
+        self.checkpoint_streamed(&mut |out| out.write_all(open_state))
+    }
+
+    fn checkpoint_streamed(&mut self, write_open_state: &mut WriteOpenState<'_>) -> Result<(), StorageError> {
         self.sync()?;
-        let r = self.checkpoint_inner(open_state);
+        let r = self.checkpoint_inner(write_open_state);
         r.or_else(|e| self.poisoned(e))
     }
 

@@ -24,6 +24,7 @@ pub mod suite;
 
 pub use contract::{
     summary_id, Damage, DamageKind, LoadEvent, LoadSummary, LogPos, Maintenance, Storage, StorageRead, TornTail,
+    WriteOpenState,
 };
 pub use error::StorageError;
 pub use macp_wire::storage::{Record, SessionSummary};

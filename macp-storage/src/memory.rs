@@ -128,6 +128,17 @@ impl Inner {
         let fresh = !self.sessions.contains_key(&r.session_id);
         let h = self.sessions.entry(r.session_id.clone()).or_default();
         let before = h.records.len();
+        // prost grows the Vec piece by piece while it encodes, doubling it
+        // to the next power of two: a session's first record (all an open
+        // session has) would hold up to twice its size. Reserve exactly for
+        // it; later records grow the Vec amortized, as before.
+        let len = r.encoded_len();
+        let need = len + prost::length_delimiter_len(len);
+        if h.records.is_empty() {
+            h.records.reserve_exact(need);
+        } else {
+            h.records.reserve(need);
+        }
         // Encoding into a Vec cannot fail.
         let _ = r.encode_length_delimited(&mut h.records);
         let bytes = (h.records.len() - before) as u64 + if fresh { PER_SESSION_BYTES } else { 0 };
@@ -458,6 +469,28 @@ mod tests {
         assert!(matches!(e, StorageError::Misuse(_)), "{e:?}");
         s.set_config(MemoryConfig::default());
         assert!(!s.needs_open_state(), "restartable is fixed at creation");
+    }
+
+    /// A session's first record is stored in an allocation of its size (an
+    /// open session usually has just that one), and later ones still append
+    /// and read back in order.
+    #[test]
+    fn a_first_record_takes_no_spare_capacity() {
+        let mut s = MemoryStorage::new(MemoryConfig { restartable: false, ..MemoryConfig::default() });
+        suite::load(&mut s);
+        s.append(&[record(1, 1)], &[]).unwrap();
+        s.sync().unwrap();
+        {
+            let inner = s.inner.read().unwrap();
+            let h = &inner.sessions[&suite::sid(1)];
+            assert_eq!(h.records.capacity(), h.records.len());
+            let len = record(1, 1).encoded_len();
+            assert_eq!(h.records.len(), len + prost::length_delimiter_len(len), "one length-delimited record");
+        }
+        s.append(&[record(1, 2), record(1, 3)], &[]).unwrap();
+        s.sync().unwrap();
+        let got = s.reader().history(&suite::sid(1), 0, 9).unwrap();
+        assert_eq!(got, vec![record(1, 1), record(1, 2), record(1, 3)]);
     }
 
     /// Past the history limit the oldest ended sessions go first, and only

@@ -7,6 +7,7 @@
 
 use std::num::NonZeroU32;
 
+use compact_str::CompactString;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 /// Which budget a message draws from.
@@ -18,10 +19,13 @@ pub enum Budget {
     Message,
 }
 
-/// The two per-sender limiters.
+/// The two per-sender limiters. Keys are sender ids stored inline up to 24
+/// bytes (no heap allocation per sender for most): every distinct sender
+/// of the last seconds has an entry, 100,000 of them when as many sessions
+/// are opened by distinct initiators (issue 15).
 pub struct RateLimits {
-    starts: Option<DefaultKeyedRateLimiter<String>>,
-    messages: Option<DefaultKeyedRateLimiter<String>>,
+    starts: Option<DefaultKeyedRateLimiter<CompactString>>,
+    messages: Option<DefaultKeyedRateLimiter<CompactString>>,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -45,7 +49,7 @@ impl RateLimits {
         };
         match limiter {
             None => true,
-            Some(l) => l.check_key(&sender.to_string()).is_ok(),
+            Some(l) => l.check_key(&CompactString::from(sender)).is_ok(),
         }
     }
 
@@ -71,5 +75,18 @@ mod tests {
         assert!(!l.check("a", Budget::SessionStart));
         assert!(l.check("b", Budget::SessionStart), "budgets are per sender");
         assert!(l.check("a", Budget::Message), "0 disables the message limit");
+    }
+
+    /// Sender ids longer than the inline 24 bytes are whole keys too: two
+    /// that share a long prefix have budgets of their own.
+    #[test]
+    fn long_sender_ids_have_budgets_of_their_own() {
+        let l = RateLimits::new(1, 0);
+        let a = "agent://a-rather-long-common-prefix/one";
+        let b = "agent://a-rather-long-common-prefix/two";
+        assert!(l.check(a, Budget::SessionStart));
+        assert!(!l.check(a, Budget::SessionStart));
+        assert!(l.check(b, Budget::SessionStart));
+        assert!(!l.check(b, Budget::SessionStart));
     }
 }

@@ -30,7 +30,7 @@ pub(super) fn admit(
         return Err(KernelError::forbidden("no client may act as the runtime's own identity"));
     }
     let delegated = !s.initiator_only_commitment && s.policy.authority.permits(who, &s.initiator, &s.participants);
-    if who != s.initiator && !delegated {
+    if who != &*s.initiator && !delegated {
         return Err(no_authority(op, sid));
     }
     let max_suspend_ms = s.max_suspend_ms;
@@ -66,7 +66,7 @@ pub(super) fn admit(
             if s.state != SessionState::Suspended {
                 return Err(s.not_open());
             }
-            let banked = s.deadline_ms.saturating_sub(s.suspended_at_ms.unwrap_or(now));
+            let banked = s.deadline_ms.saturating_sub(s.suspended_at_ms().unwrap_or(now));
             let p = SessionResumePayload { reason, resumed_by: who.to_string(), banked_ms: banked };
             ("SessionResume", p.encode_to_vec(), Fact::Resumed)
         }
@@ -74,7 +74,7 @@ pub(super) fn admit(
     let seq = s.seq + 1;
     let env = Envelope {
         macp_version: PROTOCOL_VERSION.to_string(),
-        mode: s.mode.clone(),
+        mode: s.mode.to_string(),
         message_type: message_type.to_string(),
         message_id: format!("{}:{message_type}:{seq}", config.runtime_id),
         session_id: sid.to_string(),

@@ -17,7 +17,7 @@ use crate::error::{ErrorCode, KResult, KernelError};
 use crate::io::Broadcast;
 use crate::mode::{Message, SessionView};
 use crate::policy::BoundPolicy;
-use crate::session::{SeenIds, Session};
+use crate::session::{Rare, SeenIds, Session};
 use crate::validate;
 
 /// What live admission of a SessionStart already worked out, handed to
@@ -105,7 +105,7 @@ impl State {
         // ended-session cache still knows may start again: admission
         // accepted it because retention had passed for the old session
         // (storage forgot it), and replay must accept the same record.
-        if self.sessions.contains_key(&record.session_id) {
+        if self.sessions.contains_key(record.session_id.as_str()) {
             return Err(KernelError::new(
                 ErrorCode::SessionAlreadyExists,
                 format!("session {} already exists", record.session_id),
@@ -136,37 +136,33 @@ impl State {
             policy: &policy,
         };
         let mode_state = mode.start(view)?;
+        let id: Arc<str> = env.session_id.as_str().into();
         let mut session = Session {
-            id: env.session_id.clone(),
-            mode: st.canonical_mode.clone(),
-            extension_keys: p.extensions.into_keys().collect(),
-            mode_version: p.mode_version,
-            configuration_version: p.configuration_version,
+            id: id.clone(),
+            mode: st.canonical_mode.as_str().into(),
+            mode_version: p.mode_version.into(),
+            configuration_version: p.configuration_version.into(),
             policy,
-            initiator: env.sender.clone(),
-            participants: p.participants,
-            context_id: p.context_id,
+            initiator: env.sender.as_str().into(),
+            participants: p.participants.into_boxed_slice(),
+            rare: Rare::of_start(p.context_id, p.extensions.into_keys().collect()),
             started_at_ms: record.at_unix_ms,
             deadline_ms: st.deadline_unix_ms,
             max_suspend_ms: st.max_suspend_ms,
             state: SessionState::Open,
-            suspended_at_ms: None,
-            suspended_total_ms: 0,
             seq: 1,
             seen: SeenIds::default(),
             activity: Vec::new(),
-            resolution: None,
             initiator_only_commitment: mode.initiator_only_commitment(),
             mode_state,
             timer_at: None,
-            mode_timer_floor: i64::MIN,
         };
         session.touch(&env.sender, &env.message_id, record.at_unix_ms);
         *self.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
         let metadata = emit.then(|| session.metadata());
         self.timers.reindex(&mut session);
         self.ended.forget(&record.session_id);
-        self.sessions.insert(record.session_id.clone(), Box::new(session));
+        self.sessions.insert(id, Box::new(session));
         let Some(metadata) = metadata else { return Ok(Vec::new()) };
         Ok(vec![
             Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) },
@@ -228,7 +224,7 @@ impl State {
         };
         let resolved = if env.message_type == "Commitment" {
             let permitted = if *initiator_only_commitment {
-                env.sender == *initiator
+                *env.sender == **initiator
             } else {
                 policy.authority.permits(&env.sender, initiator, participants)
             };
@@ -262,7 +258,7 @@ impl State {
             return Ok(out);
         }
         s.state = SessionState::Resolved;
-        s.resolution = Some(env.payload.clone());
+        s.rare_mut().resolution = Some(env.payload.as_slice().into());
         self.timers.reindex(s);
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
@@ -288,9 +284,7 @@ impl State {
         if !due {
             return Err(corrupt(format!("session {sid}: expiry at {at} before its deadline or from a terminal state")));
         }
-        if let Some(since) = s.suspended_at_ms.take() {
-            s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
-        }
+        s.bank_suspension(at);
         let previous = s.state;
         s.seq += 1;
         s.state = SessionState::Expired;
@@ -316,37 +310,38 @@ impl State {
         to: SessionState,
         emit: bool,
     ) -> KResult<Broadcasts> {
-        let s =
-            self.sessions.get_mut(&env.session_id).ok_or_else(|| corrupt("control record for a missing session"))?;
+        let s = self
+            .sessions
+            .get_mut(env.session_id.as_str())
+            .ok_or_else(|| corrupt("control record for a missing session"))?;
         let event = match to {
             SessionState::Cancelled => {
                 if !s.is_live() {
                     return Err(s.not_open());
                 }
-                if let Some(since) = s.suspended_at_ms.take() {
-                    s.suspended_total_ms = s.suspended_total_ms.saturating_add(at - since);
-                }
+                s.bank_suspension(at);
                 EventType::Cancelled
             }
             SessionState::Suspended => {
                 if s.state != SessionState::Open || at > s.deadline_ms {
                     return Err(s.not_open());
                 }
-                s.suspended_at_ms = Some(at);
+                s.rare_mut().suspended_at_ms = Some(at);
                 EventType::Suspended
             }
             _ => {
-                let since = match (s.state, s.suspended_at_ms) {
+                let since = match (s.state, s.suspended_at_ms()) {
                     (SessionState::Suspended, Some(since)) => since,
                     _ => return Err(s.not_open()),
                 };
                 let paused = at.saturating_sub(since);
-                if s.suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
+                if s.rare().suspended_total_ms.saturating_add(paused) > s.max_suspend_ms {
                     return Err(s.not_open());
                 }
-                s.suspended_total_ms += paused;
                 s.deadline_ms = s.deadline_ms.saturating_add(paused);
-                s.suspended_at_ms = None;
+                let r = s.rare_mut();
+                r.suspended_total_ms += paused;
+                r.suspended_at_ms = None;
                 EventType::Resumed
             }
         };

@@ -185,11 +185,11 @@ pub fn summarize(s: &Session, ended_at: i64) -> SessionSummary {
         use crate::policy::CommitmentAuthority;
         match &s.policy.authority {
             CommitmentAuthority::InitiatorOnly => Vec::new(),
-            CommitmentAuthority::AnyParticipant => s.participants.clone(),
+            CommitmentAuthority::AnyParticipant => s.participants.to_vec(),
             CommitmentAuthority::DesignatedRole(roles) => roles.clone(),
         }
     };
-    controllers.retain(|c| *c != s.initiator);
+    controllers.retain(|c| **c != *s.initiator);
     controllers.sort();
     controllers.dedup();
     SessionSummary {

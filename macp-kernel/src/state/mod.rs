@@ -56,13 +56,15 @@ pub(crate) struct State {
     /// The runtime's own agent id: envelopes it sent are runtime-emitted.
     runtime_id: Arc<str>,
     /// Boxed: a B-tree node holds 11 values inline, and a session is a few
-    /// hundred bytes, so unboxed nodes waste a third of their space.
-    sessions: BTreeMap<String, Box<Session>>,
+    /// hundred bytes, so unboxed nodes waste a third of their space. The key
+    /// is the session's own id (`Session::id`), shared rather than copied.
+    sessions: BTreeMap<Arc<str>, Box<Session>>,
     modes: ModeRegistry,
     policies: PolicyRegistry,
     timers: Timers,
     /// Live (OPEN or SUSPENDED) sessions per initiator, for `max_open_sessions`.
-    live_by_initiator: BTreeMap<String, u32>,
+    /// Keys are the sessions' own `initiator` names, shared.
+    live_by_initiator: BTreeMap<Arc<str>, u32>,
     /// Sequence number of the last registry record.
     registry_seq: u64,
     /// Sessions that recovery could not rebuild (storage corruption left a
@@ -195,7 +197,7 @@ impl State {
     pub fn mode_timer_fired(&mut self, session_id: &str, now: i64) {
         if let Some(s) = self.sessions.get_mut(session_id) {
             if s.mode_state.next_deadline().is_some_and(|d| d <= now) {
-                s.mode_timer_floor = now;
+                s.rare_mut().mode_timer_floor = now;
             }
             self.timers.reindex(s);
         }

@@ -7,6 +7,7 @@
 //! inside are kept as their protobuf encoding.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use macp_wire::v1::{ModeDescriptor, PolicyDescriptor, SessionState};
 use prost::Message as _;
@@ -14,7 +15,7 @@ use serde::ser::SerializeSeq;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::State;
-use crate::session::{Activity, SeenIds, Session};
+use crate::session::{Activity, Rare, SeenIds, Session};
 
 /// Bumped whenever the layout or its meaning changes. Format 2 holds open
 /// and suspended sessions only (ended sessions live in storage); a format 1
@@ -74,7 +75,7 @@ struct KernelSnapRef<'a> {
     quarantined: &'a BTreeSet<String>,
 }
 
-struct SessionsRef<'a>(&'a BTreeMap<String, Box<Session>>);
+struct SessionsRef<'a>(&'a BTreeMap<Arc<str>, Box<Session>>);
 
 impl Serialize for SessionsRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -123,13 +124,13 @@ impl Serialize for SeenRef<'_> {
     }
 }
 
-struct ActivityRef<'a>(&'a [(String, Activity)]);
+struct ActivityRef<'a>(&'a [(Arc<str>, Activity)]);
 
 impl Serialize for ActivityRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
         for (who, a) in self.0 {
-            seq.serialize_element(&(who.as_str(), a.last_message_at_unix_ms, a.message_count))?;
+            seq.serialize_element(&(&**who, a.last_message_at_unix_ms, a.message_count))?;
         }
         seq.end()
     }
@@ -152,18 +153,28 @@ pub enum SnapshotError {
 impl State {
     /// The whole state as deterministic bytes.
     pub fn snapshot(&self) -> Vec<u8> {
-        let snap = KernelSnapRef {
+        let snap = self.snapshot_ref();
+        // Measure first, then write into an exact allocation: growing by
+        // doubling would briefly hold up to twice the checkpoint's size.
+        let size = postcard::serialize_with_flavor(&snap, postcard::ser_flavors::Size::default()).unwrap_or(0);
+        postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
+    }
+
+    /// The bytes of [`State::snapshot`], written into `out` as they are
+    /// produced (postcard writes small pieces: `out` should buffer).
+    pub fn write_snapshot(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        postcard::to_io(&self.snapshot_ref(), out).map(|_| ()).map_err(std::io::Error::other)
+    }
+
+    fn snapshot_ref(&self) -> KernelSnapRef<'_> {
+        KernelSnapRef {
             format: SNAPSHOT_FORMAT,
             registry_seq: self.registry_seq,
             policies: self.policies.all().map(|p| p.encode_to_vec()).collect(),
             dynamic_modes: self.modes.dynamic_entries().map(|(d, st)| (d.encode_to_vec(), st)).collect(),
             sessions: SessionsRef(&self.sessions),
             quarantined: &self.quarantined,
-        };
-        // Measure first, then write into an exact allocation: growing by
-        // doubling would briefly hold up to twice the checkpoint's size.
-        let size = postcard::serialize_with_flavor(&snap, postcard::ser_flavors::Size::default()).unwrap_or(0);
-        postcard::to_extend(&snap, Vec::with_capacity(size)).unwrap_or_default()
+        }
     }
 
     /// Rebuilds a state from [`State::snapshot`] bytes.
@@ -200,43 +211,48 @@ impl State {
                     s.id
                 )));
             }
+            let id: Arc<str> = s.id.into();
             let session = Session {
-                id: s.id.clone(),
-                mode: s.mode,
-                mode_version: s.mode_version,
-                configuration_version: s.configuration_version,
+                id: id.clone(),
+                mode: s.mode.into(),
+                mode_version: s.mode_version.into(),
+                configuration_version: s.configuration_version.into(),
                 policy,
-                initiator: s.initiator,
-                participants: s.participants,
-                context_id: s.context_id,
-                extension_keys: s.extension_keys,
+                initiator: s.initiator.into(),
+                participants: s.participants.into_boxed_slice(),
+                rare: None,
                 started_at_ms: s.started_at_ms,
                 deadline_ms: s.deadline_ms,
                 max_suspend_ms: s.max_suspend_ms,
                 state,
-                suspended_at_ms: s.suspended_at_ms,
-                suspended_total_ms: s.suspended_total_ms,
                 seq: s.seq,
                 seen: s.seen.into_iter().collect(),
-                activity: s
-                    .activity
-                    .into_iter()
-                    .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
-                    .collect::<BTreeMap<_, _>>()
-                    .into_iter()
-                    .collect(),
-                resolution: s.resolution,
+                activity: Vec::new(),
                 initiator_only_commitment: s.initiator_only_commitment,
                 mode_state,
                 timer_at: None,
-                mode_timer_floor: i64::MIN,
             };
             let mut session = session;
+            let rare = Rare {
+                context_id: s.context_id,
+                extension_keys: s.extension_keys,
+                suspended_at_ms: s.suspended_at_ms,
+                suspended_total_ms: s.suspended_total_ms,
+                resolution: s.resolution.map(Vec::into_boxed_slice),
+                mode_timer_floor: i64::MIN,
+            };
+            session.rare = (rare != Rare::default()).then(|| Box::new(rare));
+            let activity: BTreeMap<String, Activity> = s
+                .activity
+                .into_iter()
+                .map(|(w, last, n)| (w, Activity { last_message_at_unix_ms: last, message_count: n }))
+                .collect();
+            session.activity = activity.into_iter().map(|(w, a)| (session.name(&w), a)).collect();
             if session.is_live() {
                 *k.live_by_initiator.entry(session.initiator.clone()).or_default() += 1;
             }
             k.timers.reindex(&mut session);
-            k.sessions.insert(s.id.clone(), Box::new(session));
+            k.sessions.insert(id, Box::new(session));
         }
         Ok(k)
     }
@@ -251,18 +267,18 @@ fn session_snap(s: &Session) -> SessionSnapRef<'_> {
         policy: s.policy.descriptor.encode_to_vec(),
         initiator: &s.initiator,
         participants: &s.participants,
-        context_id: &s.context_id,
-        extension_keys: &s.extension_keys,
+        context_id: s.context_id(),
+        extension_keys: s.extension_keys(),
         started_at_ms: s.started_at_ms,
         deadline_ms: s.deadline_ms,
         max_suspend_ms: s.max_suspend_ms,
         state: s.state as i32,
-        suspended_at_ms: s.suspended_at_ms,
-        suspended_total_ms: s.suspended_total_ms,
+        suspended_at_ms: s.rare().suspended_at_ms,
+        suspended_total_ms: s.rare().suspended_total_ms,
         seq: s.seq,
         seen: SeenRef(&s.seen),
         activity: ActivityRef(&s.activity),
-        resolution: s.resolution.as_deref(),
+        resolution: s.rare().resolution.as_deref(),
         initiator_only_commitment: s.initiator_only_commitment,
         mode_state: s.mode_state.snapshot(),
     }

@@ -3,12 +3,14 @@
 //! ask for the earliest one in O(log n) and a tick visits only due sessions.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::session::Session;
 
-/// `(due time, session id)` for every session with a pending timer.
+/// `(due time, session id)` for every session with a pending timer; the id
+/// is the session's own `Arc`, not a copy of the string.
 #[derive(Debug, Default)]
-pub(crate) struct Timers(BTreeSet<(i64, String)>);
+pub(crate) struct Timers(BTreeSet<(i64, Arc<str>)>);
 
 impl Timers {
     /// The earliest due time.
@@ -18,7 +20,7 @@ impl Timers {
 
     /// Sessions due at `now`, earliest first.
     pub fn due(&self, now: i64) -> Vec<String> {
-        self.0.iter().take_while(|(t, _)| *t <= now).map(|(_, s)| s.clone()).collect()
+        self.0.iter().take_while(|(t, _)| *t <= now).map(|(_, s)| s.to_string()).collect()
     }
 
     /// Moves `s` to the right place after a change. A session carries the
