@@ -20,7 +20,7 @@
 //! # let _ = done; Ok(()) }
 //! ```
 //!
-//! ## Tables (schema version 2)
+//! ## Tables (schema version 3)
 //!
 //! All in one schema ([`PgConfig::schema`], `macp` by default, created if
 //! missing); the connections' `search_path` is that schema alone.
@@ -39,7 +39,11 @@
 //! macp_checkpoint      one row per shard: covers (the first log position it
 //!                      does not cover), open_state (the kernel's open
 //!                      state), taken_at
-//! macp_cluster         a cluster's schema only: its shard count
+//! macp_cluster         a cluster's schema only: its shard count and its
+//!                      registries' version
+//! macp_registry        a cluster's registries (policies, extension modes):
+//!                      kind, id, body (the protobuf descriptor),
+//!                      standards_track, position (the version that made it)
 //! macp_nodes           a cluster's members: node_id, advertise_addr,
 //!                      started_at, heartbeat_at
 //! macp_shards          a cluster's leases: shard, owner, epoch, lease_until
@@ -215,6 +219,10 @@
 //! A paused process that wakes up, a partitioned host, a second process
 //! with the same node id: none can write a shard it no longer holds.
 //!
+//! [`ClusterRegistry`] keeps the cluster's registries (policies, extension
+//! modes) in `macp_registry`, each change applied only at the version it
+//! was validated against, so nodes changing them at once cannot both win.
+//!
 //! A cluster's schema is refused to a single-node runtime, and a schema
 //! with a single-node runtime's data (or one running on it, seen through
 //! its advisory lock) cannot become a cluster's.
@@ -222,14 +230,13 @@
 //! ## Not yet
 //!
 //! TLS to the database (plain TCP and Unix sockets only; `sslmode=require`
-//! is refused rather than ignored). The runtime's cluster mode (a node
-//! serving the shards it holds and forwarding the rest) builds on this
-//! crate's membership and is not in the server yet. `macp-admin` reads
+//! is refused rather than ignored). `macp-admin` reads
 //! shard 0 (a single-node runtime's data) only.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod registry;
 mod schema;
 mod storage;
 mod url;
@@ -239,6 +246,7 @@ pub use cluster::{
     preferred_owner, shard_of, ClusterConfig, ClusterError, Lease, Member, Membership, ShardLease, Tick,
     DEFAULT_SHARDS, MAX_SHARDS, MIN_LEASE_TTL,
 };
+pub use registry::{ClusterRegistry, RegistryEntry, RegistryKind, RegistryOp, RegistrySnapshot};
 pub use schema::SCHEMA_VERSION;
 pub use storage::{PgCheckpointInfo, PgConfig, PgHost, PgInfo, PgStorage};
 pub use url::{BadPgUrl, PgUrl};

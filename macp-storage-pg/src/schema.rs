@@ -9,7 +9,7 @@
 
 /// The schema version this build writes and reads. A database at a newer
 /// version is refused ([`macp_storage::StorageError::NewerFormat`]).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The migration table: one row per applied migration.
 pub(crate) const VERSION_TABLE: &str = "macp_schema_version";
@@ -74,6 +74,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         owner text COLLATE \"C\",
         epoch bigint NOT NULL DEFAULT 0,
         lease_until timestamptz
+    );",
+    // 3: a cluster's registries (policies and extension modes), which
+    // every node syncs its shards' kernels to; the version rises with
+    // every change so a node notices one with a single-row read.
+    "ALTER TABLE macp_cluster ADD COLUMN registry_version bigint NOT NULL DEFAULT 0;
+    CREATE TABLE macp_registry (
+        kind text COLLATE \"C\" NOT NULL,
+        id text COLLATE \"C\" NOT NULL,
+        body bytea NOT NULL,
+        standards_track boolean NOT NULL DEFAULT false,
+        position bigint NOT NULL,
+        PRIMARY KEY (kind, id)
     );",
 ];
 
@@ -280,6 +292,23 @@ pub(crate) mod cluster {
         WHERE owner IS NOT NULL AND lease_until > clock_timestamp() ORDER BY shard";
     /// Node `$1` leaves the membership.
     pub(crate) const LEAVE: &str = "DELETE FROM macp_nodes WHERE node_id = $1::text";
+    /// The registries' version.
+    pub(crate) const REGISTRY_VERSION: &str = "SELECT registry_version FROM macp_cluster WHERE id";
+    /// Every registry entry, in the order they were made.
+    pub(crate) const REGISTRY_ENTRIES: &str =
+        "SELECT kind, id, body, standards_track FROM macp_registry ORDER BY position, kind, id";
+    /// Raises the registries' version from `$1` to `$1 + 1`, locking the
+    /// row until commit; no row when the version is no longer `$1`.
+    pub(crate) const REGISTRY_BUMP: &str = "UPDATE macp_cluster SET registry_version = registry_version + 1
+        WHERE id AND registry_version = $1::int8 RETURNING registry_version";
+    /// Puts entry (`$1` kind, `$2` id) with body `$3`, standards-track `$4`,
+    /// made at version `$5` (its position).
+    pub(crate) const REGISTRY_PUT: &str = "INSERT INTO macp_registry (kind, id, body, standards_track, position)
+        VALUES ($1::text, $2::text, $3::bytea, $4::bool, $5::int8)
+        ON CONFLICT (kind, id) DO UPDATE
+        SET body = EXCLUDED.body, standards_track = EXCLUDED.standards_track, position = EXCLUDED.position";
+    /// Removes entry (`$1` kind, `$2` id).
+    pub(crate) const REGISTRY_DELETE: &str = "DELETE FROM macp_registry WHERE kind = $1::text AND id = $2::text";
 }
 
 pub(crate) const HISTORY: &str = "SELECT pos, seq, record FROM macp_records

@@ -14,7 +14,8 @@ use macp_pg_test::unique_name;
 use macp_storage::suite::{self, record, sid, Harness};
 use macp_storage::{Retention, Storage, StorageError};
 use macp_storage_pg::{
-    preferred_owner, shard_of, ClusterConfig, ClusterError, Membership, PgHost, PgStorage, ShardLease, Tick,
+    preferred_owner, shard_of, ClusterConfig, ClusterError, ClusterRegistry, Membership, PgHost, PgStorage,
+    RegistryEntry, RegistryKind, RegistryOp, ShardLease, Tick,
 };
 
 fn rt() -> tokio::runtime::Runtime {
@@ -420,4 +421,45 @@ fn shards_committing_together_are_fenced_each_on_its_own() {
         assert_eq!(rows(&db, &schema, shard), "50");
     }
     assert_eq!(rows(&db, &schema, 3), "0");
+}
+
+/// The registry table takes a change only at the version it was validated
+/// against: of two nodes changing it from the same version, the second is
+/// told to read it again, and nothing of its change is written.
+#[test]
+fn a_registry_change_applies_only_at_the_version_it_was_made_against() {
+    let db = Db::new();
+    let schema = unique_name("registry");
+    let rt = rt();
+    let _m = join(&rt, &db, &schema, node("r1", 2, Duration::from_secs(60)));
+    let cfg = db.cfg(&schema, Retention::Forever);
+    let (one, two) = (ClusterRegistry::new(&db.url, &cfg), ClusterRegistry::new(&db.url, &cfg));
+    let entry = |kind, id: &str, body: &[u8], standards_track| RegistryEntry {
+        kind,
+        id: id.into(),
+        body: body.to_vec(),
+        standards_track,
+    };
+    rt.block_on(async {
+        assert_eq!(one.version().await.unwrap(), 0);
+        let put = RegistryOp::Put(entry(RegistryKind::Policy, "p", b"one", false));
+        assert_eq!(one.change(0, &[put]).await.unwrap(), Some(1));
+        let late = RegistryOp::Put(entry(RegistryKind::Policy, "q", b"two", false));
+        assert_eq!(two.change(0, std::slice::from_ref(&late)).await.unwrap(), None, "made against version 0");
+        let snap = two.load().await.unwrap();
+        assert_eq!(snap.version, 1);
+        assert_eq!(snap.entries, vec![entry(RegistryKind::Policy, "p", b"one", false)]);
+        // Again at the version read: applied; entries keep the order they were made in.
+        let mode = RegistryOp::Put(entry(RegistryKind::Mode, "ext.a.v1", b"m", true));
+        assert_eq!(two.change(1, &[late, mode]).await.unwrap(), Some(2));
+        let delete = RegistryOp::Delete { kind: RegistryKind::Policy, id: "p".into() };
+        assert_eq!(one.change(2, &[delete]).await.unwrap(), Some(3));
+        let snap = one.load().await.unwrap();
+        assert_eq!(snap.version, 3);
+        assert_eq!(
+            snap.entries,
+            vec![entry(RegistryKind::Mode, "ext.a.v1", b"m", true), entry(RegistryKind::Policy, "q", b"two", false)]
+        );
+        assert_eq!(two.version().await.unwrap(), 3);
+    });
 }

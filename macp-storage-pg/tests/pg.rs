@@ -482,7 +482,7 @@ fn a_version_1_schema_is_migrated_with_its_data() {
     // Back to what version 1 looked like.
     db.sql(&format!(
         "SET search_path = {schema};
-        DROP TABLE macp_cluster, macp_nodes, macp_shards;
+        DROP TABLE macp_cluster, macp_nodes, macp_shards, macp_registry;
         ALTER TABLE macp_records DROP CONSTRAINT macp_records_pkey;
         ALTER TABLE macp_records DROP COLUMN shard;
         ALTER TABLE macp_records ADD PRIMARY KEY (pos);
@@ -504,6 +504,8 @@ fn a_version_1_schema_is_migrated_with_its_data() {
     s.sync().unwrap();
     let versions =
         db.sql(&format!("SELECT string_agg(version::text, ',' ORDER BY version) FROM {schema}.macp_schema_version"));
-    assert_eq!(versions, "1,2");
+    assert_eq!(versions, "1,2,3");
     assert_eq!(db.sql(&format!("SELECT count(*) FROM {schema}.macp_records WHERE shard = 0")), "4");
+    let registry = db.sql(&format!("SELECT registry_version FROM {schema}.macp_cluster"));
+    assert_eq!(registry, "", "a single-node schema has no cluster row, only the column");
 }

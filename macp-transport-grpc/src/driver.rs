@@ -110,6 +110,18 @@ pub enum Command {
         /// The outcome.
         reply: oneshot::Sender<Result<HistoryAccess, KernelError>>,
     },
+    /// Bring the kernel's registries to `wanted` (a cluster node syncing
+    /// each shard it serves to the cluster's registry table): the plan's
+    /// inputs, from `operator`, join the batch like requests; `reply` gets
+    /// one receiver per input, each answered once its record is durable.
+    SyncRegistries {
+        /// The registries to hold.
+        wanted: Arc<crate::registry_sync::WantedRegistries>,
+        /// Who the recorded changes are from (the runtime itself).
+        operator: Identity,
+        /// The replies to come.
+        reply: oneshot::Sender<Vec<oneshot::Receiver<Reply>>>,
+    },
     /// Write a checkpoint now (tests, operators).
     Checkpoint,
     /// Finish the current batch, sync, checkpoint and stop, even if some
@@ -259,6 +271,12 @@ impl Driver {
         self.pipeline.kernel().policies().all().cloned().collect()
     }
 
+    /// The registry inputs that bring this driver's kernel to `wanted`
+    /// (see [`crate::registry_sync`]).
+    pub fn registry_plan(&self, wanted: &crate::registry_sync::WantedRegistries, operator: &Identity) -> Vec<Input> {
+        wanted.plan(self.pipeline.kernel(), operator)
+    }
+
     /// Runs inputs through the kernel and makes their records durable
     /// before the driver serves anything: start-up configuration that is
     /// recorded like any other change (the policies directory), so a
@@ -266,15 +284,7 @@ impl Driver {
     /// input order; on a storage failure every reply is an error, as for a
     /// batch of requests.
     pub fn apply_before_serving(&mut self, inputs: Vec<Input>) -> Result<Vec<Reply>, DriverError> {
-        let now = now_ms();
-        let mut waiting = Vec::with_capacity(inputs.len());
-        for mut input in inputs {
-            self.next_request += 1;
-            set_request(&mut input, self.next_request);
-            let (tx, rx) = oneshot::channel();
-            self.pipeline.submit(now, input, tx);
-            waiting.push(rx);
-        }
+        let waiting = self.submit_all(now_ms(), inputs);
         self.commit()?;
         Ok(waiting
             .into_iter()
@@ -284,6 +294,20 @@ impl Driver {
                 })
             })
             .collect())
+    }
+
+    /// Hands the driver's own inputs (registry changes it records) to the
+    /// pipeline; each receiver is answered once its record is durable.
+    fn submit_all(&mut self, now: i64, inputs: Vec<Input>) -> Vec<oneshot::Receiver<Reply>> {
+        let mut waiting = Vec::with_capacity(inputs.len());
+        for mut input in inputs {
+            self.next_request += 1;
+            set_request(&mut input, self.next_request);
+            let (tx, rx) = oneshot::channel();
+            self.pipeline.submit(now, input, tx);
+            waiting.push(rx);
+        }
+        waiting
     }
 
     /// Access to the hub's watch channels (before the task starts).
@@ -374,6 +398,10 @@ impl Driver {
                 }
                 Command::History { identity, session_id, reply } => {
                     self.pipeline.ask(Query::Subscribe { identity, session_id }, Asked::History(reply));
+                }
+                Command::SyncRegistries { wanted, operator, reply } => {
+                    let inputs = wanted.plan(self.pipeline.kernel(), &operator);
+                    let _ = reply.send(self.submit_all(now, inputs));
                 }
                 Command::Checkpoint => checkpoint = true,
                 Command::Shutdown => stop = true,

@@ -97,6 +97,14 @@ impl Hub {
         }
     }
 
+    /// Like [`Hub::sharing`], but registry changes go nowhere: a cluster
+    /// node's shards sync their registries from the node's registry
+    /// driver's, which alone tells the watchers (once per change, not once
+    /// per shard).
+    pub fn sharing_sessions(&self) -> Hub {
+        Hub { registry: broadcast::channel(1).0, ..self.sharing() }
+    }
+
     /// Counts subscribers in `metrics` from now on.
     pub fn set_metrics(&mut self, metrics: Option<Arc<Metrics>>) {
         self.metrics = metrics;

@@ -30,6 +30,7 @@ pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod policies_dir;
+pub mod registry_sync;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -172,9 +172,19 @@ fn same_definition(a: &PolicyDescriptor, b: &PolicyDescriptor) -> bool {
 /// Empty when they already agree, so a restart with the same directory
 /// records nothing.
 pub fn plan(registered: &[PolicyDescriptor], wanted: &[FilePolicy], operator: &Identity) -> Vec<Input> {
+    let wanted: Vec<&PolicyDescriptor> = wanted.iter().map(|w| &w.descriptor).collect();
+    plan_descriptors(registered, &wanted, operator)
+}
+
+/// [`plan`] for wanted policies from any source (a cluster's registry
+/// table as well as the directory).
+pub fn plan_descriptors(
+    registered: &[PolicyDescriptor],
+    wanted: &[&PolicyDescriptor],
+    operator: &Identity,
+) -> Vec<Input> {
     let keep = |d: &PolicyDescriptor| {
-        d.policy_id == DEFAULT_POLICY_ID
-            || wanted.iter().any(|w| w.descriptor.policy_id == d.policy_id && same_definition(&w.descriptor, d))
+        d.policy_id == DEFAULT_POLICY_ID || wanted.iter().any(|w| w.policy_id == d.policy_id && same_definition(w, d))
     };
     let unregister = registered.iter().filter(|d| !keep(d)).map(|d| Input::UnregisterPolicy {
         request: 0,
@@ -183,16 +193,17 @@ pub fn plan(registered: &[PolicyDescriptor], wanted: &[FilePolicy], operator: &I
     });
     let register = wanted
         .iter()
-        .filter(|w| !registered.iter().any(|d| same_definition(d, &w.descriptor)))
-        .map(|w| Input::RegisterPolicy { request: 0, identity: operator.clone(), descriptor: w.descriptor.clone() });
+        .filter(|w| w.policy_id != DEFAULT_POLICY_ID && !registered.iter().any(|d| same_definition(d, w)))
+        .map(|w| Input::RegisterPolicy { request: 0, identity: operator.clone(), descriptor: (*w).clone() });
     unregister.chain(register).collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn descriptor(id: &str, rules: &str) -> PolicyDescriptor {
+    /// A schema-3 decision policy (shared with other modules' tests).
+    pub(crate) fn descriptor(id: &str, rules: &str) -> PolicyDescriptor {
         PolicyDescriptor {
             policy_id: id.into(),
             mode: "macp.mode.decision.v1".into(),

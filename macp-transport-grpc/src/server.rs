@@ -446,7 +446,7 @@ async fn serve_on(
     let limits = RateLimits::new(cfg.session_start_limit_per_minute, cfg.message_limit_per_minute);
     let runtime = Runtime::new(router, auth, limits, watch, kcfg)
         .with_max_reply_bytes(cfg.max_grpc_message_bytes)
-        .with_read_only_policies(cfg.policies_dir.is_some() || cfg.node_id.is_some())
+        .with_read_only_policies(cfg.policies_dir.is_some())
         .with_receipt_keys(receipts)
         .with_metrics(metrics.clone());
     // Forget senders whose budgets refilled, so the limiter's memory stays

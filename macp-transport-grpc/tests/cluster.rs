@@ -620,3 +620,166 @@ fn a_forwarded_request_is_charged_once() {
         assert_eq!(code(&ack), "RATE_LIMITED", "{ack:?}");
     });
 }
+
+/// A policy or extension mode registered on one node is enforced,
+/// listed and watched on every node; a change made on two nodes at once
+/// is made once; an unregistration reaches every node; a node that joins
+/// later loads its shards with the registries.
+#[test]
+fn registries_are_cluster_wide() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("registries");
+    let url = pg.create_database(&db).expect("a database");
+    let secret = ["--cluster-secret", "a shared secret of the test cluster"];
+    let mut nodes = vec![
+        Node::spawn_logging(&url, "g1", Stdio::null(), &secret),
+        Node::spawn_logging(&url, "g2", Stdio::null(), &secret),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for p in &ports {
+            connect_port(*p, "probe").await;
+        }
+    });
+    wait_for_owners(&pg, &db, &["g1", "g2"], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(TTL_MS / 2));
+    let policy = |id: &str, description: &str| PolicyDescriptor {
+        policy_id: id.into(),
+        mode: DECISION.into(),
+        description: description.into(),
+        rules: r#"{"voting":{"algorithm":"majority"}}"#.into(),
+        schema_version: 3,
+        registered_at_unix_ms: 0,
+    };
+    let start_with = |s: &str, policy_id: &str| {
+        let mut p = start_payload(&["I", "A"]);
+        p.policy_version = policy_id.into();
+        env(s, DECISION, "SessionStart", p.encode_to_vec())
+    };
+    rt.block_on(async {
+        let (mut one, mut two) = (connect_port(ports[0], "I").await, connect_port(ports[1], "I").await);
+        let mut watch = two.watch_policies(WatchPoliciesRequest {}).await.unwrap().into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.unwrap().unwrap().unwrap();
+        assert!(!first.descriptors.iter().any(|d| d.policy_id == "policy.c.majority"));
+
+        // Registered on g1: at once enforceable and readable through g2,
+        // for sessions of either node's shards.
+        let p = policy("policy.c.majority", "majority");
+        let r = one.register_policy(RegisterPolicyRequest { policy_descriptor: Some(p.clone()) }).await.unwrap();
+        assert!(r.get_ref().ok, "{}", r.get_ref().error);
+        assert_eq!(get_policy(&mut two, &p.policy_id).await.policy_id, p.policy_id);
+        let mut on = [0usize, 0usize];
+        for _ in 0..8 {
+            let s = sid();
+            on[usize::from(owner_of(&pg, &db, &s) == "g2")] += 1;
+            let ack = send(&mut two, start_with(&s, &p.policy_id)).await;
+            assert!(ack.ok, "a session bound to the policy registered on the other node: {ack:?}");
+        }
+        assert!(on[0] > 0 && on[1] > 0, "sessions on both nodes: {on:?}");
+        // g2's watcher hears of it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = tokio::time::timeout_at(deadline.into(), watch.next()).await.expect("WatchPolicies on g2").unwrap();
+            if m.unwrap().descriptors.iter().any(|d| d.policy_id == p.policy_id) {
+                break;
+            }
+        }
+        // Registering the same id through the other node is refused.
+        let r = two.register_policy(RegisterPolicyRequest { policy_descriptor: Some(p.clone()) }).await.unwrap();
+        assert!(!r.get_ref().ok && r.get_ref().error.starts_with("INVALID_POLICY_DEFINITION"), "{:?}", r.get_ref());
+
+        // The same new id on both nodes at once: exactly one registers it.
+        let (a, b) = (policy("policy.c.race", "from g1"), policy("policy.c.race", "from g2"));
+        let (ra, rb) = tokio::join!(
+            one.register_policy(RegisterPolicyRequest { policy_descriptor: Some(a) }),
+            two.register_policy(RegisterPolicyRequest { policy_descriptor: Some(b) }),
+        );
+        let oks = [ra.unwrap().into_inner().ok, rb.unwrap().into_inner().ok];
+        assert_eq!(oks.iter().filter(|ok| **ok).count(), 1, "{oks:?}");
+        let winner = if oks[0] { "from g1" } else { "from g2" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in [&mut one, &mut two] {
+            while get_policy(c, "policy.c.race").await.description != winner {
+                assert!(Instant::now() < deadline, "both nodes settle on the registered policy");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        // Unregistered on g2: within a poll no node starts sessions with it.
+        let r = two.unregister_policy(UnregisterPolicyRequest { policy_id: p.policy_id.clone() }).await.unwrap();
+        assert!(r.get_ref().ok, "{}", r.get_ref().error);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut refused = 0;
+        while refused < 8 {
+            let ack = send(&mut one, start_with(&sid(), &p.policy_id)).await;
+            if ack.ok {
+                refused = 0;
+                assert!(Instant::now() < deadline, "g1 still starts sessions with the unregistered policy");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                assert_eq!(code(&ack), "UNKNOWN_POLICY_VERSION", "{ack:?}");
+                refused += 1;
+            }
+        }
+
+        // An extension mode registered on g1 starts sessions through g2 at
+        // once; promoted on g2, g1 lists it as standards-track.
+        let mode = ModeDescriptor {
+            mode: "ext.cluster.note.v1".into(),
+            mode_version: "1.0.0".into(),
+            message_types: vec!["Note".into(), "Commitment".into()],
+            terminal_message_types: vec!["Commitment".into()],
+            ..Default::default()
+        };
+        let r = one.register_ext_mode(RegisterExtModeRequest { mode_descriptor: Some(mode.clone()) }).await.unwrap();
+        assert!(r.get_ref().ok, "{}", r.get_ref().error);
+        for _ in 0..4 {
+            let e = env(&sid(), &mode.mode, "SessionStart", start_payload(&["I", "A"]).encode_to_vec());
+            let ack = send(&mut two, e).await;
+            assert!(ack.ok, "a session of the extension registered on the other node: {ack:?}");
+        }
+        let r = two
+            .promote_mode(PromoteModeRequest { mode: mode.mode.clone(), promoted_mode_name: "acme.note.v1".into() })
+            .await
+            .unwrap();
+        assert!(r.get_ref().ok, "{}", r.get_ref().error);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let modes = one.list_modes(ListModesRequest::default()).await.unwrap().into_inner().modes;
+            let exts = one.list_ext_modes(ListExtModesRequest::default()).await.unwrap().into_inner().modes;
+            if modes.iter().any(|m| m.mode == "acme.note.v1") && !exts.iter().any(|m| m.mode == mode.mode) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "g1 lists the promoted mode");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    // A node joining later loads its shards with the registries.
+    nodes.push(Node::spawn_logging(&url, "g3", Stdio::null(), &secret));
+    let late = nodes[2].port;
+    let q = "SELECT count(*) FROM macp.macp_shards WHERE owner = 'g3' AND lease_until > clock_timestamp()";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sql(&pg, &db, q) == "0" {
+        assert!(Instant::now() < deadline, "g3 was handed no shard");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_owners(&pg, &db, &["g1", "g2", "g3"], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(TTL_MS / 2));
+    rt.block_on(async {
+        let mut three = connect_port(late, "I").await;
+        let listed = three.list_policies(ListPoliciesRequest { mode: String::new() }).await.unwrap().into_inner();
+        assert!(listed.descriptors.iter().any(|d| d.policy_id == "policy.c.race"), "{listed:?}");
+        let mut on_g3 = 0;
+        for _ in 0..16 {
+            let s = sid();
+            on_g3 += usize::from(owner_of(&pg, &db, &s) == "g3");
+            let ack = send(&mut three, start_with(&s, "policy.c.race")).await;
+            assert!(ack.ok, "{ack:?}");
+            let e = env(&sid(), "acme.note.v1", "SessionStart", start_payload(&["I", "A"]).encode_to_vec());
+            assert!(send(&mut three, e).await.ok);
+        }
+        assert!(on_g3 > 0, "some sessions on g3's shards");
+    });
+}

@@ -26,10 +26,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "readonly: needs a runtime started with --policies-dir tests/interop/policies (run.sh's readonly pass)",
     )
-    config.addinivalue_line(
-        "markers",
-        "registry: registers policies at runtime (not in the cluster pass: a cluster's registries are read-only)",
-    )
 
 
 @pytest.fixture(scope="session")

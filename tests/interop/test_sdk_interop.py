@@ -610,7 +610,6 @@ def _majority_policy(schema_version: int | None):
     )
 
 
-@pytest.mark.registry
 def test_governance_policy(agent, subscribe):
     """A policy built with the SDK's builder, registered through the SDK and
     bound at SessionStart: a failed vote denies a positive commitment
@@ -646,7 +645,6 @@ def test_governance_policy(agent, subscribe):
     assert md.state == RESOLVED and md.policy_version == policy.policy_id
 
 
-@pytest.mark.registry
 def test_policy_schema_version_3(agent):
     """The SDK builder's default, schema_version 3, registers, and its
     fail-closed empty tally (RFC-MACP-0012 §4.1) denies a positive commitment
@@ -690,7 +688,6 @@ def _split_vote(coord, alice, bob, policy_id: str) -> DecisionSession:
     return s
 
 
-@pytest.mark.registry
 def test_default_decision_policy_and_what_if_replay(agent):
     """`build_decision_policy()` with every default (schema_version 3, no
     voting algorithm, initiator-only commitment) registers and is enforced;

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! A shard is the unit everything moves in: each held shard runs the same
-//! [`Driver`] a single-node runtime runs (its own kernel and commit
+//! [`Driver`](crate::driver::Driver) a single-node runtime runs (its own kernel and commit
 //! pipeline), over a [`macp_storage_pg::PgStorage`] of that shard whose
 //! every write the database fences with the lease's epoch. Taking a shard
 //! over is therefore exactly a restart's recovery, run on one shard: the
@@ -21,17 +21,16 @@
 //! lost lease stops exactly the sessions it covers, and the kernel needs
 //! no notion of shards at all.
 //!
-//! What is node-wide: the watch channels (one [`Hub`]'s broadcast senders
-//! shared by every shard's hub), authentication, rate limits, and the
-//! registries, which in cluster mode come from `MACP_POLICIES_DIR` on
-//! every node (registered into each shard's kernel as it is loaded; the
-//! registry RPCs that change them are refused). Not yet: forwarding a
-//! request to the node that holds its session (clients are told which
-//! node that is), and cluster-wide listings and watches (ListSessions
-//! and WatchSessions see this node's shards and every ended session).
+//! What is node-wide: the watch channels (one [`Hub`](crate::hub::Hub)'s broadcast senders
+//! shared by every shard's hub), authentication and rate limits. What is
+//! cluster-wide: the registries ([`registries`]: a table every node syncs
+//! each kernel it runs to). Not yet: cluster-wide listings and watches
+//! (ListSessions and WatchSessions see this node's shards and every ended
+//! session).
 
 pub mod forward;
 mod node;
+pub mod registries;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -45,6 +44,7 @@ use crate::driver::Command;
 use forward::{Forwarder, PeerClient};
 
 pub use node::{Node, NodeError, NodeSettings};
+pub use registries::ClusterRegistries;
 
 /// Another node to forward a request to, and how to vouch for its caller.
 #[derive(Debug)]
@@ -110,6 +110,16 @@ impl Router {
         }
     }
 
+    /// On a cluster node, reads the cluster's registries again if another
+    /// node changed them; true when they had changed (a request refused
+    /// for an unknown policy or mode is then worth one more try).
+    pub async fn refresh_registries(&self) -> bool {
+        match self {
+            Router::Single(_) => false,
+            Router::Cluster(table) => table.refresh_registries().await,
+        }
+    }
+
     /// Whether this is a cluster node.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Router::Cluster(_))
@@ -150,16 +160,65 @@ pub struct ShardTable {
     /// Forwarding to the node that serves a session (when the cluster has
     /// a shared secret).
     forwarder: Option<Arc<Forwarder>>,
-    /// A driver of no shard that holds the registries (from the policies
-    /// directory, as every shard does): it answers discovery and registry
-    /// questions also while the node serves no shard.
+    /// A driver of no shard that holds the registries (synced to the
+    /// cluster's registry table, as every shard is): it answers discovery
+    /// and registry questions also while the node serves no shard, and
+    /// validates registry changes.
     registry: mpsc::Sender<Command>,
+    /// The cluster's registries, and the one path that changes them.
+    registries: Arc<ClusterRegistries>,
 }
 
 impl ShardTable {
     /// An empty table for a cluster of `shards` shards.
-    pub fn new(node_id: &str, shards: u32, forwarder: Option<Arc<Forwarder>>, registry: mpsc::Sender<Command>) -> Self {
-        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()), forwarder, registry }
+    pub fn new(
+        node_id: &str,
+        shards: u32,
+        forwarder: Option<Arc<Forwarder>>,
+        registry: mpsc::Sender<Command>,
+        registries: Arc<ClusterRegistries>,
+    ) -> Self {
+        ShardTable {
+            shards,
+            node_id: node_id.to_string(),
+            table: RwLock::new(Table::default()),
+            forwarder,
+            registry,
+            registries,
+        }
+    }
+
+    /// Makes a registry change (RegisterPolicy, RegisterExtMode, ...)
+    /// cluster-wide; see [`ClusterRegistries::change`].
+    pub async fn change_registry(&self, input: macp_kernel::Input) -> Result<macp_kernel::Reply, Status> {
+        self.registries.change(input, &self.registry, &self.sync_targets()).await
+    }
+
+    /// Reads the cluster's registries again if another node changed them
+    /// (after a request was refused for a policy or mode this node may not
+    /// have synced yet): true when they had changed, and every driver here
+    /// now holds them.
+    pub async fn refresh_registries(&self) -> bool {
+        match self.registries.refresh(&self.sync_targets()).await {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!("cluster registry refresh failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Syncs one driver (a shard loaded while the registries changed).
+    async fn resync(&self, driver: &mpsc::Sender<Command>) {
+        self.registries.sync_one(driver).await;
+    }
+
+    /// Every driver here that holds registries: the registry driver and
+    /// the served shards'.
+    fn sync_targets(&self) -> Vec<mpsc::Sender<Command>> {
+        let mut v = vec![self.registry.clone()];
+        v.extend(self.read().served.values().map(|s| s.tx.clone()));
+        v
     }
 
     fn peer(&self, session_id: &str) -> Option<Peer> {

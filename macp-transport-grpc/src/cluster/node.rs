@@ -9,12 +9,15 @@ use std::time::{Duration, Instant};
 use macp_kernel::KernelConfig;
 use macp_pipeline::{CheckpointPolicy, RecoveryError};
 use macp_storage::{Storage, StorageError};
-use macp_storage_pg::{ClusterConfig, ClusterError, Membership, PgConfig, PgHost, PgUrl, ShardLease, Tick};
+use macp_storage_pg::{
+    ClusterConfig, ClusterError, ClusterRegistry, Membership, PgConfig, PgHost, PgUrl, ShardLease, Tick,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::ShardTable;
+use super::registries::REGISTRY_POLL;
+use super::{ClusterRegistries, ShardTable};
 use crate::driver::{Command, Driver, DriverError, Reopen};
 use crate::hub::Hub;
 use crate::policies_dir::FilePolicy;
@@ -84,6 +87,8 @@ pub struct Node {
     running: HashMap<u32, Running>,
     /// The driver of no shard answering registry questions.
     registry: Running,
+    /// The cluster's registries, synced into every driver here.
+    registries: Arc<ClusterRegistries>,
 }
 
 impl Node {
@@ -99,12 +104,20 @@ impl Node {
             StorageError::Misuse(if e.is_panic() { "opening panicked" } else { "opening was cancelled" })
         })??;
         let hub = Hub::default();
-        let registry = Self::registry_driver(&settings, hub.sharing()).await?;
+        let files = settings.policies.as_ref().map(|p| p.iter().map(|f| f.descriptor.clone()).collect());
+        let registries = Arc::new(ClusterRegistries::new(
+            ClusterRegistry::new(&settings.url, &settings.pg),
+            files,
+            &settings.kernel.runtime_id,
+        ));
+        registries.refresh(&[]).await?;
+        let registry = Self::registry_driver(&settings, hub.sharing(), registries.clone()).await?;
         let table = Arc::new(ShardTable::new(
             &settings.cluster.node_id,
             settings.cluster.shards,
             settings.forwarder.clone(),
             registry.tx.clone(),
+            registries.clone(),
         ));
         let watch =
             Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
@@ -116,6 +129,7 @@ impl Node {
             hub,
             running: HashMap::new(),
             registry,
+            registries,
         };
         let tick = node.membership.tick().await?;
         node.apply(tick, true).await?;
@@ -134,9 +148,12 @@ impl Node {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut every = tokio::time::interval(self.settings.cluster.lease_ttl / 4);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut registries = tokio::time::interval(REGISTRY_POLL);
+        registries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = every.tick() => self.round().await,
+                _ = registries.tick() => { self.table.refresh_registries().await; }
                 _ = stopped(&mut stop) => break,
             }
         }
@@ -217,17 +234,19 @@ impl Node {
     }
 
     /// A driver over memory storage holding only the registries (the
-    /// policies directory's policies, as every shard holds them).
-    async fn registry_driver(settings: &NodeSettings, hub: Hub) -> Result<Running, NodeError> {
+    /// cluster's, as every shard holds them).
+    async fn registry_driver(
+        settings: &NodeSettings,
+        hub: Hub,
+        registries: Arc<ClusterRegistries>,
+    ) -> Result<Running, NodeError> {
         let s = settings.clone();
         let built = tokio::task::spawn_blocking(move || {
             let storage: Box<dyn Storage> = Box::new(macp_storage::MemoryStorage::default());
             let reopen: Reopen = Box::new(|| Err(StorageError::Misuse("the registry driver has no storage to reopen")));
             let (mut driver, tx, _) = Driver::recover(s.kernel.clone(), storage, reopen, hub, s.checkpoint, &|| false)
                 .map_err(|e: RecoveryError| e.to_string())?;
-            if let Some(policies) = &s.policies {
-                crate::server::sync_policies(&mut driver, policies, &s.kernel.runtime_id).map_err(|e| e.to_string())?;
-            }
+            sync_before_serving(&mut driver, &registries)?;
             Ok::<_, String>((driver, tx))
         })
         .await
@@ -240,7 +259,8 @@ impl Node {
     async fn load(&mut self, lease: ShardLease) -> Result<(), NodeError> {
         let shard = lease.shard;
         let started = Instant::now();
-        let (host, hub, s) = (self.host.clone(), self.hub.sharing(), self.settings.clone());
+        let (host, hub, s) = (self.host.clone(), self.hub.sharing_sessions(), self.settings.clone());
+        let registries = self.registries.clone();
         let loaded = tokio::task::spawn_blocking(move || {
             let storage: Box<dyn Storage> = Box::new(host.shard(lease.clone()));
             let reopen: Reopen = Box::new(move || Ok(Box::new(host.shard(lease.clone())) as Box<dyn Storage>));
@@ -250,14 +270,12 @@ impl Node {
                     never.load(std::sync::atomic::Ordering::Relaxed)
                 })
                 .map_err(|e: RecoveryError| e.to_string())?;
-            if let Some(policies) = &s.policies {
-                crate::server::sync_policies(&mut driver, policies, &s.kernel.runtime_id).map_err(|e| e.to_string())?;
-            }
-            Ok::<_, String>((driver, tx, report))
+            let synced = sync_before_serving(&mut driver, &registries)?;
+            Ok::<_, String>((driver, tx, report, synced))
         })
         .await
         .map_err(|e| NodeError::Shard { shard, reason: format!("the loading task failed: {e}") })?;
-        let (driver, tx, report) = loaded.map_err(|reason| NodeError::Shard { shard, reason })?;
+        let (driver, tx, report, synced) = loaded.map_err(|reason| NodeError::Shard { shard, reason })?;
         if report.is_clean() {
             info!("shard {shard}: loaded in {:.2?}: {report}", started.elapsed());
         } else {
@@ -266,7 +284,12 @@ impl Node {
         let task = tokio::spawn(driver.run());
         let valid_until = self.membership.held().get(&shard).map_or_else(Instant::now, |l| l.valid_until);
         self.table.serve(shard, tx.clone(), valid_until);
-        self.running.insert(shard, Running { tx, task });
+        self.running.insert(shard, Running { tx: tx.clone(), task });
+        if self.registries.wanted().version != synced {
+            // The registries changed while the shard loaded; the poll that
+            // noticed could not reach it yet.
+            self.table.resync(&tx).await;
+        }
         Ok(())
     }
 
@@ -290,6 +313,25 @@ impl Node {
             Err(_) => warn!("shard {shard}: driver did not stop within {DRAIN_WITHIN:?}"),
         }
     }
+}
+
+/// Brings a driver not yet serving to the cluster's registries; the
+/// version synced to.
+fn sync_before_serving(driver: &mut Driver, registries: &ClusterRegistries) -> Result<i64, String> {
+    let wanted = registries.wanted();
+    let inputs = driver.registry_plan(&wanted, registries.operator());
+    if inputs.is_empty() {
+        return Ok(wanted.version);
+    }
+    let n = inputs.len();
+    let replies = driver.apply_before_serving(inputs).map_err(|e| format!("syncing the registries: {e}"))?;
+    for reply in &replies {
+        if let Some(e) = reply.error() {
+            warn!("cluster registry sync: a kernel refused a change: {e}");
+        }
+    }
+    info!("cluster registries synced into a loaded kernel: {n} change(s) recorded");
+    Ok(wanted.version)
 }
 
 /// Resolves once `stop` is true (or its sender is gone); the borrowed

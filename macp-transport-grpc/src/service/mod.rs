@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use macp_kernel::{Answer, ErrorCode, Identity, Input, KernelConfig, Query, Reply};
+use macp_kernel::{Answer, Identity, Input, KernelConfig, Query, Reply};
 use macp_receipt::ReceiptKeys;
 use macp_wire::v1::*;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -36,7 +36,7 @@ use crate::hub::RegistryEvent;
 use crate::limits::{Budget, RateLimits};
 use crate::metrics::{Metrics, Rpc};
 use crate::pb::macp_runtime_service_server::MacpRuntimeService;
-use crate::status::{error_status, shutting_down};
+use crate::status::shutting_down;
 
 /// Re-exported for clients and tests that read the registry code of a status.
 pub use crate::status::ERROR_CODE_KEY;
@@ -165,16 +165,11 @@ impl Runtime {
     }
 
     /// The driver an input goes to: its session's, or for a registry
-    /// change the one driver (a cluster's registries come from the
-    /// policies directory and are not changed by requests).
+    /// change the one driver.
     fn route_input(&self, input: &Input) -> Result<mpsc::Sender<Command>, Status> {
         match input {
             Input::Envelope { envelope, .. } => self.router.session(&envelope.session_id),
             Input::Control { session_id, .. } => self.router.session(session_id),
-            _ if self.router.is_cluster() => Err(error_status(
-                ErrorCode::RegistryReadOnly,
-                "a cluster's registries come from MACP_POLICIES_DIR on every node; they are not changed by requests",
-            )),
             _ => self.router.any(),
         }
     }
@@ -191,6 +186,12 @@ impl Runtime {
 
     /// Runs an input through its driver and waits for its durable reply.
     async fn submit(&self, input: Input) -> Result<Reply, Status> {
+        if let Router::Cluster(table) = &self.router {
+            if !matches!(input, Input::Envelope { .. } | Input::Control { .. }) {
+                // A registry change: made cluster-wide through the table.
+                return table.change_registry(input).await;
+            }
+        }
         let driver = self.route_input(&input)?;
         let (reply, rx) = oneshot::channel();
         driver.send(Command::Submit { input, reply, bind: None }).await.map_err(|_| self.gone())?;

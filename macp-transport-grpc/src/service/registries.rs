@@ -2,6 +2,9 @@
 //! WatchModeRegistry) and governance policies (Register/Unregister/Get/
 //! List, and WatchPolicies).
 //!
+//! On a cluster node every change goes through the cluster's registry
+//! table ([`crate::cluster::registries`]), so it holds on every node.
+//!
 //! A caller without `can_manage_mode_registry` gets a FORBIDDEN status, and
 //! a policy change on a registry loaded from `MACP_POLICIES_DIR` a
 //! REGISTRY_READ_ONLY (FAILED_PRECONDITION) status; every other refusal is the response's `ok=false` with the registry code
@@ -160,7 +163,12 @@ pub(super) async fn get_policy(
 ) -> Result<Response<GetPolicyResponse>, Status> {
     rt.identity(&req).await?;
     let policy_id = req.into_inner().policy_id;
-    match rt.ask(Query::GetPolicy { policy_id: policy_id.clone() }).await? {
+    let mut answer = rt.ask(Query::GetPolicy { policy_id: policy_id.clone() }).await?;
+    // On a cluster node: registered on another node a moment ago?
+    if matches!(answer, Answer::Policy(None)) && rt.router.refresh_registries().await {
+        answer = rt.ask(Query::GetPolicy { policy_id: policy_id.clone() }).await?;
+    }
+    match answer {
         Answer::Policy(Some(d)) => Ok(Response::new(GetPolicyResponse { policy_descriptor: Some(d) })),
         Answer::Policy(None) => Err(Status::not_found(format!("policy '{policy_id}' is not registered"))),
         _ => Err(unexpected("GetPolicy")),

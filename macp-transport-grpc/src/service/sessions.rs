@@ -102,18 +102,40 @@ async fn admit(
         let ack = peer.client.clone().send(req).await?.into_inner().ack;
         return ack.ok_or_else(|| unexpected("a forwarded Send"));
     }
-    let driver = rt.router.session(&session_id)?;
+    // A cluster node may not have synced a policy or mode registered on
+    // another node a moment ago: a SessionStart refused for naming one
+    // gets one more try after the registries are read again (not for a
+    // StreamSession frame, whose binding is spent on the first try).
+    let retry = (bind.is_none() && rt.router.is_cluster() && envelope.message_type == "SessionStart")
+        .then(|| (identity.clone(), envelope.clone()));
+    let mut reply = submit_envelope(rt, &session_id, identity, envelope, bind).await?;
+    if let (Some((identity, envelope)), Reply::Session { result: Err(e), .. }) = (retry, &reply) {
+        if crate::cluster::registries::may_be_unsynced(e) && rt.router.refresh_registries().await {
+            reply = submit_envelope(rt, &session_id, identity, envelope, None).await?;
+        }
+    }
+    match reply {
+        Reply::Session { at_unix_ms, result } => Ok(ack(&session_id, &message_id, at_unix_ms, result)),
+        Reply::Registry(_) => answer(Err(KernelError::new(ErrorCode::InternalError, "unexpected reply kind"))),
+    }
+}
+
+/// Hands an envelope to its session's driver and waits for the durable reply.
+async fn submit_envelope(
+    rt: &Runtime,
+    session_id: &str,
+    identity: macp_kernel::Identity,
+    envelope: Envelope,
+    bind: Option<oneshot::Sender<Option<crate::driver::Binding>>>,
+) -> Result<Reply, Status> {
+    let driver = rt.router.session(session_id)?;
     let (reply, rx) = oneshot::channel();
     let bind = bind.map(|tx| (identity.clone(), tx));
     let input = Input::Envelope { request: 0, identity, envelope };
     if driver.send(Command::Submit { input, reply, bind }).await.is_err() {
         return Err(rt.gone());
     }
-    match rx.await {
-        Ok(Reply::Session { at_unix_ms, result }) => Ok(ack(&session_id, &message_id, at_unix_ms, result)),
-        Ok(Reply::Registry(_)) => answer(Err(KernelError::new(ErrorCode::InternalError, "unexpected reply kind"))),
-        Err(_) => Err(rt.gone()),
-    }
+    rx.await.map_err(|_| rt.gone())
 }
 
 /// Cancel/Suspend/ResumeSession. An unknown session and a caller without
