@@ -8,8 +8,8 @@
 //!   within the lease TTL plus a few seconds; everything acknowledged
 //!   before the kill is there (GetSession, passive-subscribe replay), a
 //!   resend is a duplicate, and no session has two records with one
-//!   sequence number. A session TTL that falls due while its node is dead
-//!   fires after the takeover, once.
+//!   sequence number. A session TTL and a handoff's implicit acceptance
+//!   that fall due while its node is dead fire after the takeover, once.
 //! - A node SIGSTOPped until its shards are taken over and then resumed:
 //!   it serves none of them any more, the database refuses whatever it
 //!   still tries to write, and no session diverges.
@@ -31,6 +31,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 const SHARDS: u32 = 8;
+const HANDOFF: &str = "macp.mode.handoff.v1";
 const TTL_MS: u64 = 1000;
 
 fn free_port() -> u16 {
@@ -288,7 +289,34 @@ fn a_killed_nodes_sessions_are_served_by_the_survivors() {
         let start = env(&s, DECISION, "SessionStart", payload.encode_to_vec());
         assert!(t.send(&start, Instant::now() + Duration::from_secs(10)).await.unwrap().ok);
         let victim = owner_of(&pg, &db, &s);
-        eprintln!("killing {victim} (holds the short-lived session {s})");
+        // A handoff offer on the same node whose implicit acceptance falls
+        // due while the node is dead (a policy registered at run time:
+        // every node enforces it).
+        let mut reg = connect_port(ports[0], "T").await;
+        let policy = PolicyDescriptor {
+            policy_id: "policy.kill.implicit".into(),
+            mode: HANDOFF.into(),
+            description: "implicit acceptance after 1.5 s".into(),
+            rules: r#"{"acceptance":{"implicit_accept_timeout_ms":1500}}"#.into(),
+            schema_version: 3,
+            registered_at_unix_ms: 0,
+        };
+        let r = reg.register_policy(RegisterPolicyRequest { policy_descriptor: Some(policy) }).await.unwrap();
+        assert!(r.get_ref().ok, "{}", r.get_ref().error);
+        let handoff = std::iter::repeat_with(sid).find(|h| owner_of(&pg, &db, h) == victim).unwrap();
+        let mut payload = start_payload(&["T", "A"]);
+        payload.policy_version = "policy.kill.implicit".into();
+        let start = env(&handoff, HANDOFF, "SessionStart", payload.encode_to_vec());
+        assert!(t.send(&start, Instant::now() + Duration::from_secs(10)).await.unwrap().ok);
+        let offer = macp_wire::modes::handoff::HandoffOfferPayload {
+            handoff_id: "h1".into(),
+            target_participant: "A".into(),
+            scope: "support".into(),
+            reason: "escalate".into(),
+        };
+        let offer = env(&handoff, HANDOFF, "HandoffOffer", offer.encode_to_vec());
+        assert!(t.send(&offer, Instant::now() + Duration::from_secs(10)).await.unwrap().ok);
+        eprintln!("killing {victim} (holds the short-lived session {s} and the handoff {handoff})");
         let n = nodes.iter_mut().find(|n| n.id == victim).unwrap();
         n.child.kill().unwrap();
         let _ = n.child.wait();
@@ -330,8 +358,24 @@ fn a_killed_nodes_sessions_are_served_by_the_survivors() {
                 assert!(ack.ok && ack.duplicate, "resending {} in {s}: {ack:?}", e.message_id);
             }
         }
-        s
+        (s, handoff)
     });
+    let (short_lived, handoff) = short_lived;
+    // The implicit acceptance was recorded after the takeover, once.
+    rt.block_on(async {
+        let mut t = Agent::new(&ports, "T").await;
+        let ids = t.replay(&handoff, 3, Instant::now() + Duration::from_secs(20)).await;
+        assert!(ids[2].starts_with("macp-runtime:implicit-accept:"), "{ids:?}");
+    });
+    let implicit = sql(
+        &pg,
+        &db,
+        &format!(
+            "SELECT count(*) FROM macp.macp_records WHERE session_id = '{handoff}'
+             AND position(convert_to('macp-runtime:implicit-accept:', 'UTF8') in record) > 0"
+        ),
+    );
+    assert_eq!(implicit, "1", "one implicit acceptance");
     // The short-lived session expired after the takeover, once.
     rt.block_on(async {
         let mut t = Agent::new(&ports, "T").await;
