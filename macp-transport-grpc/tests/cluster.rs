@@ -577,6 +577,12 @@ fn a_node_without_shards_answers_discovery_and_forwards() {
         let mut i = connect_port(idle, "I").await;
         let s = sid();
         assert!(send(&mut i, start_env(&s, &["I", "A"])).await.ok, "forwarded by the node without shards");
+        // The node serving the one shard lists it (from that shard's
+        // driver, not from the driver of the registries).
+        let mut on_owner = connect_port(if owner == "z1" { ports[0] } else { ports[1] }, "I").await;
+        let listed = on_owner.list_sessions(ListSessionsRequest::default()).await.expect("ListSessions").into_inner();
+        let ids: Vec<&str> = listed.sessions.iter().map(|m| m.session_id.as_str()).collect();
+        assert_eq!(ids, [s.as_str()]);
     });
 }
 

@@ -184,8 +184,10 @@ pub(super) async fn list_sessions(
     let byte_budget = rt.max_reply_bytes.saturating_sub(LIST_REPLY_SLACK).max(1);
     let query = Query::ListSessions { identity, page_size: r.page_size, page_token: r.page_token, byte_budget };
     let drivers = rt.router.all();
-    if drivers.len() <= 1 {
-        return match rt.ask(query).await? {
+    // One driver's page as it is. (Not `rt.ask`: on a cluster node that
+    // routes to the registry driver, which holds no session.)
+    if let [driver] = drivers.as_slice() {
+        return match Runtime::ask_of(driver, query).await.map_err(|()| rt.gone())? {
             Answer::Page(Ok(p)) => {
                 Ok(Response::new(ListSessionsResponse { sessions: p.sessions, next_page_token: p.next_page_token }))
             }
@@ -240,8 +242,11 @@ fn merge_pages(pages: Vec<macp_kernel::SessionPage>, byte_budget: usize) -> (Vec
         out.push(m);
     }
     let more = cut.is_some() || out.len() < complete;
-    let token = match out.last() {
-        Some(m) if more => hex(&m.session_id),
+    // A page that looked at many sessions it may not list can end early,
+    // empty, with a token: go on from there.
+    let token = match (out.last(), cut) {
+        (Some(m), _) if more => hex(&m.session_id),
+        (None, Some(c)) => hex(&c),
         _ => String::new(),
     };
     (out, token)
@@ -327,5 +332,9 @@ mod tests {
         // Never longer than the longest page, then a token to go on.
         let (merged, token) = merge_pages(vec![page(&["a", "c"], None), page(&["b", "d"], None)], usize::MAX);
         assert_eq!((ids(&merged), token.as_str()), (vec!["a", "b"], "62"));
+        // A driver that stopped early with nothing to list yet: go on after
+        // where it stopped, not end the listing.
+        let (merged, token) = merge_pages(vec![page(&[], Some("c")), page(&["d"], None)], usize::MAX);
+        assert_eq!((ids(&merged), token.as_str()), (vec![], "63"));
     }
 }
