@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  request ─► Router::session(id) ─ shard_of(id) ─┬─ held here ─► that shard's Driver (own kernel, own log)
-//!                                                  └─ elsewhere ─► UNAVAILABLE naming the owner (retry there)
+//!                                                  └─ elsewhere ─► forwarded to the owner (cluster secret)
+//!                                                                 or UNAVAILABLE naming it (retry there)
 //!
 //!  Node (one task): every TTL/4 Membership::tick ─► acquired: recover a Driver from the shard's log, route to it
 //!                                                   lost:      unroute, stop (its writes are refused anyway)
@@ -25,10 +26,19 @@
 //! shared by every shard's hub), authentication, rate limits, and the
 //! registries, which in cluster mode come from `MACP_POLICIES_DIR` on
 //! every node (registered into each shard's kernel as it is loaded; the
-//! registry RPCs that change them are refused). Not yet: forwarding a
-//! request to the node that holds its session (clients are told which
-//! node that is), and cluster-wide listings and watches (ListSessions
-//! and WatchSessions see this node's shards and every ended session).
+//! registry RPCs that change them are refused).
+//!
+//! What is cluster-wide, with the cluster secret: a request about another
+//! node's session is forwarded there ([`Router::peer`], [`forward`]), and
+//! ListSessions, WatchSessions and WatchSignals ask every other live node
+//! too ([`Router::fan`]), as forwarded requests each node answers from its
+//! own shards, and merge the answers (a listing fails UNAVAILABLE when a
+//! node does not answer; a watch opens a stream to each node that joins
+//! and reopens a failed one at the next membership round). One hop only:
+//! a forwarded request is never forwarded or fanned out again. Without the
+//! secret, a node answers requests for its own shards only (and tells
+//! clients where the others are), and its listings and watches see its own
+//! shards and every ended session, and the Signals sent to it.
 
 pub mod forward;
 mod node;
@@ -38,7 +48,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use macp_storage_pg::shard_of;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::driver::Command;
@@ -110,6 +120,19 @@ impl Router {
         }
     }
 
+    /// The other nodes a cluster-wide read (ListSessions, WatchSessions,
+    /// WatchSignals) asks too: on a cluster node that forwards (it has the
+    /// cluster secret), for a request a client sent it. A forwarded
+    /// request is answered from this node's shards only, so every node is
+    /// asked once; a single-node runtime, or a node without the secret,
+    /// answers from what it serves.
+    pub fn fan(&self, forwarded: bool) -> Option<Fan> {
+        match self {
+            Router::Cluster(table) if !forwarded && table.forwarder.is_some() => Some(Fan(table.clone())),
+            _ => None,
+        }
+    }
+
     /// Whether this is a cluster node.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Router::Cluster(_))
@@ -119,6 +142,38 @@ impl Router {
 impl From<mpsc::Sender<Command>> for Router {
     fn from(tx: mpsc::Sender<Command>) -> Self {
         Router::Single(tx)
+    }
+}
+
+/// The other live nodes of a cluster-wide read, as of each membership
+/// round (see [`Router::fan`]).
+#[derive(Clone, Debug)]
+pub struct Fan(Arc<ShardTable>);
+
+impl Fan {
+    /// Every other node live at the last membership round, in node-id
+    /// order, with a client of it (or why none can be made: an address
+    /// that is no address).
+    pub fn peers(&self) -> Vec<(String, Result<Peer, Status>)> {
+        let Some(forwarder) = &self.0.forwarder else { return Vec::new() };
+        let t = self.0.read();
+        let mut v: Vec<(String, Result<Peer, Status>)> = t
+            .addrs
+            .iter()
+            .filter(|(node, _)| **node != self.0.node_id)
+            .map(|(node, addr)| {
+                let peer = forwarder.client(addr).map(|client| Peer { client, forwarder: forwarder.clone() });
+                (node.clone(), peer)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Marked changed at every membership round: when a watch looks for
+    /// nodes that joined, and reopens the streams of members that failed.
+    pub fn rounds(&self) -> watch::Receiver<()> {
+        self.0.rounds.subscribe()
     }
 }
 
@@ -154,12 +209,21 @@ pub struct ShardTable {
     /// directory, as every shard does): it answers discovery and registry
     /// questions also while the node serves no shard.
     registry: mpsc::Sender<Command>,
+    /// Told of every membership round (see [`Fan::rounds`]).
+    rounds: watch::Sender<()>,
 }
 
 impl ShardTable {
     /// An empty table for a cluster of `shards` shards.
     pub fn new(node_id: &str, shards: u32, forwarder: Option<Arc<Forwarder>>, registry: mpsc::Sender<Command>) -> Self {
-        ShardTable { shards, node_id: node_id.to_string(), table: RwLock::new(Table::default()), forwarder, registry }
+        ShardTable {
+            shards,
+            node_id: node_id.to_string(),
+            table: RwLock::new(Table::default()),
+            forwarder,
+            registry,
+            rounds: watch::Sender::new(()),
+        }
     }
 
     fn peer(&self, session_id: &str) -> Option<Peer> {
@@ -244,6 +308,8 @@ impl ShardTable {
         let mut t = self.write();
         t.owners = owners;
         t.addrs = addrs;
+        drop(t);
+        self.rounds.send_replace(());
     }
 
     /// The shards served here (for logs and tests).
