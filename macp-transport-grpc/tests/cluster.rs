@@ -870,3 +870,29 @@ fn listings_and_watches_span_the_cluster() {
         listed(&mut w1, 4, &all, Duration::from_millis(TTL_MS) + Duration::from_secs(10)).await;
     });
 }
+
+/// A watch's streams to the other nodes do not take the stream slots that
+/// forwarded requests need: with every slot of a connection (here 4) held
+/// by watches, a request through the same node is still forwarded.
+#[test]
+fn watches_leave_room_for_forwarding() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("slots");
+    let url = pg.create_database(&db).expect("a database");
+    let extra = ["--cluster-secret", "a shared secret of the test cluster", "--max-concurrent-streams", "4"];
+    let (nodes, rt) = listening(&url, &["d1", "d2"], &extra);
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    wait_for_owners(&pg, &db, &["d1", "d2"], Duration::from_secs(30));
+    rt.block_on(async {
+        let mut a2 = connect_port(ports[1], "A").await;
+        let mut watchers = Vec::new();
+        for n in 0..4 {
+            // A connection each: the client's side has the same limit.
+            let mut c = connect_port(ports[0], "W").await;
+            let w = Watched::collect(c.watch_signals(WatchSignalsRequest {}).await.expect("WatchSignals").into_inner());
+            signal_reaches(&mut a2, &w, &format!("watch {n}: a Signal sent to d2")).await;
+            watchers.push((c, w));
+        }
+        start_on(&pg, &db, "d2", ports[0]).await;
+    });
+}

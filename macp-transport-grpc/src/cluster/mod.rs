@@ -155,6 +155,19 @@ impl Fan {
     /// order, with a client of it (or why none can be made: an address
     /// that is no address).
     pub fn peers(&self) -> Vec<(String, Result<Peer, Status>)> {
+        self.peers_by(Forwarder::client)
+    }
+
+    /// [`Fan::peers`], with clients for the long-lived streams of watches
+    /// (on connections of their own: [`Forwarder::watch_client`]).
+    pub fn watch_peers(&self) -> Vec<(String, Result<Peer, Status>)> {
+        self.peers_by(Forwarder::watch_client)
+    }
+
+    fn peers_by(
+        &self,
+        client: fn(&Forwarder, &str) -> Result<PeerClient, Status>,
+    ) -> Vec<(String, Result<Peer, Status>)> {
         let Some(forwarder) = &self.0.forwarder else { return Vec::new() };
         let t = self.0.read();
         let mut v: Vec<(String, Result<Peer, Status>)> = t
@@ -162,7 +175,7 @@ impl Fan {
             .iter()
             .filter(|(node, _)| **node != self.0.node_id)
             .map(|(node, addr)| {
-                let peer = forwarder.client(addr).map(|client| Peer { client, forwarder: forwarder.clone() });
+                let peer = client(forwarder, addr).map(|client| Peer { client, forwarder: forwarder.clone() });
                 (node.clone(), peer)
             })
             .collect();

@@ -199,7 +199,7 @@ impl<T: Send + 'static> Merge<T> {
     /// Opens a stream to every live peer without one, and stops the
     /// streams of nodes no longer members.
     fn reconcile(&mut self, peer_tx: &mpsc::Sender<FromPeer<T>>) {
-        let peers = self.fan.peers();
+        let peers = self.fan.watch_peers();
         let live: HashSet<&str> = peers.iter().map(|(node, _)| node.as_str()).collect();
         self.streams.retain(|node, (_, pump)| {
             let keep = live.contains(node.as_str());
