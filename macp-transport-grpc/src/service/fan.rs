@@ -35,9 +35,10 @@ use crate::cluster::forward::PeerClient;
 use crate::cluster::{Fan, Peer};
 use crate::status::ERROR_CODE_KEY;
 
-/// How long another node gets to answer its part of a listing. A node
-/// that is paused (not dead: its port still accepts) would otherwise hold
-/// the call until its lease is taken over.
+/// How long another node gets to answer its part of a listing (a node
+/// that is paused, not dead, still accepts connections: it would hold the
+/// call until its lease is taken over), or to open a watch's stream before
+/// the wait is logged.
 const PEER_ANSWERS_WITHIN: Duration = Duration::from_secs(10);
 
 /// Items of a merged watch in flight to the client; beyond them the merge
@@ -241,7 +242,19 @@ async fn pump<T>(
     opening: impl Future<Output = Result<Streaming<T>, Status>>,
     to: mpsc::Sender<FromPeer<T>>,
 ) {
-    let mut stream = match opening.await {
+    let mut opening = std::pin::pin!(opening);
+    let opened = match tokio::time::timeout(PEER_ANSWERS_WITHIN, &mut opening).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!(
+                "watch: the stream to cluster node {node} has not opened in {PEER_ANSWERS_WITHIN:?} (the node is \
+                 paused, or watches hold all the streams it allows a connection: MACP_MAX_CONCURRENT_STREAMS); \
+                 the watch misses that node's events until it opens"
+            );
+            opening.await
+        }
+    };
+    let mut stream = match opened {
         Ok(s) => s,
         Err(e) => {
             let _ = to.send((node, n, Some(Err(e)))).await;
