@@ -314,6 +314,15 @@ mod tests {
         }
     }
 
+    /// A peer's STREAM_LAGGED ends the merged watch (the client missed
+    /// items); its other failures are retried.
+    #[test]
+    fn only_a_lagged_peer_ends_the_watch() {
+        assert!(is_lagged(&crate::status::lagged("fell behind")));
+        assert!(!is_lagged(&Status::resource_exhausted("another limit")));
+        assert!(!is_lagged(&Status::unavailable("gone")));
+    }
+
     #[test]
     fn a_session_is_created_once_until_it_ends() {
         use session_lifecycle_event::EventType::*;
