@@ -168,7 +168,14 @@ impl<T: Send + 'static> Merge<T> {
                     Some(Ok(x)) => (Ok(x), false),
                     Some(Err(e)) if is_lagged(&e) => (Err(e), true),
                     Some(Err(e)) => {
-                        debug!("watch: the stream from cluster node {node} failed ({e}); reopened at the next round");
+                        let why = format!("the stream from cluster node {node} failed ({e}); reopened at the next round");
+                        // A refused identity is a misconfiguration (secrets or
+                        // clocks differ), not a node restarting: say so loudly.
+                        if e.code() == tonic::Code::Unauthenticated {
+                            warn!("watch: {why}");
+                        } else {
+                            debug!("watch: {why}");
+                        }
                         self.ended(&node, n);
                         continue;
                     }
