@@ -13,6 +13,9 @@
 //! - A node SIGSTOPped until its shards are taken over and then resumed:
 //!   it serves none of them any more, the database refuses whatever it
 //!   still tries to write, and no session diverges.
+//! - With a cluster secret, ListSessions, WatchSessions and WatchSignals
+//!   through any node cover every node's shards, also a node's that joined
+//!   (or restarted) after a watch began.
 
 mod common;
 
@@ -55,7 +58,8 @@ impl Node {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_macp-runtime"))
             .args(["--dev", "--bind-addr", &addr, "--storage", "postgres", "--database-url", url])
-            .args(["--node-id", id, "--advertise-addr", &addr])
+            .args(["--node-id", id])
+            .args((!extra.contains(&"--advertise-addr")).then_some(["--advertise-addr", &addr]).into_iter().flatten())
             .args(
                 (!extra.contains(&"--shards"))
                     .then(|| ["--shards".to_string(), SHARDS.to_string()])
@@ -621,6 +625,15 @@ fn a_node_without_shards_answers_discovery_and_forwards() {
         let mut i = connect_port(idle, "I").await;
         let s = sid();
         assert!(send(&mut i, start_env(&s, &["I", "A"])).await.ok, "forwarded by the node without shards");
+        // The node serving the one shard lists it (from that shard's
+        // driver, not from the driver of the registries), and so does the
+        // node without shards (asking the other).
+        for &p in &ports {
+            let mut c = connect_port(p, "I").await;
+            let listed = c.list_sessions(ListSessionsRequest::default()).await.expect("ListSessions").into_inner();
+            let ids: Vec<&str> = listed.sessions.iter().map(|m| m.session_id.as_str()).collect();
+            assert_eq!(ids, [s.as_str()], "listed by the node on port {p}");
+        }
     });
 }
 
@@ -825,5 +838,286 @@ fn registries_are_cluster_wide() {
             assert!(send(&mut three, e).await.ok);
         }
         assert!(on_g3 > 0, "some sessions on g3's shards");
+    });
+}
+
+/// Every session the client's agent may read, through one node in pages
+/// of `page_size`, in the order returned. Pages follow each other in
+/// session-id order, so an id out of order is a duplicate or a page that
+/// went back.
+async fn list_all(c: &mut Client, page_size: i32) -> Result<Vec<String>, tonic::Status> {
+    let (mut ids, mut page_token) = (Vec::<String>::new(), String::new());
+    loop {
+        let r = c.list_sessions(ListSessionsRequest { page_size, page_token }).await?.into_inner();
+        assert!(page_size <= 0 || r.sessions.len() <= page_size as usize, "a page longer than asked");
+        ids.extend(r.sessions.into_iter().map(|m| m.session_id));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "pages out of order or repeating: {ids:?}");
+        if r.next_page_token.is_empty() {
+            return Ok(ids);
+        }
+        page_token = r.next_page_token;
+    }
+}
+
+/// Polls [`list_all`] until it lists exactly `want` (a node learns the
+/// others' addresses at its membership rounds, and a shard changing hands
+/// is briefly listed by nobody).
+async fn listed(c: &mut Client, page_size: i32, want: &std::collections::BTreeSet<String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = list_all(c, page_size).await;
+        match &got {
+            Ok(ids) if ids.iter().eq(want.iter()) => return,
+            _ => assert!(Instant::now() < deadline, "listed (pages of {page_size}) {got:?}, want {want:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a watch has received so far, and how it ended (if it did).
+struct Watched<T> {
+    items: Arc<Mutex<Vec<T>>>,
+    end: Arc<Mutex<Option<Result<(), tonic::Status>>>>,
+}
+
+impl<T: Send + 'static> Watched<T> {
+    fn collect(mut stream: tonic::Streaming<T>) -> Watched<T> {
+        let (items, end) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(None)));
+        let w = Watched { items: items.clone(), end: end.clone() };
+        tokio::spawn(async move {
+            let ended = loop {
+                match stream.message().await {
+                    Ok(Some(x)) => items.lock().unwrap().push(x),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            *end.lock().unwrap() = Some(ended);
+        });
+        w
+    }
+
+    /// Waits until an item satisfies `f`; fails if the watch ends first or
+    /// at the deadline.
+    async fn until(&self, what: &str, within: Duration, f: impl Fn(&T) -> bool) {
+        let deadline = Instant::now() + within;
+        while !self.items.lock().unwrap().iter().any(&f) {
+            assert!(self.end.lock().unwrap().is_none(), "the watch ended before {what}: {:?}", self.end);
+            assert!(Instant::now() < deadline, "{what}: not seen in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn created(e: &WatchSessionsResponse) -> Option<&str> {
+    let ev = e.event.as_ref()?;
+    (ev.event_type == session_lifecycle_event::EventType::Created as i32)
+        .then(|| ev.session.as_ref().map(|m| m.session_id.as_str()))
+        .flatten()
+}
+
+/// Sends Signals to node `to` until `watch` has received one of them: a
+/// Signal has no backlog, so one sent before the watching node's stream to
+/// `to` is open is lost, and the next is not.
+async fn signal_reaches(to: &mut Client, watch: &Watched<WatchSignalsResponse>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = std::collections::BTreeSet::new();
+    loop {
+        let payload = SignalPayload { signal_type: "heartbeat".into(), ..Default::default() };
+        let e = env("", "", "Signal", payload.encode_to_vec());
+        assert!(send(to, e.clone()).await.ok, "{what}: the Signal was refused");
+        sent.insert(e.message_id);
+        let wait = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < wait {
+            let got = |s: &WatchSignalsResponse| s.envelope.as_ref().is_some_and(|e| sent.contains(&e.message_id));
+            if watch.items.lock().unwrap().iter().any(got) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(watch.end.lock().unwrap().is_none(), "{what}: the watch ended: {:?}", watch.end);
+        assert!(Instant::now() < deadline, "{what}: none of {} Signals arrived", sent.len());
+    }
+}
+
+/// Nodes `ids` started with `extra` flags, once each answers, and a
+/// runtime for their clients.
+fn listening(url: &str, ids: &[&str], extra: &[&str]) -> (Vec<Node>, tokio::runtime::Runtime) {
+    let nodes: Vec<Node> = ids.iter().map(|id| Node::spawn_logging(url, id, Stdio::null(), extra)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for n in &nodes {
+            connect_port(n.port, "probe").await;
+        }
+    });
+    (nodes, rt)
+}
+
+/// Waits until `node` holds a shard.
+async fn holds_a_shard(pg: &PgServer, db: &str, node: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let q = format!("SELECT count(*) FROM macp.macp_shards WHERE owner = '{node}' AND lease_until > clock_timestamp()");
+    while sql(pg, db, &q) == "0" {
+        assert!(Instant::now() < deadline, "{node} took no shard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A session owned by `node` (by the shard table as the database has it
+/// now), started through `via` with W as a participant.
+async fn start_on(pg: &PgServer, db: &str, node: &str, via: u16) -> String {
+    let s = loop {
+        let s = sid();
+        if owner_of(pg, db, &s) == node {
+            break s;
+        }
+    };
+    let mut i = Agent { clients: vec![lazy_port(via, "I")] };
+    let ack = i.send(&start_env(&s, &["I", "W"]), Instant::now() + Duration::from_secs(20)).await;
+    assert!(ack.as_ref().is_some_and(|a| a.ok), "start {s} on {node} via port {via}: {ack:?}");
+    s
+}
+
+/// With a cluster secret, ListSessions, WatchSessions and WatchSignals
+/// through any node see the whole cluster: sessions started through (and
+/// served by) other nodes, in one listing or page by page; lifecycle
+/// events and Signals of other nodes, also of a node that joined after the
+/// watch began; each session's CREATED once. A node that cannot be
+/// reached fails the listing, naming it.
+#[test]
+fn listings_and_watches_span_the_cluster() {
+    use std::collections::BTreeSet;
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("fan");
+    let url = pg.create_database(&db).expect("a database");
+    let secret = ["--cluster-secret", "a shared secret of the test cluster"];
+    let (mut nodes, rt) = listening(&url, &["c1", "c2"], &secret);
+    let mut ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    wait_for_owners(&pg, &db, &["c1", "c2"], Duration::from_secs(30));
+    rt.block_on(async {
+        let mut w1 = connect_port(ports[0], "W").await;
+        let sessions_on_1 =
+            Watched::collect(w1.watch_sessions(WatchSessionsRequest {}).await.expect("WatchSessions").into_inner());
+        let signals_on_1 =
+            Watched::collect(w1.watch_signals(WatchSignalsRequest {}).await.expect("WatchSignals").into_inner());
+
+        // Sessions served by each node, started through each node; some
+        // of them ended (every node's shards list those).
+        let mut all = BTreeSet::new();
+        for (owner, via) in [("c1", 0), ("c2", 1), ("c1", 1), ("c2", 0)] {
+            for _ in 0..3 {
+                all.insert(start_on(&pg, &db, owner, ports[via]).await);
+            }
+        }
+        let mut i = connect_port(ports[0], "I").await;
+        let ended: BTreeSet<String> = all.iter().take(4).cloned().collect();
+        for s in &ended {
+            let r = i.cancel_session(CancelSessionRequest { session_id: s.clone(), reason: "done".into() }).await;
+            assert!(r.expect("cancel").into_inner().ack.unwrap().ok);
+        }
+        for p in &ports {
+            let mut w = connect_port(*p, "W").await;
+            listed(&mut w, 0, &all, Duration::from_secs(10)).await;
+            listed(&mut w, 5, &all, Duration::from_secs(10)).await;
+            listed(&mut w, 1, &all, Duration::from_secs(10)).await;
+        }
+
+        // c1's watchers see what c2 serves.
+        let on_2 = start_on(&pg, &db, "c2", ports[1]).await;
+        all.insert(on_2.clone());
+        sessions_on_1.until("c2's session created", Duration::from_secs(10), |e| created(e) == Some(&on_2)).await;
+        let mut a2 = connect_port(ports[1], "A").await;
+        signal_reaches(&mut a2, &signals_on_1, "a Signal sent to c2").await;
+
+        // A node joining after the watches began.
+        nodes.push(Node::spawn_logging(&url, "c3", Stdio::null(), &secret));
+        ports.push(nodes[2].port);
+        connect_port(ports[2], "probe").await;
+        holds_a_shard(&pg, &db, "c3").await;
+        let on_3 = start_on(&pg, &db, "c3", ports[2]).await;
+        all.insert(on_3.clone());
+        sessions_on_1.until("c3's session created", Duration::from_secs(10), |e| created(e) == Some(&on_3)).await;
+        let mut a3 = connect_port(ports[2], "A").await;
+        signal_reaches(&mut a3, &signals_on_1, "a Signal sent to c3").await;
+        let mut w3 = connect_port(ports[2], "W").await;
+        listed(&mut w3, 2, &all, Duration::from_secs(10)).await;
+        listed(&mut w1, 3, &all, Duration::from_secs(10)).await;
+
+        // c3 restarts (same id, another port) and takes its shards back at
+        // once: c1's stream to it failed, is reopened, and c3's snapshot
+        // announces again the open sessions it serves.
+        nodes[2].child.kill().unwrap();
+        let _ = nodes[2].child.wait();
+        nodes[2] = Node::spawn_logging(&url, "c3", Stdio::null(), &secret);
+        ports[2] = nodes[2].port;
+        connect_port(ports[2], "probe").await;
+        holds_a_shard(&pg, &db, "c3").await;
+        let again = start_on(&pg, &db, "c3", ports[2]).await;
+        all.insert(again.clone());
+        sessions_on_1
+            .until("restarted c3's session created", Duration::from_secs(10), |e| created(e) == Some(&again))
+            .await;
+
+        // Every session once, whichever nodes' snapshots and live feeds
+        // brought it.
+        let items = sessions_on_1.items.lock().unwrap().clone();
+        let ids: Vec<&str> = items.iter().filter_map(created).collect();
+        let unique: BTreeSet<&str> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), unique.len(), "a session created twice: {ids:?}");
+        // (An ended session may have ended before c1's stream to its node
+        // opened: its node's snapshot has open sessions only.)
+        let unseen: Vec<&String> = all.iter().filter(|s| !unique.contains(s.as_str()) && !ended.contains(*s)).collect();
+        assert!(unseen.is_empty(), "open sessions never announced: {unseen:?}");
+
+        // A member the others cannot reach (it advertises an address
+        // nobody listens on) fails the listing, named; once it is dead and
+        // dropped from the membership, the listing is whole again.
+        let nowhere = format!("127.0.0.1:{}", free_port());
+        nodes.push(Node::spawn_logging(
+            &url,
+            "c4",
+            Stdio::null(),
+            &[secret[0], secret[1], "--advertise-addr", &nowhere],
+        ));
+        holds_a_shard(&pg, &db, "c4").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let e = loop {
+            match list_all(&mut w1, 0).await {
+                Err(e) => break e,
+                Ok(ids) => assert!(Instant::now() < deadline, "c1 lists without asking c4: {ids:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("c4"), "{e:?}");
+        nodes[3].child.kill().unwrap();
+        let _ = nodes[3].child.wait();
+        listed(&mut w1, 4, &all, Duration::from_millis(TTL_MS) + Duration::from_secs(10)).await;
+    });
+}
+
+/// A watch's streams to the other nodes do not take the stream slots that
+/// forwarded requests need: with every slot of a connection (here 4) held
+/// by watches, a request through the same node is still forwarded.
+#[test]
+fn watches_leave_room_for_forwarding() {
+    let pg = PgServer::shared().expect("a throwaway PostgreSQL (see macp-pg-test)");
+    let db = unique_name("slots");
+    let url = pg.create_database(&db).expect("a database");
+    let extra = ["--cluster-secret", "a shared secret of the test cluster", "--max-concurrent-streams", "4"];
+    let (nodes, rt) = listening(&url, &["d1", "d2"], &extra);
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    wait_for_owners(&pg, &db, &["d1", "d2"], Duration::from_secs(30));
+    rt.block_on(async {
+        let mut a2 = connect_port(ports[1], "A").await;
+        let mut watchers = Vec::new();
+        for n in 0..4 {
+            // A connection each: the client's side has the same limit.
+            let mut c = connect_port(ports[0], "W").await;
+            let w = Watched::collect(c.watch_signals(WatchSignalsRequest {}).await.expect("WatchSignals").into_inner());
+            signal_reaches(&mut a2, &w, &format!("watch {n}: a Signal sent to d2")).await;
+            watchers.push((c, w));
+        }
+        start_on(&pg, &db, "d2", ports[0]).await;
     });
 }

@@ -113,25 +113,46 @@ impl ClusterKey {
 /// A client of another node's gRPC service.
 pub type PeerClient = MacpRuntimeServiceClient<Channel>;
 
-/// This node's side of forwarding: the key, its own id, and one lazily
-/// connected channel per peer address.
+/// This node's side of forwarding: the key, its own id, and lazily
+/// connected channels per peer address: one for requests, one for the
+/// streams of cluster-wide watches.
 #[derive(Debug)]
 pub struct Forwarder {
     key: ClusterKey,
     node_id: String,
     tls: Option<ClientTlsConfig>,
     peers: Mutex<HashMap<String, Channel>>,
+    /// Watch streams last as long as their watch: on a connection of
+    /// their own, they cannot take the stream slots (the peer's
+    /// `MACP_MAX_CONCURRENT_STREAMS`) forwarded requests need.
+    watches: Mutex<HashMap<String, Channel>>,
 }
 
 impl Forwarder {
     /// Forwards as node `node_id`, over TLS when `tls` is given.
     pub fn new(key: ClusterKey, node_id: &str, tls: Option<ClientTlsConfig>) -> Self {
-        Forwarder { key, node_id: node_id.to_string(), tls, peers: Mutex::new(HashMap::new()) }
+        Forwarder {
+            key,
+            node_id: node_id.to_string(),
+            tls,
+            peers: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+        }
     }
 
     /// A client of the node at `addr` (host:port).
     pub fn client(&self, addr: &str) -> Result<PeerClient, tonic::Status> {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        self.client_in(&self.peers, addr)
+    }
+
+    /// A client of the node at `addr` for the long-lived streams of
+    /// cluster-wide watches (see `watches`).
+    pub fn watch_client(&self, addr: &str) -> Result<PeerClient, tonic::Status> {
+        self.client_in(&self.watches, addr)
+    }
+
+    fn client_in(&self, channels: &Mutex<HashMap<String, Channel>>, addr: &str) -> Result<PeerClient, tonic::Status> {
+        let mut peers = channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = peers.get(addr) {
             return Ok(MacpRuntimeServiceClient::new(ch.clone()));
         }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  request ─► Router::session(id) ─ shard_of(id) ─┬─ held here ─► that shard's Driver (own kernel, own log)
-//!                                                  └─ elsewhere ─► UNAVAILABLE naming the owner (retry there)
+//!                                                  └─ elsewhere ─► forwarded to the owner (cluster secret)
+//!                                                                 or UNAVAILABLE naming it (retry there)
 //!
 //!  Node (one task): every TTL/4 Membership::tick ─► acquired: recover a Driver from the shard's log, route to it
 //!                                                   lost:      unroute, stop (its writes are refused anyway)
@@ -21,12 +22,23 @@
 //! lost lease stops exactly the sessions it covers, and the kernel needs
 //! no notion of shards at all.
 //!
-//! What is node-wide: the watch channels (one [`Hub`](crate::hub::Hub)'s broadcast senders
-//! shared by every shard's hub), authentication and rate limits. What is
-//! cluster-wide: the registries ([`registries`]: a table every node syncs
-//! each kernel it runs to). Not yet: cluster-wide listings and watches
-//! (ListSessions and WatchSessions see this node's shards and every ended
-//! session).
+//! What is node-wide: the watch channels (one [`Hub`](crate::hub::Hub)'s
+//! broadcast senders shared by every shard's hub), authentication and rate
+//! limits.
+//!
+//! What is cluster-wide: the registries ([`registries`]: a table every
+//! node syncs each kernel it runs to), and, with the cluster secret, a
+//! request about another node's session is forwarded there
+//! ([`Router::peer`], [`forward`]), and
+//! ListSessions, WatchSessions and WatchSignals ask every other live node
+//! too ([`Router::fan`]), as forwarded requests each node answers from its
+//! own shards, and merge the answers (a listing fails UNAVAILABLE when a
+//! node does not answer; a watch opens a stream to each node that joins
+//! and reopens a failed one at the next membership round). One hop only:
+//! a forwarded request is never forwarded or fanned out again. Without the
+//! secret, a node answers requests for its own shards only (and tells
+//! clients where the others are), and its listings and watches see its own
+//! shards and every ended session, and the Signals sent to it.
 
 pub mod forward;
 mod node;
@@ -37,7 +49,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use macp_storage_pg::shard_of;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::driver::Command;
@@ -110,6 +122,19 @@ impl Router {
         }
     }
 
+    /// The other nodes a cluster-wide read (ListSessions, WatchSessions,
+    /// WatchSignals) asks too: on a cluster node that forwards (it has the
+    /// cluster secret), for a request a client sent it. A forwarded
+    /// request is answered from this node's shards only, so every node is
+    /// asked once; a single-node runtime, or a node without the secret,
+    /// answers from what it serves.
+    pub fn fan(&self, forwarded: bool) -> Option<Fan> {
+        match self {
+            Router::Cluster(table) if !forwarded && table.forwarder.is_some() => Some(Fan(table.clone())),
+            _ => None,
+        }
+    }
+
     /// On a cluster node, reads the cluster's registries again if another
     /// node changed them; true when they had changed (a request refused
     /// for an unknown policy or mode is then worth one more try).
@@ -129,6 +154,51 @@ impl Router {
 impl From<mpsc::Sender<Command>> for Router {
     fn from(tx: mpsc::Sender<Command>) -> Self {
         Router::Single(tx)
+    }
+}
+
+/// The other live nodes of a cluster-wide read, as of each membership
+/// round (see [`Router::fan`]).
+#[derive(Clone, Debug)]
+pub struct Fan(Arc<ShardTable>);
+
+impl Fan {
+    /// Every other node live at the last membership round, in node-id
+    /// order, with a client of it (or why none can be made: an address
+    /// that is no address).
+    pub fn peers(&self) -> Vec<(String, Result<Peer, Status>)> {
+        self.peers_by(Forwarder::client)
+    }
+
+    /// [`Fan::peers`], with clients for the long-lived streams of watches
+    /// (on connections of their own: [`Forwarder::watch_client`]).
+    pub fn watch_peers(&self) -> Vec<(String, Result<Peer, Status>)> {
+        self.peers_by(Forwarder::watch_client)
+    }
+
+    fn peers_by(
+        &self,
+        client: fn(&Forwarder, &str) -> Result<PeerClient, Status>,
+    ) -> Vec<(String, Result<Peer, Status>)> {
+        let Some(forwarder) = &self.0.forwarder else { return Vec::new() };
+        let t = self.0.read();
+        let mut v: Vec<(String, Result<Peer, Status>)> = t
+            .addrs
+            .iter()
+            .filter(|(node, _)| **node != self.0.node_id)
+            .map(|(node, addr)| {
+                let peer = client(forwarder, addr).map(|client| Peer { client, forwarder: forwarder.clone() });
+                (node.clone(), peer)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Marked changed at every membership round: when a watch looks for
+    /// nodes that joined, and reopens the streams of members that failed.
+    pub fn rounds(&self) -> watch::Receiver<()> {
+        self.0.rounds.subscribe()
     }
 }
 
@@ -167,6 +237,8 @@ pub struct ShardTable {
     registry: mpsc::Sender<Command>,
     /// The cluster's registries, and the one path that changes them.
     registries: Arc<ClusterRegistries>,
+    /// Told of every membership round (see [`Fan::rounds`]).
+    rounds: watch::Sender<()>,
 }
 
 impl ShardTable {
@@ -185,6 +257,7 @@ impl ShardTable {
             forwarder,
             registry,
             registries,
+            rounds: watch::Sender::new(()),
         }
     }
 
@@ -303,6 +376,8 @@ impl ShardTable {
         let mut t = self.write();
         t.owners = owners;
         t.addrs = addrs;
+        drop(t);
+        self.rounds.send_replace(());
     }
 
     /// The shards served here (for logs and tests).

@@ -7,10 +7,12 @@
 //! listings and watches of sessions), [`streams`] (StreamSession and
 //! WatchSignals), [`registries`] (modes and policies), [`what_if`]
 //! (WhatIfReplay), [`discovery`] (Initialize, manifest, roots), [`receipts`]
-//! (decision receipts and their keys). Errors become wire answers only in
-//! [`crate::status`].
+//! (decision receipts and their keys), and [`fan`] (a cluster node's
+//! listings and watches that cover the other nodes). Errors become wire
+//! answers only in [`crate::status`].
 
 mod discovery;
+mod fan;
 mod history;
 mod receipts;
 mod registries;

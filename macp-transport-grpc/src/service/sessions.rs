@@ -197,17 +197,33 @@ pub(super) async fn get_session(
     }
 }
 
+/// ListSessions: this node's shards, and on a cluster node that forwards,
+/// every other live node's too (see [`super::fan`]), merged into one page.
 pub(super) async fn list_sessions(
     rt: &Runtime,
     req: Request<ListSessionsRequest>,
 ) -> Result<Response<ListSessionsResponse>, Status> {
     let identity = rt.identity(&req).await?;
+    let fan = rt.router.fan(Runtime::forwarded(&req));
     let r = req.into_inner();
     let byte_budget = rt.max_reply_bytes.saturating_sub(LIST_REPLY_SLACK).max(1);
-    let query = Query::ListSessions { identity, page_size: r.page_size, page_token: r.page_token, byte_budget };
+    let peers = async {
+        match &fan {
+            Some(fan) => super::fan::peer_pages(fan, &identity, &r).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let query = Query::ListSessions {
+        identity: identity.clone(),
+        page_size: r.page_size,
+        page_token: r.page_token.clone(),
+        byte_budget,
+    };
     let drivers = rt.router.all();
-    if drivers.len() <= 1 {
-        return match rt.ask(query).await? {
+    // One driver's page as it is. (Not `rt.ask`: on a cluster node that
+    // routes to the registry driver, which holds no session.)
+    if let ([driver], None) = (drivers.as_slice(), &fan) {
+        return match Runtime::ask_of(driver, query).await.map_err(|()| rt.gone())? {
             Answer::Page(Ok(p)) => {
                 Ok(Response::new(ListSessionsResponse { sessions: p.sessions, next_page_token: p.next_page_token }))
             }
@@ -215,23 +231,29 @@ pub(super) async fn list_sessions(
             _ => Err(unexpected("ListSessions")),
         };
     }
-    let mut pages = Vec::with_capacity(drivers.len());
-    for d in &drivers {
-        match Runtime::ask_of(d, query.clone()).await.map_err(|()| rt.gone())? {
-            Answer::Page(Ok(p)) => pages.push(p),
-            Answer::Page(Err(e)) => return Err(status(e)),
-            _ => return Err(unexpected("ListSessions")),
+    let local = async {
+        let mut pages = Vec::with_capacity(drivers.len());
+        for d in &drivers {
+            match Runtime::ask_of(d, query.clone()).await.map_err(|()| rt.gone())? {
+                Answer::Page(Ok(p)) => pages.push(p),
+                Answer::Page(Err(e)) => return Err(status(e)),
+                _ => return Err(unexpected("ListSessions")),
+            }
         }
-    }
+        Ok(pages)
+    };
+    let (local, peers) = tokio::join!(local, peers);
+    let mut pages = local?;
+    pages.extend(peers?);
     let (sessions, next_page_token) = merge_pages(pages, byte_budget);
     Ok(Response::new(ListSessionsResponse { sessions, next_page_token }))
 }
 
 /// One ListSessions page out of the pages of several drivers (a cluster
-/// node's shards), each in session-id order over its own open sessions
-/// and the ended ones all shards share. A driver with more to say stopped
-/// at the id its token names, so the merged page is complete only up to
-/// the least of those ids; it is also no longer than the longest page and
+/// node's shards, and other nodes' merged pages), each in session-id order
+/// over its own open sessions and the ended ones all shards share. A
+/// driver with more to say stopped at the id its token names, so the
+/// merged page is complete only up to the least of those ids; it is also no longer than the longest page and
 /// within the byte budget. The token is the last id returned, in the
 /// kernel's format (hex of the id's bytes).
 fn merge_pages(pages: Vec<macp_kernel::SessionPage>, byte_budget: usize) -> (Vec<SessionMetadata>, String) {
@@ -262,18 +284,27 @@ fn merge_pages(pages: Vec<macp_kernel::SessionPage>, byte_budget: usize) -> (Vec
         out.push(m);
     }
     let more = cut.is_some() || out.len() < complete;
-    let token = match out.last() {
-        Some(m) if more => hex(&m.session_id),
+    // A page that looked at many sessions it may not list can end early,
+    // empty, with a token: go on from there.
+    let token = match (out.last(), cut) {
+        (Some(m), _) if more => hex(&m.session_id),
+        (None, Some(c)) => hex(&c),
         _ => String::new(),
     };
     (out, token)
 }
 
+/// WatchSessions: a snapshot of the visible open sessions as CREATED
+/// events, then live events. On a cluster node that forwards, merged with
+/// the same watch of every other live node (see [`super::fan::watch`]):
+/// each node's snapshot-then-live, interleaved, every session's CREATED
+/// once and before its other events (they come from the node serving it).
 pub(super) async fn watch_sessions(
     rt: &Runtime,
     req: Request<WatchSessionsRequest>,
 ) -> Result<Response<RpcStream<WatchSessionsResponse>>, Status> {
     let identity = rt.identity(&req).await?;
+    let fan = rt.router.fan(Runtime::forwarded(&req));
     // Subscribe before the snapshot so nothing falls between them; live
     // CREATED events for sessions already in the snapshot are dropped.
     let rx = rt.watch.lifecycle.subscribe();
@@ -297,16 +328,20 @@ pub(super) async fn watch_sessions(
             }),
         })
     }));
+    let reader = identity.clone();
     let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |e| match e {
         Ok(ev) => {
             let m = ev.session.as_ref()?;
             let dup =
                 ev.event_type == session_lifecycle_event::EventType::Created as i32 && synced.contains(&m.session_id);
-            (may_read_metadata(&identity, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
+            (may_read_metadata(&reader, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
         }
         Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
     });
-    Ok(Response::new(Box::pin(first.chain(live))))
+    let local: RpcStream<WatchSessionsResponse> = Box::pin(first.chain(live));
+    let call = |mut c: crate::cluster::forward::PeerClient, req| async move { c.watch_sessions(req).await };
+    let keep = super::fan::created_once();
+    Ok(Response::new(super::fan::watch(fan, local, identity, WatchSessionsRequest {}, call, keep)))
 }
 
 #[cfg(test)]
@@ -349,5 +384,9 @@ mod tests {
         // Never longer than the longest page, then a token to go on.
         let (merged, token) = merge_pages(vec![page(&["a", "c"], None), page(&["b", "d"], None)], usize::MAX);
         assert_eq!((ids(&merged), token.as_str()), (vec!["a", "b"], "62"));
+        // A driver that stopped early with nothing to list yet: go on after
+        // where it stopped, not end the listing.
+        let (merged, token) = merge_pages(vec![page(&[], Some("c")), page(&["d"], None)], usize::MAX);
+        assert_eq!((ids(&merged), token.as_str()), (vec![], "63"));
     }
 }

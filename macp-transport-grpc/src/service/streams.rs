@@ -250,16 +250,26 @@ pub(super) async fn stream_session(
     Ok(Response::new(Box::pin(frames)))
 }
 
+/// WatchSignals: the Signals and progress sent to this node (ambient
+/// envelopes are broadcast where they arrive), and on a cluster node that
+/// forwards, those sent to every other live node (see
+/// [`super::fan::watch`]). Signals have no backlog: a subscriber sees those
+/// sent while it (and, for another node's, its stream to that node) is
+/// subscribed.
 pub(super) async fn watch_signals(
     rt: &Runtime,
     req: Request<WatchSignalsRequest>,
 ) -> Result<Response<RpcStream<WatchSignalsResponse>>, Status> {
-    rt.identity(&req).await?;
+    let identity = rt.identity(&req).await?;
+    let fan = rt.router.fan(Runtime::forwarded(&req));
     let rx = rt.watch.signals.subscribe();
-    let s = tokio_stream::wrappers::BroadcastStream::new(rx)
-        .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect")));
     // tonic ends the stream after yielding an error status.
-    Ok(Response::new(Box::pin(s)))
+    let local: RpcStream<WatchSignalsResponse> = Box::pin(
+        tokio_stream::wrappers::BroadcastStream::new(rx)
+            .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect"))),
+    );
+    let call = |mut c: crate::cluster::forward::PeerClient, req| async move { c.watch_signals(req).await };
+    Ok(Response::new(super::fan::watch(fan, local, identity, WatchSignalsRequest {}, call, |_| true)))
 }
 
 /// Proxies a whole StreamSession to the node serving its session: `first`
