@@ -271,22 +271,29 @@ pub(crate) mod cluster {
     /// lapsed; answers the shards renewed.
     pub(crate) const RENEW: &str = "UPDATE macp_shards s
         SET lease_until = clock_timestamp() + make_interval(secs => $4::int8 / 1000.0)
-        FROM unnest($2::int4[], $3::int8[]) AS h(shard, epoch)
-        WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1::text
+        FROM unnest($2::int4[], $3::int8[]) AS h(shard, epoch),
+            (SELECT shard FROM macp_shards WHERE shard = ANY($2::int4[]) ORDER BY shard FOR NO KEY UPDATE) AS l
+        WHERE s.shard = l.shard AND s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1::text
             AND s.lease_until > clock_timestamp()
         RETURNING s.shard";
     /// Node `$1` takes those of shards `$2` that nobody holds or whose
     /// lease lapsed, for `$3` milliseconds, each at a new epoch; answers
     /// the shards taken and their epochs.
-    pub(crate) const ACQUIRE: &str = "UPDATE macp_shards
-        SET owner = $1::text, epoch = epoch + 1,
+    pub(crate) const ACQUIRE: &str = "UPDATE macp_shards s
+        SET owner = $1::text, epoch = s.epoch + 1,
             lease_until = clock_timestamp() + make_interval(secs => $3::int8 / 1000.0)
-        WHERE shard = ANY($2::int4[]) AND (owner IS NULL OR lease_until IS NULL OR lease_until <= clock_timestamp())
-        RETURNING shard, epoch";
+        FROM (SELECT shard FROM macp_shards
+            WHERE shard = ANY($2::int4[])
+                AND (owner IS NULL OR lease_until IS NULL OR lease_until <= clock_timestamp())
+            ORDER BY shard FOR NO KEY UPDATE) AS l
+        WHERE s.shard = l.shard
+            AND (s.owner IS NULL OR s.lease_until IS NULL OR s.lease_until <= clock_timestamp())
+        RETURNING s.shard, s.epoch";
     /// Node `$1` gives up shards `$2` held at epochs `$3`.
     pub(crate) const RELEASE: &str = "UPDATE macp_shards s SET owner = NULL, lease_until = NULL
-        FROM unnest($2::int4[], $3::int8[]) AS h(shard, epoch)
-        WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1::text";
+        FROM unnest($2::int4[], $3::int8[]) AS h(shard, epoch),
+            (SELECT shard FROM macp_shards WHERE shard = ANY($2::int4[]) ORDER BY shard FOR NO KEY UPDATE) AS l
+        WHERE s.shard = l.shard AND s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1::text";
     /// Every shard with a valid lease, and its holder.
     pub(crate) const OWNERS: &str = "SELECT shard, owner, epoch FROM macp_shards
         WHERE owner IS NOT NULL AND lease_until > clock_timestamp() ORDER BY shard";
@@ -310,6 +317,20 @@ pub(crate) mod cluster {
     /// Removes entry (`$1` kind, `$2` id).
     pub(crate) const REGISTRY_DELETE: &str = "DELETE FROM macp_registry WHERE kind = $1::text AND id = $2::text";
 }
+
+/// Locks the lease rows of shards `$1` for share, in shard order: the
+/// first statement of a writer transaction committing several shards;
+/// each shard's statement then finds its row locked already. Every
+/// statement that changes lease rows ([`cluster::RENEW`],
+/// [`cluster::ACQUIRE`], [`cluster::RELEASE`]) locks them in the same
+/// order, in the statement itself, so a writer committing several shards
+/// and a membership round changing several never each hold a row the
+/// other waits for (a deadlock PostgreSQL would break by failing one of
+/// them after `deadlock_timeout`). Those statements are single
+/// statements on purpose: a lease-row lock held across a client round
+/// trip would make writers wait on the node's own runtime.
+pub(crate) const LOCK_LEASES_SHARED: &str =
+    "SELECT shard FROM macp_shards WHERE shard = ANY($1::int4[]) ORDER BY shard FOR SHARE";
 
 pub(crate) const HISTORY: &str = "SELECT pos, seq, record FROM macp_records
     WHERE session_id = $1::text AND seq > $2::int8 AND seq <= $3::int8 ORDER BY seq, pos";

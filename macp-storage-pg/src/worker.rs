@@ -851,6 +851,13 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(group.len());
         let result: Result<(), StorageError> = async {
             let tx = within(&place, "commit", t, self.conn.client.transaction()).await?;
+            // The group's lease rows, locked in shard order before any
+            // statement locks one (see schema::LOCK_LEASES_SHARED).
+            let mut shards: Vec<i32> = group.iter().filter(|c| c.0.is_some()).map(|c| shard_of_lease(&c.0)).collect();
+            if !shards.is_empty() {
+                shards.sort_unstable();
+                within(&place, "commit", t, tx.execute(schema::LOCK_LEASES_SHARED, &[&shards])).await?;
+            }
             let (tx_ref, st) = (&tx, &self.st);
             let runs = group
                 .iter()
