@@ -260,6 +260,16 @@ impl<T, Q> Pipeline<T, Q> {
     /// read is ignored (each input then reads for itself and gets its own
     /// error).
     pub fn prefetch_ended<'a>(&mut self, session_ids: impl IntoIterator<Item = &'a str>) {
+        let ids = self.ended_to_prefetch(session_ids);
+        self.fetch_ended(&ids);
+    }
+
+    /// The ids among `session_ids` [`Pipeline::prefetch_ended`] would read
+    /// (neither held nor fetched already), sorted, without repeats: a
+    /// caller that must not wait on storage where it runs learns whether
+    /// there is a read to make, and makes it with
+    /// [`Pipeline::fetch_ended`] where waiting is harmless.
+    pub fn ended_to_prefetch<'a>(&self, session_ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
         let mut ids: Vec<&str> = session_ids
             .into_iter()
             .filter(|id| {
@@ -270,12 +280,18 @@ impl<T, Q> Pipeline<T, Q> {
             .collect();
         ids.sort_unstable();
         ids.dedup();
+        ids
+    }
+
+    /// Reads `ids` (from [`Pipeline::ended_to_prefetch`]) in one storage
+    /// read, for the next inputs to find.
+    pub fn fetch_ended(&mut self, ids: &[&str]) {
         if ids.is_empty() {
             return;
         }
-        if let Ok(found) = self.reader.ended_many(&ids) {
+        if let Ok(found) = self.reader.ended_many(ids) {
             if found.len() == ids.len() {
-                self.prefetched.extend(ids.into_iter().map(str::to_string).zip(found));
+                self.prefetched.extend(ids.iter().map(|id| id.to_string()).zip(found));
             }
         }
     }

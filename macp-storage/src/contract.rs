@@ -242,6 +242,14 @@ pub trait Storage: Send {
     fn needs_open_state(&self) -> bool {
         true
     }
+
+    /// Whether `sync` (and so a commit) waits on a device or a server (a
+    /// file's `fdatasync`, a database round trip). An async caller then
+    /// runs it where waiting does not hold up its other tasks; a store
+    /// that only copies into memory answers false and is called inline.
+    fn sync_waits(&self) -> bool {
+        true
+    }
 }
 
 /// Writes the kernel's open state into the given writer

@@ -372,6 +372,10 @@ impl Storage for MemoryStorage {
         Arc::new(MemoryReader(self.inner.clone()))
     }
 
+    fn sync_waits(&self) -> bool {
+        false
+    }
+
     fn needs_open_state(&self) -> bool {
         self.config.restartable
     }

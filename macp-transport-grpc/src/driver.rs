@@ -366,10 +366,14 @@ impl Driver {
         self.pipeline.tick(now);
         // One storage read for the batch's sessions the kernel does not
         // hold (every SessionStart's id is checked against ended sessions).
-        self.pipeline.prefetch_ended(cmds.iter().filter_map(|c| match c {
+        let ids = self.pipeline.ended_to_prefetch(cmds.iter().filter_map(|c| match c {
             Command::Submit { input: Input::Envelope { envelope, .. }, .. } => Some(envelope.session_id.as_str()),
             _ => None,
         }));
+        if !ids.is_empty() {
+            let pipeline = &mut self.pipeline;
+            off_the_workers(self.storage.sync_waits(), || pipeline.fetch_ended(&ids));
+        }
         let mut checkpoint = false;
         let mut stop = false;
         for cmd in cmds {
@@ -409,7 +413,8 @@ impl Driver {
         }
         self.commit()?;
         if checkpoint || self.pipeline.checkpoint_due(now_ms()) {
-            if let Err(e) = self.pipeline.checkpoint(&mut *self.storage) {
+            let (pipeline, storage) = (&mut self.pipeline, &mut *self.storage);
+            if let Err(e) = off_the_workers(storage.sync_waits(), || pipeline.checkpoint(storage)) {
                 if matches!(e, StorageError::Fenced { .. }) {
                     return Err(DriverError::Fenced(e));
                 }
@@ -429,12 +434,14 @@ impl Driver {
             return Ok(());
         }
         let commit = self.pipeline.commit();
+        let waits = self.storage.sync_waits();
+        let storage = &mut *self.storage;
         let persisted = match &self.metrics {
-            None => commit.persist(&mut *self.storage),
-            Some(m) if !commit.is_empty() => commit.append(&mut *self.storage).and_then(|()| {
+            None => off_the_workers(waits, || commit.persist(storage)),
+            Some(m) if !commit.is_empty() => commit.append(storage).and_then(|()| {
                 m.batch_records.observe(commit.records().len() as u64);
                 let started = Instant::now();
-                let synced = commit.sync(&mut *self.storage);
+                let synced = off_the_workers(waits, || commit.sync(storage));
                 m.sync_seconds.observe_duration(started.elapsed());
                 synced
             }),
@@ -558,7 +565,8 @@ impl Driver {
     /// One bounded slice of storage upkeep.
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
-        match self.pipeline.maintain(&mut *self.storage, now_ms()) {
+        let (pipeline, storage) = (&mut self.pipeline, &mut *self.storage);
+        match off_the_workers(storage.sync_waits(), || pipeline.maintain(storage, now_ms())) {
             Ok(m) => {
                 if let Some(metrics) = &self.metrics {
                     metrics.maintenance(&m);
@@ -582,5 +590,24 @@ impl Driver {
                 warn!("storage upkeep failed (will retry): {e}");
             }
         }
+    }
+}
+
+/// Runs `f`, which waits on storage when `waits`, without holding up the
+/// runtime's other tasks: on a multi-thread runtime's worker the worker
+/// hands its queue to another thread for the wait (`block_in_place`).
+/// Without this, a driver waiting for its commit parks a whole worker; a
+/// cluster node's shard drivers (one per shard, on as many workers as
+/// cores) then commit at most a core's count at a time, and the batches
+/// of the others, which PostgreSQL could take in the same transaction,
+/// wait behind them. Elsewhere (a current-thread runtime, a blocking
+/// thread, outside a runtime) `f` just runs.
+fn off_the_workers<T>(waits: bool, f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if waits && multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
