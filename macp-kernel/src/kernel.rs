@@ -97,7 +97,7 @@ impl Kernel {
     /// (nobody is listening to history being rebuilt); returns the session's
     /// summary when the record ended it, for storage to keep.
     pub fn apply_record(&mut self, record: &Record) -> KResult<Option<SessionSummary>> {
-        self.state.apply(record, false).map(|a| a.ended)
+        self.state.apply(record, None).map(|a| a.ended)
     }
 
     /// Takes a session out of service after storage corruption: its state is
