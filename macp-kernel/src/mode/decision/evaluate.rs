@@ -171,7 +171,8 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
             ),
         )];
     }
-    let rules = match DecisionRules::from_stored(&policy.rules) {
+    let rules = DecisionRules::of_policy(policy);
+    let rules = match &*rules {
         Ok(r) => r,
         Err(e) => {
             return vec![Denial::new(
@@ -229,7 +230,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
     }
 
     // 3. Voting quorum.
-    let tally = Tally::of(state, &rules);
+    let tally = Tally::of(state, rules);
     if rules.require_vote_quorum {
         let voters = tally.voters.len();
         let n = participants.len();
@@ -263,8 +264,8 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
     if rules.algorithm == Algorithm::None {
         return denials; // face value
     }
-    let result = tally.result(&rules, participants);
-    let how = tally.describe(&rules);
+    let result = tally.result(rules, participants);
+    let how = tally.describe(rules);
     if positive {
         match result {
             VoteResult::Passed => {}
@@ -286,7 +287,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 format!(
                     "no decisive vote has been cast ({}); under schema_version {} an empty tally authorizes \
                      no commitment",
-                    voting_phrase(&rules),
+                    voting_phrase(rules),
                     policy.schema_version()
                 ),
             )),
@@ -294,7 +295,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 DenialCode::NoVotes,
                 format!(
                     "no decisive vote has been cast ({}) and commitment.require_vote_quorum is set",
-                    voting_phrase(&rules)
+                    voting_phrase(rules)
                 ),
             )),
             VoteResult::NoVotes => {}
@@ -306,7 +307,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 format!(
                     "no decisive vote has been cast ({}); a vote-authorized negative commitment needs at least \
                      one decisive REJECT",
-                    voting_phrase(&rules)
+                    voting_phrase(rules)
                 ),
             )),
             VoteResult::Passed | VoteResult::Failed => {
