@@ -17,6 +17,7 @@
 //! not depend on what the cache happens to hold.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use macp_wire::storage::SessionSummary;
 use macp_wire::v1::SessionState;
@@ -63,9 +64,11 @@ pub struct Ended {
 /// The bounded cache of recently ended sessions. See the module docs.
 #[derive(Debug, Default)]
 pub struct EndedCache {
-    entries: BTreeMap<String, Ended>,
+    /// Keyed by the session's own id, shared with `order`. Boxed: an entry is
+    /// a few hundred bytes, and a B-tree insertion shifts a node's values.
+    entries: BTreeMap<Arc<str>, Box<Ended>>,
     /// Insertion order, oldest first.
-    order: VecDeque<String>,
+    order: VecDeque<Arc<str>>,
     /// Entries at the back of `order` that ended since the last settle.
     unsettled: usize,
 }
@@ -73,13 +76,13 @@ pub struct EndedCache {
 impl EndedCache {
     /// An ended session, if cached.
     pub fn get(&self, id: &str) -> Option<&Ended> {
-        self.entries.get(id)
+        self.entries.get(id).map(|e| &**e)
     }
 
     /// Adds a session that just ended; it stays until the next settle at
     /// least.
-    pub fn insert_ended(&mut self, id: String, ended: Ended) {
-        if self.entries.insert(id.clone(), ended).is_none() {
+    pub fn insert_ended(&mut self, id: Arc<str>, ended: Ended) {
+        if self.entries.insert(id.clone(), Box::new(ended)).is_none() {
             self.order.push_back(id);
             self.unsettled += 1;
         }
@@ -88,11 +91,11 @@ impl EndedCache {
     /// Remembers a summary read back from storage, until the next settle
     /// at least (the input that asked for it is still using it).
     pub fn insert_loaded(&mut self, summary: SessionSummary) {
-        let id = summary_session_id(&summary).to_string();
+        let id: Arc<str> = summary_session_id(&summary).into();
         if self.entries.contains_key(&id) {
             return;
         }
-        self.entries.insert(id.clone(), Ended { summary, session: None });
+        self.entries.insert(id.clone(), Box::new(Ended { summary, session: None }));
         // Loaded entries go in front of the unsettled ones, which must
         // outlive the next settle.
         let at = self.order.len() - self.unsettled;
@@ -135,7 +138,7 @@ impl EndedCache {
     /// Drops a session from the cache (quarantine).
     pub fn forget(&mut self, id: &str) {
         if self.entries.remove(id).is_some() {
-            if let Some(i) = self.order.iter().position(|x| x == id) {
+            if let Some(i) = self.order.iter().position(|x| **x == *id) {
                 if i >= self.order.len() - self.unsettled {
                     self.unsettled -= 1;
                 }

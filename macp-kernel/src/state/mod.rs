@@ -246,7 +246,7 @@ impl State {
         };
         self.timers.remove(&session);
         let summary = summarize(&session, at);
-        self.ended.insert_ended(sid.to_string(), Ended { summary: summary.clone(), session: Some(session) });
+        self.ended.insert_ended(session.id.clone(), Ended { summary: summary.clone(), session: Some(session) });
         summary
     }
 
