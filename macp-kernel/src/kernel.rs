@@ -44,7 +44,9 @@ impl Kernel {
     /// sessions the kernel no longer holds are unknown to it here; a driver
     /// with storage uses [`Kernel::handle_with`].
     pub fn handle(&mut self, now_ms: i64, input: Input) -> Vec<Effect> {
-        let mut out = Vec::with_capacity(4);
+        // Room for a resolving message's effects (Persist, Ended, Reply and two
+        // broadcasts), so the common cases never grow the vector.
+        let mut out = Vec::with_capacity(5);
         self.handle_with(now_ms, input, &NoEnded, &mut out);
         out
     }

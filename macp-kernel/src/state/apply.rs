@@ -61,8 +61,11 @@ impl State {
             return Ok(Applied { state: SessionState::Open, ended: None });
         }
         let sid = record.session_id.as_str();
-        match fact {
-            Fact::Started(st) => self.apply_started(record, st, emit, prepared, out)?,
+        let state = match fact {
+            Fact::Started(st) => {
+                self.apply_started(record, st, emit, prepared, out)?;
+                SessionState::Open
+            }
             // The hot path: one session lookup for checks, state and timer.
             Fact::Accepted(env) => self.apply_accepted(sid, record.seq, at, env, emit, out)?,
             Fact::Expired(_) | Fact::Cancelled(_) | Fact::Suspended(_) | Fact::Resumed(_) => {
@@ -80,14 +83,17 @@ impl State {
                     Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit, out)?,
                     _ => self.apply_expired(sid, at, emit, out)?,
                 };
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    self.timers.reindex(s);
+                match self.sessions.get_mut(sid) {
+                    Some(s) => {
+                        self.timers.reindex(s);
+                        s.state
+                    }
+                    None => SessionState::Unspecified,
                 }
             }
             _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
         };
         // A session that reached a terminal state leaves the working set.
-        let state = self.sessions.get(sid).map_or(SessionState::Unspecified, |s| s.state);
         let ended = match state {
             SessionState::Resolved | SessionState::Expired | SessionState::Cancelled => Some(self.end_session(sid, at)),
             _ => None,
@@ -196,14 +202,10 @@ impl State {
         env: &Envelope,
         emit: bool,
         out: &mut Broadcasts,
-    ) -> KResult<()> {
-        if !self.sessions.contains_key(sid) {
+    ) -> KResult<SessionState> {
+        let Some(s) = self.sessions.get_mut(sid) else {
             return Err(self.missing(sid));
-        }
-        let s = self
-            .sessions
-            .get_mut(sid)
-            .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
+        };
         if seq != s.seq + 1 {
             return Err(corrupt(format!("session {sid}: record seq {seq} does not follow {}", s.seq)));
         }
@@ -275,7 +277,7 @@ impl State {
         }
         if !resolved {
             self.timers.reindex(s);
-            return Ok(());
+            return Ok(SessionState::Open);
         }
         s.state = SessionState::Resolved;
         s.rare_mut().resolution = Some(env.payload.as_slice().into());
@@ -291,7 +293,7 @@ impl State {
                 observed_at_unix_ms: at,
             });
         }
-        Ok(())
+        Ok(SessionState::Resolved)
     }
 
     fn apply_expired(&mut self, sid: &str, at: i64, emit: bool, out: &mut Broadcasts) -> KResult<()> {
