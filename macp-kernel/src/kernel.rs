@@ -169,7 +169,7 @@ impl Kernel {
     pub fn session_state(&self, session_id: &str) -> Option<SessionState> {
         match self.state.session(session_id) {
             Some(s) => Some(s.state),
-            None => self.state.cached_ended(session_id).map(|e| crate::state::ended::summary_state(&e.summary)),
+            None => self.state.cached_ended(session_id).map(|e| crate::state::ended::summary_state(e.summary())),
         }
     }
 

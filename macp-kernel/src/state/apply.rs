@@ -104,7 +104,7 @@ impl State {
     /// The error for a record naming a session the state does not hold.
     fn missing(&self, sid: &str) -> KernelError {
         match self.ended.get(sid) {
-            Some(e) => super::ended::ended_not_open(&e.summary),
+            Some(e) => super::ended::ended_not_open(e.summary()),
             None => KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")),
         }
     }

@@ -17,7 +17,7 @@
 //! not depend on what the cache happens to hold.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use macp_wire::storage::SessionSummary;
 use macp_wire::v1::SessionState;
@@ -53,12 +53,43 @@ impl EndedSessions for NoEnded {
 /// A recently ended session.
 #[derive(Debug)]
 pub struct Ended {
-    /// What every answer about it is computed from.
-    pub summary: SessionSummary,
+    /// What every answer about it is computed from ([`Ended::summary`]):
+    /// set when it was read back from storage, else worked out from
+    /// `session` on first use (most ended sessions are never asked about,
+    /// and the driver already got its own copy with `Effect::Ended`).
+    summary: OnceLock<SessionSummary>,
+    /// When it ended.
+    ended_at_unix_ms: i64,
     /// The whole session as it ended, while it lingers (debugging and
     /// conformance checks read its mode state); `None` when the summary was
     /// read back from storage.
     pub session: Option<Box<Session>>,
+}
+
+impl Ended {
+    /// A session that just ended at `at`, as the kernel held it.
+    pub fn of_session(session: Box<Session>, at: i64) -> Self {
+        Ended { summary: OnceLock::new(), ended_at_unix_ms: at, session: Some(session) }
+    }
+
+    /// An ended session known only by its summary (read from storage).
+    pub fn of_summary(summary: SessionSummary) -> Self {
+        Ended { ended_at_unix_ms: summary.ended_at_unix_ms, summary: OnceLock::from(summary), session: None }
+    }
+
+    /// What every answer about it is computed from: the summary storage
+    /// keeps (the same [`summarize`] gave the driver when it ended).
+    pub fn summary(&self) -> &SessionSummary {
+        self.summary.get_or_init(|| match &self.session {
+            Some(s) => summarize(s, self.ended_at_unix_ms),
+            None => SessionSummary::default(),
+        })
+    }
+
+    /// When it ended.
+    pub fn ended_at_unix_ms(&self) -> i64 {
+        self.ended_at_unix_ms
+    }
 }
 
 /// The bounded cache of recently ended sessions. See the module docs.
@@ -95,7 +126,7 @@ impl EndedCache {
         if self.entries.contains_key(&id) {
             return;
         }
-        self.entries.insert(id.clone(), Box::new(Ended { summary, session: None }));
+        self.entries.insert(id.clone(), Box::new(Ended::of_summary(summary)));
         // Loaded entries go in front of the unsettled ones, which must
         // outlive the next settle.
         let at = self.order.len() - self.unsettled;
@@ -123,7 +154,7 @@ impl EndedCache {
         let entries = &mut self.entries;
         let (mut index, mut unsettled) = (0, 0);
         self.order.retain(|id| {
-            let keep = entries.get(id).is_some_and(|e| e.summary.ended_at_unix_ms >= cutoff_ms);
+            let keep = entries.get(id).is_some_and(|e| e.ended_at_unix_ms() >= cutoff_ms);
             if !keep {
                 entries.remove(id);
             } else if index >= first_unsettled {
@@ -219,7 +250,7 @@ mod tests {
     }
 
     fn ended(id: &str, at: i64) -> Ended {
-        Ended { summary: summary(id, at), session: None }
+        Ended::of_summary(summary(id, at))
     }
 
     #[test]

@@ -214,13 +214,13 @@ impl State {
                 None => return Ok(None),
             }
         }
-        Ok(self.ended.get(id).map(|e| &e.summary))
+        Ok(self.ended.get(id).map(Ended::summary))
     }
 
     /// The summary of an ended session without remembering it (queries).
     pub fn peek_ended(&self, id: &str, storage: &dyn EndedSessions) -> KResult<Option<SessionSummary>> {
         match self.ended.get(id) {
-            Some(e) => Ok(Some(e.summary.clone())),
+            Some(e) => Ok(Some(e.summary().clone())),
             None => storage.get(id),
         }
     }
@@ -246,7 +246,7 @@ impl State {
         };
         self.timers.remove(&session);
         let summary = summarize(&session, at);
-        self.ended.insert_ended(session.id.clone(), Ended { summary: summary.clone(), session: Some(session) });
+        self.ended.insert_ended(session.id.clone(), Ended::of_session(session, at));
         summary
     }
 
