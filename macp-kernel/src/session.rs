@@ -66,7 +66,7 @@ impl SeenIds {
             SeenIds::One(x) if **x == *id => false,
             SeenIds::One(x) => {
                 let mut v = Vec::with_capacity(2);
-                v.push(String::from(&**x));
+                v.push(std::mem::take(x).into_string());
                 let at = usize::from(v[0].as_str() < id);
                 v.insert(at, id.to_string());
                 *self = SeenIds::Small(v);
