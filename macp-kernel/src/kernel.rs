@@ -44,7 +44,9 @@ impl Kernel {
     /// sessions the kernel no longer holds are unknown to it here; a driver
     /// with storage uses [`Kernel::handle_with`].
     pub fn handle(&mut self, now_ms: i64, input: Input) -> Vec<Effect> {
-        let mut out = Vec::with_capacity(4);
+        // Room for a resolving message's effects (Persist, Ended, Reply and two
+        // broadcasts), so the common cases never grow the vector.
+        let mut out = Vec::with_capacity(5);
         self.handle_with(now_ms, input, &NoEnded, &mut out);
         out
     }
@@ -97,7 +99,7 @@ impl Kernel {
     /// (nobody is listening to history being rebuilt); returns the session's
     /// summary when the record ended it, for storage to keep.
     pub fn apply_record(&mut self, record: &Record) -> KResult<Option<SessionSummary>> {
-        self.state.apply(record, false).map(|a| a.ended)
+        self.state.apply(record, None).map(|a| a.ended)
     }
 
     /// Takes a session out of service after storage corruption: its state is
@@ -167,7 +169,7 @@ impl Kernel {
     pub fn session_state(&self, session_id: &str) -> Option<SessionState> {
         match self.state.session(session_id) {
             Some(s) => Some(s.state),
-            None => self.state.cached_ended(session_id).map(|e| crate::state::ended::summary_state(&e.summary)),
+            None => self.state.cached_ended(session_id).map(|e| crate::state::ended::summary_state(e.summary())),
         }
     }
 

@@ -66,7 +66,7 @@ impl SeenIds {
             SeenIds::One(x) if **x == *id => false,
             SeenIds::One(x) => {
                 let mut v = Vec::with_capacity(2);
-                v.push(x.to_string());
+                v.push(std::mem::take(x).into_string());
                 let at = usize::from(v[0].as_str() < id);
                 v.insert(at, id.to_string());
                 *self = SeenIds::Small(v);
@@ -325,25 +325,25 @@ impl Session {
     /// SessionMetadata as the wire reports it.
     pub fn metadata(&self) -> SessionMetadata {
         SessionMetadata {
-            session_id: self.id.to_string(),
-            mode: self.mode.to_string(),
+            session_id: String::from(&*self.id),
+            mode: self.mode.as_str().to_owned(),
             state: self.state as i32,
             started_at_unix_ms: self.started_at_ms,
             expires_at_unix_ms: self.deadline_ms,
-            mode_version: self.mode_version.to_string(),
-            configuration_version: self.configuration_version.to_string(),
+            mode_version: self.mode_version.as_str().to_owned(),
+            configuration_version: self.configuration_version.as_str().to_owned(),
             policy_version: self.policy.id().to_string(),
             participants: self.participants.to_vec(),
             participant_activity: self
                 .activity
                 .iter()
                 .map(|(who, a)| ParticipantActivity {
-                    participant_id: who.to_string(),
+                    participant_id: String::from(&**who),
                     last_message_at_unix_ms: a.last_message_at_unix_ms,
                     message_count: a.message_count,
                 })
                 .collect(),
-            initiator: self.initiator.to_string(),
+            initiator: String::from(&*self.initiator),
             context_id: self.context_id().to_string(),
             extension_keys: self.extension_keys().to_vec(),
         }

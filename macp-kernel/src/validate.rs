@@ -136,13 +136,21 @@ pub fn start_payload(env: &Envelope, cfg: &KernelConfig) -> KResult<StartFields>
             cfg.max_participants
         )));
     }
+    // A handful of participants is the rule: compare them pairwise without
+    // allocating; long lists go through a set.
+    const PAIRWISE: usize = 16;
     let mut seen = std::collections::BTreeSet::new();
-    for who in &p.participants {
+    for (i, who) in p.participants.iter().enumerate() {
         let t = who.trim();
         if t.is_empty() {
             return Err(KernelError::invalid("participants must not contain an empty id"));
         }
-        if !seen.insert(t) {
+        let repeated = if p.participants.len() <= PAIRWISE {
+            p.participants[..i].iter().any(|earlier| earlier.trim() == t)
+        } else {
+            !seen.insert(t)
+        };
+        if repeated {
             return Err(KernelError::invalid(format!("participant '{t}' is listed twice")));
         }
     }

@@ -170,7 +170,7 @@ fn run(history: &[Record], policy: Option<&PolicyDescriptor>, modes: &ModeRegist
         if let Some(s) = state.session(&record.session_id) {
             record.seq = s.seq + 1;
         }
-        let outcome = match state.apply(&record, false) {
+        let outcome = match state.apply(&record, None) {
             Ok(applied) => {
                 let was = std::mem::replace(&mut current, applied.state);
                 if let Some(env) = entry.filter(|_| was != applied.state && applied.state == SessionState::Resolved) {

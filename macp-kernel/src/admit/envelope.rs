@@ -192,8 +192,7 @@ fn admit_to_ended(tx: &mut Tx<'_>, env: &Envelope) -> KResult<Accepted> {
 }
 
 fn check_bound_mode(tx: &Tx<'_>, env: &Envelope, session_mode: &str) -> KResult<()> {
-    let bound = tx.state().modes().resolve(&env.mode).map(|(c, _)| c).unwrap_or(env.mode.as_str());
-    if bound != session_mode {
+    if !tx.state().modes().binds_to(&env.mode, session_mode) {
         return Err(KernelError::invalid(format!(
             "session {} is bound to mode {session_mode}, not {}",
             env.session_id, env.mode

@@ -40,7 +40,8 @@ pub(crate) struct Tx<'a> {
 
 impl<'a> Tx<'a> {
     fn new(state: &'a mut State, storage: &'a dyn EndedSessions, out: &'a mut Vec<Effect>) -> Self {
-        Tx { state, storage, out, broadcasts: Vec::new() }
+        let broadcasts = state.take_broadcast_buffer();
+        Tx { state, storage, out, broadcasts }
     }
 
     /// The state as it is now (after everything committed so far).
@@ -59,12 +60,11 @@ impl<'a> Tx<'a> {
     /// [`Tx::commit`] for a SessionStart whose payload and policy admission
     /// already worked out.
     pub fn commit_with(&mut self, record: Record, prepared: Option<Prepared>) -> KResult<SessionState> {
-        let applied = self.state.apply_with(&record, true, prepared)?;
+        let applied = self.state.apply_with(&record, Some(&mut self.broadcasts), prepared)?;
         self.out.push(Effect::Persist(record));
         if let Some(summary) = applied.ended {
             self.out.push(Effect::Ended(Box::new(summary)));
         }
-        self.broadcasts.extend(applied.broadcasts);
         Ok(applied.state)
     }
 
@@ -89,7 +89,9 @@ impl<'a> Tx<'a> {
         if let Some((request, reply)) = reply {
             self.out.push(Effect::Reply { request, reply });
         }
-        self.out.extend(self.broadcasts.into_iter().map(Effect::Broadcast));
+        let mut broadcasts = self.broadcasts;
+        self.out.extend(broadcasts.drain(..).map(Effect::Broadcast));
+        self.state.return_broadcast_buffer(broadcasts);
     }
 }
 

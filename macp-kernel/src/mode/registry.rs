@@ -55,6 +55,17 @@ impl ModeRegistry {
         self.entries.get_key_value(id).map(|(k, v)| (k.as_str(), v))
     }
 
+    /// Whether an envelope's `mode` names the mode `canonical`: the id
+    /// [`ModeRegistry::resolve`] gives, or `mode` itself when it is not
+    /// registered. Only the deprecated alias can resolve to another id, so
+    /// anything else is compared without a lookup.
+    pub fn binds_to(&self, mode: &str, canonical: &str) -> bool {
+        if mode != MULTI_ROUND_ALIAS {
+            return mode == canonical;
+        }
+        self.resolve(mode).map_or(mode, |(c, _)| c) == canonical
+    }
+
     /// Descriptors for ListModes, sorted by id.
     pub fn standards_track(&self) -> Vec<ModeDescriptor> {
         self.entries.values().filter(|e| e.standards_track).map(|e| e.descriptor.clone()).collect()

@@ -24,8 +24,9 @@
 //! modes themselves from [`BoundPolicy::rules`]; the shared
 //! `commitment.authority` rule is evaluated by the kernel.
 
+use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use macp_wire::v1::PolicyDescriptor;
 use serde::{Deserialize, Serialize};
@@ -122,6 +123,33 @@ pub struct BoundPolicy {
     pub rules: serde_json::Value,
     /// The shared commitment-authority rule.
     pub authority: CommitmentAuthority,
+    /// What a mode reads from `rules`, worked out once, on first use
+    /// ([`BoundPolicy::derived`]).
+    derived: Derived,
+}
+
+/// A mode's reading of a policy's rules, kept with the policy so that every
+/// session bound to it shares one. Derived from the other fields alone, so
+/// it takes no part in equality, and a clone starts without it.
+#[derive(Default)]
+struct Derived(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl Clone for Derived {
+    fn clone(&self) -> Self {
+        Derived::default()
+    }
+}
+
+impl PartialEq for Derived {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Derived(set)" } else { "Derived(unset)" })
+    }
 }
 
 impl BoundPolicy {
@@ -131,7 +159,17 @@ impl BoundPolicy {
         let rules =
             parse_rules_json(&descriptor.rules).map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
         let authority = parse_authority(&rules).map_err(|e| KernelError::new(ErrorCode::InvalidPolicyDefinition, e))?;
-        Ok(BoundPolicy { descriptor, rules, authority })
+        Ok(BoundPolicy { descriptor, rules, authority, derived: Derived::default() })
+    }
+
+    /// What `make` reads from this policy, computed on the first call and
+    /// kept for the policy's lifetime. One mode reads one type: a call with
+    /// another type than the first gets `make`'s answer uncached.
+    pub(crate) fn derived<T: Any + Send + Sync + Clone>(&self, make: impl Fn(&BoundPolicy) -> T) -> T {
+        match self.derived.0.get_or_init(|| Box::new(make(self)) as Box<dyn Any + Send + Sync>).downcast_ref::<T>() {
+            Some(t) => t.clone(),
+            None => make(self),
+        }
     }
 
     /// The bound policy id.

@@ -38,54 +38,73 @@ fn corrupt(msg: impl Into<String>) -> KernelError {
 impl State {
     /// Applies one record. Live processing and recovery both come through
     /// here; an `Err` leaves the state unchanged. During recovery an `Err`
-    /// means the log disagrees with the rules it was written under. `emit`
-    /// says whether to build the broadcasts (recovery does not: nobody is
-    /// listening to history being rebuilt, and building them would double
-    /// replay cost). `prepared` carries what live admission of a SessionStart
-    /// already worked out; it is ignored for any other record.
-    pub fn apply_with(&mut self, record: &Record, emit: bool, prepared: Option<Prepared>) -> KResult<Applied> {
+    /// means the log disagrees with the rules it was written under.
+    /// `broadcasts`, when given, receives what observers should hear
+    /// (recovery gives none: nobody is listening to history being rebuilt,
+    /// and building them would double replay cost); a caller's buffer, so
+    /// an envelope allocates no list of its own. `prepared` carries what
+    /// live admission of a SessionStart already worked out; it is ignored
+    /// for any other record.
+    pub fn apply_with(
+        &mut self,
+        record: &Record,
+        broadcasts: Option<&mut Broadcasts>,
+        prepared: Option<Prepared>,
+    ) -> KResult<Applied> {
+        let mut none = Vec::new();
+        let emit = broadcasts.is_some();
+        let out = broadcasts.unwrap_or(&mut none);
         let fact = record.fact.as_ref().ok_or_else(|| corrupt("record has no fact"))?;
         let at = record.at_unix_ms;
         if record.session_id.is_empty() {
-            let broadcasts = self.apply_registry(record.seq, at, fact)?;
-            return Ok(Applied { broadcasts, state: SessionState::Open, ended: None });
+            self.apply_registry(record.seq, at, fact, out)?;
+            return Ok(Applied { state: SessionState::Open, ended: None });
         }
         let sid = record.session_id.as_str();
-        let broadcasts = match fact {
-            Fact::Started(st) => self.apply_started(record, st, emit, prepared)?,
+        let state = match fact {
+            Fact::Started(st) => {
+                self.apply_started(record, st, emit, prepared, out)?;
+                SessionState::Open
+            }
             // The hot path: one session lookup for checks, state and timer.
-            Fact::Accepted(env) => self.apply_accepted(sid, record.seq, at, env, emit)?,
+            Fact::Accepted(env) => self.apply_accepted(sid, record.seq, at, env, emit, out)?,
             Fact::Expired(_) | Fact::Cancelled(_) | Fact::Suspended(_) | Fact::Resumed(_) => {
                 let s = self.sessions.get(sid).ok_or_else(|| self.missing(sid))?;
                 if record.seq != s.seq + 1 {
                     return Err(corrupt(format!("session {sid}: record seq {} does not follow {}", record.seq, s.seq)));
                 }
-                let b = match fact {
-                    Fact::Cancelled(env) => self.apply_control(record.seq, at, env, SessionState::Cancelled, emit)?,
-                    Fact::Suspended(env) => self.apply_control(record.seq, at, env, SessionState::Suspended, emit)?,
-                    Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit)?,
-                    _ => self.apply_expired(sid, at, emit)?,
+                match fact {
+                    Fact::Cancelled(env) => {
+                        self.apply_control(record.seq, at, env, SessionState::Cancelled, emit, out)?
+                    }
+                    Fact::Suspended(env) => {
+                        self.apply_control(record.seq, at, env, SessionState::Suspended, emit, out)?
+                    }
+                    Fact::Resumed(env) => self.apply_control(record.seq, at, env, SessionState::Open, emit, out)?,
+                    _ => self.apply_expired(sid, at, emit, out)?,
                 };
-                if let Some(s) = self.sessions.get_mut(sid) {
-                    self.timers.reindex(s);
+                match self.sessions.get_mut(sid) {
+                    Some(s) => {
+                        self.timers.reindex(s);
+                        s.state
+                    }
+                    None => SessionState::Unspecified,
                 }
-                b
             }
             _ => return Err(corrupt(format!("session {sid}: registry fact on a session record"))),
         };
         // A session that reached a terminal state leaves the working set.
-        let state = self.sessions.get(sid).map_or(SessionState::Unspecified, |s| s.state);
         let ended = match state {
             SessionState::Resolved | SessionState::Expired | SessionState::Cancelled => Some(self.end_session(sid, at)),
             _ => None,
         };
-        Ok(Applied { broadcasts, state, ended })
+        Ok(Applied { state, ended })
     }
 
     /// The error for a record naming a session the state does not hold.
     fn missing(&self, sid: &str) -> KernelError {
         match self.ended.get(sid) {
-            Some(e) => super::ended::ended_not_open(&e.summary),
+            Some(e) => super::ended::ended_not_open(e.summary()),
             None => KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")),
         }
     }
@@ -96,7 +115,8 @@ impl State {
         st: &SessionStarted,
         emit: bool,
         prepared: Option<Prepared>,
-    ) -> KResult<Broadcasts> {
+        out: &mut Broadcasts,
+    ) -> KResult<()> {
         let env = st.envelope.as_ref().ok_or_else(|| corrupt("SessionStarted without envelope"))?;
         if record.seq != 1 || env.session_id != record.session_id {
             return Err(corrupt(format!("session {}: SessionStart must be record 1", record.session_id)));
@@ -163,26 +183,29 @@ impl State {
         self.timers.reindex(&mut session);
         self.ended.forget(&record.session_id);
         self.sessions.insert(id, Box::new(session));
-        let Some(metadata) = metadata else { return Ok(Vec::new()) };
-        Ok(vec![
-            Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) },
-            Broadcast::Lifecycle {
-                event: EventType::Created,
-                session: Box::new(metadata),
-                previous: SessionState::Unspecified,
-                observed_at_unix_ms: record.at_unix_ms,
-            },
-        ])
+        let Some(metadata) = metadata else { return Ok(()) };
+        out.push(Broadcast::SessionEnvelope { seq: 1, envelope: Arc::new(env.clone()) });
+        out.push(Broadcast::Lifecycle {
+            event: EventType::Created,
+            session: Box::new(metadata),
+            previous: SessionState::Unspecified,
+            observed_at_unix_ms: record.at_unix_ms,
+        });
+        Ok(())
     }
 
-    fn apply_accepted(&mut self, sid: &str, seq: u64, at: i64, env: &Envelope, emit: bool) -> KResult<Broadcasts> {
-        if !self.sessions.contains_key(sid) {
+    fn apply_accepted(
+        &mut self,
+        sid: &str,
+        seq: u64,
+        at: i64,
+        env: &Envelope,
+        emit: bool,
+        out: &mut Broadcasts,
+    ) -> KResult<SessionState> {
+        let Some(s) = self.sessions.get_mut(sid) else {
             return Err(self.missing(sid));
-        }
-        let s = self
-            .sessions
-            .get_mut(sid)
-            .ok_or_else(|| KernelError::new(ErrorCode::SessionNotFound, format!("session {sid} does not exist")))?;
+        };
         if seq != s.seq + 1 {
             return Err(corrupt(format!("session {sid}: record seq {seq} does not follow {}", s.seq)));
         }
@@ -249,13 +272,12 @@ impl State {
         } else {
             s.touch(&env.sender, &env.message_id, at);
         }
-        let mut out = Vec::new();
         if emit {
             out.push(Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) });
         }
         if !resolved {
             self.timers.reindex(s);
-            return Ok(out);
+            return Ok(SessionState::Open);
         }
         s.state = SessionState::Resolved;
         s.rare_mut().resolution = Some(env.payload.as_slice().into());
@@ -271,10 +293,10 @@ impl State {
                 observed_at_unix_ms: at,
             });
         }
-        Ok(out)
+        Ok(SessionState::Resolved)
     }
 
-    fn apply_expired(&mut self, sid: &str, at: i64, emit: bool) -> KResult<Broadcasts> {
+    fn apply_expired(&mut self, sid: &str, at: i64, emit: bool, out: &mut Broadcasts) -> KResult<()> {
         let s = self.sessions.get_mut(sid).ok_or_else(|| corrupt("expiry for a missing session"))?;
         let due = match s.state {
             SessionState::Open => at > s.deadline_ms,
@@ -291,15 +313,15 @@ impl State {
         let initiator = s.initiator.clone();
         let metadata = emit.then(|| s.metadata());
         self.release_live(&initiator);
-        Ok(metadata
-            .map(|m| Broadcast::Lifecycle {
+        if let Some(m) = metadata {
+            out.push(Broadcast::Lifecycle {
                 event: EventType::Expired,
                 session: Box::new(m),
                 previous,
                 observed_at_unix_ms: at,
-            })
-            .into_iter()
-            .collect())
+            });
+        }
+        Ok(())
     }
 
     fn apply_control(
@@ -309,7 +331,8 @@ impl State {
         env: &Envelope,
         to: SessionState,
         emit: bool,
-    ) -> KResult<Broadcasts> {
+        out: &mut Broadcasts,
+    ) -> KResult<()> {
         let s = self
             .sessions
             .get_mut(env.session_id.as_str())
@@ -353,14 +376,13 @@ impl State {
         if to == SessionState::Cancelled {
             self.release_live(&initiator);
         }
-        let Some(metadata) = metadata else { return Ok(Vec::new()) };
-        Ok(vec![
-            Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) },
-            Broadcast::Lifecycle { event, session: Box::new(metadata), previous, observed_at_unix_ms: at },
-        ])
+        let Some(metadata) = metadata else { return Ok(()) };
+        out.push(Broadcast::SessionEnvelope { seq, envelope: Arc::new(env.clone()) });
+        out.push(Broadcast::Lifecycle { event, session: Box::new(metadata), previous, observed_at_unix_ms: at });
+        Ok(())
     }
 
-    fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact) -> KResult<Broadcasts> {
+    fn apply_registry(&mut self, seq: u64, at: i64, fact: &Fact, out: &mut Broadcasts) -> KResult<()> {
         if seq != self.registry_seq + 1 {
             return Err(corrupt(format!("registry record seq {seq} does not follow {}", self.registry_seq)));
         }
@@ -399,6 +421,7 @@ impl State {
             _ => return Err(corrupt("session fact on a registry record")),
         };
         self.registry_seq = seq;
-        Ok(vec![b])
+        out.push(b);
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! not depend on what the cache happens to hold.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, OnceLock};
 
 use macp_wire::storage::SessionSummary;
 use macp_wire::v1::SessionState;
@@ -52,20 +53,53 @@ impl EndedSessions for NoEnded {
 /// A recently ended session.
 #[derive(Debug)]
 pub struct Ended {
-    /// What every answer about it is computed from.
-    pub summary: SessionSummary,
+    /// What every answer about it is computed from ([`Ended::summary`]):
+    /// set when it was read back from storage, else worked out from
+    /// `session` on first use (most ended sessions are never asked about,
+    /// and the driver already got its own copy with `Effect::Ended`).
+    summary: OnceLock<SessionSummary>,
+    /// When it ended.
+    ended_at_unix_ms: i64,
     /// The whole session as it ended, while it lingers (debugging and
     /// conformance checks read its mode state); `None` when the summary was
     /// read back from storage.
     pub session: Option<Box<Session>>,
 }
 
+impl Ended {
+    /// A session that just ended at `at`, as the kernel held it.
+    pub fn of_session(session: Box<Session>, at: i64) -> Self {
+        Ended { summary: OnceLock::new(), ended_at_unix_ms: at, session: Some(session) }
+    }
+
+    /// An ended session known only by its summary (read from storage).
+    pub fn of_summary(summary: SessionSummary) -> Self {
+        Ended { ended_at_unix_ms: summary.ended_at_unix_ms, summary: OnceLock::from(summary), session: None }
+    }
+
+    /// What every answer about it is computed from: the summary storage
+    /// keeps (the same [`summarize`] gave the driver when it ended).
+    pub fn summary(&self) -> &SessionSummary {
+        self.summary.get_or_init(|| match &self.session {
+            Some(s) => summarize(s, self.ended_at_unix_ms),
+            None => SessionSummary::default(),
+        })
+    }
+
+    /// When it ended.
+    pub fn ended_at_unix_ms(&self) -> i64 {
+        self.ended_at_unix_ms
+    }
+}
+
 /// The bounded cache of recently ended sessions. See the module docs.
 #[derive(Debug, Default)]
 pub struct EndedCache {
-    entries: BTreeMap<String, Ended>,
+    /// Keyed by the session's own id, shared with `order`. Boxed: an entry is
+    /// a few hundred bytes, and a B-tree insertion shifts a node's values.
+    entries: BTreeMap<Arc<str>, Box<Ended>>,
     /// Insertion order, oldest first.
-    order: VecDeque<String>,
+    order: VecDeque<Arc<str>>,
     /// Entries at the back of `order` that ended since the last settle.
     unsettled: usize,
 }
@@ -73,13 +107,13 @@ pub struct EndedCache {
 impl EndedCache {
     /// An ended session, if cached.
     pub fn get(&self, id: &str) -> Option<&Ended> {
-        self.entries.get(id)
+        self.entries.get(id).map(|e| &**e)
     }
 
     /// Adds a session that just ended; it stays until the next settle at
     /// least.
-    pub fn insert_ended(&mut self, id: String, ended: Ended) {
-        if self.entries.insert(id.clone(), ended).is_none() {
+    pub fn insert_ended(&mut self, id: Arc<str>, ended: Ended) {
+        if self.entries.insert(id.clone(), Box::new(ended)).is_none() {
             self.order.push_back(id);
             self.unsettled += 1;
         }
@@ -88,11 +122,11 @@ impl EndedCache {
     /// Remembers a summary read back from storage, until the next settle
     /// at least (the input that asked for it is still using it).
     pub fn insert_loaded(&mut self, summary: SessionSummary) {
-        let id = summary_session_id(&summary).to_string();
+        let id: Arc<str> = summary_session_id(&summary).into();
         if self.entries.contains_key(&id) {
             return;
         }
-        self.entries.insert(id.clone(), Ended { summary, session: None });
+        self.entries.insert(id.clone(), Box::new(Ended::of_summary(summary)));
         // Loaded entries go in front of the unsettled ones, which must
         // outlive the next settle.
         let at = self.order.len() - self.unsettled;
@@ -120,7 +154,7 @@ impl EndedCache {
         let entries = &mut self.entries;
         let (mut index, mut unsettled) = (0, 0);
         self.order.retain(|id| {
-            let keep = entries.get(id).is_some_and(|e| e.summary.ended_at_unix_ms >= cutoff_ms);
+            let keep = entries.get(id).is_some_and(|e| e.ended_at_unix_ms() >= cutoff_ms);
             if !keep {
                 entries.remove(id);
             } else if index >= first_unsettled {
@@ -135,7 +169,7 @@ impl EndedCache {
     /// Drops a session from the cache (quarantine).
     pub fn forget(&mut self, id: &str) {
         if self.entries.remove(id).is_some() {
-            if let Some(i) = self.order.iter().position(|x| x == id) {
+            if let Some(i) = self.order.iter().position(|x| **x == *id) {
                 if i >= self.order.len() - self.unsettled {
                     self.unsettled -= 1;
                 }
@@ -216,7 +250,7 @@ mod tests {
     }
 
     fn ended(id: &str, at: i64) -> Ended {
-        Ended { summary: summary(id, at), session: None }
+        Ended::of_summary(summary(id, at))
     }
 
     #[test]

@@ -41,8 +41,6 @@ pub(crate) type Broadcasts = Vec<Broadcast>;
 /// What applying one record did.
 #[derive(Debug)]
 pub(crate) struct Applied {
-    /// What observers should hear (empty when not asked for).
-    pub broadcasts: Broadcasts,
     /// The session's state afterwards (`Open` for registry records).
     pub state: SessionState,
     /// The session's summary, when this record ended it: it has left the
@@ -75,6 +73,8 @@ pub(crate) struct State {
     ended: EndedCache,
     /// How many settled entries `ended` keeps.
     ended_keep: usize,
+    /// Empty between inputs; see [`State::take_broadcast_buffer`].
+    broadcast_buffer: Broadcasts,
 }
 
 impl State {
@@ -83,6 +83,7 @@ impl State {
         State {
             ended: EndedCache::default(),
             ended_keep,
+            broadcast_buffer: Vec::new(),
             runtime_id: runtime_id.into(),
             sessions: BTreeMap::new(),
             modes: ModeRegistry::with_builtins(),
@@ -213,13 +214,13 @@ impl State {
                 None => return Ok(None),
             }
         }
-        Ok(self.ended.get(id).map(|e| &e.summary))
+        Ok(self.ended.get(id).map(Ended::summary))
     }
 
     /// The summary of an ended session without remembering it (queries).
     pub fn peek_ended(&self, id: &str, storage: &dyn EndedSessions) -> KResult<Option<SessionSummary>> {
         match self.ended.get(id) {
-            Some(e) => Ok(Some(e.summary.clone())),
+            Some(e) => Ok(Some(e.summary().clone())),
             None => storage.get(id),
         }
     }
@@ -245,7 +246,7 @@ impl State {
         };
         self.timers.remove(&session);
         let summary = summarize(&session, at);
-        self.ended.insert_ended(sid.to_string(), Ended { summary: summary.clone(), session: Some(session) });
+        self.ended.insert_ended(session.id.clone(), Ended::of_session(session, at));
         summary
     }
 
@@ -259,7 +260,20 @@ impl State {
     }
 
     /// Applies one record; see [`State::apply_with`].
-    pub fn apply(&mut self, record: &Record, emit: bool) -> KResult<Applied> {
-        self.apply_with(record, emit, None)
+    pub fn apply(&mut self, record: &Record, broadcasts: Option<&mut Broadcasts>) -> KResult<Applied> {
+        self.apply_with(record, broadcasts, None)
+    }
+
+    /// The broadcast buffer kept between inputs (empty), so that admitting
+    /// an envelope allocates none; give it back with
+    /// [`State::return_broadcast_buffer`].
+    pub fn take_broadcast_buffer(&mut self) -> Broadcasts {
+        std::mem::take(&mut self.broadcast_buffer)
+    }
+
+    /// Keeps `buffer` (emptied) for the next input.
+    pub fn return_broadcast_buffer(&mut self, mut buffer: Broadcasts) {
+        buffer.clear();
+        self.broadcast_buffer = buffer;
     }
 }

@@ -55,9 +55,10 @@ pub enum VoteResult {
 }
 
 /// Ballots aggregated across every proposal (the Commitment names none, so
-/// a vote on any proposal counts — as in the reference runtime).
+/// a vote on any proposal counts — as in the reference runtime). Voters
+/// are borrowed from the state: evaluating copies no names.
 #[derive(Debug, Default)]
-struct Tally {
+struct Tally<'a> {
     /// Decisive APPROVE ballots.
     approve: u64,
     /// Decisive REJECT ballots.
@@ -65,18 +66,18 @@ struct Tally {
     approve_weight: f64,
     reject_weight: f64,
     /// Everyone who cast any ballot (the quorum's participation count).
-    voters: BTreeSet<String>,
+    voters: BTreeSet<&'a str>,
     /// Senders of decisive APPROVE / REJECT ballots.
-    approvers: BTreeSet<String>,
-    rejecters: BTreeSet<String>,
+    approvers: BTreeSet<&'a str>,
+    rejecters: BTreeSet<&'a str>,
 }
 
-impl Tally {
-    fn of(state: &DecisionState, rules: &DecisionRules) -> Self {
+impl<'a> Tally<'a> {
+    fn of(state: &'a DecisionState, rules: &DecisionRules) -> Self {
         let mut t = Tally::default();
         for by in state.votes.values() {
             for (who, v) in by {
-                t.voters.insert(who.clone());
+                t.voters.insert(who);
                 let weight = if rules.algorithm == Algorithm::Weighted {
                     rules.weights.get(who).copied().filter(|w| w.is_finite() && *w > 0.0).unwrap_or(0.0)
                 } else {
@@ -89,12 +90,12 @@ impl Tally {
                     Ballot::Approve => {
                         t.approve += 1;
                         t.approve_weight += weight;
-                        t.approvers.insert(who.clone());
+                        t.approvers.insert(who);
                     }
                     Ballot::Reject => {
                         t.reject += 1;
                         t.reject_weight += weight;
-                        t.rejecters.insert(who.clone());
+                        t.rejecters.insert(who);
                     }
                     Ballot::Abstain => {}
                 }
@@ -121,7 +122,9 @@ impl Tally {
                 // thirds, as this runtime always evaluated it.
                 None => 3 * self.approve >= 2 * self.decisive(),
             },
-            Algorithm::Unanimous => self.reject == 0 && participants.iter().all(|p| self.approvers.contains(p)),
+            Algorithm::Unanimous => {
+                self.reject == 0 && participants.iter().all(|p| self.approvers.contains(p.as_str()))
+            }
             Algorithm::Weighted => {
                 let total = self.approve_weight + self.reject_weight;
                 total > 0.0 && self.approve_weight / total >= rules.threshold.unwrap_or(0.5)
@@ -171,7 +174,8 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
             ),
         )];
     }
-    let rules = match DecisionRules::from_stored(&policy.rules) {
+    let rules = DecisionRules::of_policy(policy);
+    let rules = match &*rules {
         Ok(r) => r,
         Err(e) => {
             return vec![Denial::new(
@@ -229,7 +233,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
     }
 
     // 3. Voting quorum.
-    let tally = Tally::of(state, &rules);
+    let tally = Tally::of(state, rules);
     if rules.require_vote_quorum {
         let voters = tally.voters.len();
         let n = participants.len();
@@ -254,7 +258,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                     )
                 }
             };
-            let missing = participants.iter().filter(|p| !tally.voters.contains(*p)).cloned();
+            let missing = participants.iter().filter(|p| !tally.voters.contains(p.as_str())).cloned();
             denials.push(Denial::new(DenialCode::QuorumNotMet, message).with_participants(missing));
         }
     }
@@ -263,15 +267,15 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
     if rules.algorithm == Algorithm::None {
         return denials; // face value
     }
-    let result = tally.result(&rules, participants);
-    let how = tally.describe(&rules);
+    let result = tally.result(rules, participants);
+    let how = tally.describe(rules);
     if positive {
         match result {
             VoteResult::Passed => {}
             VoteResult::Failed => {
-                let mut concerned: BTreeSet<String> = tally.rejecters.clone();
+                let mut concerned: BTreeSet<&str> = tally.rejecters.clone();
                 if rules.algorithm == Algorithm::Unanimous {
-                    concerned.extend(participants.iter().filter(|p| !tally.approvers.contains(*p)).cloned());
+                    concerned.extend(participants.iter().map(String::as_str).filter(|p| !tally.approvers.contains(p)));
                 }
                 denials.push(
                     Denial::new(
@@ -286,7 +290,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 format!(
                     "no decisive vote has been cast ({}); under schema_version {} an empty tally authorizes \
                      no commitment",
-                    voting_phrase(&rules),
+                    voting_phrase(rules),
                     policy.schema_version()
                 ),
             )),
@@ -294,7 +298,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 DenialCode::NoVotes,
                 format!(
                     "no decisive vote has been cast ({}) and commitment.require_vote_quorum is set",
-                    voting_phrase(&rules)
+                    voting_phrase(rules)
                 ),
             )),
             VoteResult::NoVotes => {}
@@ -306,7 +310,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                 format!(
                     "no decisive vote has been cast ({}); a vote-authorized negative commitment needs at least \
                      one decisive REJECT",
-                    voting_phrase(&rules)
+                    voting_phrase(rules)
                 ),
             )),
             VoteResult::Passed | VoteResult::Failed => {
@@ -319,7 +323,7 @@ pub fn evaluate(policy: &BoundPolicy, participants: &[String], state: &DecisionS
                                  commitment.allow_decline_over_approval"
                             ),
                         )
-                        .with_participants(tally.approvers.iter().cloned()),
+                        .with_participants(tally.approvers.iter().copied()),
                     );
                 }
                 if tally.reject == 0 {

@@ -81,12 +81,12 @@ impl Mode for DecisionMode {
         // this mode cannot evaluate: refuse the session up front rather than
         // failing every Commitment later. Only evaluability is checked here,
         // never today's admission floors (RFC-MACP-0012 §8 item 4).
-        DecisionRules::from_stored(&session.policy.rules).map_err(|e| {
-            KernelError::new(
+        if let Err(e) = &*DecisionRules::of_policy(session.policy) {
+            return Err(KernelError::new(
                 ErrorCode::InvalidPolicyDefinition,
                 format!("policy '{}' has invalid decision rules: {e}", session.policy.id()),
-            )
-        })?;
+            ));
+        }
         Ok(Box::new(DecisionState::default()))
     }
 

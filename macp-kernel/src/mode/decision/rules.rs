@@ -14,12 +14,13 @@
 //! other modes a `*` policy written before closed objects might carry).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::policy::rules::{check_closed, check_commitment_authority, Level, Shape, SHARED_COMMITMENT};
-use crate::policy::{parse_authority, InvalidRules};
+use crate::policy::{parse_authority, BoundPolicy, InvalidRules};
 
 /// `voting.algorithm`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +194,12 @@ fn typed(rules: &Value) -> Result<RawRules, String> {
 }
 
 impl DecisionRules {
+    /// [`DecisionRules::from_stored`] of a bound policy, read once per
+    /// policy and shared by every session bound to it.
+    pub(super) fn of_policy(policy: &BoundPolicy) -> Arc<Result<Self, String>> {
+        policy.derived(|p| Arc::new(Self::from_stored(&p.rules)))
+    }
+
     /// Reads the rules of a stored descriptor: types and enumerations, with
     /// defaults. Never applies admission floors.
     pub(super) fn from_stored(rules: &Value) -> Result<Self, String> {
