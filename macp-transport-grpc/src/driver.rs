@@ -208,6 +208,9 @@ pub struct Driver {
     /// Batch sizes, sync latency, accepted envelopes, session lifecycle
     /// and storage figures, when metrics are on.
     metrics: Option<Arc<Metrics>>,
+    /// Waits for storage off the runtime's workers (see
+    /// [`Driver::waiting_off_the_workers`]).
+    off_workers: bool,
 }
 
 impl Driver {
@@ -236,8 +239,22 @@ impl Driver {
             maintenance_backlog: false,
             last_maintenance: Instant::now(),
             metrics: None,
+            off_workers: false,
         };
         Ok((driver, tx, report))
+    }
+
+    /// Makes the driver wait for storage (commits, checkpoints, upkeep,
+    /// reads of ended sessions) off the runtime's workers: for the many
+    /// drivers of a cluster node's shards, which would otherwise park a
+    /// worker each while they wait and so commit at most a core's count at
+    /// a time (see `off_the_workers`). A single driver leaves it off: its
+    /// wait parks one worker and costs nothing else, where handing the
+    /// worker off at every commit would start threads (each with
+    /// allocator caches of its own) for no gain.
+    pub fn waiting_off_the_workers(mut self) -> Self {
+        self.off_workers = true;
+        self
     }
 
     /// Updates `metrics` from now on (and the hub's subscriber counts),
@@ -372,7 +389,7 @@ impl Driver {
         }));
         if !ids.is_empty() {
             let pipeline = &mut self.pipeline;
-            off_the_workers(self.storage.sync_waits(), || pipeline.fetch_ended(&ids));
+            off_the_workers(self.off_workers && self.storage.sync_waits(), || pipeline.fetch_ended(&ids));
         }
         let mut checkpoint = false;
         let mut stop = false;
@@ -414,7 +431,7 @@ impl Driver {
         self.commit()?;
         if checkpoint || self.pipeline.checkpoint_due(now_ms()) {
             let (pipeline, storage) = (&mut self.pipeline, &mut *self.storage);
-            if let Err(e) = off_the_workers(storage.sync_waits(), || pipeline.checkpoint(storage)) {
+            if let Err(e) = off_the_workers(self.off_workers && storage.sync_waits(), || pipeline.checkpoint(storage)) {
                 if matches!(e, StorageError::Fenced { .. }) {
                     return Err(DriverError::Fenced(e));
                 }
@@ -434,7 +451,7 @@ impl Driver {
             return Ok(());
         }
         let commit = self.pipeline.commit();
-        let waits = self.storage.sync_waits();
+        let waits = self.off_workers && self.storage.sync_waits();
         let storage = &mut *self.storage;
         let persisted = match &self.metrics {
             None => off_the_workers(waits, || commit.persist(storage)),
@@ -566,7 +583,7 @@ impl Driver {
     fn maintain(&mut self) {
         self.last_maintenance = Instant::now();
         let (pipeline, storage) = (&mut self.pipeline, &mut *self.storage);
-        match off_the_workers(storage.sync_waits(), || pipeline.maintain(storage, now_ms())) {
+        match off_the_workers(self.off_workers && storage.sync_waits(), || pipeline.maintain(storage, now_ms())) {
             Ok(m) => {
                 if let Some(metrics) = &self.metrics {
                     metrics.maintenance(&m);

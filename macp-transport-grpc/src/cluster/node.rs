@@ -281,7 +281,7 @@ impl Node {
         } else {
             warn!("shard {shard}: loaded in {:.2?} WITH DAMAGE: {report}", started.elapsed());
         }
-        let task = tokio::spawn(driver.run());
+        let task = tokio::spawn(driver.waiting_off_the_workers().run());
         let valid_until = self.membership.held().get(&shard).map_or_else(Instant::now, |l| l.valid_until);
         self.table.serve(shard, tx.clone(), valid_until);
         self.running.insert(shard, Running { tx: tx.clone(), task });
