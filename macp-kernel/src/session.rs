@@ -132,24 +132,73 @@ impl FromIterator<String> for SeenIds {
     }
 }
 
-/// A session.
+/// What a SessionStart binds its session to besides the policy: the
+/// canonical mode id and the mode and configuration versions.
 ///
-/// Kept compact, because the kernel holds one per open session and 100,000
-/// of them must fit in the server's 100 MB (issue 15): the id is one shared
-/// allocation (the session map and the timer index hold the same `Arc`), so
-/// is the initiator (its activity entry and the per-initiator quota key
-/// share it), short texts (mode, versions) are stored inline up to 24
-/// bytes, and lists that never grow are boxed slices with no spare capacity.
-#[derive(Debug)]
-pub struct Session {
-    /// Session id, shared with the session map's key and the timer index.
-    pub id: Arc<str>,
+/// Shared (`Arc`) between sessions bound to the same three: a fleet opens
+/// many sessions with the same binding, and three inline strings in every
+/// session were 72 of its bytes (issue 15). The kernel's [`BindingCache`]
+/// hands out the shared copies.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Binding {
     /// Canonical mode id (aliases resolved).
     pub mode: CompactString,
     /// Bound mode version.
     pub mode_version: CompactString,
     /// Bound configuration version.
     pub configuration_version: CompactString,
+}
+
+/// Shared [`Binding`]s for new and restored sessions.
+///
+/// Bounded: configuration versions are free text from the SessionStart,
+/// so the cache forgets everything once it holds [`BindingCache::CAP`]
+/// bindings instead of growing with whatever clients send (sessions keep
+/// their own `Arc`s; only later sharing is lost). Sharing is invisible to
+/// the kernel's behaviour: a binding never changes after the start.
+#[derive(Debug, Default)]
+pub struct BindingCache {
+    shared: std::collections::HashSet<Arc<Binding>>,
+}
+
+impl BindingCache {
+    /// Bindings kept for sharing before the cache starts over.
+    pub const CAP: usize = 256;
+
+    /// The shared copy of a binding (a new one if none is cached).
+    pub fn get(&mut self, mode: &str, mode_version: &str, configuration_version: &str) -> Arc<Binding> {
+        let wanted = Binding {
+            mode: mode.into(),
+            mode_version: mode_version.into(),
+            configuration_version: configuration_version.into(),
+        };
+        if let Some(b) = self.shared.get(&wanted) {
+            return b.clone();
+        }
+        if self.shared.len() >= Self::CAP {
+            self.shared.clear();
+        }
+        let b = Arc::new(wanted);
+        self.shared.insert(b.clone());
+        b
+    }
+}
+
+/// A session.
+///
+/// Kept compact, because the kernel holds one per open session and 100,000
+/// of them must fit in the server's 100 MB (issue 15): the id is one shared
+/// allocation (the session map and the timer index hold the same `Arc`), so
+/// is the initiator (its activity entry and the per-initiator quota key
+/// share it), mode and versions are one [`Binding`] shared across
+/// sessions, and lists that never grow are boxed slices with no spare capacity.
+#[derive(Debug)]
+pub struct Session {
+    /// Session id, shared with the session map's key and the timer index.
+    pub id: Arc<str>,
+    /// Mode, mode version and configuration version, shared with every
+    /// session bound to the same three ([`Binding`]).
+    pub binding: Arc<Binding>,
     /// The frozen policy, shared with the registry entry it was bound from.
     pub policy: Arc<BoundPolicy>,
     /// Sender of the SessionStart, shared with its activity entry and the
@@ -274,11 +323,11 @@ impl Session {
     pub fn view(&self) -> SessionView<'_> {
         SessionView {
             session_id: &self.id,
-            mode: &self.mode,
+            mode: &self.binding.mode,
             initiator: &self.initiator,
             participants: &self.participants,
-            mode_version: &self.mode_version,
-            configuration_version: &self.configuration_version,
+            mode_version: &self.binding.mode_version,
+            configuration_version: &self.binding.configuration_version,
             policy: &self.policy,
         }
     }
@@ -326,12 +375,12 @@ impl Session {
     pub fn metadata(&self) -> SessionMetadata {
         SessionMetadata {
             session_id: String::from(&*self.id),
-            mode: self.mode.as_str().to_owned(),
+            mode: self.binding.mode.as_str().to_owned(),
             state: self.state as i32,
             started_at_unix_ms: self.started_at_ms,
             expires_at_unix_ms: self.deadline_ms,
-            mode_version: self.mode_version.as_str().to_owned(),
-            configuration_version: self.configuration_version.as_str().to_owned(),
+            mode_version: self.binding.mode_version.as_str().to_owned(),
+            configuration_version: self.binding.configuration_version.as_str().to_owned(),
             policy_version: self.policy.id().to_string(),
             participants: self.participants.to_vec(),
             participant_activity: self
@@ -426,5 +475,34 @@ mod tests {
             prop_assert_eq!(seen.iter().collect::<Vec<_>>(), model.iter().map(String::as_str).collect::<Vec<_>>());
             prop_assert_eq!(matches!(seen, SeenIds::Large(_)), model.len() > SeenIds::SMALL);
         }
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    /// Sessions bound alike share one `Binding`; a different configuration
+    /// version gets its own; the cache stays within its cap whatever
+    /// clients send, and what it hands out is always the binding asked for.
+    #[test]
+    fn bindings_are_shared_and_the_cache_is_bounded() {
+        let mut cache = BindingCache::default();
+        let a = cache.get("macp.mode.decision.v1", "1.0.0", "cfg-1");
+        let b = cache.get("macp.mode.decision.v1", "1.0.0", "cfg-1");
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = cache.get("macp.mode.decision.v1", "1.0.0", "cfg-2");
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(&*c.configuration_version, "cfg-2");
+        for i in 0..3 * BindingCache::CAP {
+            let v = format!("cfg-{i}");
+            let got = cache.get("macp.mode.task.v1", "1.0.0", &v);
+            assert_eq!(
+                (&*got.mode, &*got.mode_version, &*got.configuration_version),
+                ("macp.mode.task.v1", "1.0.0", &*v)
+            );
+            assert!(cache.shared.len() <= BindingCache::CAP);
+        }
+        assert_eq!(&*a.configuration_version, "cfg-1");
     }
 }

@@ -197,7 +197,7 @@ fn any_rules_object_is_accepted() {
 fn seed_alias_runs_the_same_mode() {
     let mut h = H::new();
     let sid = h.start_mode(SEED_ALIAS, "I", &["I", "A", "B"], "");
-    assert_eq!(h.k.session(&sid).unwrap().mode, MR);
+    assert_eq!(h.k.session(&sid).unwrap().binding.mode, MR);
     ok(&h.send_mode("A", &sid, SEED_ALIAS, "Contribute", json_value("x")));
     ok(&h.send_mode("B", &sid, MR, "Contribute", json_value("x")));
     ok(&h.commit_mode("I", &sid, SEED_ALIAS, "multi_round.converged", true));

@@ -74,7 +74,7 @@ pub(super) fn admit(
     let seq = s.seq + 1;
     let env = Envelope {
         macp_version: PROTOCOL_VERSION.to_string(),
-        mode: s.mode.to_string(),
+        mode: s.binding.mode.to_string(),
         message_type: message_type.to_string(),
         message_id: format!("{}:{message_type}:{seq}", config.runtime_id),
         session_id: sid.to_string(),

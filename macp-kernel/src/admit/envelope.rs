@@ -219,7 +219,7 @@ fn admit_session_message(config: &KernelConfig, tx: &mut Tx<'_>, now: i64, env: 
     if s.seen.contains(&env.message_id) {
         return Ok(Accepted { state: s.state, duplicate: true });
     }
-    check_bound_mode(tx, &env, &s.mode)?;
+    check_bound_mode(tx, &env, &s.binding.mode)?;
     check_not_runtime_only(&env)?;
     // One lookup serves the common case; expiry and due mode timers (rare)
     // look the session up again after they changed it.

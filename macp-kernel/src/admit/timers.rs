@@ -55,7 +55,7 @@ pub(super) fn fire_mode_timers(config: &KernelConfig, tx: &mut Tx<'_>, now: i64,
         }
         let env = Envelope {
             macp_version: PROTOCOL_VERSION.to_string(),
-            mode: s.mode.to_string(),
+            mode: s.binding.mode.to_string(),
             message_type: m.message_type,
             message_id: m.message_id,
             session_id: sid.to_string(),

@@ -159,11 +159,9 @@ impl State {
         let id: Arc<str> = env.session_id.as_str().into();
         let mut session = Session {
             id: id.clone(),
-            mode: st.canonical_mode.as_str().into(),
-            mode_version: p.mode_version.into(),
-            configuration_version: p.configuration_version.into(),
+            binding: self.bindings.get(&st.canonical_mode, &p.mode_version, &p.configuration_version),
             policy,
-            initiator: env.sender.as_str().into(),
+            initiator: self.shared_initiator(&env.sender),
             participants: p.participants.into_boxed_slice(),
             rare: Rare::of_start(p.context_id, p.extensions.into_keys().collect()),
             started_at_ms: record.at_unix_ms,
@@ -222,20 +220,17 @@ impl State {
             return Err(corrupt(format!("session {}: message {} accepted twice", s.id, env.message_id)));
         }
         let runtime_emitted = env.sender == *self.runtime_id;
-        let Session {
-            id,
-            mode,
+        let Session { id, binding, initiator, participants, policy, mode_state, initiator_only_commitment, .. } =
+            &mut **s;
+        let view = SessionView {
+            session_id: id,
+            mode: &binding.mode,
             initiator,
             participants,
-            mode_version,
-            configuration_version,
+            mode_version: &binding.mode_version,
+            configuration_version: &binding.configuration_version,
             policy,
-            mode_state,
-            initiator_only_commitment,
-            ..
-        } = &mut **s;
-        let view =
-            SessionView { session_id: id, mode, initiator, participants, mode_version, configuration_version, policy };
+        };
         let msg = Message {
             session: view,
             sender: &env.sender,
@@ -257,7 +252,12 @@ impl State {
                     env.sender, id
                 )));
             }
-            let c = validate::commitment_fields(&env.payload, mode_version, configuration_version, policy.id())?;
+            let c = validate::commitment_fields(
+                &env.payload,
+                &binding.mode_version,
+                &binding.configuration_version,
+                policy.id(),
+            )?;
             mode_state.commit(&msg, &c)?;
             true
         } else {

@@ -33,7 +33,7 @@ use crate::error::KResult;
 use crate::io::Broadcast;
 use crate::mode::ModeRegistry;
 use crate::policy::PolicyRegistry;
-use crate::session::Session;
+use crate::session::{BindingCache, Session};
 
 /// What applying one record asks observers to hear.
 pub(crate) type Broadcasts = Vec<Broadcast>;
@@ -75,6 +75,9 @@ pub(crate) struct State {
     ended_keep: usize,
     /// Empty between inputs; see [`State::take_broadcast_buffer`].
     broadcast_buffer: Broadcasts,
+    /// Shared mode bindings for new and restored sessions (not part of the
+    /// state proper: sharing changes no answer).
+    bindings: BindingCache,
 }
 
 impl State {
@@ -84,6 +87,7 @@ impl State {
             ended: EndedCache::default(),
             ended_keep,
             broadcast_buffer: Vec::new(),
+            bindings: BindingCache::default(),
             runtime_id: runtime_id.into(),
             sessions: BTreeMap::new(),
             modes: ModeRegistry::with_builtins(),
@@ -100,6 +104,16 @@ impl State {
     /// session's mode may be an extension the live registry holds.
     pub fn for_replay(runtime_id: &str, modes: ModeRegistry) -> Self {
         State { modes, ..State::new(runtime_id, 1) }
+    }
+
+    /// An initiator's name for a new session: the `Arc` its other live
+    /// sessions already share when it has any (an agent of a fleet opens
+    /// many sessions), a new one otherwise.
+    fn shared_initiator(&self, who: &str) -> Arc<str> {
+        match self.live_by_initiator.get_key_value(who) {
+            Some((name, _)) => name.clone(),
+            None => who.into(),
+        }
     }
 
     // ----- reads -----------------------------------------------------------

@@ -214,11 +214,9 @@ impl State {
             let id: Arc<str> = s.id.into();
             let session = Session {
                 id: id.clone(),
-                mode: s.mode.into(),
-                mode_version: s.mode_version.into(),
-                configuration_version: s.configuration_version.into(),
+                binding: k.bindings.get(&s.mode, &s.mode_version, &s.configuration_version),
                 policy,
-                initiator: s.initiator.into(),
+                initiator: k.shared_initiator(&s.initiator),
                 participants: s.participants.into_boxed_slice(),
                 rare: None,
                 started_at_ms: s.started_at_ms,
@@ -261,9 +259,9 @@ impl State {
 fn session_snap(s: &Session) -> SessionSnapRef<'_> {
     SessionSnapRef {
         id: &s.id,
-        mode: &s.mode,
-        mode_version: &s.mode_version,
-        configuration_version: &s.configuration_version,
+        mode: &s.binding.mode,
+        mode_version: &s.binding.mode_version,
+        configuration_version: &s.binding.configuration_version,
         policy: s.policy.descriptor.encode_to_vec(),
         initiator: &s.initiator,
         participants: &s.participants,
