@@ -55,10 +55,12 @@ pub enum RegistryEvent {
 /// The broadcast fan-out.
 pub struct Hub {
     sessions: BTreeMap<String, Vec<Subscriber>>,
-    /// Session lifecycle events (WatchSessions).
-    pub lifecycle: broadcast::Sender<SessionLifecycleEvent>,
-    /// Ambient signals and progress (WatchSignals).
-    pub signals: broadcast::Sender<WatchSignalsResponse>,
+    /// Session lifecycle events (WatchSessions). Events are shared
+    /// (`Arc`): the channel keeps a ring of 4,096 slots, which holding the
+    /// events inline made about a megabyte each, whoever watched.
+    pub lifecycle: broadcast::Sender<Arc<SessionLifecycleEvent>>,
+    /// Ambient signals and progress (WatchSignals), shared likewise.
+    pub signals: broadcast::Sender<Arc<WatchSignalsResponse>>,
     /// Registry changes (WatchPolicies, WatchModeRegistry).
     pub registry: broadcast::Sender<RegistryEvent>,
     /// Subscriber counts, when metrics are on.
@@ -169,16 +171,21 @@ impl Hub {
                         m.subscribers_finished(subs.len());
                     }
                 }
-                let _ = self.lifecycle.send(SessionLifecycleEvent {
-                    event_type: event as i32,
-                    session: Some(*session),
-                    observed_at_unix_ms,
-                });
+                if self.lifecycle.receiver_count() > 0 {
+                    let _ = self.lifecycle.send(Arc::new(SessionLifecycleEvent {
+                        event_type: event as i32,
+                        session: Some(*session),
+                        observed_at_unix_ms,
+                    }));
+                }
             }
             Broadcast::Signal { envelope } => {
-                let _ = self
-                    .signals
-                    .send(WatchSignalsResponse { envelope: Some((*envelope).clone()), sender_authenticated: true });
+                if self.signals.receiver_count() > 0 {
+                    let _ = self.signals.send(Arc::new(WatchSignalsResponse {
+                        envelope: Some((*envelope).clone()),
+                        sender_authenticated: true,
+                    }));
+                }
             }
             Broadcast::PoliciesChanged => {
                 let _ = self.registry.send(RegistryEvent::Policies);

@@ -49,9 +49,9 @@ type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[derive(Clone)]
 pub struct Watch {
     /// Session lifecycle events.
-    pub lifecycle: broadcast::Sender<SessionLifecycleEvent>,
+    pub lifecycle: broadcast::Sender<Arc<SessionLifecycleEvent>>,
     /// Signals and progress.
-    pub signals: broadcast::Sender<WatchSignalsResponse>,
+    pub signals: broadcast::Sender<Arc<WatchSignalsResponse>>,
     /// Registry changes.
     pub registry: broadcast::Sender<RegistryEvent>,
 }

@@ -2,6 +2,7 @@
 //! ListSessions and WatchSessions.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use macp_kernel::{
     may_read_metadata, Answer, ControlOp, ErrorCode, Identity, Input, Kernel, KernelError, Query, Reply,
@@ -88,10 +89,12 @@ async fn admit(
     if bind.is_none() && macp_kernel::is_ambient(&envelope.message_type) {
         return match Kernel::admit_ambient(&rt.kernel_config, &identity, envelope) {
             Ok(envelope) => {
-                let _ = rt
-                    .watch
-                    .signals
-                    .send(WatchSignalsResponse { envelope: Some(envelope), sender_authenticated: true });
+                if rt.watch.signals.receiver_count() > 0 {
+                    let _ = rt
+                        .watch
+                        .signals
+                        .send(Arc::new(WatchSignalsResponse { envelope: Some(envelope), sender_authenticated: true }));
+                }
                 answer(Ok(macp_kernel::Accepted { state: SessionState::Open, duplicate: false }))
             }
             Err(e) => answer(Err(e)),
@@ -334,7 +337,8 @@ pub(super) async fn watch_sessions(
             let m = ev.session.as_ref()?;
             let dup =
                 ev.event_type == session_lifecycle_event::EventType::Created as i32 && synced.contains(&m.session_id);
-            (may_read_metadata(&reader, m) && !dup).then_some(Ok(WatchSessionsResponse { event: Some(ev) }))
+            (may_read_metadata(&reader, m) && !dup)
+                .then(|| Ok(WatchSessionsResponse { event: Some(Arc::unwrap_or_clone(ev)) }))
         }
         Err(_) => Some(Err(lagged("session watcher fell behind; reconnect to resync"))),
     });

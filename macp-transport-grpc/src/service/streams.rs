@@ -1,6 +1,8 @@
 //! Streaming RPCs: StreamSession (envelope frames and passive subscribe)
 //! and WatchSignals.
 
+use std::sync::Arc;
+
 use macp_kernel::{ErrorCode, KernelError};
 use macp_wire::v1::*;
 use tokio::sync::{mpsc, oneshot};
@@ -264,10 +266,10 @@ pub(super) async fn watch_signals(
     let fan = rt.router.fan(Runtime::forwarded(&req));
     let rx = rt.watch.signals.subscribe();
     // tonic ends the stream after yielding an error status.
-    let local: RpcStream<WatchSignalsResponse> = Box::pin(
-        tokio_stream::wrappers::BroadcastStream::new(rx)
-            .map(|e| e.map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect"))),
-    );
+    let local: RpcStream<WatchSignalsResponse> = Box::pin(tokio_stream::wrappers::BroadcastStream::new(rx).map(|e| {
+        e.map(Arc::unwrap_or_clone)
+            .map_err(|_| lagged("signal watcher fell behind; signals have no backlog, reconnect"))
+    }));
     let call = |mut c: crate::cluster::forward::PeerClient, req| async move { c.watch_signals(req).await };
     Ok(Response::new(super::fan::watch(fan, local, identity, WatchSignalsRequest {}, call, |_| true)))
 }
