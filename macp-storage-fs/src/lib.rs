@@ -68,6 +68,42 @@
 //! client's payload. A segment is closed once the next frame would pass
 //! [`FsConfig::segment_bytes`].
 //!
+//! ## Preallocated segments
+//!
+//! A new segment's file is given its full size up front
+//! ([`FsConfig::segment_bytes`], with `fallocate` mode 0 through
+//! [`VfsFile::allocate`]: the blocks are allocated and read as zeros), and
+//! so is the active segment again when a restart continues in it. Appends
+//! then write inside the file instead of growing it, so a group commit's
+//! `fdatasync` no longer has to commit a size change as well: on this
+//! project's ext4 machine a 300-byte append plus `fdatasync` took 155–190
+//! µs into a growing file and 126–130 µs into a preallocated one.
+//!
+//! On disk, the **active** (last) segment of a directory in use is
+//! therefore `segment_bytes` long: header, frames, then zeros. The log's
+//! logical end is the end of the last valid frame, never the file size;
+//! every reader goes by the frames (load, [`FsStorage::scan_log`], reads
+//! by location). Zeros after the last frame of the last segment are its
+//! reserved space, not damage and not a torn tail; non-zero bytes there
+//! (a write a crash cut, possibly followed by zeros) are a torn tail as
+//! before, reported with the length up to the last non-zero byte. When the
+//! segment is **sealed** (the next one starts), its file is cut back to its
+//! last frame before the sync that seals it, so sealed segments are byte
+//! for byte what they were without preallocation. A restart cuts the last
+//! segment at its logical end (torn bytes and zeros alike) and reserves it
+//! again when appends continue there; read-only tools see the same
+//! directory, and their cuts stay in memory.
+//!
+//! Writes into reserved space are overwrites of allocated blocks, which a
+//! power cut may keep or lose one by one, in any order; appends growing a
+//! file survive as a prefix. So that a crash can still only tear the end of
+//! the log, never leave zeros *between* frames, at most one write lands in
+//! the active segment between two syncs: a batch larger than
+//! [`FsConfig::write_buffer_bytes`] syncs each buffer-full before writing
+//! the next. Where `fallocate` is not supported (`EOPNOTSUPP`, or another
+//! platform than Linux) segments grow as they are written, as before; a
+//! failed reservation never fails a write.
+//!
 //! ## What is in memory, and what a restart reads
 //!
 //! Memory follows open sessions, never sessions ever: the open map (session
@@ -142,6 +178,8 @@
 //! - A damaged tail of the **last** segment (bytes after which no valid
 //!   frame follows) is a crash mid-write: truncated and reported as
 //!   [`macp_storage::TornTail`]. It was never synced, so no reply covered it.
+//!   Zeros alone after the last frame are the segment's preallocated space:
+//!   cut the same way, reported as nothing.
 //! - Any other damage in the tail — a bad frame followed by valid ones, a
 //!   missing segment, a log shorter than the checkpoint — is reported as
 //!   [`macp_storage::Damage`] with segment and offset (recovery quarantines

@@ -146,6 +146,13 @@ impl VfsFile for ReadOnlyFile {
         st.len = len;
         Ok(())
     }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        // Zeros past the old length: nothing of the real file shows there
+        // (base_len never exceeds len) and pages are zero past it.
+        let mut st = self.0.state();
+        st.len = st.len.max(len);
+        Ok(())
+    }
     fn sync_data(&self) -> io::Result<()> {
         Ok(())
     }
@@ -271,7 +278,10 @@ pub struct SegmentFile {
     pub number: u64,
     /// Its file name inside `wal/`.
     pub name: String,
-    /// Its size in bytes.
+    /// Its file's size in bytes: for the last segment of a directory in
+    /// use, the size preallocated for it ([`FsConfig::segment_bytes`]), not
+    /// the log's logical end (see the crate docs); sealed segments end
+    /// with their last frame.
     pub bytes: u64,
 }
 
@@ -306,18 +316,21 @@ pub enum LogItem {
     /// segment).
     Damage(Damage),
     /// A crash cut the last segment mid-write here (not damage: never
-    /// acknowledged; recovery truncates it).
+    /// acknowledged; recovery truncates it). Zeros alone after the last
+    /// frame are not one: they are the active segment's preallocated space.
     TornTail {
         /// Where the torn bytes start.
         pos: LogPos,
-        /// How many bytes are torn.
+        /// How many bytes are torn (up to the last non-zero one; the
+        /// reservation's zeros after it are not counted).
         bytes: u64,
     },
     /// A segment was read to its end.
     SegmentEnd {
         /// The segment.
         segment: u64,
-        /// Its size in bytes.
+        /// Its file's size in bytes (for the active segment of a directory
+        /// in use, the preallocated size, past the log's logical end).
         bytes: u64,
     },
 }
@@ -433,11 +446,11 @@ impl<V: Vfs> FsStorage<V> {
                     }),
                     Found::Damage(d) => LogItem::Damage(d),
                     Found::End(end) => {
-                        if let Some(torn) = end.torn {
-                            let item = LogItem::TornTail {
-                                pos: LogPos::new(end.segment, torn),
-                                bytes: end.file_len.saturating_sub(torn),
-                            };
+                        // Zeros alone after the last frame are the active
+                        // segment's preallocated space, not a torn write.
+                        if let Some(torn) = end.torn.filter(|&t| end.data_end > t) {
+                            let item =
+                                LogItem::TornTail { pos: LogPos::new(end.segment, torn), bytes: end.data_end - torn };
                             if visit(item).is_break() {
                                 stopped = true;
                                 return false;

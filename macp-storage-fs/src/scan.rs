@@ -43,10 +43,24 @@ pub(crate) enum Found {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SegmentEnd {
     pub segment: u64,
+    /// The log's logical end in this segment: just past its last valid
+    /// frame (or its header). Never the file size: the active segment is
+    /// preallocated, so zeros follow its last frame.
     pub valid_end: u64,
-    /// Where a torn tail starts (last segment only).
+    /// Last segment only: everything from here on is to be cut — a write a
+    /// crash tore, or the zeros of the segment's reservation, or both.
     pub torn: Option<u64>,
+    /// Just past the last non-zero byte from `torn` on (`torn` itself when
+    /// only zeros follow it): the bytes past `torn` that are a torn write
+    /// rather than the reservation's zeros end here. `file_len` when not
+    /// torn.
+    pub data_end: u64,
     pub file_len: u64,
+}
+
+/// Just past the last non-zero byte of `bytes` (0 when all are zero).
+fn nonzero_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
 }
 
 /// A batch of findings over one segment's bytes.
@@ -132,7 +146,13 @@ pub(crate) fn read_segments<V: Vfs>(plan: ReadPlan<'_, V>, tx: SyncSender<Result
                 kind: DamageKind::ShortOfCheckpoint,
                 session_hint: None,
             }));
-            found.push(Found::End(SegmentEnd { segment: n, valid_end: file_len, torn: None, file_len }));
+            found.push(Found::End(SegmentEnd {
+                segment: n,
+                valid_end: file_len,
+                torn: None,
+                data_end: file_len,
+                file_len,
+            }));
             if tx.send(Ok(Chunk { bytes: Arc::new(Vec::new()), found })).is_err() {
                 return;
             }
@@ -174,7 +194,9 @@ pub(crate) fn scan_segment(
         } else {
             match frame::find_next_header(bytes, 0, n, 0, max) {
                 None if is_last => {
-                    return sink(Found::End(SegmentEnd { segment: n, valid_end: 0, torn: Some(0), file_len }))
+                    let data_end = nonzero_end(bytes) as u64;
+                    let end = SegmentEnd { segment: n, valid_end: 0, torn: Some(0), data_end, file_len };
+                    return sink(Found::End(end));
                 }
                 next => {
                     let to = next.unwrap_or(bytes.len());
@@ -221,9 +243,20 @@ pub(crate) fn scan_segment(
                 valid_end = base + next as u64;
             }
             Err((kind, header)) => {
+                // The last segment's logical end: only zeros after the last
+                // frame (the segment's preallocated space, see the crate
+                // docs), or a write a crash tore (possibly followed by such
+                // zeros) after which no valid frame follows.
+                let data = if is_last { nonzero_end(&bytes[at..]) } else { 0 };
+                if is_last && data == 0 {
+                    let end = SegmentEnd { segment: n, valid_end, torn: Some(off), data_end: off, file_len };
+                    return sink(Found::End(end));
+                }
                 let next = frame::find_next_header(bytes, at + 1, n, base, max);
                 if next.is_none() && is_last {
-                    return sink(Found::End(SegmentEnd { segment: n, valid_end, torn: Some(off), file_len }));
+                    let data_end = off + data as u64;
+                    let end = SegmentEnd { segment: n, valid_end, torn: Some(off), data_end, file_len };
+                    return sink(Found::End(end));
                 }
                 let to = next.unwrap_or(bytes.len());
                 let (kind, hint) = match (kind, header) {
@@ -247,7 +280,7 @@ pub(crate) fn scan_segment(
             }
         }
     }
-    sink(Found::End(SegmentEnd { segment: n, valid_end, torn: None, file_len }))
+    sink(Found::End(SegmentEnd { segment: n, valid_end, torn: None, data_end: file_len, file_len }))
 }
 
 #[cfg(test)]

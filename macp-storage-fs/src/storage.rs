@@ -282,6 +282,14 @@ pub struct FsStorage<V: Vfs = RealFs> {
     active_file: Option<Arc<V::File>>,
     /// Bytes of the active segment already handed to the file.
     written: u64,
+    /// The active segment's file may extend past the log's end: its space
+    /// was reserved with `allocate` (or an attempt failed midway). Sealing
+    /// cuts it back to the log's end.
+    reserved: bool,
+    /// `allocate` is not supported by the file system: never tried again.
+    no_allocate: bool,
+    /// A write went to the active segment since its last sync.
+    unsynced_write: bool,
     /// Encoded frames after `written`.
     buf: Vec<u8>,
     /// Position after the last appended frame.
@@ -523,6 +531,9 @@ impl<V: Vfs> FsStorage<V> {
             active: 0,
             active_file: None,
             written: 0,
+            reserved: false,
+            no_allocate: false,
+            unsynced_write: false,
             buf: Vec::new(),
             end: LogPos::default(),
             durable: LogPos::default(),
@@ -611,9 +622,21 @@ impl<V: Vfs> FsStorage<V> {
     }
 
     /// Hands buffered frames to the file (no sync).
+    ///
+    /// Into reserved space at most one write lands between two syncs: a
+    /// write there is an overwrite of allocated blocks, which a power cut
+    /// can keep or lose independently of the writes around it, so a second
+    /// one could survive without the first and leave zeros *between*
+    /// frames, which recovery could not tell from damage. A batch bigger
+    /// than [`FsConfig::write_buffer_bytes`] therefore syncs once per
+    /// buffer-full; a single write is torn at most at its end, as an
+    /// append is.
     fn flush(&mut self) -> Result<(), StorageError> {
         if self.buf.is_empty() {
             return Ok(());
+        }
+        if self.reserved && self.unsynced_write {
+            self.sync_active()?;
         }
         let r = self.active_file().and_then(|f| {
             f.write_all_at(&self.buf, self.written)
@@ -623,6 +646,7 @@ impl<V: Vfs> FsStorage<V> {
             Ok(()) => {
                 self.written += self.buf.len() as u64;
                 self.buf.clear();
+                self.unsynced_write = true;
                 Ok(())
             }
             Err(e) => self.poisoned(e),
@@ -645,18 +669,59 @@ impl<V: Vfs> FsStorage<V> {
             f.sync_data().map_err(|e| StorageError::io("fdatasync", self.shared.segment_path(self.active), e))
         });
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.unsynced_write = false;
+                Ok(())
+            }
             Err(e) => self.poisoned(e),
         }
+    }
+
+    /// Reserves the active segment's full size ([`FsConfig::segment_bytes`])
+    /// so appends no longer grow the file, and a group commit's fdatasync
+    /// does not also commit a size change (see the crate docs). Best
+    /// effort: a file system without `fallocate` goes without from then
+    /// on, and no space left for the whole reservation leaves the appends
+    /// to grow the file as before (they may still fit). Any other failure
+    /// is an I/O error like a write's: fail-stop.
+    fn reserve_active(&mut self) -> Result<(), StorageError> {
+        if self.no_allocate {
+            return Ok(());
+        }
+        let Some(f) = self.active_file.as_deref() else { return Ok(()) };
+        match f.allocate(self.cfg.segment_bytes) {
+            Ok(()) => self.reserved = true,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => self.no_allocate = true,
+            // It may have reserved part of the space before failing.
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => self.reserved = true,
+            Err(e) => {
+                self.reserved = true;
+                let e = StorageError::io("fallocate", self.shared.segment_path(self.active), e);
+                return self.poisoned(e);
+            }
+        }
+        Ok(())
     }
 
     /// Starts segment `n` (header buffered). The previous segment is made
     /// durable first, and its directory entry too, so a crash can never
     /// leave a later segment without every byte of the earlier ones: only
-    /// the last segment can ever have a torn tail.
+    /// the last segment can ever have a torn tail. Sealing cuts the
+    /// previous segment's reservation back to its last frame within the
+    /// same sync, so a sealed segment ends with its last frame, byte for
+    /// byte what it was before segments were preallocated.
     fn start_segment(&mut self, n: u64) -> Result<(), StorageError> {
         if self.active != 0 {
             self.flush()?;
+            if self.reserved {
+                let end = self.end.offset;
+                let r = self.active_file().and_then(|f| {
+                    f.set_len(end).map_err(|e| StorageError::io("truncate", self.shared.segment_path(self.active), e))
+                });
+                if let Err(e) = r {
+                    return self.poisoned(e);
+                }
+            }
             self.sync_active()?;
             self.segments.insert(self.active, Some(self.end.offset));
         }
@@ -671,6 +736,9 @@ impl<V: Vfs> FsStorage<V> {
         self.dir_dirty = true;
         self.active = n;
         self.written = 0;
+        self.reserved = false;
+        self.unsynced_write = false;
+        self.reserve_active()?;
         self.buf.clear();
         self.buf.extend_from_slice(&frame::segment_header(n));
         self.end = LogPos::new(n, SEGMENT_HEADER_LEN);
@@ -1119,14 +1187,20 @@ impl<V: Vfs> Storage for FsStorage<V> {
         for end in &ends {
             let path = self.shared.segment_path(end.segment);
             let mut size = end.file_len;
+            // The last segment is cut at its logical end: a torn write, and
+            // the zeros of its reservation (reserved again below when
+            // appends continue in it). Only non-zero bytes are a torn tail:
+            // zeros alone are the reservation, or writes that never landed.
             if let Some(cut) = end.torn {
-                let dropped = end.file_len - cut;
-                if dropped > 0 {
+                if end.file_len > cut {
                     let file = self.shared.vfs.open(&path, false).map_err(|e| StorageError::io("open", &path, e))?;
                     file.set_len(cut).map_err(|e| StorageError::io("truncate", &path, e))?;
                     file.sync_data().map_err(|e| StorageError::io("fdatasync", &path, e))?;
-                    summary.torn_tail = Some(TornTail { segment: end.segment, offset: cut, dropped_bytes: dropped });
                     size = cut;
+                }
+                if end.data_end > cut {
+                    let dropped = end.data_end - cut;
+                    summary.torn_tail = Some(TornTail { segment: end.segment, offset: cut, dropped_bytes: dropped });
                 }
             }
             self.segments.insert(end.segment, Some(size));
@@ -1161,6 +1235,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
                 self.active = n;
                 self.written = tail_end.offset;
                 self.end = tail_end;
+                self.reserve_active()?;
             }
             Some(n)
                 if tail_end.segment == n
@@ -1173,6 +1248,7 @@ impl<V: Vfs> Storage for FsStorage<V> {
                 self.active_file = Some(Arc::new(file));
                 self.active = n;
                 self.written = 0;
+                self.reserve_active()?;
                 self.buf.extend_from_slice(&frame::segment_header(n));
                 self.end = LogPos::new(n, SEGMENT_HEADER_LEN);
                 fresh_header = true;

@@ -5,7 +5,9 @@
 //! fail any chosen operation, and can produce the image a power cut would
 //! leave: a file's growth since its last sync survives as a random prefix
 //! (none, all, or torn anywhere), each in-place overwrite since then lands
-//! or not (or torn at a 512-byte sector boundary), and unsynced renames,
+//! or not (or torn at a 512-byte sector boundary) — writes into space
+//! reserved with [`VfsFile::allocate`] are such overwrites, each on its
+//! own, whatever their order — and unsynced renames,
 //! creations and removals are either kept or lost. The crash tests — and a
 //! simulator that wants disk faults — run the real storage code on it, the
 //! write-ahead log and the embedded index database alike (the index reaches
@@ -31,6 +33,17 @@ pub trait VfsFile: Send + Sync + 'static {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Truncates or extends to `len`.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves the file's blocks up to `len` bytes (`fallocate` mode 0):
+    /// afterwards the file is at least `len` bytes long, the bytes past its
+    /// old size read as zeros, and writes below `len` no longer grow it. A
+    /// longer file is left as it is. Like a size change by `set_len`, the
+    /// new size is durable once a later `sync_data`/`sync_all` returns.
+    /// [`io::ErrorKind::Unsupported`] when the file system cannot do it;
+    /// callers then simply go without (the default).
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let _ = len;
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// `fdatasync`: the data (and the size) durable, not other metadata.
     fn sync_data(&self) -> io::Result<()>;
     /// `fsync`.
@@ -80,6 +93,16 @@ impl VfsFile for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    #[cfg(target_os = "linux")]
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        use rustix::io::Errno;
+        match rustix::fs::fallocate(self, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
+            // Not this file system (EOPNOTSUPP), or not this kernel.
+            Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS => Err(io::ErrorKind::Unsupported.into()),
+            Err(e) => Err(e.into()),
+        }
     }
     fn sync_data(&self) -> io::Result<()> {
         File::sync_data(self)
@@ -144,8 +167,12 @@ struct Inode {
     durable: Vec<u8>,
     /// `(offset, len)` of every write since the last sync, in order.
     dirty: Vec<(usize, usize)>,
-    /// The length last set with `set_len` since the last sync, if any.
+    /// The length last set with `set_len` (or reached by `allocate`) since
+    /// the last sync, if any.
     resized: Option<usize>,
+    /// That length came from `allocate`: writes into the space it added
+    /// are overwrites of reserved blocks, not growth (see `crashed_bytes`).
+    allocated: bool,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +188,9 @@ struct SimState {
     bytes_read: u64,
     fail_at: Option<u64>,
     failed: bool,
+    /// `allocate` answers `Unsupported`, as on a file system without
+    /// `fallocate`.
+    no_allocate: bool,
 }
 
 /// An in-memory file system that tracks durability and injects faults.
@@ -266,6 +296,13 @@ impl SimFs {
         self.lock().bytes_read
     }
 
+    /// Makes `allocate` unsupported (`false`), as on a file system without
+    /// `fallocate`, or supported again (the default). Crash images keep
+    /// the setting.
+    pub fn set_allocate_supported(&self, supported: bool) {
+        self.lock().no_allocate = !supported;
+    }
+
     /// Whether an injected fault has fired.
     pub fn has_failed(&self) -> bool {
         self.lock().failed
@@ -283,15 +320,17 @@ impl SimFs {
     ///
     /// Each file keeps its synced bytes plus a random prefix of its growth
     /// by writes since (none, all, or torn anywhere); a length set with
-    /// `set_len` since the last sync survives whole or not at all; each
-    /// overwrite since the last sync lands whole, not at all, or torn at a
-    /// sector boundary. Each
+    /// `set_len` or reached by `allocate` since the last sync survives whole
+    /// or not at all; each overwrite since the last sync — and so each
+    /// write into space `allocate` reserved, whatever the order they were
+    /// made in — lands whole, not at all, or torn at a sector boundary.
+    /// Each
     /// directory entry changed since its directory was last synced comes
     /// back old or new.
     pub fn crash_image(&self, seed: u64) -> SimFs {
         let st = self.lock();
         let mut rng = SplitMix::new(seed);
-        let mut out = SimState::default();
+        let mut out = SimState { no_allocate: st.no_allocate, ..SimState::default() };
         let mut paths: Vec<&PathBuf> = st.names.keys().chain(st.durable_names.keys()).collect();
         paths.sort();
         paths.dedup();
@@ -304,7 +343,13 @@ impl SimFs {
             let new_ino = *mapped.entry(ino).or_insert_with(|| {
                 let node = &st.inodes[ino];
                 let data = crashed_bytes(node, &mut rng);
-                out.inodes.push(Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None });
+                out.inodes.push(Inode {
+                    data: data.clone(),
+                    durable: data,
+                    dirty: Vec::new(),
+                    resized: None,
+                    allocated: false,
+                });
                 out.inodes.len() - 1
             });
             out.names.insert(path.clone(), new_ino);
@@ -323,7 +368,8 @@ impl SimFs {
     pub fn write_file_durable(&self, path: &Path, data: Vec<u8>) {
         let mut st = self.lock();
         if let Some(&i) = st.names.get(path) {
-            st.inodes[i] = Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None };
+            st.inodes[i] =
+                Inode { data: data.clone(), durable: data, dirty: Vec::new(), resized: None, allocated: false };
         }
     }
 
@@ -373,6 +419,9 @@ fn crashed_bytes(node: &Inode, rng: &mut SplitMix) -> Vec<u8> {
         None => (if rng.below(2) == 0 { dl } else { nl }, dl),
         Some(_) if rng.below(2) == 0 => (dl, dl),
         Some(l) if nl > l => (l + prefix(rng, nl - l), l.max(dl)),
+        // Reserved by allocate and kept: the reserved space reads as zeros
+        // but where writes landed, each write on its own (below).
+        Some(_) if node.allocated => (nl, nl.max(dl)),
         Some(_) => (nl, dl),
     };
     let grown_from = grown_from.min(len);
@@ -451,6 +500,25 @@ impl VfsFile for SimFile {
         let node = &mut st.inodes[self.ino];
         node.data.resize(len, 0);
         node.resized = Some(len);
+        node.allocated = false;
+        Ok(())
+    }
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.fs.lock().no_allocate {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
+        self.fs.op()?;
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut st = self.fs.lock();
+        let node = &mut st.inodes[self.ino];
+        // A size change, as set_len's: durable with the next sync, until
+        // then a power cut keeps it whole or not at all. Writes into the
+        // reserved space are overwrites from here on (see crash_image).
+        if len > node.data.len() {
+            node.data.resize(len, 0);
+            node.resized = Some(len);
+            node.allocated = true;
+        }
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -461,6 +529,7 @@ impl VfsFile for SimFile {
         node.durable = node.data.clone();
         node.dirty.clear();
         node.resized = None;
+        node.allocated = false;
         Ok(())
     }
     fn sync_all(&self) -> io::Result<()> {
