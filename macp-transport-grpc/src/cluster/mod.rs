@@ -269,11 +269,14 @@ impl ShardTable {
 
     /// Reads the cluster's registries again if another node changed them
     /// (after a request was refused for a policy or mode this node may not
-    /// have synced yet): true when they had changed, and every driver here
-    /// now holds them.
+    /// have synced yet): true when every driver here now holds the table's
+    /// current registries, so one retry of the refused request is worth
+    /// making. True also when this call found nothing new: the twice-a-
+    /// second poll may have been syncing the change while the request was
+    /// refused, and the refresh waited for it to finish.
     pub async fn refresh_registries(&self) -> bool {
         match self.registries.refresh(&self.sync_targets()).await {
-            Ok(changed) => changed,
+            Ok(_) => true,
             Err(e) => {
                 tracing::warn!("cluster registry refresh failed: {e}");
                 false
