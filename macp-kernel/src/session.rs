@@ -139,7 +139,7 @@ impl FromIterator<String> for SeenIds {
 /// many sessions with the same binding, and three inline strings in every
 /// session were 72 of its bytes (issue 15). The kernel's [`BindingCache`]
 /// hands out the shared copies.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Binding {
     /// Canonical mode id (aliases resolved).
     pub mode: CompactString,
@@ -155,10 +155,11 @@ pub struct Binding {
 /// so the cache forgets everything once it holds [`BindingCache::CAP`]
 /// bindings instead of growing with whatever clients send (sessions keep
 /// their own `Arc`s; only later sharing is lost). Sharing is invisible to
-/// the kernel's behaviour: a binding never changes after the start.
+/// the kernel's behaviour: a binding never changes after the start. A
+/// B-tree, not a hash set: the kernel takes no random hasher seed.
 #[derive(Debug, Default)]
 pub struct BindingCache {
-    shared: std::collections::HashSet<Arc<Binding>>,
+    shared: BTreeSet<Arc<Binding>>,
 }
 
 impl BindingCache {

@@ -333,7 +333,7 @@ impl Driver {
     }
 
     /// [`Driver::run`] on a thread of its own, under a current-thread
-    /// runtime; the handle ends with it. For the single-node runtime's one
+    /// runtime; the returned future ends with it (and panics if it did). For the single-node runtime's one
     /// driver (issue 15), two reasons:
     ///
     /// * Memory: every allocation the kernel and the store keep (sessions,
@@ -341,27 +341,29 @@ impl Driver {
     ///   densely. Run as a task, the driver moved between the runtime's
     ///   workers, and each worker's heap kept pages part-filled with long-
     ///   lived objects between the requests' short-lived buffers: 100,000
-    ///   open sessions held 13 MiB more (111 against 97 MiB of RSS, file-
-    ///   backed).
+    ///   open sessions, file-backed, held 108 MiB of RSS as a task and
+    ///   104 MiB on this thread (97 MiB with a single worker).
     /// * Waiting: a commit's fdatasync parks this thread, not one of the
     ///   workers that serve the network.
     ///
     /// A cluster node's shard drivers stay tasks (one per shard; they wait
     /// through `block_in_place`). Fails only if the thread or its runtime
     /// cannot be created.
-    pub fn spawn_on_own_thread(self) -> std::io::Result<tokio::task::JoinHandle<Result<(), DriverError>>> {
+    pub fn spawn_on_own_thread(
+        self,
+    ) -> std::io::Result<impl std::future::Future<Output = Result<(), DriverError>> + Send + 'static> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new().name("macp-driver".into()).spawn(move || {
             let _ = done_tx.send(runtime.block_on(self.run()));
         })?;
-        Ok(tokio::spawn(async move {
+        Ok(async move {
             match done_rx.await {
                 Ok(r) => r,
                 // The thread ended without an answer: `run` panicked.
                 Err(_) => std::panic::resume_unwind(Box::new("the driver thread panicked")),
             }
-        }))
+        })
     }
 
     /// Runs until every command sender is dropped or a shutdown is

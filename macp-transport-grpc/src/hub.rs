@@ -79,6 +79,14 @@ impl Default for Hub {
     }
 }
 
+/// Sends an event built by `make` to a watch channel's receivers, and
+/// builds nothing when there are none (`send` would drop it).
+pub(crate) fn publish<T>(tx: &broadcast::Sender<Arc<T>>, make: impl FnOnce() -> T) {
+    if tx.receiver_count() > 0 {
+        let _ = tx.send(Arc::new(make()));
+    }
+}
+
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub").field("sessions", &self.sessions.len()).finish_non_exhaustive()
@@ -171,21 +179,17 @@ impl Hub {
                         m.subscribers_finished(subs.len());
                     }
                 }
-                if self.lifecycle.receiver_count() > 0 {
-                    let _ = self.lifecycle.send(Arc::new(SessionLifecycleEvent {
-                        event_type: event as i32,
-                        session: Some(*session),
-                        observed_at_unix_ms,
-                    }));
-                }
+                publish(&self.lifecycle, || SessionLifecycleEvent {
+                    event_type: event as i32,
+                    session: Some(*session),
+                    observed_at_unix_ms,
+                });
             }
             Broadcast::Signal { envelope } => {
-                if self.signals.receiver_count() > 0 {
-                    let _ = self.signals.send(Arc::new(WatchSignalsResponse {
-                        envelope: Some((*envelope).clone()),
-                        sender_authenticated: true,
-                    }));
-                }
+                publish(&self.signals, || WatchSignalsResponse {
+                    envelope: Some((*envelope).clone()),
+                    sender_authenticated: true,
+                });
             }
             Broadcast::PoliciesChanged => {
                 let _ = self.registry.send(RegistryEvent::Policies);

@@ -330,15 +330,10 @@ pub async fn serve_with(
     let hub = driver.hub();
     let watch =
         Watch { lifecycle: hub.lifecycle.clone(), signals: hub.signals.clone(), registry: hub.registry.clone() };
-    let driver_thread = driver
+    let driver_done = driver
         .spawn_on_own_thread()
         .map_err(|e| StartError::Storage(format!("cannot start the driver thread: {e}")))?;
-    let task = tokio::spawn(async move {
-        match driver_thread.await {
-            Ok(r) => r.map_err(|e| StartError::Storage(e.to_string())),
-            Err(e) => Err(StartError::Storage(format!("the driver failed: {e}"))),
-        }
-    });
+    let task = tokio::spawn(async move { driver_done.await.map_err(|e| StartError::Storage(e.to_string())) });
     let worker = Worker { router: Router::Single(tx.clone()), watch, task, stop: Some(tx), open };
     serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await
 }

@@ -89,12 +89,10 @@ async fn admit(
     if bind.is_none() && macp_kernel::is_ambient(&envelope.message_type) {
         return match Kernel::admit_ambient(&rt.kernel_config, &identity, envelope) {
             Ok(envelope) => {
-                if rt.watch.signals.receiver_count() > 0 {
-                    let _ = rt
-                        .watch
-                        .signals
-                        .send(Arc::new(WatchSignalsResponse { envelope: Some(envelope), sender_authenticated: true }));
-                }
+                crate::hub::publish(&rt.watch.signals, || WatchSignalsResponse {
+                    envelope: Some(envelope),
+                    sender_authenticated: true,
+                });
                 answer(Ok(macp_kernel::Accepted { state: SessionState::Open, duplicate: false }))
             }
             Err(e) => answer(Err(e)),
