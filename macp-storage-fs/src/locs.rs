@@ -13,11 +13,10 @@
 //! and compaction decides from these counts whether carrying the few open
 //! records out of an old segment is worth it.
 
+use hashbrown::HashMap;
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
 
-use hashbrown::{Equivalent, HashMap};
-
+use macp_storage::session_key::{KeyRef, SessionKey};
 use macp_storage::LogPos;
 
 use crate::frame::FRAME_HEADER_LEN;
@@ -54,128 +53,6 @@ pub(crate) struct SegUse {
     pub refs: u64,
     /// Their frame bytes.
     pub bytes: u64,
-}
-
-/// A session id as the open map keys it: a canonical UUID (lowercase,
-/// hyphenated: what the SDKs generate) as its 16 bytes, anything else as
-/// text. One entry per open session, so the 36-byte id's own allocation
-/// was a third of the map (issue 15: 100,000 open sessions in 100 MiB).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum SessionKey {
-    Uuid([u8; 16]),
-    Text(Box<str>),
-}
-
-/// A borrowed [`SessionKey`], for lookups that allocate nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KeyRef<'a> {
-    Uuid([u8; 16]),
-    Text(&'a str),
-}
-
-impl<'a> KeyRef<'a> {
-    fn of(id: &'a str) -> KeyRef<'a> {
-        match parse_canonical_uuid(id) {
-            Some(b) => KeyRef::Uuid(b),
-            None => KeyRef::Text(id),
-        }
-    }
-}
-
-impl Hash for KeyRef<'_> {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        match self {
-            KeyRef::Uuid(b) => {
-                0u8.hash(h);
-                b.hash(h);
-            }
-            KeyRef::Text(t) => {
-                1u8.hash(h);
-                t.hash(h);
-            }
-        }
-    }
-}
-
-impl SessionKey {
-    fn new(id: &str) -> SessionKey {
-        match KeyRef::of(id) {
-            KeyRef::Uuid(b) => SessionKey::Uuid(b),
-            KeyRef::Text(t) => SessionKey::Text(t.into()),
-        }
-    }
-
-    fn as_ref(&self) -> KeyRef<'_> {
-        match self {
-            SessionKey::Uuid(b) => KeyRef::Uuid(*b),
-            SessionKey::Text(t) => KeyRef::Text(t),
-        }
-    }
-
-    /// The id as the session has it.
-    fn text(&self) -> Box<str> {
-        match self {
-            SessionKey::Uuid(b) => format_canonical_uuid(b).into(),
-            SessionKey::Text(t) => t.clone(),
-        }
-    }
-}
-
-impl Hash for SessionKey {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.as_ref().hash(h)
-    }
-}
-
-impl Equivalent<SessionKey> for KeyRef<'_> {
-    fn equivalent(&self, key: &SessionKey) -> bool {
-        *self == key.as_ref()
-    }
-}
-
-/// The 16 bytes of `id` when it is a UUID written the canonical way
-/// (8-4-4-4-12 lowercase hex digits), so that writing the bytes back gives
-/// `id` exactly; `None` for anything else.
-fn parse_canonical_uuid(id: &str) -> Option<[u8; 16]> {
-    let s = id.as_bytes();
-    if s.len() != 36 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    let mut n = 0;
-    let mut i = 0;
-    while i < 36 {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if s[i] != b'-' {
-                return None;
-            }
-            i += 1;
-            continue;
-        }
-        let hex = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
-        out[n] = (hex(s[i])? << 4) | hex(s[i + 1])?;
-        n += 1;
-        i += 2;
-    }
-    Some(out)
-}
-
-/// The canonical text of a UUID's 16 bytes ([`parse_canonical_uuid`]'s inverse).
-fn format_canonical_uuid(b: &[u8; 16]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(36);
-    for (k, byte) in b.iter().enumerate() {
-        if matches!(k, 4 | 6 | 8 | 10) {
-            s.push('-');
-        }
-        s.push(HEX[usize::from(byte >> 4)] as char);
-        s.push(HEX[usize::from(byte & 0xf)] as char);
-    }
-    s
 }
 
 /// One open session's record locations: most open sessions have only
@@ -429,19 +306,15 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        /// Any 16 bytes written canonically read back as the same bytes,
-        /// and the map answers for such an id, for its uppercase spelling
+        /// The map answers for a canonical UUID id, for its uppercase spelling
         /// (a different id, kept as text) and for other text, each apart.
         #[test]
         fn uuid_keys_round_trip_and_stay_apart_from_text(b in any::<[u8; 16]>(), other in "[a-zA-Z0-9_-]{0,40}") {
-            let id = format_canonical_uuid(&b);
-            prop_assert_eq!(parse_canonical_uuid(&id), Some(b));
-            prop_assert_eq!(&*SessionKey::new(&id).text(), id.as_str());
+            let id = SessionKey::Uuid(b).to_string();
             let upper = id.to_uppercase();
             let mut m = OpenMap::default();
             m.push(&id, loc(1, 1, 16));
             if upper != id {
-                prop_assert_eq!(parse_canonical_uuid(&upper), None);
                 m.push(&upper, loc(1, 1, 64));
                 prop_assert_eq!(m.get(&upper).map(<[Loc]>::len), Some(1));
             }
@@ -458,20 +331,6 @@ mod tests {
             prop_assert_eq!(m.take(&id), Some(vec![loc(1, 1, 16)]));
             prop_assert_eq!(m.get(&id), None);
         }
-    }
-
-    #[test]
-    fn near_uuids_are_text() {
-        for id in [
-            "0123456789abcdef0123456789abcdef0123",
-            "01234567-89ab-cdef-0123-456789abcdeg",
-            "01234567-89ab-cdef-0123-456789abcde",
-            "01234567+89ab-cdef-0123-456789abcdef",
-            "01234567-89AB-cdef-0123-456789abcdef",
-        ] {
-            assert_eq!(parse_canonical_uuid(id), None, "{id}");
-        }
-        assert!(parse_canonical_uuid("01234567-89ab-cdef-0123-456789abcdef").is_some());
     }
 
     fn loc(seq: u64, segment: u64, offset: u64) -> Loc {

@@ -19,6 +19,7 @@ mod contract;
 mod error;
 mod memory;
 mod retention;
+pub mod session_key;
 #[cfg(any(test, feature = "suite"))]
 pub mod suite;
 

@@ -16,15 +16,19 @@
 //! checkpoint was taken after it ended, so the log after the checkpoint
 //! never names a deleted session.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap as StdHashMap};
 use std::sync::{Arc, RwLock};
 
+use hashbrown::HashMap;
+use macp_wire::storage::record::Fact;
 use macp_wire::storage::{Record, SessionSummary};
+use macp_wire::v1::PolicyDescriptor;
 use prost::Message as _;
 
 use crate::contract::{summary_id, LoadEvent, LoadSummary, LogPos, Maintenance, Storage, StorageRead};
 use crate::error::StorageError;
 use crate::retention::Retention;
+use crate::session_key::{KeyRef, SessionKey};
 
 /// Limits of the memory backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,18 +65,33 @@ const MAINTAIN_BATCH: usize = 4096;
 /// subscribe replay, WhatIf, a restart) and held for the whole retention,
 /// so its memory is what [`MemoryConfig::history_limit_bytes`] counts, not
 /// three or four times that in decoded structs.
+///
+/// Every open session has one, so it is kept small (issue 15: 100,000 open
+/// sessions in 100 MiB): the records are stored without what the session
+/// has once ([`strip`]: the session id, which is the map's key, in the
+/// record and in its envelope; the SessionStart's policy descriptor, shared
+/// through [`Inner::policies`]), and the end of a session is out of line.
+/// Together with the 16-byte [`SessionKey`] this took the memory-only
+/// server's store from about 640 to about 380 bytes per open session.
 #[derive(Debug, Default)]
 struct History {
-    /// The records, length-delimited, in order.
+    /// The records, stripped ([`strip`]) and length-delimited, in order.
     records: Vec<u8>,
-    /// Bytes charged to this session: encodings plus [`PER_SESSION_BYTES`].
-    bytes: u64,
-    /// The encoded summary, once the session ended.
-    summary: Option<Box<[u8]>>,
+    /// The policy the SessionStart froze, if it named one.
+    policy: Option<Arc<PolicyDescriptor>>,
+    /// Set when the session ended.
+    ended: Option<Box<Ended>>,
+}
+
+/// What an ended session has besides its records.
+#[derive(Debug)]
+struct Ended {
+    /// The encoded summary.
+    summary: Box<[u8]>,
     /// The summary's end time (retention and eviction order).
-    ended_at: i64,
+    at: i64,
     /// The checkpoint generation in which the session ended.
-    ended_in: u64,
+    generation: u64,
 }
 
 /// What a session costs besides its encodings (map entries, the id twice):
@@ -80,21 +99,80 @@ struct History {
 const PER_SESSION_BYTES: u64 = 160;
 
 impl History {
-    fn records(&self) -> impl Iterator<Item = Record> + '_ {
+    /// Bytes charged to this session besides its summary.
+    fn charged(&self) -> u64 {
+        self.records.len() as u64 + PER_SESSION_BYTES
+    }
+
+    /// The records of session `id`, as they were appended.
+    fn records<'a>(&'a self, id: &'a str) -> impl Iterator<Item = Record> + 'a {
         let mut buf = &self.records[..];
-        std::iter::from_fn(move || if buf.is_empty() { None } else { Record::decode_length_delimited(&mut buf).ok() })
+        std::iter::from_fn(move || {
+            if buf.is_empty() {
+                return None;
+            }
+            let mut r = Record::decode_length_delimited(&mut buf).ok()?;
+            restore(&mut r, id, self.policy.as_deref());
+            Some(r)
+        })
     }
 
     fn summary(&self) -> Option<SessionSummary> {
-        self.summary.as_deref().and_then(|b| SessionSummary::decode(b).ok())
+        self.ended.as_ref().and_then(|e| SessionSummary::decode(&e.summary[..]).ok())
+    }
+}
+
+/// The envelope a session record carries, if any.
+fn envelope_of(fact: &mut Option<Fact>) -> Option<&mut macp_wire::v1::Envelope> {
+    match fact {
+        Some(Fact::Started(s)) => s.envelope.as_mut(),
+        Some(Fact::Accepted(e) | Fact::Cancelled(e) | Fact::Suspended(e) | Fact::Resumed(e)) => Some(e),
+        _ => None,
+    }
+}
+
+/// Takes out of a session's record what the store keeps once per session:
+/// the session id (the map's key; the envelope's copy only when it is the
+/// same id, which the kernel guarantees for every session record) and a
+/// SessionStart's policy descriptor, returned to be shared. [`restore`]
+/// puts them back.
+fn strip(r: &mut Record) -> Option<PolicyDescriptor> {
+    let id = std::mem::take(&mut r.session_id);
+    let policy = match &mut r.fact {
+        Some(Fact::Started(s)) => s.policy.take(),
+        _ => None,
+    };
+    if let Some(e) = envelope_of(&mut r.fact) {
+        if e.session_id == id {
+            e.session_id.clear();
+        }
+    }
+    policy
+}
+
+/// Puts back what [`strip`] took out of a record of session `id`.
+fn restore(r: &mut Record, id: &str, policy: Option<&PolicyDescriptor>) {
+    r.session_id = id.to_owned();
+    if let (Some(Fact::Started(s)), Some(p)) = (&mut r.fact, policy) {
+        s.policy = Some(p.clone());
+    }
+    if let Some(e) = envelope_of(&mut r.fact) {
+        if e.session_id.is_empty() {
+            e.session_id = id.to_owned();
+        }
     }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    sessions: BTreeMap<String, History>,
+    sessions: HashMap<SessionKey, History>,
     /// Ended sessions by (end time, id): retention and eviction order.
-    by_end: BTreeSet<(i64, String)>,
+    by_end: BTreeSet<(i64, Box<str>)>,
+    /// Ended sessions by id: the order [`StorageRead::list_ended`] pages in.
+    ended_ids: BTreeSet<Box<str>>,
+    /// The policy descriptors sessions froze, one copy per distinct
+    /// descriptor, keyed by its encoding; dropped with its last session.
+    policies: StdHashMap<Box<[u8]>, Arc<PolicyDescriptor>>,
     /// Registry records after the checkpoint (session records after the
     /// checkpoint are found through `tail`).
     registry_tail: Vec<Record>,
@@ -111,10 +189,25 @@ struct Inner {
 }
 
 impl Inner {
+    /// The history of `id`, created (and charged) if it has none yet.
+    fn history_mut(&mut self, id: &str) -> &mut History {
+        if !self.sessions.contains_key(&KeyRef::of(id)) {
+            self.sessions.insert(SessionKey::new(id), History::default());
+            self.open_bytes += PER_SESSION_BYTES;
+        }
+        self.sessions.get_mut(&KeyRef::of(id)).expect("inserted above")
+    }
+
+    /// The shared copy of `policy`.
+    fn intern(&mut self, policy: PolicyDescriptor) -> Arc<PolicyDescriptor> {
+        let key = policy.encode_to_vec().into_boxed_slice();
+        self.policies.entry(key).or_insert_with(|| Arc::new(policy)).clone()
+    }
+
     /// Stores a synced record; `restartable` (the store's
     /// [`MemoryConfig::restartable`]) says whether the log index (`tail`,
     /// `registry_tail`) a later load replays is kept.
-    fn add_record(&mut self, r: Record, restartable: bool) {
+    fn add_record(&mut self, mut r: Record, restartable: bool) {
         if r.session_id.is_empty() {
             if restartable {
                 self.tail.push((String::new(), r.seq));
@@ -125,8 +218,12 @@ impl Inner {
         if restartable {
             self.tail.push((r.session_id.clone(), r.seq));
         }
-        let fresh = !self.sessions.contains_key(&r.session_id);
-        let h = self.sessions.entry(r.session_id.clone()).or_default();
+        let id = r.session_id.clone();
+        let policy = strip(&mut r).map(|p| self.intern(p));
+        let h = self.history_mut(&id);
+        if policy.is_some() {
+            h.policy = policy;
+        }
         let before = h.records.len();
         // prost grows the Vec piece by piece while it encodes, doubling it
         // to the next power of two: a session's first record (all an open
@@ -141,9 +238,8 @@ impl Inner {
         }
         // Encoding into a Vec cannot fail.
         let _ = r.encode_length_delimited(&mut h.records);
-        let bytes = (h.records.len() - before) as u64 + if fresh { PER_SESSION_BYTES } else { 0 };
-        h.bytes += bytes;
-        if h.summary.is_some() {
+        let bytes = (h.records.len() - before) as u64;
+        if h.ended.is_some() {
             self.ended_bytes += bytes;
         } else {
             self.open_bytes += bytes;
@@ -151,53 +247,66 @@ impl Inner {
     }
 
     fn add_summary(&mut self, s: SessionSummary) {
-        let id = summary_id(&s).to_string();
+        let id: Box<str> = summary_id(&s).into();
         let generation = self.generation;
-        let fresh = !self.sessions.contains_key(&id);
-        let h = self.sessions.entry(id.clone()).or_default();
-        if fresh {
-            h.bytes = PER_SESSION_BYTES;
-            self.open_bytes += PER_SESSION_BYTES;
-        }
         let encoded = s.encode_to_vec().into_boxed_slice();
         let sbytes = encoded.len() as u64;
-        let ended_at = s.ended_at_unix_ms;
-        match h.summary.replace(encoded) {
+        let at = s.ended_at_unix_ms;
+        let h = self.history_mut(&id);
+        let charged = h.charged();
+        let old = h.ended.replace(Box::new(Ended { summary: encoded, at, generation }));
+        match old {
             Some(old) => {
-                self.by_end.remove(&(h.ended_at, id.clone()));
-                self.ended_bytes = self.ended_bytes - old.len() as u64 + sbytes;
+                // A summary written again keeps the generation the session
+                // ended in.
+                if let Some(e) = h.ended.as_mut() {
+                    e.generation = old.generation;
+                }
+                self.by_end.remove(&(old.at, id.clone()));
+                self.ended_bytes = self.ended_bytes - old.summary.len() as u64 + sbytes;
             }
             None => {
                 // An ended session's records are final: drop the spare
                 // capacity the appends left.
                 h.records.shrink_to_fit();
-                self.open_bytes -= h.bytes;
-                self.ended_bytes += h.bytes + sbytes;
-                h.ended_in = generation;
+                self.open_bytes -= charged;
+                self.ended_bytes += charged + sbytes;
+                self.ended_ids.insert(id.clone());
             }
         }
-        h.ended_at = ended_at;
-        self.by_end.insert((ended_at, id));
+        self.by_end.insert((at, id));
     }
 
     fn delete(&mut self, id: &str) {
-        if let Some(h) = self.sessions.remove(id) {
-            if let Some(s) = &h.summary {
-                self.by_end.remove(&(h.ended_at, id.to_string()));
-                self.ended_bytes -= h.bytes + s.len() as u64;
-            } else {
-                self.open_bytes -= h.bytes;
+        let Some(h) = self.sessions.remove(&KeyRef::of(id)) else { return };
+        match &h.ended {
+            Some(e) => {
+                self.by_end.remove(&(e.at, id.into()));
+                self.ended_ids.remove(id);
+                self.ended_bytes -= h.charged() + e.summary.len() as u64;
+            }
+            None => self.open_bytes -= h.charged(),
+        }
+        if let Some(p) = h.policy {
+            // This session's copy and the table's: the table's is the last.
+            if Arc::strong_count(&p) == 2 {
+                self.policies.remove(&p.encode_to_vec()[..]);
             }
         }
     }
 
     /// The oldest ended session that may be deleted now (ended before the
     /// latest checkpoint), if `pred` accepts its end time.
-    fn oldest_deletable(&self, pred: impl Fn(i64) -> bool) -> Option<String> {
+    fn oldest_deletable(&self, pred: impl Fn(i64) -> bool) -> Option<Box<str>> {
         self.by_end
             .iter()
             .take_while(|(at, _)| pred(*at))
-            .find(|(_, id)| self.sessions.get(id).is_some_and(|h| h.ended_in < self.generation))
+            .find(|(_, id)| {
+                self.sessions
+                    .get(&KeyRef::of(id))
+                    .and_then(|h| h.ended.as_ref())
+                    .is_some_and(|e| e.generation < self.generation)
+            })
             .map(|(_, id)| id.clone())
     }
 }
@@ -292,7 +401,7 @@ impl Storage for MemoryStorage {
             let record = if sid.is_empty() {
                 registry.next().cloned()
             } else {
-                inner.sessions.get(sid).and_then(|h| h.records().find(|r| r.seq == *seq))
+                inner.sessions.get(&KeyRef::of(sid)).and_then(|h| h.records(sid).find(|r| r.seq == *seq))
             };
             let record = record.ok_or(StorageError::Damaged {
                 place: format!("record {i}"),
@@ -386,13 +495,13 @@ struct MemoryReader(Arc<RwLock<Inner>>);
 impl StorageRead for MemoryReader {
     fn history(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Record>, StorageError> {
         let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
-        let Some(h) = inner.sessions.get(session_id) else { return Ok(Vec::new()) };
-        Ok(h.records().filter(|r| r.seq > after && r.seq <= upto).collect())
+        let Some(h) = inner.sessions.get(&KeyRef::of(session_id)) else { return Ok(Vec::new()) };
+        Ok(h.records(session_id).filter(|r| r.seq > after && r.seq <= upto).collect())
     }
 
     fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
         let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
-        Ok(inner.sessions.get(session_id).and_then(History::summary))
+        Ok(inner.sessions.get(&KeyRef::of(session_id)).and_then(History::summary))
     }
 
     fn list_ended(&self, after: Option<&str>, limit: usize) -> Result<Vec<SessionSummary>, StorageError> {
@@ -403,9 +512,9 @@ impl StorageRead for MemoryReader {
             None => Bound::Unbounded,
         };
         Ok(inner
-            .sessions
+            .ended_ids
             .range::<str, _>((lower, Bound::Unbounded))
-            .filter_map(|(_, h)| h.summary())
+            .filter_map(|id| inner.sessions.get(&KeyRef::of(id)).and_then(History::summary))
             .take(limit)
             .collect())
     }
@@ -486,15 +595,80 @@ mod tests {
         s.sync().unwrap();
         {
             let inner = s.inner.read().unwrap();
-            let h = &inner.sessions[&suite::sid(1)];
+            let h = &inner.sessions[&KeyRef::of(&suite::sid(1))];
             assert_eq!(h.records.capacity(), h.records.len());
-            let len = record(1, 1).encoded_len();
+            let mut stripped = record(1, 1);
+            strip(&mut stripped);
+            let len = stripped.encoded_len();
             assert_eq!(h.records.len(), len + prost::length_delimiter_len(len), "one length-delimited record");
+            assert!(len + sid_len() <= record(1, 1).encoded_len(), "the session id is not stored with the record");
         }
         s.append(&[record(1, 2), record(1, 3)], &[]).unwrap();
         s.sync().unwrap();
         let got = s.reader().history(&suite::sid(1), 0, 9).unwrap();
         assert_eq!(got, vec![record(1, 1), record(1, 2), record(1, 3)]);
+    }
+
+    /// A SessionStart record, with its envelope and frozen policy.
+    fn started(n: u64, policy: &PolicyDescriptor) -> Record {
+        let mut r = record(n, 1);
+        let Some(Fact::Accepted(env)) = r.fact.take() else { unreachable!("suite records carry envelopes") };
+        r.fact = Some(Fact::Started(macp_wire::storage::SessionStarted {
+            envelope: Some(env),
+            policy: Some(policy.clone()),
+            max_suspend_ms: 5,
+            deadline_unix_ms: 7,
+            canonical_mode: "ext.suite.v1".into(),
+        }));
+        r
+    }
+
+    /// Records are stored without the session id and the policy, and read
+    /// back whole: sessions that froze the same policy share one copy,
+    /// which goes with the last of them; an envelope naming another
+    /// session keeps its id.
+    #[test]
+    fn records_read_back_whole_and_share_their_policy() {
+        let mut s = MemoryStorage::new(MemoryConfig { restartable: false, ..MemoryConfig::default() });
+        suite::load(&mut s);
+        let policy = |id: &str| PolicyDescriptor {
+            policy_id: id.into(),
+            mode: "*".into(),
+            description: "a policy".into(),
+            rules: "{}".into(),
+            schema_version: 3,
+            registered_at_unix_ms: 9,
+        };
+        let (a, b) = (policy("p.a"), policy("p.b"));
+        let mut odd = record(3, 2);
+        if let Some(Fact::Accepted(e)) = &mut odd.fact {
+            e.session_id = "another session".into();
+        }
+        let written = [started(1, &a), record(1, 2), started(2, &a), started(3, &b), odd];
+        s.append(&written, &[]).unwrap();
+        s.sync().unwrap();
+        let r = s.reader();
+        let mut read = Vec::new();
+        for n in 1..=3 {
+            read.extend(r.history(&suite::sid(n), 0, 9).unwrap());
+        }
+        assert_eq!(read, written);
+        assert_eq!(s.inner.read().unwrap().policies.len(), 2, "one copy per distinct policy");
+        s.append(&[], &[summary(1, 2, 1_000), summary(2, 1, 1_000)]).unwrap();
+        s.checkpoint(b"").unwrap();
+        s.set_config(MemoryConfig {
+            retention: Retention::For(std::time::Duration::from_millis(1)),
+            ..s.config.clone()
+        });
+        s.maintain(5_000).unwrap();
+        assert!(r.history(&suite::sid(1), 0, 9).unwrap().is_empty());
+        let inner = s.inner.read().unwrap();
+        assert_eq!(inner.policies.len(), 1, "p.a went with its last session");
+        assert_eq!(inner.policies.values().next().map(|p| p.policy_id.as_str()), Some("p.b"));
+    }
+
+    fn sid_len() -> usize {
+        suite::sid(1).len()
     }
 
     /// Past the history limit the oldest ended sessions go first, and only
