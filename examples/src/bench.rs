@@ -808,6 +808,9 @@ pub async fn probe(cfg: ProbeConfig) -> crate::Result<ProbeReport> {
                 break;
             }
             Ok(Err(e)) => report.last_error = Some(e.to_string()),
+            // An attempt the probe's own deadline cut short says nothing
+            // new: keep the error an earlier attempt got to the end of.
+            Err(_) if left < REQUEST_TIMEOUT && report.last_error.is_some() => {}
             Err(_) => report.last_error = Some("attempt timed out".into()),
         }
         if Instant::now() + PROBE_INTERVAL >= deadline {
