@@ -18,6 +18,7 @@
 mod contract;
 mod error;
 mod memory;
+mod packed;
 mod retention;
 pub mod session_key;
 #[cfg(any(test, feature = "suite"))]

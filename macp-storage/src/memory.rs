@@ -27,6 +27,7 @@ use prost::Message as _;
 
 use crate::contract::{summary_id, LoadEvent, LoadSummary, LogPos, Maintenance, Storage, StorageRead};
 use crate::error::StorageError;
+use crate::packed;
 use crate::retention::Retention;
 use crate::session_key::{KeyRef, SessionKey};
 
@@ -70,12 +71,12 @@ const MAINTAIN_BATCH: usize = 4096;
 /// sessions in 100 MiB): the records are stored without what the session
 /// has once ([`strip`]: the session id, which is the map's key, in the
 /// record and in its envelope; the SessionStart's policy descriptor, shared
-/// through [`Inner::policies`]), and the end of a session is out of line.
-/// Together with the 16-byte [`SessionKey`] this took the memory-only
-/// server's store from about 640 to about 380 bytes per open session.
+/// through [`Inner::policies`]), each compressed against the store's
+/// dictionary ([`crate::packed`]), and the end of a session is out of line.
 #[derive(Debug, Default)]
 struct History {
-    /// The records, stripped ([`strip`]) and length-delimited, in order.
+    /// The records, stripped ([`strip`]) and packed ([`crate::packed`]),
+    /// in order.
     records: Vec<u8>,
     /// The policy the SessionStart froze, if it named one.
     policy: Option<Arc<PolicyDescriptor>>,
@@ -104,14 +105,13 @@ impl History {
         self.records.len() as u64 + PER_SESSION_BYTES
     }
 
-    /// The records of session `id`, as they were appended.
-    fn records<'a>(&'a self, id: &'a str) -> impl Iterator<Item = Record> + 'a {
+    /// The records of session `id`, as they were appended; `dict` is the
+    /// store's dictionary.
+    fn records<'a>(&'a self, id: &'a str, dict: Option<&'a [u8]>) -> impl Iterator<Item = Record> + 'a {
         let mut buf = &self.records[..];
+        let mut scratch = Vec::new();
         std::iter::from_fn(move || {
-            if buf.is_empty() {
-                return None;
-            }
-            let mut r = Record::decode_length_delimited(&mut buf).ok()?;
+            let mut r = Record::decode(packed::next(&mut buf, dict, &mut scratch)?).ok()?;
             restore(&mut r, id, self.policy.as_deref());
             Some(r)
         })
@@ -163,6 +163,16 @@ fn restore(r: &mut Record, id: &str, policy: Option<&PolicyDescriptor>) {
     }
 }
 
+/// The history of `id` in `sessions`, created (and charged to
+/// `open_bytes`) if it has none yet.
+fn history_mut<'s>(sessions: &'s mut HashMap<SessionKey, History>, open_bytes: &mut u64, id: &str) -> &'s mut History {
+    if !sessions.contains_key(&KeyRef::of(id)) {
+        sessions.insert(SessionKey::new(id), History::default());
+        *open_bytes += PER_SESSION_BYTES;
+    }
+    sessions.get_mut(&KeyRef::of(id)).expect("inserted above")
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     sessions: HashMap<SessionKey, History>,
@@ -186,16 +196,19 @@ struct Inner {
     ended_bytes: u64,
     /// Bytes held by open sessions.
     open_bytes: u64,
+    /// What records are compressed against: the first SessionStart record
+    /// of at most [`packed::MAX_DICT_LEN`] bytes (stripped), kept for the
+    /// store's lifetime.
+    dict: Option<Box<[u8]>>,
+    /// Buffers reused by every append.
+    encoded: Vec<u8>,
+    scratch: Vec<u8>,
 }
 
 impl Inner {
     /// The history of `id`, created (and charged) if it has none yet.
     fn history_mut(&mut self, id: &str) -> &mut History {
-        if !self.sessions.contains_key(&KeyRef::of(id)) {
-            self.sessions.insert(SessionKey::new(id), History::default());
-            self.open_bytes += PER_SESSION_BYTES;
-        }
-        self.sessions.get_mut(&KeyRef::of(id)).expect("inserted above")
+        history_mut(&mut self.sessions, &mut self.open_bytes, id)
     }
 
     /// The shared copy of `policy`.
@@ -220,29 +233,27 @@ impl Inner {
         }
         let id = r.session_id.clone();
         let policy = strip(&mut r).map(|p| self.intern(p));
-        let h = self.history_mut(&id);
+        let Inner { sessions, open_bytes, ended_bytes, dict, encoded, scratch, .. } = self;
+        encoded.clear();
+        // Encoding into a Vec cannot fail.
+        let _ = r.encode(encoded);
+        if dict.is_none() && matches!(r.fact, Some(Fact::Started(_))) && encoded.len() <= packed::MAX_DICT_LEN {
+            *dict = Some(encoded.as_slice().into());
+        }
+        let h = history_mut(sessions, open_bytes, &id);
         if policy.is_some() {
             h.policy = policy;
         }
         let before = h.records.len();
-        // prost grows the Vec piece by piece while it encodes, doubling it
-        // to the next power of two: a session's first record (all an open
-        // session has) would hold up to twice its size. Reserve exactly for
-        // it; later records grow the Vec amortized, as before.
-        let len = r.encoded_len();
-        let need = len + prost::length_delimiter_len(len);
-        if h.records.is_empty() {
-            h.records.reserve_exact(need);
-        } else {
-            h.records.reserve(need);
-        }
-        // Encoding into a Vec cannot fail.
-        let _ = r.encode_length_delimited(&mut h.records);
+        // A session's first record (all an open session has) gets an
+        // allocation of exactly its size; later ones grow it amortized.
+        let first = h.records.is_empty();
+        packed::push(&mut h.records, encoded, dict.as_deref(), scratch, first);
         let bytes = (h.records.len() - before) as u64;
         if h.ended.is_some() {
-            self.ended_bytes += bytes;
+            *ended_bytes += bytes;
         } else {
-            self.open_bytes += bytes;
+            *open_bytes += bytes;
         }
     }
 
@@ -401,7 +412,10 @@ impl Storage for MemoryStorage {
             let record = if sid.is_empty() {
                 registry.next().cloned()
             } else {
-                inner.sessions.get(&KeyRef::of(sid)).and_then(|h| h.records(sid).find(|r| r.seq == *seq))
+                inner
+                    .sessions
+                    .get(&KeyRef::of(sid))
+                    .and_then(|h| h.records(sid, inner.dict.as_deref()).find(|r| r.seq == *seq))
             };
             let record = record.ok_or(StorageError::Damaged {
                 place: format!("record {i}"),
@@ -496,7 +510,7 @@ impl StorageRead for MemoryReader {
     fn history(&self, session_id: &str, after: u64, upto: u64) -> Result<Vec<Record>, StorageError> {
         let inner = self.0.read().map_err(|_| StorageError::Poisoned)?;
         let Some(h) = inner.sessions.get(&KeyRef::of(session_id)) else { return Ok(Vec::new()) };
-        Ok(h.records(session_id).filter(|r| r.seq > after && r.seq <= upto).collect())
+        Ok(h.records(session_id, inner.dict.as_deref()).filter(|r| r.seq > after && r.seq <= upto).collect())
     }
 
     fn ended(&self, session_id: &str) -> Result<Option<SessionSummary>, StorageError> {
@@ -600,7 +614,7 @@ mod tests {
             let mut stripped = record(1, 1);
             strip(&mut stripped);
             let len = stripped.encoded_len();
-            assert_eq!(h.records.len(), len + prost::length_delimiter_len(len), "one length-delimited record");
+            assert!(h.records.len() <= len + 3, "one record, at most a frame header longer");
             assert!(len + sid_len() <= record(1, 1).encoded_len(), "the session id is not stored with the record");
         }
         s.append(&[record(1, 2), record(1, 3)], &[]).unwrap();
