@@ -1,9 +1,11 @@
 //! One session's state as the kernel keeps it.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use compact_str::CompactString;
+use macp_wire::uuid_text;
 use macp_wire::v1::{ParticipantActivity, SessionMetadata, SessionState};
 
 use crate::error::{ErrorCode, KernelError};
@@ -28,7 +30,11 @@ pub struct Activity {
 /// has only started (most open sessions) holds its one id without a vector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SeenIds {
-    /// Exactly one id.
+    /// Exactly one id, a canonical UUID (what the SDKs send), as its 16
+    /// bytes: most open sessions hold just their SessionStart's id, and
+    /// as text it cost an allocation of 48 bytes besides the enum.
+    OneUuid([u8; 16]),
+    /// Exactly one id, any other text.
     One(Box<str>),
     /// None, or two up to [`SeenIds::SMALL`] ids, sorted.
     Small(Vec<String>),
@@ -50,6 +56,7 @@ impl SeenIds {
     /// Whether `id` was accepted.
     pub fn contains(&self, id: &str) -> bool {
         match self {
+            SeenIds::OneUuid(b) => uuid_text::parse(id) == Some(*b),
             SeenIds::One(x) => **x == *id,
             SeenIds::Small(v) => v.binary_search_by(|x| x.as_str().cmp(id)).is_ok(),
             SeenIds::Large(set) => set.contains(id),
@@ -60,16 +67,21 @@ impl SeenIds {
     pub fn insert(&mut self, id: &str) -> bool {
         match self {
             SeenIds::Small(v) if v.is_empty() => {
-                *self = SeenIds::One(id.into());
+                *self = match uuid_text::parse(id) {
+                    Some(b) => SeenIds::OneUuid(b),
+                    None => SeenIds::One(id.into()),
+                };
                 true
             }
-            SeenIds::One(x) if **x == *id => false,
+            SeenIds::OneUuid(_) | SeenIds::One(_) if self.contains(id) => false,
+            SeenIds::OneUuid(b) => {
+                let first = uuid_text::format(b);
+                *self = SeenIds::two(first, id);
+                true
+            }
             SeenIds::One(x) => {
-                let mut v = Vec::with_capacity(2);
-                v.push(std::mem::take(x).into_string());
-                let at = usize::from(v[0].as_str() < id);
-                v.insert(at, id.to_string());
-                *self = SeenIds::Small(v);
+                let first = std::mem::take(x).into_string();
+                *self = SeenIds::two(first, id);
                 true
             }
             SeenIds::Small(v) => match v.binary_search_by(|x| x.as_str().cmp(id)) {
@@ -98,19 +110,29 @@ impl SeenIds {
         }
     }
 
+    /// Two distinct ids, sorted.
+    fn two(first: String, second: &str) -> SeenIds {
+        let mut v = Vec::with_capacity(2);
+        v.push(first);
+        let at = usize::from(v[0].as_str() < second);
+        v.insert(at, second.to_string());
+        SeenIds::Small(v)
+    }
+
     /// The ids in sorted order (checkpoints).
-    pub fn iter(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+    pub fn iter(&self) -> Box<dyn Iterator<Item = Cow<'_, str>> + '_> {
         match self {
-            SeenIds::One(x) => Box::new(std::iter::once(&**x)),
-            SeenIds::Small(v) => Box::new(v.iter().map(String::as_str)),
-            SeenIds::Large(set) => Box::new(set.iter().map(String::as_str)),
+            SeenIds::OneUuid(b) => Box::new(std::iter::once(Cow::Owned(uuid_text::format(b)))),
+            SeenIds::One(x) => Box::new(std::iter::once(Cow::Borrowed(&**x))),
+            SeenIds::Small(v) => Box::new(v.iter().map(|x| Cow::Borrowed(x.as_str()))),
+            SeenIds::Large(set) => Box::new(set.iter().map(|x| Cow::Borrowed(x.as_str()))),
         }
     }
 
     /// How many ids.
     pub fn len(&self) -> usize {
         match self {
-            SeenIds::One(_) => 1,
+            SeenIds::OneUuid(_) | SeenIds::One(_) => 1,
             SeenIds::Small(v) => v.len(),
             SeenIds::Large(set) => set.len(),
         }
@@ -461,19 +483,26 @@ mod tests {
 
     proptest! {
         /// SeenIds answers exactly like a BTreeSet, across the switch from
-        /// the sorted vector to the B-tree.
+        /// the sorted vector to the B-tree. Ids are a mix of canonical
+        /// UUIDs (held as bytes while alone), ids like them but not
+        /// canonical (text) and other text.
         #[test]
         fn seen_ids_behave_like_a_set(ids in proptest::collection::vec(0u16..200, 0..120)) {
             let mut seen = SeenIds::default();
             let mut model = BTreeSet::new();
             for id in ids {
-                let id = format!("m-{id}");
+                let id = match id % 3 {
+                    0 => format!("m-{id}"),
+                    1 => format!("00000000-0000-4000-8000-{id:012x}"),
+                    _ => format!("00000000-0000-4000-8000-{id:012X}A"),
+                };
                 prop_assert_eq!(seen.contains(&id), model.contains(&id));
                 prop_assert_eq!(seen.insert(&id), model.insert(id.clone()));
                 prop_assert!(seen.contains(&id));
                 prop_assert_eq!(seen.len(), model.len());
             }
             prop_assert_eq!(seen.iter().collect::<Vec<_>>(), model.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert_eq!(matches!(seen, SeenIds::OneUuid(_)), model.len() == 1 && model.iter().all(|m| uuid_text::parse(m).is_some()));
             prop_assert_eq!(matches!(seen, SeenIds::Large(_)), model.len() > SeenIds::SMALL);
         }
     }

@@ -98,3 +98,4 @@ pub use prost::Message;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod uuid_text;

@@ -230,7 +230,7 @@ pub fn summarize(s: &Session, ended_at: i64) -> SessionSummary {
         metadata: Some(s.metadata()),
         last_seq: s.seq,
         ended_at_unix_ms: ended_at,
-        message_ids: s.seen.iter().map(str::to_string).collect(),
+        message_ids: s.seen.iter().map(String::from).collect(),
         controllers,
     }
 }

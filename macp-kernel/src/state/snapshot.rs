@@ -118,7 +118,7 @@ impl Serialize for SeenRef<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
         for id in self.0.iter() {
-            seq.serialize_element(id)?;
+            seq.serialize_element(&*id)?;
         }
         seq.end()
     }
