@@ -36,8 +36,8 @@ use crate::session_key::{KeyRef, SessionKey};
 pub struct MemoryConfig {
     /// How long an ended session stays readable.
     pub retention: Retention,
-    /// Most bytes (encoded records and summaries) the ended sessions may
-    /// hold together; the oldest go first past it.
+    /// Most bytes (records as stored, compressed, and encoded summaries)
+    /// the ended sessions may hold together; the oldest go first past it.
     pub history_limit_bytes: u64,
     /// Whether the store can be loaded again ([`MemoryStorage::crash`] or
     /// [`MemoryStorage::reopen`], then [`Storage::load`]), as tests and the
