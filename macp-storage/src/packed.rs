@@ -76,6 +76,11 @@ pub(crate) fn next<'s>(buf: &mut &[u8], dict: Option<&[u8]>, scratch: &'s mut Ve
     match kind {
         RAW => scratch.extend_from_slice(stored),
         LZ4 | LZ4_DICT => {
+            // LZ4 expands a byte into at most 255, so a larger length is
+            // damage; checked before it sizes an allocation.
+            if raw_len > stored.len().saturating_mul(255) {
+                return None;
+            }
             scratch.resize(raw_len, 0);
             let n = match (kind, dict) {
                 (LZ4_DICT, Some(d)) => decompress_into_with_dict(stored, scratch, d).ok()?,
@@ -120,6 +125,24 @@ mod tests {
                 read.push(r.to_vec());
             }
             prop_assert_eq!(read, records);
+        }
+    }
+
+    proptest! {
+        /// Bytes that are not frames (damaged memory, a bug) end the read
+        /// or read as some bytes; they never panic.
+        #[test]
+        fn any_bytes_read_without_panicking(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            dict in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..100)),
+        ) {
+            let mut buf = &bytes[..];
+            let mut scratch = Vec::new();
+            let mut frames = 0;
+            while next(&mut buf, dict.as_deref(), &mut scratch).is_some() {
+                frames += 1;
+                prop_assert!(frames <= bytes.len(), "every frame consumes input");
+            }
         }
     }
 
