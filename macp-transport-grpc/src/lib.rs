@@ -8,8 +8,9 @@
 //! authentication ([`auth`]) → rate limits
 //! ([`limits`]) → a [`driver::Command`] on a bounded channel → the driver
 //! (on a single node a thread of its own, see
-//! [`driver::Driver::spawn_on_own_thread`]; a task per shard on a cluster
-//! node), a thin shell over `macp-pipeline`'s commit pipeline: it batches
+//! [`driver::Driver::spawn_on_own_thread`], with one network worker fewer
+//! than cores, see [`server::network_worker_threads`]; a task per shard on
+//! a cluster node), a thin shell over `macp-pipeline`'s commit pipeline: it batches
 //! commands, group-commits their records into the one `macp_storage::Storage`
 //! (files, or memory with `MACP_MEMORY_ONLY=1`), then releases replies,
 //! answers and, last, broadcasts ([`hub`]). Back-pressure: the command channel is bounded, each

@@ -1,7 +1,7 @@
 //! `macp-runtime`: the MACP gRPC server.
 use clap::Parser;
 use macp_transport_grpc::config::Config;
-use macp_transport_grpc::server::{serve, shutdown_signal};
+use macp_transport_grpc::server::{network_worker_threads, serve, shutdown_signal};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -13,8 +13,33 @@ use tracing_subscriber::Layer;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let cfg = match Config::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("macp-runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    // The network runtime: one worker per core, minus the core the
+    // single-node driver's own thread takes (network_worker_threads), unless
+    // TOKIO_WORKER_THREADS says otherwise (tokio reads it itself).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        runtime.worker_threads(network_worker_threads(&cfg, cores));
+    }
+    match runtime.build() {
+        Ok(rt) => rt.block_on(run(cfg)),
+        Err(e) => {
+            eprintln!("macp-runtime: cannot start the network runtime: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+async fn run(cfg: Config) {
     // Before anything else: from here on SIGINT/SIGTERM stop the process
     // cleanly (exit 0) instead of killing it.
     let shutdown = shutdown_signal();
@@ -39,13 +64,6 @@ async fn main() {
     };
     #[cfg(not(feature = "otlp"))]
     logs.init();
-    let cfg = match Config::parse().resolve() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("macp-runtime: {e}");
-            std::process::exit(2);
-        }
-    };
     let listener = match tokio::net::TcpListener::bind(cfg.bind_addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -338,6 +338,26 @@ pub async fn serve_with(
     serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await
 }
 
+/// How many worker threads the network runtime should have on a machine
+/// with `cores` cores, for this configuration.
+///
+/// A single-node runtime's driver runs on a thread of its own
+/// ([`Driver::spawn_on_own_thread`]) and keeps a core busy under load, so
+/// the network gets one core fewer (at least one). With as many workers as
+/// cores the workers and the driver thread overlapped: on 2 cores, one
+/// worker instead of two served 13–18 % more memory-only Sends at 1 to 64
+/// clients for 16–22 % less server CPU per Send, and Signals for 26 % less
+/// (BENCHMARKS.md, "Sixth rerun"). A cluster node's shard drivers are tasks
+/// on the workers, so a cluster node gets every core. `macp-runtime` uses
+/// this unless `TOKIO_WORKER_THREADS` is set.
+pub fn network_worker_threads(cfg: &Config, cores: usize) -> usize {
+    if cfg.node_id.is_some() {
+        cores.max(1)
+    } else {
+        cores.saturating_sub(1).max(1)
+    }
+}
+
 /// What serves the requests behind the gRPC service: the driver of a
 /// single-node runtime, or a cluster node's task with a driver per shard.
 struct Worker {
@@ -654,5 +674,22 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
             s.recv().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A single node leaves a core to its driver thread, never going below
+    /// one worker; a cluster node, whose drivers are tasks, uses them all.
+    #[test]
+    fn the_network_leaves_a_core_to_the_single_node_driver() {
+        let single = Config::parse_from(["macp-runtime", "--dev"]);
+        let node = Config::parse_from(["macp-runtime", "--dev", "--node-id", "n1"]);
+        let counts = |cfg: &Config| [1, 2, 8].map(|cores| network_worker_threads(cfg, cores));
+        assert_eq!(counts(&single), [1, 1, 7]);
+        assert_eq!(counts(&node), [1, 2, 8]);
     }
 }
