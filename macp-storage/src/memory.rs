@@ -134,9 +134,9 @@ fn envelope_of(fact: &mut Option<Fact>) -> Option<&mut macp_wire::v1::Envelope> 
 /// Takes out of a session's record what the store keeps once per session:
 /// the session id (the map's key; the envelope's copy only when it is the
 /// same id, which the kernel guarantees for every session record) and a
-/// SessionStart's policy descriptor, returned to be shared. [`restore`]
-/// puts them back.
-fn strip(r: &mut Record) -> Option<PolicyDescriptor> {
+/// SessionStart's policy descriptor; both are returned (the policy to be
+/// shared). [`restore`] puts them back.
+fn strip(r: &mut Record) -> (String, Option<PolicyDescriptor>) {
     let id = std::mem::take(&mut r.session_id);
     let policy = match &mut r.fact {
         Some(Fact::Started(s)) => s.policy.take(),
@@ -147,7 +147,7 @@ fn strip(r: &mut Record) -> Option<PolicyDescriptor> {
             e.session_id.clear();
         }
     }
-    policy
+    (id, policy)
 }
 
 /// Puts back what [`strip`] took out of a record of session `id`.
@@ -206,11 +206,6 @@ struct Inner {
 }
 
 impl Inner {
-    /// The history of `id`, created (and charged) if it has none yet.
-    fn history_mut(&mut self, id: &str) -> &mut History {
-        history_mut(&mut self.sessions, &mut self.open_bytes, id)
-    }
-
     /// The shared copy of `policy`.
     fn intern(&mut self, policy: PolicyDescriptor) -> Arc<PolicyDescriptor> {
         let key = policy.encode_to_vec().into_boxed_slice();
@@ -228,11 +223,11 @@ impl Inner {
             }
             return;
         }
+        let (id, policy) = strip(&mut r);
         if restartable {
-            self.tail.push((r.session_id.clone(), r.seq));
+            self.tail.push((id.clone(), r.seq));
         }
-        let id = r.session_id.clone();
-        let policy = strip(&mut r).map(|p| self.intern(p));
+        let policy = policy.map(|p| self.intern(p));
         let Inner { sessions, open_bytes, ended_bytes, dict, encoded, scratch, .. } = self;
         encoded.clear();
         // Encoding into a Vec cannot fail.
@@ -263,23 +258,22 @@ impl Inner {
         let encoded = s.encode_to_vec().into_boxed_slice();
         let sbytes = encoded.len() as u64;
         let at = s.ended_at_unix_ms;
-        let h = self.history_mut(&id);
-        let charged = h.charged();
-        let old = h.ended.replace(Box::new(Ended { summary: encoded, at, generation }));
-        match old {
-            Some(old) => {
-                // A summary written again keeps the generation the session
-                // ended in.
-                if let Some(e) = h.ended.as_mut() {
-                    e.generation = old.generation;
-                }
-                self.by_end.remove(&(old.at, id.clone()));
-                self.ended_bytes = self.ended_bytes - old.summary.len() as u64 + sbytes;
+        let h = history_mut(&mut self.sessions, &mut self.open_bytes, &id);
+        match &mut h.ended {
+            // A summary written again replaces the first and keeps the
+            // generation the session ended in.
+            Some(e) => {
+                let old_at = std::mem::replace(&mut e.at, at);
+                let old = std::mem::replace(&mut e.summary, encoded);
+                self.by_end.remove(&(old_at, id.clone()));
+                self.ended_bytes = self.ended_bytes - old.len() as u64 + sbytes;
             }
             None => {
                 // An ended session's records are final: drop the spare
                 // capacity the appends left.
                 h.records.shrink_to_fit();
+                let charged = h.charged();
+                h.ended = Some(Box::new(Ended { summary: encoded, at, generation }));
                 self.open_bytes -= charged;
                 self.ended_bytes += charged + sbytes;
                 self.ended_ids.insert(id.clone());

@@ -333,8 +333,8 @@ impl Driver {
     }
 
     /// [`Driver::run`] on a thread of its own, under a current-thread
-    /// runtime; the returned future ends with it (and panics if it did). For the single-node runtime's one
-    /// driver (issue 15), two reasons:
+    /// runtime; the returned future ends with it (and panics if it did).
+    /// For the single-node runtime's one driver (issue 15), two reasons:
     ///
     /// * Memory: every allocation the kernel and the store keep (sessions,
     ///   indexes, the open map) comes from one thread's heap, packed

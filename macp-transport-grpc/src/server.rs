@@ -347,7 +347,7 @@ pub async fn serve_with(
 /// cores the workers and the driver thread overlapped: on 2 cores, one
 /// worker instead of two served 13–18 % more memory-only Sends at 1 to 64
 /// clients for 16–22 % less server CPU per Send, and Signals for 26 % less
-/// (BENCHMARKS.md, "Sixth rerun"). A cluster node's shard drivers are tasks
+/// (BENCHMARKS.md, "Seventh rerun"). A cluster node's shard drivers are tasks
 /// on the workers, so a cluster node gets every core. `macp-runtime` uses
 /// this unless `TOKIO_WORKER_THREADS` is set.
 pub fn network_worker_threads(cfg: &Config, cores: usize) -> usize {
