@@ -57,6 +57,12 @@ struct Args {
     /// time in the measured window, and per Send. Not used by open-sessions.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Threads the load generator runs on. 1 (a single-threaded runtime)
+    /// leaves the most CPU to a server on the same machine; raise it only
+    /// when the generator, not the server, is the limit (its own CPU shows
+    /// in `time macp-bench ...`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    client_threads: u16,
 }
 
 /// The workloads of `--workload`: the timed ones of `bench::run`, plus
@@ -121,9 +127,36 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// mimalloc, as in the server: with the system allocator the load
+/// generator spent about a tenth of its time in malloc's arena locks, CPU
+/// the server under test did not get (BENCHMARKS.md, "Eighth rerun").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
     let a = Args::parse();
+    // The load generator must cost less than the server it measures: on
+    // the shared cores of a benchmark machine every microsecond it spends
+    // is one the server does not get. One thread (the default) has no lock
+    // contention on the shared HTTP/2 connection and no wake-ups between
+    // workers: 24 -> 10 us of client CPU per Signal.
+    let mut runtime = if a.client_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(a.client_threads.into());
+        b
+    };
+    match runtime.enable_all().build() {
+        Ok(rt) => rt.block_on(run_command(a)),
+        Err(e) => {
+            eprintln!("macp-bench: cannot start a runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(a: Args) -> ExitCode {
     let printed = match a.command {
         Some(Command::Probe { addr, timeout, auth, expect_sessions }) => {
             probe(ProbeConfig { addr, timeout, auth, expect_sessions }).await.map(|r| {
