@@ -338,6 +338,13 @@ pub async fn serve_with(
     serve_on(cfg, listener, metrics, stop_rx, auth, receipts, kcfg, worker).await
 }
 
+/// The per-connection request limit when it is below the stream limit
+/// (and so can bind), else `None`.
+fn request_limit_that_binds(cfg: &Config) -> Option<usize> {
+    let limit = cfg.max_concurrent_requests();
+    (limit < cfg.max_concurrent_streams as usize).then_some(limit)
+}
+
 /// How many worker threads the network runtime should have on a machine
 /// with `cores` cores, for this configuration.
 ///
@@ -495,9 +502,16 @@ async fn serve_on(
         .map_err(|e| StartError::Transport(e.to_string()))?;
 
     let limits = ConnectionLimits::from_config(&cfg);
-    let mut builder = Server::builder()
-        .max_concurrent_streams(cfg.max_concurrent_streams)
-        .concurrency_limit_per_connection(cfg.max_concurrent_requests())
+    let mut builder = Server::builder().max_concurrent_streams(cfg.max_concurrent_streams);
+    // A request holds its HTTP/2 stream until its response ends, so a
+    // per-connection request limit at or above the stream limit never
+    // binds (the defaults: 1024 requests, 256 streams). tonic's limit is a
+    // semaphore and a wrapped future on every request (3 % of a Signal's
+    // CPU): only a limit below the stream limit pays for it.
+    if let Some(limit) = request_limit_that_binds(&cfg) {
+        builder = builder.concurrency_limit_per_connection(limit);
+    }
+    let mut builder = builder
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .http2_max_header_list_size(limits.transport_header_list_size());
@@ -691,5 +705,20 @@ mod tests {
         let counts = |cfg: &Config| [1, 2, 8].map(|cores| network_worker_threads(cfg, cores));
         assert_eq!(counts(&single), [1, 1, 7]);
         assert_eq!(counts(&node), [1, 2, 8]);
+    }
+
+    /// The request limit is applied only where it can bind: below the
+    /// stream limit. At or above it, every request already holds a stream.
+    #[test]
+    fn the_request_limit_applies_only_below_the_stream_limit() {
+        let with = |args: &[&str]| {
+            let mut all = vec!["macp-runtime", "--dev"];
+            all.extend_from_slice(args);
+            request_limit_that_binds(&Config::parse_from(all))
+        };
+        assert_eq!(with(&[]), None, "defaults: 1024 requests, 256 streams");
+        assert_eq!(with(&["--max-concurrent-requests", "256"]), None);
+        assert_eq!(with(&["--max-concurrent-requests", "255"]), Some(255));
+        assert_eq!(with(&["--max-concurrent-streams", "2048"]), Some(1024));
     }
 }
