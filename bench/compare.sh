@@ -3,6 +3,8 @@
 # ours (macp-rs) and the reference runtime (multiagentcoordinationprotocol/
 # macp-runtime). Both are driven by the same load generator (macp-bench) with
 # the same flags; a fresh server (and a fresh data directory) for every item.
+# macp-bench runs on one thread (its default --client-threads 1), so that it
+# takes as little as it can of the CPU the server under test needs.
 #
 # Usage: bench/compare.sh [OURS_BINARY] [REFERENCE_BINARY]
 #   defaults: target/release/macp-runtime

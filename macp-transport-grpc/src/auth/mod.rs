@@ -191,7 +191,10 @@ impl Authenticator {
         }
         if let Some(jwt) = &self.jwt {
             if jwt::looks_like_jwt(credential) {
-                return Ok(jwt.verify(credential).await?);
+                // Boxed: verification may fetch a JWKS, and that future
+                // (about 5 KB) would otherwise sit in the state of every
+                // request's future, JWT or not, and be moved with it.
+                return Ok(Box::pin(jwt.verify(credential)).await?);
             }
         }
         if self.dev {

@@ -100,21 +100,33 @@ async fn admit(
     }
     if let Some(peer) = rt.router.peer(&session_id, forwarded) {
         let req = peer.request(SendRequest { envelope: Some(envelope) }, &identity);
-        let ack = peer.client.clone().send(req).await?.into_inner().ack;
+        // Boxed: the client call's future (about 1.5 KB) would otherwise
+        // sit in the state of every Send, forwarded or not.
+        let ack = Box::pin(peer.client.clone().send(req)).await?.into_inner().ack;
         return ack.ok_or_else(|| unexpected("a forwarded Send"));
     }
     // A cluster node may not have synced a policy or mode registered on
     // another node a moment ago: a SessionStart refused for naming one
     // gets one more try after the registries are read again (not for a
     // StreamSession frame, whose binding is spent on the first try).
-    let retry = (bind.is_none() && rt.router.is_cluster() && envelope.message_type == "SessionStart")
+    let mut retry = (bind.is_none() && rt.router.is_cluster() && envelope.message_type == "SessionStart")
         .then(|| (identity.clone(), envelope.clone()));
-    let mut reply = submit_envelope(rt, &session_id, identity, envelope, bind).await?;
-    if let (Some((identity, envelope)), Reply::Session { result: Err(e), .. }) = (retry, &reply) {
-        if crate::cluster::registries::may_be_unsynced(e) && rt.router.refresh_registries().await {
-            reply = submit_envelope(rt, &session_id, identity, envelope, None).await?;
+    let (mut identity, mut envelope, mut bind) = (identity, envelope, bind);
+    // One call site for the submission, so the request's state holds one
+    // submission future, not two.
+    let reply = loop {
+        let reply = submit_envelope(rt, &session_id, identity, envelope, bind.take()).await?;
+        if let (Some((i, e)), Reply::Session { result: Err(err), .. }) = (retry.take(), &reply) {
+            // Boxed: a cluster-only path whose future would otherwise be
+            // most of every Send's state (3 KB), allocated and moved on
+            // every request.
+            if crate::cluster::registries::may_be_unsynced(err) && Box::pin(rt.router.refresh_registries()).await {
+                (identity, envelope) = (i, e);
+                continue;
+            }
         }
-    }
+        break reply;
+    };
     match reply {
         Reply::Session { at_unix_ms, result } => Ok(ack(&session_id, &message_id, at_unix_ms, result)),
         Reply::Registry(_) => answer(Err(KernelError::new(ErrorCode::InternalError, "unexpected reply kind"))),
