@@ -20,6 +20,9 @@ use tracing::Span;
 
 /// The header name.
 pub const TRACEPARENT: &str = "traceparent";
+/// [`TRACEPARENT`] as a parsed name: a lookup by `&str` would parse it on
+/// every request.
+const TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
 
 /// The ids of a valid `traceparent` (lowercase hex, as sent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +73,7 @@ fn is_hex(s: &str, len: usize) -> bool {
 /// The span a request runs in when it carries a valid `traceparent`.
 /// (With OTLP export on, every request gets one.)
 pub fn request_span(headers: &http::HeaderMap, path: &str) -> Option<Span> {
-    let tp = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    let tp = headers.get(&TRACEPARENT_NAME).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
     let Some(tp) = tp else {
         #[cfg(feature = "otlp")]
         if crate::otlp::exporting() {

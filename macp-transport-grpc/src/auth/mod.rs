@@ -39,8 +39,10 @@ pub mod jwks;
 pub mod jwt;
 pub mod tokens;
 
+use std::sync::LazyLock;
+
 use macp_kernel::{Grants, Identity};
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -160,7 +162,7 @@ impl Authenticator {
     pub async fn identify(&self, md: &MetadataMap) -> Result<Identity, AuthFailure> {
         // A forwarded identity is never ignored: it holds, or the request
         // is refused (a client sending the header gets no further).
-        if md.contains_key(forward::IDENTITY_HEADER) || md.contains_key(forward::MAC_HEADER) {
+        if md.contains_key(&*forward::IDENTITY_KEY) || md.contains_key(&*forward::MAC_KEY) {
             let Some(key) = &self.cluster else {
                 return Err(AuthFailure::Forwarded("a forwarded identity, but this runtime has no cluster secret"));
             };
@@ -212,9 +214,9 @@ struct Presented<'a> {
 
 impl<'a> Presented<'a> {
     fn from_metadata(md: &'a MetadataMap) -> Result<Self, AuthFailure> {
-        let authorization = single(md, "authorization")?;
-        let x_token = single(md, "x-macp-token")?;
-        let agent_id = single(md, "x-macp-agent-id")?.filter(|a| !a.is_empty());
+        let authorization = single(md, &AUTHORIZATION)?;
+        let x_token = single(md, &X_MACP_TOKEN)?;
+        let agent_id = single(md, &X_MACP_AGENT_ID)?.filter(|a| !a.is_empty());
         let bearer = match (authorization, x_token) {
             (Some(_), Some(_)) => return Err(AuthFailure::Ambiguous("authorization and x-macp-token")),
             (Some(value), None) => Some(bearer_credential(value).ok_or(AuthFailure::Malformed("authorization"))?),
@@ -225,10 +227,18 @@ impl<'a> Presented<'a> {
     }
 }
 
+/// The credential headers' names, parsed once. A lookup by `&str` parses
+/// and validates the name on every call, and every request looks up
+/// these three (and the two forwarded-identity headers).
+static AUTHORIZATION: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("authorization"));
+static X_MACP_TOKEN: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("x-macp-token"));
+static X_MACP_AGENT_ID: LazyLock<MetadataKey<Ascii>> = LazyLock::new(|| MetadataKey::from_static("x-macp-agent-id"));
+
 /// The one value of a credential header (trimmed), refusing repeats and
 /// values that are not visible ASCII.
-fn single<'a>(md: &'a MetadataMap, name: &'static str) -> Result<Option<&'a str>, AuthFailure> {
-    let mut values = md.get_all(name).iter();
+fn single<'a>(md: &'a MetadataMap, key: &'static MetadataKey<Ascii>) -> Result<Option<&'a str>, AuthFailure> {
+    let name = key.as_str();
+    let mut values = md.get_all(key).iter();
     let Some(first) = values.next() else { return Ok(None) };
     if values.next().is_some() {
         return Err(AuthFailure::Ambiguous(name));

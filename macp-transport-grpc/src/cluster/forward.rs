@@ -19,7 +19,7 @@ use base64::Engine as _;
 use macp_kernel::{Grants, Identity};
 use ring::hmac;
 use serde_json::{json, Value};
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
@@ -28,6 +28,12 @@ use crate::pb::macp_runtime_service_client::MacpRuntimeServiceClient;
 pub const IDENTITY_HEADER: &str = "x-macp-cluster-identity";
 /// The header holding its MAC.
 pub const MAC_HEADER: &str = "x-macp-cluster-mac";
+/// [`IDENTITY_HEADER`] parsed once, for the lookup every request makes.
+pub static IDENTITY_KEY: std::sync::LazyLock<MetadataKey<Ascii>> =
+    std::sync::LazyLock::new(|| MetadataKey::from_static(IDENTITY_HEADER));
+/// [`MAC_HEADER`] parsed once, for the lookup every request makes.
+pub static MAC_KEY: std::sync::LazyLock<MetadataKey<Ascii>> =
+    std::sync::LazyLock::new(|| MetadataKey::from_static(MAC_HEADER));
 /// How old a forwarded identity may be when it arrives (clock skew
 /// between nodes included).
 pub const MAX_AGE_MS: i64 = 30_000;

@@ -157,7 +157,7 @@ impl Runtime {
     /// Whether another node of the cluster forwarded `req` (it is then
     /// never forwarded again).
     fn forwarded<T>(req: &Request<T>) -> bool {
-        req.metadata().contains_key(crate::cluster::forward::IDENTITY_HEADER)
+        req.metadata().contains_key(&*crate::cluster::forward::IDENTITY_KEY)
     }
 
     /// Borrows only the metadata, so the future stays `Send` for requests
