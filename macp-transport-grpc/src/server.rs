@@ -505,9 +505,9 @@ async fn serve_on(
     let mut builder = Server::builder().max_concurrent_streams(cfg.max_concurrent_streams);
     // A request holds its HTTP/2 stream until its response ends, so a
     // per-connection request limit at or above the stream limit never
-    // binds (the defaults: 1024 requests, 256 streams). tonic's limit is a
-    // semaphore and a wrapped future on every request (3 % of a Signal's
-    // CPU): only a limit below the stream limit pays for it.
+    // binds (the defaults: 1024 requests, 256 streams). tonic's limit costs
+    // a semaphore permit and a wrapped future on every request: only a
+    // limit below the stream limit is worth that.
     if let Some(limit) = request_limit_that_binds(&cfg) {
         builder = builder.concurrency_limit_per_connection(limit);
     }
