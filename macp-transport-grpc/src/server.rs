@@ -502,7 +502,11 @@ async fn serve_on(
         .map_err(|e| StartError::Transport(e.to_string()))?;
 
     let limits = ConnectionLimits::from_config(&cfg);
-    let mut builder = Server::builder().max_concurrent_streams(cfg.max_concurrent_streams);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(limits.transport_header_list_size());
     // A request holds its HTTP/2 stream until its response ends, so a
     // per-connection request limit at or above the stream limit never
     // binds (the defaults: 1024 requests, 256 streams). tonic's limit costs
@@ -511,10 +515,6 @@ async fn serve_on(
     if let Some(limit) = request_limit_that_binds(&cfg) {
         builder = builder.concurrency_limit_per_connection(limit);
     }
-    let mut builder = builder
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .http2_max_header_list_size(limits.transport_header_list_size());
     if let (Some(cert), Some(key)) = (&cfg.tls_cert_path, &cfg.tls_key_path) {
         let cert = std::fs::read(cert).map_err(|e| StartError::Config(format!("cannot read TLS certificate: {e}")))?;
         let key = std::fs::read(key).map_err(|e| StartError::Config(format!("cannot read TLS key: {e}")))?;

@@ -56,8 +56,8 @@ pub(super) async fn send_envelope(
 async fn admit(
     rt: &Runtime,
     identity: Result<Identity, Status>,
-    envelope: Envelope,
-    bind: Option<oneshot::Sender<Option<Binding>>>,
+    mut envelope: Envelope,
+    mut bind: Option<oneshot::Sender<Option<Binding>>>,
     forwarded: bool,
 ) -> Result<Ack, Status> {
     let now = now_ms();
@@ -66,7 +66,7 @@ async fn admit(
     if let Err(e) = macp_kernel::validate::envelope_shape(&envelope, &rt.kernel_config) {
         return answer(Err(e));
     }
-    let identity = match identity {
+    let mut identity = match identity {
         Ok(i) => i,
         Err(_) => return answer(Err(KernelError::new(ErrorCode::Unauthenticated, "missing or invalid credentials"))),
     };
@@ -111,7 +111,6 @@ async fn admit(
     // StreamSession frame, whose binding is spent on the first try).
     let mut retry = (bind.is_none() && rt.router.is_cluster() && envelope.message_type == "SessionStart")
         .then(|| (identity.clone(), envelope.clone()));
-    let (mut identity, mut envelope, mut bind) = (identity, envelope, bind);
     // One call site for the submission, so the request's state holds one
     // submission future, not two.
     let reply = loop {
